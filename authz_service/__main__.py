@@ -1,0 +1,7 @@
+"""`python -m authz_service` is the `authz-service` command."""
+
+import sys
+
+from authz_service.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The Check path, top to bottom: credentials -> introspector -> user -> decision.
+
+Pure apart from the awaited introspectors (which own their network and caches). Envoy's
+message types never reach this module; envoy.py converts at both ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import traceback
+from typing import Any, Mapping, Sequence
+
+from authz_service.config import Config, JwtIntrospectorConfig, ResponseConfig
+from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
+from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
+from authz_service.tokens.jwks import JwksKeySource
+from authz_service.tokens.jwt import JwtIntrospector, looks_like_jwt, parse_jwt
+from authz_service.tokens.sources import Credential, CredentialFinder
+from authz_service.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_VALUE = 8192
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_safe(value: str) -> bool:
+    """A value Envoy can put in a header: no control characters, bounded size."""
+    return len(value) <= MAX_HEADER_VALUE and not _CONTROL.search(value)
+
+
+def encode_claims(claims: Mapping[str, Any]) -> str:
+    """base64url (no padding) of the claims as compact UTF-8 JSON."""
+    raw = json.dumps(claims, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+class IdentityHeaders:
+    """Turns a verified identity into the headers sent upstream (names fixed at config load)."""
+
+    def __init__(self, response: ResponseConfig) -> None:
+        self._user_id = response.user_id_header
+        self._claims = response.claims_header
+        self._claim_headers = response.claim_headers
+
+    def build(self, identity: Identity) -> tuple[tuple[str, str], ...]:
+        """The headers for this identity; raise TokenRejected if the user id cannot be a header."""
+        headers: list[tuple[str, str]] = []
+        if identity.user_id is not None:
+            if not header_safe(identity.user_id):
+                raise TokenRejected(Reason.BAD_CLAIMS)
+            headers.append((self._user_id, identity.user_id))
+        claims = encode_claims(identity.claims)
+        if len(claims) <= MAX_HEADER_VALUE:
+            headers.append((self._claims, claims))
+        for claim, header in self._claim_headers:
+            value = identity.claims.get(claim)
+            if value is None:
+                continue
+            text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            # A claim we cannot pass safely is left out (and so removed upstream), never mangled.
+            if header_safe(text):
+                headers.append((header, text))
+        return tuple(headers)
+
+
+class Authorizer:
+    """Decides one request. Built once per config; holds the introspectors and their caches."""
+
+    def __init__(self, config: Config, introspectors: Sequence[JwtIntrospector]) -> None:
+        self.config = config
+        self.introspectors = {i.id: i for i in introspectors}
+        self._by_issuer = {i.config.iss: i for i in introspectors}
+        self._credentials = CredentialFinder(
+            [(c.cookie, c.id) for c in config.introspectors if c.cookie is not None]
+        )
+        self._identity_headers = IdentityHeaders(config.response)
+
+    async def check(self, request: HttpRequest) -> Decision:
+        """The decision for one request. Never raises: any error becomes a deny."""
+        try:
+            credential = self._credentials.find(request.headers)
+            if credential is None:
+                return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
+            identity = await self._authenticate(credential)
+            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, self._identity_headers.build(identity))
+        except TokenRejected as err:
+            return Decision(Outcome.UNAUTHENTICATED, err.reason)
+        except MalformedCredentials as err:
+            return Decision(Outcome.INVALID_REQUEST, err.reason)
+        except UpstreamUnavailable:
+            return Decision(Outcome.UNAVAILABLE, Reason.IDP_UNAVAILABLE)
+        except Exception as err:  # noqa: BLE001 - fail closed on anything unforeseen
+            log_internal_error(err)
+            return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+
+    async def _authenticate(self, credential: Credential) -> Identity:
+        token = credential.token
+        if credential.introspector is not None:
+            introspector = self.introspectors.get(credential.introspector)
+            if introspector is None:
+                raise TokenRejected(Reason.UNTRUSTED_ISSUER)
+            return await introspector.introspect(parse_jwt(token))
+        if not looks_like_jwt(token):
+            raise TokenRejected(Reason.MALFORMED)
+        parsed = parse_jwt(token)
+        introspector = self._by_issuer.get(parsed.issuer) if parsed.issuer is not None else None
+        if introspector is None:
+            raise TokenRejected(Reason.UNTRUSTED_ISSUER)
+        return await introspector.introspect(parsed)
+
+    async def warm_up(self) -> None:
+        """Fetch every JWKS once so the first requests do not wait (failures are retried later)."""
+        sources = [i.key_source for i in self.introspectors.values() if isinstance(i.key_source, JwksKeySource)]
+        await asyncio.gather(*(source.warm_up() for source in sources))
+
+
+def build_introspectors(config: Config, client: UpstreamClient) -> list[JwtIntrospector]:
+    """One introspector per configured resource, with its key source."""
+    built: list[JwtIntrospector] = []
+    for item in config.introspectors:
+        if isinstance(item, JwtIntrospectorConfig):
+            source = JwtIntrospector.static_key_source(item)
+            if source is None:
+                assert item.jwks_uri is not None  # guaranteed by config validation
+                built.append(JwtIntrospector(item, JwksKeySource(
+                    item.jwks_uri, client, ttl=item.cache_ttl, max_stale=item.max_stale, timeout=item.timeout,
+                )))
+            else:
+                built.append(JwtIntrospector(item, source))
+    return built
+
+
+def log_internal_error(err: BaseException) -> None:
+    """Log an unexpected error by type and stack only: its message could quote a token."""
+    # Locations only, no source lines: even those could carry a literal worth keeping out of logs.
+    frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(traceback.extract_tb(err.__traceback__)))
+    log.error("internal error in Check: %s at %s", type(err).__name__, frames)

@@ -1,0 +1,123 @@
+"""The Envoy adapter: CheckRequest -> HttpRequest, Decision -> CheckResponse.
+
+The one table that maps an Outcome to a gRPC code, an HTTP status and the deny headers lives
+here. Deny responses depend only on (outcome, reason), so each is built once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import BoolValue
+from google.rpc import code_pb2, status_pb2
+
+from authz_service._pb.envoy.config.core.v3 import base_pb2
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
+from authz_service._pb.envoy.type.v3 import http_status_pb2
+from authz_service.config import ResponseConfig
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
+
+REALM = "authz-service"
+
+# Outcome -> (gRPC code, HTTP status, OAuth error code for the body and www-authenticate).
+OUTCOMES: Mapping[Outcome, tuple[int, int, str]] = {
+    Outcome.UNAUTHENTICATED: (code_pb2.UNAUTHENTICATED, 401, "invalid_token"),
+    Outcome.FORBIDDEN: (code_pb2.PERMISSION_DENIED, 403, "access_denied"),
+    Outcome.INVALID_REQUEST: (code_pb2.INVALID_ARGUMENT, 400, "invalid_request"),
+    Outcome.UNAVAILABLE: (code_pb2.UNAVAILABLE, 503, "temporarily_unavailable"),
+}
+# RFC 6750 3.1: a request without credentials gets the challenge but no error code.
+_NO_CREDENTIALS_ERROR = "unauthorized"
+
+
+def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
+    """Our request view of Envoy's CheckRequest."""
+    attributes = check.attributes
+    http = attributes.request.http
+    if http.headers:
+        headers: Mapping[str, str] = http.headers
+    else:
+        headers = _from_header_map(http.header_map.headers)
+    return HttpRequest(
+        method=http.method,
+        path=http.path,
+        host=http.host,
+        scheme=http.scheme,
+        headers=headers,
+        remote_addr=attributes.source.address.socket_address.address,
+        request_id=http.id or headers.get("x-request-id", ""),
+        context_extensions=attributes.context_extensions,
+    )
+
+
+def _from_header_map(entries: object) -> dict[str, str]:
+    # With encode_raw_headers Envoy sends each value separately, as bytes; join repeats with ","
+    # as Envoy does for the `headers` map, so both encodings mean the same thing to us.
+    headers: dict[str, str] = {}
+    for entry in entries:  # type: ignore[attr-defined]
+        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        name = entry.key.lower()
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return headers
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # append=false explicitly: Envoy then overwrites any client-sent header of the same name.
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append=BoolValue(value=False))
+
+
+class ResponseBuilder:
+    """Turns Decisions into CheckResponses for one response config."""
+
+    def __init__(self, response: ResponseConfig) -> None:
+        self._identity_headers = response.identity_headers
+        self._denials: dict[tuple[Outcome, Reason], external_auth_pb2.CheckResponse] = {}
+
+    def build(self, decision: Decision) -> external_auth_pb2.CheckResponse:
+        if decision.outcome is Outcome.ALLOW:
+            return self._allow(decision)
+        key = (decision.outcome, decision.reason)
+        response = self._denials.get(key)
+        if response is None:
+            response = self._denials[key] = self._deny(decision.outcome, decision.reason)
+        return response
+
+    def _allow(self, decision: Decision) -> external_auth_pb2.CheckResponse:
+        set_names = {name for name, _ in decision.headers}
+        metadata = Struct()
+        identity = decision.identity
+        if identity is not None:
+            if identity.user_id is not None:
+                metadata["user_id"] = identity.user_id
+            metadata["introspector"] = identity.introspector
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_header(name, value) for name, value in decision.headers],
+                headers_to_remove=[name for name in self._identity_headers if name not in set_names],
+            ),
+            dynamic_metadata=metadata,
+        )
+
+    @staticmethod
+    def _deny(outcome: Outcome, reason: Reason) -> external_auth_pb2.CheckResponse:
+        grpc_code, http_status, error = OUTCOMES[outcome]
+        if reason is Reason.MISSING_TOKEN:
+            error = _NO_CREDENTIALS_ERROR
+            challenge = f'Bearer realm="{REALM}"'
+        else:
+            challenge = f'Bearer realm="{REALM}", error="{error}", error_description="{reason.description}"'
+        headers = [_header("content-type", "application/json")]
+        if http_status in (400, 401):
+            headers.append(_header("www-authenticate", challenge))
+        body = json.dumps({"error": error, "error_description": reason.description})
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=grpc_code, message=reason.label),
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
+                headers=headers,
+                body=body,
+            ),
+        )

@@ -1,0 +1,58 @@
+"""The one exception tree of authz-service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from authz_service.model import Reason
+
+
+class AuthzError(Exception):
+    """Base of every error authz-service raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a config: where it is and what is wrong."""
+
+    where: str  # e.g. "introspector 'ext'" or "server"
+    field: str  # e.g. "cache_ttl" or "jwt.keys[0].pub"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.field} {self.message}" if self.field else f"{self.where}: {self.message}"
+
+
+class ConfigError(AuthzError):
+    """A config has one or more problems; all of them are listed."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class TokenRejected(AuthzError):
+    """A presented token is not acceptable (answered 401, never allowed)."""
+
+    def __init__(self, reason: Reason) -> None:
+        self.reason = reason
+        super().__init__(reason.description)
+
+
+class MalformedCredentials(AuthzError):
+    """The request carries credentials in an ambiguous or broken form (answered 400)."""
+
+    def __init__(self, reason: Reason) -> None:
+        self.reason = reason
+        super().__init__(reason.description)
+
+
+class UpstreamUnavailable(AuthzError):
+    """An identity provider endpoint could not give a usable answer (answered 503 unless cached)."""
+
+    def __init__(self, endpoint: str, outcome: str) -> None:
+        # endpoint is "jwks" or "introspection"; outcome is a short metric label such as
+        # "timeout", "connect_error", "http_503", "not_json". Never the URL's secrets or a token.
+        self.endpoint = endpoint
+        self.outcome = outcome
+        super().__init__(f"{endpoint} endpoint unavailable: {outcome}")

@@ -1,0 +1,82 @@
+"""Value types shared by the pure core: outcomes, reasons, identities, decisions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class Outcome(enum.Enum):
+    """What Check answers; envoy.py maps each to a gRPC code and HTTP status in one table."""
+
+    ALLOW = "allow"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    INVALID_REQUEST = "invalid_request"
+    UNAVAILABLE = "unavailable"
+
+
+class Reason(enum.Enum):
+    """Why a decision was taken: a stable label (metrics, logs) and a client-safe description."""
+
+    ALLOWED = ("allowed", "")
+    ANONYMOUS = ("anonymous", "")
+    MISSING_TOKEN = ("missing_token", "authentication required")
+    MALFORMED = ("malformed", "malformed token")
+    TOO_LARGE = ("too_large", "token too large")
+    UNTRUSTED_ISSUER = ("untrusted_issuer", "no introspector accepts this token")
+    BAD_ALGORITHM = ("bad_algorithm", "token algorithm not allowed")
+    UNSUPPORTED_CRIT = ("unsupported_crit", "token has unsupported critical header parameters")
+    UNKNOWN_KEY = ("unknown_key", "token signing key not found")
+    BAD_SIGNATURE = ("bad_signature", "token signature verification failed")
+    EXPIRED = ("expired", "token expired")
+    NOT_YET_VALID = ("not_yet_valid", "token not yet valid")
+    ISSUED_IN_FUTURE = ("issued_in_future", "token issued in the future")
+    BAD_AUDIENCE = ("bad_audience", "token audience not accepted")
+    BAD_CLAIMS = ("bad_claims", "token claims are invalid")
+    INACTIVE = ("inactive", "token is not active")
+    MULTIPLE_CREDENTIALS = ("multiple_credentials", "more than one Authorization value")
+    FORBIDDEN = ("forbidden", "no access policy allows this request")
+    IDP_UNAVAILABLE = ("idp_unavailable", "identity provider unavailable")
+    INTERNAL_ERROR = ("internal_error", "internal error")
+
+    def __init__(self, label: str, description: str) -> None:
+        self.label = label
+        self.description = description
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified token: who it names, its claims, and which introspector vouched for it."""
+
+    user_id: str | None
+    claims: Mapping[str, Any]
+    introspector: str
+    kind: str  # "jwt" or "opaque": decides whether policies see it as `jwt` or `token`
+    expires_at: float | None = None  # the token's exp (epoch seconds), when it has one
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one Check, before it is turned into an Envoy CheckResponse."""
+
+    outcome: Outcome
+    reason: Reason
+    identity: Identity | None = None
+    # Set on allow only: the identity headers to send upstream (name -> value).
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """What Check needs of the incoming request, independent of Envoy's message types."""
+
+    method: str = "GET"
+    path: str = "/"  # as Envoy sent it: path plus query
+    host: str = ""
+    scheme: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    remote_addr: str = ""
+    request_id: str = ""
+    context_extensions: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,130 @@
+"""The gRPC shell: ext_authz Check, grpc.health.v1 and server reflection on one grpc.aio server.
+
+The servicer only converts: CheckRequest -> HttpRequest, Authorizer -> Decision,
+ResponseBuilder -> CheckResponse. Everything that decides lives in decide.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from authz_service.config import Config
+from authz_service.decide import Authorizer, build_introspectors, log_internal_error
+from authz_service.envoy import ResponseBuilder, to_http_request
+from authz_service.model import Decision, Outcome, Reason
+from authz_service.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
+_INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """Everything built from one config; swapped as a whole on reload."""
+
+    config: Config
+    authorizer: Authorizer
+    responses: ResponseBuilder
+
+
+def build_engine(config: Config, client: UpstreamClient) -> Engine:
+    """The Authorizer and ResponseBuilder for a config."""
+    return Engine(config, Authorizer(config, build_introspectors(config, client)), ResponseBuilder(config.response))
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """envoy.service.auth.v3.Authorization: converts at the edges, never raises."""
+
+    def __init__(self, service: AuthzService) -> None:
+        self._service = service
+
+    async def Check(  # noqa: N802 - the gRPC method name
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        engine = self._service.engine
+        try:
+            decision = await engine.authorizer.check(to_http_request(request))
+            return engine.responses.build(decision)
+        except Exception as err:  # noqa: BLE001 - fail closed, keep serving
+            log_internal_error(err)
+            return engine.responses.build(_INTERNAL_ERROR)
+
+
+class AuthzService:
+    """One serving process: the gRPC server, its health state and the current Engine."""
+
+    def __init__(self, config: Config) -> None:
+        self.client = UpstreamClient()
+        self.engine = build_engine(config, self.client)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.engine.config
+
+    async def start(self, *, reuse_port: bool = False) -> int:
+        """Bind, serve, and report SERVING; returns the bound port."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ]
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (AUTHORIZATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        for name in HEALTH_SERVICES:
+            # grpc's HealthServicer reports "" as SERVING by default; not before keys are warm.
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = server.add_insecure_port(self.config.server.grpc_address)
+        if port == 0:
+            raise OSError(f"cannot bind {self.config.server.grpc_address}")
+        await server.start()
+        self._server = server
+        self.port = port
+        await self.engine.authorizer.warm_up()
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"grpc_port": port, "summary": self.config.summary()}})
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (so Envoy's health checks move traffic away), then drain and stop."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.server.shutdown_grace if grace is None else grace)
+            self._server = None
+        await self.client.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: Config) -> None:
+    """Run one process until SIGTERM or SIGINT, then drain and return."""
+    service = AuthzService(config)
+    await service.start(reuse_port=config.server.workers > 1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"fields": {"grace_seconds": config.server.shutdown_grace}})
+    await service.stop()

@@ -1,0 +1,1 @@
+"""Credential kinds: where tokens come from and how each kind is verified."""

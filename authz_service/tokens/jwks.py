@@ -1,0 +1,172 @@
+"""Keys from a JWKS URI: cached for cache_ttl, refreshed ahead of expiry, single flight.
+
+State machine, per introspector:
+- nothing usable (cold start, or expired beyond max_stale): the request waits for one fetch
+  (shared by all concurrent requests); failure = UpstreamUnavailable (503).
+- fresh: keys served from memory; past 80% of the TTL a background refresh starts, so no
+  request waits on a refetch while the IdP is healthy.
+- expired but within max_stale: the old keys are served (counted) while refreshes retry in
+  the background.
+- a token with an unknown `kid`: one refetch, at most once per `unknown_kid_interval`, so a
+  flood of invented kids costs the IdP one request per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from authz_service.errors import TokenRejected, UpstreamUnavailable
+from authz_service.model import Reason
+from authz_service.tokens.keys import VerificationKey, load_jwk
+from authz_service.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+REFRESH_AHEAD = 0.8  # fraction of cache_ttl after which a background refresh starts
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """One fetched JWKS, indexed for lookup."""
+
+    keys: tuple[VerificationKey, ...]
+    fetched_at: float
+    expires_at: float
+    by_kid: dict[str, tuple[VerificationKey, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, keys: Sequence[VerificationKey], fetched_at: float, ttl: float) -> KeySet:
+        by_kid: dict[str, list[VerificationKey]] = {}
+        for key in keys:
+            if key.kid is not None:
+                by_kid.setdefault(key.kid, []).append(key)
+        return cls(tuple(keys), fetched_at, fetched_at + ttl, {k: tuple(v) for k, v in by_kid.items()})
+
+    def lookup(self, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
+        candidates = self.keys if kid is None else self.by_kid.get(kid, ())
+        return tuple(k for k in candidates if alg in k.verifiers)
+
+
+def parse_jwks(document: Any) -> list[VerificationKey]:
+    """The usable signing keys of a JWKS document; raise UpstreamUnavailable if there are none."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise UpstreamUnavailable("jwks", "invalid_document")
+    keys = [key for raw in document["keys"] if isinstance(raw, dict) and (key := load_jwk(raw)) is not None]
+    if not keys:
+        # Replacing good keys with an empty set would turn an IdP mistake into an outage of ours.
+        raise UpstreamUnavailable("jwks", "no_usable_keys")
+    return keys
+
+
+class JwksKeySource:
+    """A JWKS URI's keys, cached per introspector."""
+
+    def __init__(
+        self,
+        uri: str,
+        client: UpstreamClient,
+        *,
+        ttl: float,
+        max_stale: float = 0.0,
+        timeout: float = 2.0,
+        unknown_kid_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.uri = uri
+        self._client = client
+        self._ttl = ttl
+        self._max_stale = max_stale
+        self._timeout = timeout
+        self._unknown_kid_interval = unknown_kid_interval
+        self._clock = clock
+        self._keyset: KeySet | None = None
+        self._inflight: asyncio.Future[KeySet] | None = None
+        self._next_background = 0.0
+        self._last_unknown_kid_fetch = -float("inf")
+        self.fetch_attempts = 0
+        self.stale_answers = 0
+        self.generation = 0  # bumped whenever the key set changes (rotation)
+
+    @property
+    def keyset(self) -> KeySet | None:
+        return self._keyset
+
+    def staleness(self) -> float:
+        """Seconds past expiry of the keys being served (0 when fresh or none)."""
+        keyset = self._keyset
+        return max(0.0, self._clock() - keyset.expires_at) if keyset else 0.0
+
+    async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
+        now = self._clock()
+        keyset = self._keyset
+        if keyset is None or now >= keyset.expires_at + self._max_stale:
+            keyset = await self._fetch()
+        elif now >= keyset.fetched_at + self._ttl * REFRESH_AHEAD:
+            if now >= keyset.expires_at:
+                self.stale_answers += 1
+            self._refresh_in_background(now)
+        keys = keyset.lookup(kid, alg)
+        if keys:
+            return keys
+        if kid is not None and kid not in keyset.by_kid and now - self._last_unknown_kid_fetch >= self._unknown_kid_interval:
+            self._last_unknown_kid_fetch = now
+            keyset = await self._fetch()
+            keys = keyset.lookup(kid, alg)
+            if keys:
+                return keys
+        if not any(alg in k.verifiers for k in keyset.keys):
+            raise TokenRejected(Reason.BAD_ALGORITHM)
+        raise TokenRejected(Reason.UNKNOWN_KEY)
+
+    async def warm_up(self) -> bool:
+        """Fetch once at start-up so the first request does not wait; False if that failed."""
+        try:
+            await self._fetch()
+        except UpstreamUnavailable as err:
+            log.warning("initial JWKS fetch failed", extra={"fields": {"endpoint": "jwks", "outcome": err.outcome}})
+            return False
+        return True
+
+    def _refresh_in_background(self, now: float) -> None:
+        if self._inflight is None and now >= self._next_background:
+            future = self._start_fetch()
+            # The result lands in self._keyset; a failure is retried on a later request.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _fetch(self) -> KeySet:
+        future = self._inflight or self._start_fetch()
+        # Shield: one waiter being cancelled (Envoy gave up) must not cancel the shared fetch.
+        return await asyncio.shield(future)
+
+    def _start_fetch(self) -> asyncio.Future[KeySet]:
+        future = asyncio.ensure_future(self._download())
+        self._inflight = future
+
+        def done(_: asyncio.Future[KeySet]) -> None:
+            if self._inflight is future:
+                self._inflight = None
+
+        future.add_done_callback(done)
+        return future
+
+    async def _download(self) -> KeySet:
+        self.fetch_attempts += 1
+        started = self._clock()
+        try:
+            document = await self._client.get_json("jwks", self.uri, timeout=self._timeout)
+            keys = parse_jwks(document)
+        except UpstreamUnavailable:
+            # Retry in the background soon, but not on every request.
+            self._next_background = self._clock() + min(self._unknown_kid_interval, max(self._ttl * 0.2, 0.1))
+            raise
+        keyset = KeySet.build(keys, started, self._ttl)
+        previous = self._keyset
+        if previous is None or {k.kid for k in previous.keys} != {k.kid for k in keyset.keys}:
+            self.generation += 1
+        self._keyset = keyset
+        self._next_background = started + self._ttl * REFRESH_AHEAD
+        return keyset

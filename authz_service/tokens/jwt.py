@@ -1,0 +1,213 @@
+"""JWT verification: strict parsing, signature with configured keys only, explicit claim checks.
+
+We parse the compact form ourselves (a strict base64url regex, duplicate-key-rejecting JSON) and
+verify with PyJWT's algorithm objects over `cryptography`. That keeps every guarantee PyJWT's
+decode gives while letting the issuer pick the introspector before any key is looked up, and
+it rejects what PyJWT accepts silently (duplicate claims, `crit`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from authz_service.config import JwtIntrospectorConfig
+from authz_service.errors import TokenRejected
+from authz_service.model import Identity, Reason
+from authz_service.tokens.keys import MAX_KID_LENGTH, VerificationKey, hmac_key
+
+MAX_TOKEN_BYTES = 8192
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
+_SIGNATURE = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedJwt:
+    """A JWS compact token split and decoded, not yet verified."""
+
+    header: Mapping[str, Any]
+    claims: Mapping[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+    @property
+    def alg(self) -> str:
+        return str(self.header["alg"])
+
+    @property
+    def kid(self) -> str | None:
+        kid = self.header.get("kid")
+        return kid if isinstance(kid, str) else None
+
+    @property
+    def issuer(self) -> str | None:
+        iss = self.claims.get("iss")
+        return iss if isinstance(iss, str) else None
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key")
+    return result
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    value = json.loads(_b64decode(segment), object_pairs_hook=_reject_duplicates)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Cheap shape test: three dot-separated parts, the first a base64url JSON object."""
+    return token.count(".") == 2 and token.startswith("eyJ")
+
+
+def parse_jwt(token: str) -> ParsedJwt:
+    """Split and decode a compact JWS; raise TokenRejected(MALFORMED/...) on any irregularity."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenRejected(Reason.TOO_LARGE)
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenRejected(Reason.MALFORMED)
+    header_b64, payload_b64, signature_b64 = parts
+    if not (_SEGMENT.match(header_b64) and _SEGMENT.match(payload_b64) and _SIGNATURE.match(signature_b64)):
+        raise TokenRejected(Reason.MALFORMED)
+    try:
+        header = _json_object(header_b64)
+        claims = _json_object(payload_b64)
+        signature = _b64decode(signature_b64)
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError) as err:
+        raise TokenRejected(Reason.MALFORMED) from err
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise TokenRejected(Reason.MALFORMED)
+    if "crit" in header:
+        # We implement no JWS extensions, so any critical one must make us refuse (RFC 7515 4.1.11).
+        raise TokenRejected(Reason.UNSUPPORTED_CRIT)
+    kid = header.get("kid")
+    if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
+        raise TokenRejected(Reason.MALFORMED)
+    signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+    return ParsedJwt(header, claims, signing_input, signature)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def user_id_of(claims: Mapping[str, Any], *fallbacks: str) -> str | None:
+    """`box_user` over `sub` (then any fallbacks, e.g. `username` for opaque tokens)."""
+    for name in ("box_user", "sub", *fallbacks):
+        value = claims.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def check_claims(
+    claims: Mapping[str, Any],
+    *,
+    issuer: str,
+    audiences: frozenset[str] | None,
+    leeway: float,
+    now: float,
+) -> None:
+    """Registered-claim checks from config; raise TokenRejected naming the first failure."""
+    exp = claims.get("exp")
+    if not _is_number(exp):
+        raise TokenRejected(Reason.BAD_CLAIMS)
+    for name in ("nbf", "iat"):
+        if name in claims and not _is_number(claims[name]):
+            raise TokenRejected(Reason.BAD_CLAIMS)
+    for name in ("sub", "box_user", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise TokenRejected(Reason.BAD_CLAIMS)
+    if claims.get("iss") != issuer:
+        raise TokenRejected(Reason.UNTRUSTED_ISSUER)
+    if exp <= now - leeway:
+        raise TokenRejected(Reason.EXPIRED)
+    if "nbf" in claims and claims["nbf"] > now + leeway:
+        raise TokenRejected(Reason.NOT_YET_VALID)
+    if "iat" in claims and claims["iat"] > now + leeway:
+        raise TokenRejected(Reason.ISSUED_IN_FUTURE)
+    if audiences is not None:
+        aud = claims.get("aud")
+        if isinstance(aud, str):
+            presented = {aud}
+        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+            presented = set(aud)
+        else:
+            raise TokenRejected(Reason.BAD_AUDIENCE)
+        if audiences.isdisjoint(presented):
+            raise TokenRejected(Reason.BAD_AUDIENCE)
+
+
+class KeySource(Protocol):
+    """Where a JWT introspector's verification keys come from."""
+
+    async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
+        """Candidate keys for this kid and alg; raise TokenRejected or UpstreamUnavailable."""
+        ...
+
+
+class StaticKeySource:
+    """Keys fixed in config (`jwt.secret` or `jwt.keys`)."""
+
+    def __init__(self, keys: Sequence[VerificationKey]) -> None:
+        self._keys = tuple(keys)
+        self._algorithms = frozenset().union(*(k.algorithms for k in self._keys))
+
+    async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
+        if alg not in self._algorithms:
+            raise TokenRejected(Reason.BAD_ALGORITHM)
+        candidates = [k for k in self._keys if alg in k.verifiers and (kid is None or k.kid in (None, kid))]
+        if not candidates:
+            raise TokenRejected(Reason.UNKNOWN_KEY)
+        return candidates
+
+
+class JwtIntrospector:
+    """Verifies JWTs of one issuer: signature against its key source, then the claims."""
+
+    kind = "jwt"
+
+    def __init__(
+        self,
+        config: JwtIntrospectorConfig,
+        key_source: KeySource,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.id = config.id
+        self.key_source = key_source
+        self._clock = clock
+
+    @staticmethod
+    def static_key_source(config: JwtIntrospectorConfig) -> StaticKeySource | None:
+        """The key source for `jwt.secret` / `jwt.keys`, or None when keys come from JWKS."""
+        if config.secret is not None:
+            return StaticKeySource([hmac_key(config.secret)])
+        if config.keys:
+            return StaticKeySource(config.keys)
+        return None
+
+    async def introspect(self, token: ParsedJwt) -> Identity:
+        """Verify a parsed token of this introspector's issuer; raise TokenRejected if invalid."""
+        keys = await self.key_source.keys_for(token.kid, token.alg)
+        if not any(key.verify(token.alg, token.signing_input, token.signature) for key in keys):
+            raise TokenRejected(Reason.BAD_SIGNATURE)
+        config = self.config
+        claims = token.claims
+        check_claims(claims, issuer=config.iss, audiences=config.audiences, leeway=config.leeway, now=self._clock())
+        return Identity(user_id_of(claims), claims, self.id, "jwt", float(claims["exp"]))

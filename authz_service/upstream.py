@@ -1,0 +1,108 @@
+"""The one HTTP client that talks to identity providers (JWKS and introspection endpoints).
+
+Every call has a timeout, never follows a redirect, caps the body it reads, and turns every
+failure into UpstreamUnavailable with a short outcome label. Nothing here logs a URL's query,
+a token or a response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any, Mapping
+
+import aiohttp
+
+from authz_service.errors import UpstreamUnavailable
+
+MAX_JWKS_BYTES = 1024 * 1024
+MAX_INTROSPECTION_BYTES = 64 * 1024
+
+
+class UpstreamClient:
+    """A shared aiohttp session, created lazily on the running loop."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        # (endpoint, outcome) -> count; exported as metrics by the admin server.
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=60),
+                headers={"User-Agent": "authz-service"},
+                # Proxies from the environment are not honoured: IdP traffic goes where config says.
+                trust_env=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def get_json(self, endpoint: str, url: str, *, timeout: float, max_bytes: int = MAX_JWKS_BYTES) -> Any:
+        """GET url and return its JSON body; raise UpstreamUnavailable on any failure."""
+        return await self._request(endpoint, "GET", url, timeout=timeout, max_bytes=max_bytes)
+
+    async def post_form(
+        self,
+        endpoint: str,
+        url: str,
+        form: Mapping[str, str],
+        *,
+        headers: Mapping[str, str],
+        timeout: float,
+        max_bytes: int = MAX_INTROSPECTION_BYTES,
+    ) -> Any:
+        """POST a form and return its JSON body; raise UpstreamUnavailable on any failure."""
+        return await self._request(endpoint, "POST", url, timeout=timeout, max_bytes=max_bytes, form=form, headers=headers)
+
+    async def _request(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        *,
+        timeout: float,
+        max_bytes: int,
+        form: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        outcome = "ok"
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client().request(
+                    method,
+                    url,
+                    data=dict(form) if form is not None else None,
+                    headers={"Accept": "application/json", **(headers or {})},
+                    allow_redirects=False,
+                ) as response:
+                    if response.status != 200:
+                        outcome = f"http_{response.status}"
+                        raise UpstreamUnavailable(endpoint, outcome)
+                    if response.content_length is not None and response.content_length > max_bytes:
+                        outcome = "too_large"
+                        raise UpstreamUnavailable(endpoint, outcome)
+                    body = await response.content.read(max_bytes + 1)
+                    if len(body) > max_bytes:
+                        outcome = "too_large"
+                        raise UpstreamUnavailable(endpoint, outcome)
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError) as err:
+                outcome = "not_json"
+                raise UpstreamUnavailable(endpoint, outcome) from err
+        except UpstreamUnavailable:
+            raise
+        except TimeoutError as err:
+            outcome = "timeout"
+            raise UpstreamUnavailable(endpoint, outcome) from err
+        except aiohttp.ClientError as err:
+            outcome = "connect_error" if isinstance(err, aiohttp.ClientConnectionError) else "http_error"
+            raise UpstreamUnavailable(endpoint, outcome) from err
+        finally:
+            self.calls[(endpoint, outcome)] += 1

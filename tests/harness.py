@@ -1,0 +1,115 @@
+"""Test harness: a real grpc.aio AuthzService on 127.0.0.1 and readable CheckRequests."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import grpc
+import yaml
+
+from authz_service._pb.envoy.config.core.v3 import address_pb2
+from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from authz_service.config import Config, parse_config
+from authz_service.server import AuthzService
+
+
+def check_request(
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    host: str = "api.example.com",
+    token: str | None = None,
+    context_extensions: Mapping[str, str] | None = None,
+    remote_addr: str = "203.0.113.7",
+) -> pb.CheckRequest:
+    """The CheckRequest Envoy sends for `curl -X METHOD -H ... http://HOST/PATH`."""
+    all_headers = {":method": method, ":path": path, ":authority": host, **(headers or {})}
+    if token is not None:
+        all_headers["authorization"] = f"Bearer {token}"
+    return pb.CheckRequest(
+        attributes=ac.AttributeContext(
+            source=ac.AttributeContext.Peer(
+                address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=remote_addr, port_value=51000))
+            ),
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    id="req-1", method=method, path=path, host=host, scheme="http", protocol="HTTP/1.1",
+                    headers=all_headers,
+                )
+            ),
+            context_extensions=dict(context_extensions or {}),
+        )
+    )
+
+
+@dataclass
+class Answer:
+    """A CheckResponse, read the way a test wants to read it."""
+
+    response: pb.CheckResponse
+    code: int = 0
+    http_status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    body: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, response: pb.CheckResponse) -> Answer:
+        answer = cls(response, code=response.status.code)
+        answer.metadata = {k: v.string_value for k, v in response.dynamic_metadata.fields.items()}
+        if response.HasField("ok_response"):
+            for option in response.ok_response.headers:
+                assert option.HasField("append") and option.append.value is False, option
+                assert option.header.key not in answer.headers, f"duplicate header {option.header.key}"
+                answer.headers[option.header.key] = option.header.value
+            answer.removed = list(response.ok_response.headers_to_remove)
+        else:
+            denied = response.denied_response
+            answer.http_status = denied.status.code
+            answer.headers = {o.header.key: o.header.value for o in denied.headers}
+            answer.body = json.loads(denied.body) if denied.body else {}
+        return answer
+
+    @property
+    def allowed(self) -> bool:
+        return self.code == 0 and self.response.HasField("ok_response")
+
+    def claims(self, header: str = "x-auth-claims") -> dict[str, Any]:
+        value = self.headers[header]
+        return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+
+
+class Harness:
+    """A started service plus a stub connected to it."""
+
+    def __init__(self, service: AuthzService, channel: grpc.aio.Channel) -> None:
+        self.service = service
+        self.channel = channel
+        self.stub = pb_grpc.AuthorizationStub(channel)
+
+    async def check(self, path: str = "/", **kwargs: Any) -> Answer:
+        return Answer.of(await self.stub.Check(check_request(path, **kwargs), timeout=10))
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.service.stop(0)
+
+
+def config_from(data: Mapping[str, Any]) -> Config:
+    """A validated Config from a dict (listening on an ephemeral loopback port)."""
+    merged = {"server": {"grpc_address": "127.0.0.1:0", "admin_address": None}, **data}
+    return parse_config(yaml.safe_dump(merged))
+
+
+async def start_harness(config: Config) -> Harness:
+    service = AuthzService(config)
+    port = await service.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return Harness(service, channel)
