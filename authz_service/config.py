@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping, TypeVar
 
 import yaml
@@ -129,6 +130,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError([Problem("config", "", f"cannot read {path}: {err.strerror}")]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([Problem("config", "", f"{path} is not UTF-8 text (byte {err.start})")]) from err
     return parse_config(text, env)
 
 
@@ -145,7 +148,10 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     problems: list[Problem] = []
     if not isinstance(raw, dict):
         raise ConfigError([Problem("config", "", "must be a mapping at the top level")])
-    raw = _expand_env(raw, os.environ if env is None else env, "", problems)
+    try:
+        raw = _expand_env(raw, os.environ if env is None else env, "", problems)
+    except RecursionError as err:
+        raise ConfigError([Problem("config", "", "is nested too deeply (a YAML alias that refers to itself?)")]) from err
     config = _Validator(problems).config(raw)
     if problems:
         raise ConfigError(problems)
@@ -157,10 +163,12 @@ def _expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[Pr
     if isinstance(value, str):
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
+            value = env.get(name)
+            # As in the shell and docker compose: ":-" applies when unset *or* empty.
+            if default is not None and not value:
                 return default
+            if value is not None:
+                return value
             problems.append(Problem("config", path or "(top)", f"uses ${{{name}}}, which is not set"))
             return ""
 
@@ -199,6 +207,8 @@ class _Fields:
                 return None
             return default
         kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, str) and str not in kinds and (int in kinds or float in kinds):
+            value = _number_from_text(value, float in kinds)  # e.g. `cache_ttl: ${TTL}`
         # YAML booleans are ints to Python; a bool is never a number here.
         if isinstance(value, bool) and bool not in kinds:
             ok = False
@@ -240,6 +250,20 @@ class _Fields:
         for key in self.raw:
             if key not in self.seen and key not in allowed_extra:
                 self.problem(str(key), "is not a known field")
+
+
+def _number_from_text(text: str, allow_float: bool) -> Any:
+    """A number written as text (what ${VAR} expansion yields), or the text unchanged."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        pass
+    if allow_float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            pass
+    return text
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -379,7 +403,7 @@ class _Validator:
                         f.problem("jwt.iss", f"is already claimed by introspector {issuers[built.iss]!r}")
                     issuers[built.iss] = built.id
             elif kind == "opaque":
-                f.problem("type", "opaque is not supported by this version")
+                built = self.opaque_introspector(f, str(ident))
             elif kind is not None:
                 f.problem("type", f"must be jwt or opaque, got {kind!r}")
             f.reject_unknown()
@@ -429,11 +453,15 @@ class _Validator:
                 + (f" (found {', '.join(sources)})" if sources else " (found none)"),
             )
         _check_url(f, "jwks_uri", jwks_uri)
-        if secret is not None and len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
-            self.warnings.append(
-                f"introspector {ident!r}: jwt.secret is shorter than {MIN_HMAC_SECRET_BYTES} bytes; "
-                "use a longer random secret in production"
-            )
+        short = [("jwt.secret", secret)] + [
+            (f"jwt.keys[{i}].k", k.get("k")) for i, k in enumerate(keys_raw or []) if isinstance(k, dict)
+        ]
+        for field_name, value in short:
+            if isinstance(value, str) and len(value.encode()) < MIN_HMAC_SECRET_BYTES:
+                self.warnings.append(
+                    f"introspector {ident!r}: {field_name} is shorter than {MIN_HMAC_SECRET_BYTES} bytes; "
+                    "use a longer random secret in production"
+                )
         keys: list[StaticKey] = []
         for i, raw_key in enumerate(keys_raw or []):
             field_name = f"keys[{i}]"
@@ -453,6 +481,23 @@ class _Validator:
             secret=secret.encode() if secret else None, jwks_uri=jwks_uri, keys=tuple(keys),
         )
 
+    def opaque_introspector(self, f: _Fields, ident: str) -> OpaqueIntrospectorConfig | None:
+        cache_ttl, timeout, cookie = self._common(f)
+        endpoint = f.nested("introspection_endpoint")
+        if endpoint is None:
+            if "introspection_endpoint" not in f.raw:
+                f.problem("introspection_endpoint", "is required for type opaque ({url, authorization})")
+            return None
+        url = endpoint.get("url", str)
+        _check_url(endpoint, "url", url)
+        authorization = endpoint.get("authorization", str, None)
+        if authorization is not None and not header_safe_text(authorization):
+            endpoint.problem("authorization", "must be a single-line header value")
+        endpoint.reject_unknown()
+        if url is None:
+            return None
+        return OpaqueIntrospectorConfig(ident, url, authorization, cache_ttl, timeout, cookie)
+
     def users(self, raw_list: list[Any]) -> Mapping[str, Mapping[str, Any]]:
         users: dict[str, Mapping[str, Any]] = {}
         for index, raw in enumerate(raw_list):
@@ -464,7 +509,12 @@ class _Validator:
             if raw["id"] in users:
                 f.problem("id", "is used by more than one user")
             users[raw["id"]] = raw
-        return users
+        return MappingProxyType(users)
+
+
+def header_safe_text(value: str) -> bool:
+    """No control characters: the value can go into an HTTP header as it is."""
+    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
 
 
 def _resource_type(f: _Fields, expected: str) -> None:

@@ -14,16 +14,19 @@ import re
 import traceback
 from typing import Any, Mapping, Sequence
 
-from authz_service.config import Config, JwtIntrospectorConfig, ResponseConfig
+from authz_service.config import Config, JwtIntrospectorConfig, OpaqueIntrospectorConfig, ResponseConfig
 from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
+from authz_service.tokens.cache import CacheFactory
 from authz_service.tokens.jwks import JwksKeySource
 from authz_service.tokens.jwt import JwtIntrospector, looks_like_jwt, parse_jwt
+from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
 from authz_service.tokens.sources import Credential, CredentialFinder
 from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
+Introspector = JwtIntrospector | CachedIntrospector
 MAX_HEADER_VALUE = 8192
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -71,10 +74,11 @@ class IdentityHeaders:
 class Authorizer:
     """Decides one request. Built once per config; holds the introspectors and their caches."""
 
-    def __init__(self, config: Config, introspectors: Sequence[JwtIntrospector]) -> None:
+    def __init__(self, config: Config, introspectors: Sequence[Introspector]) -> None:
         self.config = config
         self.introspectors = {i.id: i for i in introspectors}
-        self._by_issuer = {i.config.iss: i for i in introspectors}
+        self._by_issuer = {i.config.iss: i for i in introspectors if isinstance(i, JwtIntrospector)}
+        self._opaque = tuple(i for i in introspectors if isinstance(i, CachedIntrospector))
         self._credentials = CredentialFinder(
             [(c.cookie, c.id) for c in config.introspectors if c.cookie is not None]
         )
@@ -101,28 +105,59 @@ class Authorizer:
     async def _authenticate(self, credential: Credential) -> Identity:
         token = credential.token
         if credential.introspector is not None:
-            introspector = self.introspectors.get(credential.introspector)
-            if introspector is None:
-                raise TokenRejected(Reason.UNTRUSTED_ISSUER)
-            return await introspector.introspect(parse_jwt(token))
-        if not looks_like_jwt(token):
-            raise TokenRejected(Reason.MALFORMED)
-        parsed = parse_jwt(token)
-        introspector = self._by_issuer.get(parsed.issuer) if parsed.issuer is not None else None
-        if introspector is None:
-            raise TokenRejected(Reason.UNTRUSTED_ISSUER)
-        return await introspector.introspect(parsed)
+            # A cookie token belongs to the introspector that named the cookie, and to no other.
+            bound = self.introspectors[credential.introspector]
+            if isinstance(bound, JwtIntrospector):
+                return await bound.introspect(parse_jwt(token))
+            return await bound.introspect_token(token)
+        rejection = TokenRejected(Reason.MALFORMED)
+        if looks_like_jwt(token):
+            try:
+                parsed = parse_jwt(token)
+            except TokenRejected as err:
+                rejection = err
+            else:
+                introspector = self._by_issuer.get(parsed.issuer) if parsed.issuer is not None else None
+                if introspector is not None:
+                    return await introspector.introspect(parsed)
+                rejection = TokenRejected(Reason.UNTRUSTED_ISSUER)
+        if rejection.reason is Reason.TOO_LARGE or not self._opaque:
+            raise rejection
+        return await self._introspect_opaque(token)
+
+    async def _introspect_opaque(self, token: str) -> Identity:
+        """Ask the opaque introspectors in config order; the first that finds it active wins."""
+        unavailable: UpstreamUnavailable | None = None
+        rejection = TokenRejected(Reason.INACTIVE)
+        for introspector in self._opaque:
+            try:
+                return await introspector.introspect_token(token)
+            except UpstreamUnavailable as err:
+                unavailable = err
+            except TokenRejected as err:
+                rejection = err
+        # Nobody vouched for it. If one could not answer, we cannot know: fail closed with 503.
+        if unavailable is not None:
+            raise unavailable
+        raise rejection
 
     async def warm_up(self) -> None:
         """Fetch every JWKS once so the first requests do not wait (failures are retried later)."""
-        sources = [i.key_source for i in self.introspectors.values() if isinstance(i.key_source, JwksKeySource)]
+        sources = [
+            i.key_source for i in self.introspectors.values()
+            if isinstance(i, JwtIntrospector) and isinstance(i.key_source, JwksKeySource)
+        ]
         await asyncio.gather(*(source.warm_up() for source in sources))
 
 
-def build_introspectors(config: Config, client: UpstreamClient) -> list[JwtIntrospector]:
-    """One introspector per configured resource, with its key source."""
-    built: list[JwtIntrospector] = []
+def build_introspectors(config: Config, client: UpstreamClient, caches: CacheFactory) -> list[Introspector]:
+    """One introspector per configured resource, with its key source or cache."""
+    built: list[Introspector] = []
     for item in config.introspectors:
+        if isinstance(item, OpaqueIntrospectorConfig):
+            cache = caches.token_cache(item.id, item.url)
+            built.append(CachedIntrospector(OpaqueIntrospector(item, client), cache))
+            continue
         if isinstance(item, JwtIntrospectorConfig):
             source = JwtIntrospector.static_key_source(item)
             if source is None:

@@ -20,6 +20,7 @@ from authz_service.config import Config
 from authz_service.decide import Authorizer, build_introspectors, log_internal_error
 from authz_service.envoy import ResponseBuilder, to_http_request
 from authz_service.model import Decision, Outcome, Reason
+from authz_service.tokens.cache import CacheFactory
 from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ class Engine:
     responses: ResponseBuilder
 
 
-def build_engine(config: Config, client: UpstreamClient) -> Engine:
+def build_engine(config: Config, client: UpstreamClient, caches: CacheFactory) -> Engine:
     """The Authorizer and ResponseBuilder for a config."""
-    return Engine(config, Authorizer(config, build_introspectors(config, client)), ResponseBuilder(config.response))
+    introspectors = build_introspectors(config, client, caches)
+    return Engine(config, Authorizer(config, introspectors), ResponseBuilder(config.response))
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
@@ -66,7 +68,8 @@ class AuthzService:
 
     def __init__(self, config: Config) -> None:
         self.client = UpstreamClient()
-        self.engine = build_engine(config, self.client)
+        self.caches = CacheFactory(config.cache)
+        self.engine = build_engine(config, self.client, self.caches)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -111,6 +114,7 @@ class AuthzService:
             await self._server.stop(self.config.server.shutdown_grace if grace is None else grace)
             self._server = None
         await self.client.close()
+        await self.caches.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

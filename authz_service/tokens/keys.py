@@ -107,8 +107,9 @@ def load_static_key(raw: Mapping[str, Any]) -> VerificationKey:
         raise BadKey("kid", f"must be a string of 1 to {MAX_KID_LENGTH} characters")
     fmt = raw.get("format", "plain" if kty == "OCT" else "PEM")
     known = {"kty", "alg", "kid", "format", "pub", "k", "use"}
-    for extra in sorted(set(raw) - known):
-        raise BadKey(str(extra), "is not a known key field")
+    extras = sorted(str(name) for name in raw if name not in known)
+    if extras:
+        raise BadKey(extras[0], "is not a known key field")
     if kty == "OCT":
         if fmt != "plain":
             raise BadKey("format", f"must be plain for kty OCT, got {fmt!r}")
@@ -171,7 +172,7 @@ def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
     allowed = _algs_for_public_key(public_key)
     alg = jwk.get("alg")
     if alg is not None:
-        if alg not in allowed:
+        if not isinstance(alg, str) or alg not in allowed:
             return None
         allowed = frozenset([alg])
     if not allowed:

@@ -1,0 +1,114 @@
+"""Opaque tokens: RFC 7662 introspection, and the cache that wraps it.
+
+`OpaqueIntrospector` knows HTTP and RFC 7662 and nothing of caching. `CachedIntrospector` wraps
+it: per-token results keyed by SHA-256 for min(cache_ttl, exp - now), single flight per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Mapping
+
+from authz_service.config import OpaqueIntrospectorConfig
+from authz_service.errors import TokenRejected, UpstreamUnavailable
+from authz_service.model import Identity, Reason
+from authz_service.tokens.cache import TokenCache, token_key
+from authz_service.tokens.jwt import user_id_of
+from authz_service.upstream import UpstreamClient
+
+NEGATIVE_TTL = 10.0  # seconds an inactive answer is remembered (bounded by cache_ttl)
+_INACTIVE: Mapping[str, Any] = {"active": False}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class OpaqueIntrospector:
+    """Asks an RFC 7662 endpoint about a token."""
+
+    kind = "opaque"
+
+    def __init__(self, config: OpaqueIntrospectorConfig, client: UpstreamClient) -> None:
+        self.config = config
+        self.id = config.id
+        self._client = client
+        self._headers = {"Authorization": config.authorization} if config.authorization else {}
+
+    async def fetch(self, token: str) -> Mapping[str, Any]:
+        """The endpoint's answer, validated: active results, or the inactive marker."""
+        answer = await self._client.post_form(
+            "introspection",
+            self.config.url,
+            {"token": token, "token_type_hint": "access_token"},
+            headers=self._headers,
+            timeout=self.config.timeout,
+        )
+        if not isinstance(answer, dict):
+            raise UpstreamUnavailable("introspection", "invalid_answer")
+        active = answer.get("active")
+        if active is False:
+            return _INACTIVE
+        if active is not True:
+            # Missing or not the JSON literal true: an IdP we do not understand is an outage, not an allow.
+            raise UpstreamUnavailable("introspection", "invalid_answer")
+        for name in ("exp", "nbf", "iat"):
+            if name in answer and not _number(answer[name]):
+                raise UpstreamUnavailable("introspection", "invalid_answer")
+        return answer
+
+    def identity(self, result: Mapping[str, Any], now: float) -> Identity:
+        """The identity an active result stands for at `now`; TokenRejected if it does not."""
+        if result.get("active") is not True:
+            raise TokenRejected(Reason.INACTIVE)
+        exp = result.get("exp")
+        if exp is not None and exp <= now:
+            raise TokenRejected(Reason.EXPIRED)
+        nbf = result.get("nbf")
+        if nbf is not None and nbf > now:
+            raise TokenRejected(Reason.NOT_YET_VALID)
+        for name in ("sub", "username", "box_user"):
+            if name in result and not isinstance(result[name], str):
+                raise TokenRejected(Reason.BAD_CLAIMS)
+        return Identity(user_id_of(result, "username"), result, self.id, "opaque", float(exp) if exp is not None else None)
+
+
+class CachedIntrospector:
+    """An OpaqueIntrospector behind the token cache, with one upstream call per token at a time."""
+
+    kind = "opaque"
+
+    def __init__(
+        self, inner: OpaqueIntrospector, cache: TokenCache, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.inner = inner
+        self.id = inner.id
+        self.config = inner.config
+        self.cache = cache
+        self._clock = clock
+        self._inflight: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+
+    async def introspect_token(self, token: str) -> Identity:
+        key = token_key(token)
+        result = await self.cache.get(key)
+        if result is None:
+            future = self._inflight.get(key)
+            if future is None:
+                future = asyncio.ensure_future(self._load(key, token))
+                self._inflight[key] = future
+                future.add_done_callback(lambda _: self._inflight.pop(key, None))
+            # Shield: one caller giving up must not cancel the call the others wait for.
+            result = await asyncio.shield(future)
+        return self.inner.identity(result, self._clock())
+
+    async def _load(self, key: str, token: str) -> Mapping[str, Any]:
+        result = await self.inner.fetch(token)
+        ttl: float = self.config.cache_ttl
+        if result.get("active") is not True:
+            ttl = min(ttl, NEGATIVE_TTL)
+        elif "exp" in result:
+            ttl = min(ttl, float(result["exp"]) - self._clock())
+        if ttl >= 0.01:  # Redis cannot hold an entry for less than a millisecond or so
+            await self.cache.set(key, result, ttl)
+        return result

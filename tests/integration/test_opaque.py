@@ -1,0 +1,216 @@
+"""Opaque tokens (RFC 7662) and the token cache, against the real IdP, with memory and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from authz_service.idp import DevIdentityProvider
+from tests.conftest import StartService, jwks_introspector, opaque_introspector
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Each caching test runs against the bounded memory cache and a real Redis."""
+    if request.param == "memory":
+        return {"backend": "memory", "max_entries": 1000}
+    return {"backend": "redis", "url": request.getfixturevalue("redis_url")}
+
+
+async def _flush(config: dict[str, Any]) -> None:
+    if config["backend"] == "redis":
+        import redis.asyncio as redis
+
+        client = redis.from_url(config["url"])
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+async def opaque_service(idp: DevIdentityProvider, start_service: StartService, cache_config: dict[str, Any]) -> Any:
+    await _flush(cache_config)
+
+    async def start(**overrides: Any) -> Any:
+        return await start_service({"cache": cache_config, "introspectors": [opaque_introspector(idp, **overrides)]})
+
+    return start
+
+
+async def test_active_token_allowed_with_result_as_claims(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service()
+    token = idp.issue_opaque({"sub": "pat-1", "scope": "read"})
+    answer = await service.check(token=token)
+    assert answer.allowed, answer.body
+    assert answer.headers["x-user-id"] == "pat-1"
+    assert answer.claims()["scope"] == "read" and answer.claims()["active"] is True
+    assert answer.metadata == {"user_id": "pat-1", "introspector": "opaque"}
+    sent = idp.last_introspection
+    assert sent is not None
+    assert sent["form"] == {"token": token, "token_type_hint": "access_token"}
+    assert sent["headers"]["Authorization"] == idp.introspection_authorization
+    assert sent["headers"]["Accept"] == "application/json"
+
+
+async def test_username_when_no_sub(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service()
+    answer = await service.check(token=idp.issue_opaque({"sub": None, "username": "jdoe"}))
+    assert answer.allowed and answer.headers["x-user-id"] == "jdoe"
+
+
+async def test_inactive_and_unknown_tokens_are_401(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service()
+    revoked = idp.issue_opaque()
+    idp.revoke(revoked)
+    for token in (revoked, "never-issued-token"):
+        answer = await service.check(token=token)
+        assert (answer.code, answer.http_status, answer.response.status.message) == (16, 401, "inactive")
+        assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+
+
+async def test_wrong_client_credentials_are_503(idp: DevIdentityProvider, start_service: StartService) -> None:
+    resource = opaque_introspector(idp)
+    resource["introspection_endpoint"]["authorization"] = "Basic d3Jvbmc6d3Jvbmc="
+    service = await start_service({"introspectors": [resource]})
+    answer = await service.check(token=idp.issue_opaque())
+    assert answer.http_status == 503  # the IdP refused us: our misconfiguration, never the client's allow
+
+
+async def test_result_is_cached(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service()
+    token = idp.issue_opaque()
+    for _ in range(10):
+        assert (await service.check(token=token)).allowed
+    assert idp.hits["introspect"] == 1
+    counts = service.service.caches.stats.counts
+    assert counts[("opaque", "hit")] == 9 and counts[("opaque", "miss")] == 1
+
+
+async def test_cache_bounded_by_token_exp(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service(cache_ttl=300)
+    token = idp.issue_opaque(ttl=1)
+    assert (await service.check(token=token)).allowed
+    await asyncio.sleep(1.2)
+    answer = await service.check(token=token)
+    assert answer.http_status == 401
+    assert idp.hits["introspect"] == 2  # the entry died with the token; the IdP was asked again
+
+
+async def test_cache_bounded_by_cache_ttl_so_revocation_is_seen(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service(cache_ttl=1)
+    token = idp.issue_opaque(ttl=300)
+    assert (await service.check(token=token)).allowed
+    idp.revoke(token)
+    assert (await service.check(token=token)).allowed  # still cached: revocation latency <= cache_ttl
+    await asyncio.sleep(1.1)
+    answer = await service.check(token=token)
+    assert answer.http_status == 401 and answer.response.status.message == "inactive"
+
+
+async def test_outage_with_and_without_cache(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service()
+    cached = idp.issue_opaque()
+    fresh = idp.issue_opaque()
+    assert (await service.check(token=cached)).allowed
+    await idp.go_offline()
+    assert (await service.check(token=cached)).allowed
+    answer = await service.check(token=fresh)
+    assert (answer.code, answer.http_status) == (14, 503)
+    assert answer.body["error"] == "temporarily_unavailable"
+
+
+async def test_slow_idp_hits_the_timeout(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service(timeout=0.3)
+    idp.delay = 5
+    started = time.monotonic()
+    answer = await service.check(token=idp.issue_opaque())
+    assert answer.http_status == 503
+    assert time.monotonic() - started < 1.5  # well inside Envoy's deadline
+
+
+async def test_single_flight_for_concurrent_checks(idp: DevIdentityProvider, opaque_service: Any) -> None:
+    service = await opaque_service()
+    token = idp.issue_opaque()
+    idp.delay = 0.2
+    answers = await asyncio.gather(*(service.check(token=token) for _ in range(50)))
+    assert all(a.allowed for a in answers)
+    assert idp.hits["introspect"] == 1
+
+
+@pytest.mark.parametrize(
+    "mode", ["down", "html", "notjson", "redirect", "huge", "no_active", "active_string", "error500", "hang"]
+)
+async def test_unusable_answers_are_503_and_not_cached(
+    idp: DevIdentityProvider, start_service: StartService, mode: str
+) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp, timeout=0.3)]})
+    token = idp.issue_opaque()
+    idp.introspect_mode = mode
+    for expected_hits in (1, 2):
+        answer = await service.check(token=token)
+        assert (answer.code, answer.http_status) == (14, 503), mode
+        assert idp.hits["introspect"] == expected_hits, mode  # not cached: asked again
+    assert idp.hits["introspect_redirected"] == 0
+    idp.introspect_mode = "ok"
+    assert (await service.check(token=token)).allowed
+
+
+async def test_expired_or_not_yet_valid_results_are_401(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp)]})
+    now = int(time.time())
+    idp.introspect_mode = "ok"
+    future = idp.issue_opaque({"nbf": now + 600})
+    answer = await service.check(token=future)
+    assert answer.http_status == 401 and answer.response.status.message == "not_yet_valid"
+
+
+async def test_cookie_source(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp, cookie="ASPXAUTH")]})
+    token = idp.issue_opaque({"sub": "cookie-user"})
+    # curl -H "Cookie: theme=dark; ASPXAUTH=$TOKEN" http://api.example.com/
+    answer = await service.check(headers={"cookie": f"theme=dark; ASPXAUTH={token}"})
+    assert answer.allowed and answer.headers["x-user-id"] == "cookie-user"
+    answer = await service.check(headers={"cookie": "theme=dark"})
+    assert answer.http_status == 401 and answer.response.status.message == "missing_token"
+
+
+async def test_jwt_and_opaque_side_by_side(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp), opaque_introspector(idp)]})
+    answer = await service.check(token=idp.mint({"sub": "jwt-user"}))
+    assert answer.allowed and answer.metadata["introspector"] == "idp"
+    answer = await service.check(token=idp.issue_opaque({"sub": "opaque-user"}))
+    assert answer.allowed and answer.metadata["introspector"] == "opaque"
+    assert idp.hits["introspect"] == 1
+    # A JWT no jwt introspector claims goes to the opaque introspectors, which do not know it.
+    foreign = DevIdentityProvider(issuer="https://elsewhere.example").mint()
+    answer = await service.check(token=foreign)
+    assert answer.http_status == 401 and idp.hits["introspect"] == 2
+    # A JWT our jwt introspector claims but that fails verification is never sent anywhere.
+    answer = await service.check(token=idp.mint({"exp": int(time.time()) - 3600}))
+    assert answer.response.status.message == "expired" and idp.hits["introspect"] == 2
+
+
+async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:
+    async with DevIdentityProvider() as second:
+        service = await start_service({"introspectors": [
+            opaque_introspector(idp, id="first"), opaque_introspector(second, id="second"),
+        ]})
+        answer = await service.check(token=second.issue_opaque({"sub": "from-second"}))
+        assert answer.allowed and answer.metadata["introspector"] == "second"
+        assert idp.hits["introspect"] == 1 and second.hits["introspect"] == 1
+        await idp.go_offline()
+        # The first cannot answer and the second says inactive: we cannot know, so 503.
+        assert (await service.check(token="unknown-token")).http_status == 503
+
+
+async def test_unique_token_flood_keeps_cache_bounded(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({"cache": {"max_entries": 50}, "introspectors": [opaque_introspector(idp)]})
+    tokens = [idp.issue_opaque() for _ in range(300)]
+    for token in tokens:
+        assert (await service.check(token=token)).allowed
+    backend = service.service.engine.authorizer.introspectors["opaque"].cache.backend
+    assert len(backend) == 50

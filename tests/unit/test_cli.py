@@ -1,0 +1,204 @@
+"""Tests for the `authz-service` command, run for real in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LONG_SECRET = "0123456789abcdef0123456789abcdef0123456789abcdef"
+
+GOOD = f"""\
+server:
+  grpc_address: 127.0.0.1:9001
+  admin_address: null
+introspectors:
+  - id: local
+    resourceType: TokenIntrospector
+    type: jwt
+    jwt:
+      iss: https://auth.example.com
+      secret: {LONG_SECRET}
+users:
+  - id: alice
+"""
+
+BAD_PROBLEMS = [
+    "introspector 'ext': cache_ttl must be between 1 and 86400, got 0",
+    "introspector 'ext': jwt.iss is required",
+    "cache: url is required when backend is redis",
+    "response: user_id_header must not be the reserved header 'authorization'",
+]
+
+
+def bad_config(grpc_address: str = "127.0.0.1:9001") -> str:
+    return f"""\
+server:
+  grpc_address: {grpc_address}
+  admin_address: null
+cache:
+  backend: redis
+response:
+  user_id_header: Authorization
+introspectors:
+  - id: ext
+    type: jwt
+    cache_ttl: 0
+    jwt:
+      secret: {LONG_SECRET}
+"""
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m authz_service ARGS` with a clean environment (no AUTHZ_* variables unless given)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")}
+    return subprocess.run(
+        [sys.executable, "-m", "authz_service", *args],
+        cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad_config(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A loopback port we keep listening on: a service that tried to serve there would fail to bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def test_check_config_good_prints_one_summary_line(tmp_path: Path, good: Path) -> None:
+    result = run_cli("check-config", str(good), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    assert "1 introspector(s)" in lines[0]
+    assert "local" in lines[0]
+    assert "1 user(s)" in lines[0]
+    assert result.stderr == ""
+
+
+def test_check_config_bad_lists_every_problem(tmp_path: Path, bad: Path) -> None:
+    result = run_cli("check-config", str(bad), cwd=tmp_path)
+    assert_clean_failure(result)
+    for problem in BAD_PROBLEMS:
+        assert problem in result.stderr, result.stderr
+    problem_lines = [line for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert len(problem_lines) == len(BAD_PROBLEMS), result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "does-not-exist.yaml"
+    result = run_cli("check-config", str(missing), cwd=tmp_path)
+    assert_clean_failure(result)
+    assert str(missing) in result.stderr
+    assert "No such file" in result.stderr or "cannot read" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("server:\n  grpc_address: 127.0.0.1:9001\n  workers: [1\n", encoding="utf-8")
+    result = run_cli("check-config", str(path), cwd=tmp_path)
+    assert_clean_failure(result)
+    assert "not valid YAML" in result.stderr
+    assert "line " in result.stderr
+
+
+def test_check_config_non_utf8_file_fails_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.replace("alice", "al\u00efce").encode("latin-1"))
+    result = run_cli("check-config", str(path), cwd=tmp_path)
+    assert_clean_failure(result)
+    assert str(path) in result.stderr
+
+
+def test_check_config_short_secret_warns_but_passes(tmp_path: Path) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text(GOOD.replace(LONG_SECRET, "secret"), encoding="utf-8")
+    result = run_cli("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1
+    assert "warning" in result.stderr.lower()
+    assert "'local'" in result.stderr
+    assert "secret" in result.stderr
+
+
+def test_check_config_expands_the_process_environment(tmp_path: Path) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(GOOD.replace(LONG_SECRET, "${AUTHZ_TEST_SECRET}"), encoding="utf-8")
+    ok = run_cli("check-config", str(path), cwd=tmp_path, env={"AUTHZ_TEST_SECRET": LONG_SECRET})
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr == ""
+    unset = run_cli("check-config", str(path), cwd=tmp_path)
+    assert_clean_failure(unset)
+    assert "introspectors[0].jwt.secret" in unset.stderr
+    assert "AUTHZ_TEST_SECRET" in unset.stderr
+
+
+# --------------------------------------------------------------------------- running the service
+
+
+def test_run_with_bad_config_refuses_before_binding(tmp_path: Path, held_port: int) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad_config(f"127.0.0.1:{held_port}"), encoding="utf-8")
+    started = time.monotonic()
+    result = run_cli("--config", str(path), cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert_clean_failure(result)
+    for problem in BAD_PROBLEMS:
+        assert problem in result.stderr, result.stderr
+    # It never reached the point of serving: the held port would have made that fail differently.
+    assert "cannot serve" not in result.stderr
+    assert elapsed < 10, elapsed
+
+
+def test_run_with_bad_config_from_env_refuses(tmp_path: Path, bad: Path) -> None:
+    result = run_cli(cwd=tmp_path, env={"AUTHZ_CONFIG": str(bad)})
+    assert_clean_failure(result)
+    for problem in BAD_PROBLEMS:
+        assert problem in result.stderr, result.stderr
+
+
+def test_run_without_any_config_refuses(tmp_path: Path) -> None:
+    result = run_cli(cwd=tmp_path)
+    assert_clean_failure(result)
+    assert "config" in result.stderr.lower()
+    assert "--config" in result.stderr or "AUTHZ_CONFIG" in result.stderr
+
+
+def test_run_with_missing_config_file_refuses(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    result = run_cli("--config", str(missing), cwd=tmp_path)
+    assert_clean_failure(result)
+    assert str(missing) in result.stderr
