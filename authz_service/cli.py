@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from typing import Sequence
@@ -19,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Envoy external authorization (ext_authz) gRPC service.",
     )
     parser.add_argument("--config", "-c", help="config file (default: $AUTHZ_CONFIG)")
-    parser.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL"),
+                        choices=["debug", "info", "warning", "error"],
+                        help="overrides logging.level from the config (also $AUTHZ_LOG_LEVEL)")
     parser.add_argument("--version", action="version", version=f"authz-service {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and exit")
@@ -48,7 +50,7 @@ def check_config(path: str) -> int:
     return 0
 
 
-def run(path: str | None, log_level: str) -> int:
+def run(path: str | None, log_level: str | None) -> int:
     """Run the service until SIGTERM; a bad config exits 2 before anything binds."""
     from authz_service.logs import setup_logging
     from authz_service.server import serve
@@ -61,9 +63,7 @@ def run(path: str | None, log_level: str) -> int:
     except ConfigError as err:
         _print_problems(err)
         return 2
-    setup_logging(log_level)
-    import logging
-
+    setup_logging(log_level or config.logging.level)
     for warning in config.warnings:
         logging.getLogger("authz_service").warning(warning)
     try:

@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
 from authz_service.errors import ConfigError, Problem
+from authz_service.policy.matcho import PatternError, compile_pattern
+from authz_service.policy.schema import SchemaProblem, compile_schema
 from authz_service.tokens.keys import BadKey, StaticKey, load_static_key
 
 T = TypeVar("T")
@@ -37,6 +40,14 @@ class ServerConfig:
     admin_address: str | None = "0.0.0.0:9002"
     workers: int = 1
     shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log levels: the service's own and the one decision lines are written at."""
+
+    level: str = "info"
+    decisions: int | None = logging.INFO  # logging level number; None: no decision lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,21 @@ IntrospectorConfig = JwtIntrospectorConfig | OpaqueIntrospectorConfig
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """An AccessPolicy, compiled: `evaluate(context)` says whether it allows the request."""
+
+    id: str
+    engine: str
+    evaluate: Callable[[Mapping[str, Any]], bool] = field(compare=False, repr=False)
+    introspectors: frozenset[str] | None = None  # None: applies to every request
+
+    def allows(self, context: Mapping[str, Any], introspector: str | None) -> bool:
+        if self.introspectors is not None and introspector not in self.introspectors:
+            return False
+        return self.evaluate(context)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated config."""
 
@@ -102,7 +128,9 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     response: ResponseConfig = field(default_factory=ResponseConfig)
     introspectors: tuple[IntrospectorConfig, ...] = ()
+    policies: tuple[PolicyConfig, ...] = ()
     users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
@@ -113,7 +141,7 @@ class Config:
         )
         return (
             f"config OK: {len(self.introspectors)} introspector(s) [{kinds}], "
-            f"{len(self.users)} user(s), cache {self.cache.backend}, grpc {self.server.grpc_address}"
+            f"{len(self.policies)} policy(ies), {len(self.users)} user(s), cache {self.cache.backend}, grpc {self.server.grpc_address}"
         )
 
 
@@ -317,12 +345,25 @@ class _Validator:
         response = self.response(top.section("response"))
         introspectors = self.introspectors(top.get("introspectors", list, []))
         users = self.users(top.get("users", list, []))
-        policies = top.get("policies", list, [])
-        if policies:
-            # Silently ignoring policies would allow what they are meant to deny.
-            top.problem("policies", "are not supported by this version; remove them")
+        policies = self.policies(top.get("policies", list, []), {i.id for i in introspectors})
+        logs = self.logging(top.section("logging"))
         top.reject_unknown()
-        return Config(server, cache, response, introspectors, users, tuple(self.warnings))
+        return Config(server, cache, response, introspectors, policies, users, logs, tuple(self.warnings))
+
+    def logging(self, f: _Fields | None) -> LoggingConfig:
+        if f is None:
+            return LoggingConfig()
+        levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+        level = f.get("level", str, "info")
+        if level not in levels:
+            f.problem("level", f"must be one of {', '.join(levels)}, got {level!r}")
+            level = "info"
+        decisions = f.get("decisions", str, "info")
+        if decisions not in (*levels, "off"):
+            f.problem("decisions", f"must be one of {', '.join(levels)} or off, got {decisions!r}")
+            decisions = "info"
+        f.reject_unknown()
+        return LoggingConfig(level, levels.get(decisions))
 
     def server(self, f: _Fields | None) -> ServerConfig:
         if f is None:
@@ -497,6 +538,57 @@ class _Validator:
         if url is None:
             return None
         return OpaqueIntrospectorConfig(ident, url, authorization, cache_ttl, timeout, cookie)
+
+    def policies(self, raw_list: list[Any], introspector_ids: set[str]) -> tuple[PolicyConfig, ...]:
+        result: list[PolicyConfig] = []
+        ids: set[str] = set()
+        for index, raw in enumerate(raw_list):
+            if not isinstance(raw, dict):
+                self.problems.append(Problem(f"policies[{index}]", "", "must be a mapping"))
+                continue
+            ident = raw.get("id")
+            where = f"policy {ident!r}" if isinstance(ident, str) and ident else f"policies[{index}]"
+            f = _Fields(where, raw, self.problems)
+            if f.get("id", str, None) is None:
+                f.problem("id", "is required and must be a non-empty string")
+            elif ident in ids:
+                f.problem("id", "is used by more than one policy")
+            ids.add(str(ident))
+            _resource_type(f, "AccessPolicy")
+            f.get("description", str, None)
+            engine = f.get("engine", str)
+            scope = f.get("introspectors", list, None)
+            introspectors: frozenset[str] | None = None
+            if scope is not None:
+                unknown = [name for name in scope if name not in introspector_ids]
+                if not scope or unknown:
+                    f.problem("introspectors", f"must list configured introspector ids, unknown: {unknown or '(empty)'}")
+                introspectors = frozenset(str(name) for name in scope)
+            evaluate: Callable[[Mapping[str, Any]], bool] | None = None
+            try:
+                if engine == "matcho":
+                    f.seen.add("matcho")
+                    if "matcho" not in raw:
+                        f.problem("matcho", "is required for engine matcho")
+                    else:
+                        matcher = compile_pattern(raw["matcho"], "matcho")
+                        evaluate = lambda context, m=matcher: m(context, context)  # noqa: E731
+                elif engine == "json-schema":
+                    f.seen.add("schema")
+                    if "schema" not in raw:
+                        f.problem("schema", "is required for engine json-schema")
+                    else:
+                        evaluate = compile_schema(raw["schema"], "schema")
+                elif engine == "allow":
+                    evaluate = lambda context: True  # noqa: E731
+                elif engine is not None:
+                    f.problem("engine", f"must be matcho, json-schema or allow, got {engine!r}")
+            except (PatternError, SchemaProblem) as err:
+                f.problem("", str(err))
+            f.reject_unknown()
+            if evaluate is not None and isinstance(ident, str):
+                result.append(PolicyConfig(ident, str(engine), evaluate, introspectors))
+        return tuple(result)
 
     def users(self, raw_list: list[Any]) -> Mapping[str, Mapping[str, Any]]:
         users: dict[str, Mapping[str, Any]] = {}

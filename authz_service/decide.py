@@ -14,6 +14,7 @@ import re
 import traceback
 from typing import Any, Mapping, Sequence
 
+from authz_service.context import build_context
 from authz_service.config import Config, JwtIntrospectorConfig, OpaqueIntrospectorConfig, ResponseConfig
 from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
@@ -83,15 +84,26 @@ class Authorizer:
             [(c.cookie, c.id) for c in config.introspectors if c.cookie is not None]
         )
         self._identity_headers = IdentityHeaders(config.response)
+        self._policies = config.policies
+        self._users = config.users
 
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""
         try:
             credential = self._credentials.find(request.headers)
             if credential is None:
+                # Anonymous: only a policy can let it through, and then with no identity headers.
+                if self._policies and self._allowed(build_context(request, None, None), None):
+                    return Decision(Outcome.ALLOW, Reason.ANONYMOUS)
                 return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
             identity = await self._authenticate(credential)
-            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, self._identity_headers.build(identity))
+            headers = self._identity_headers.build(identity)
+            if self._policies:
+                user = self._users.get(identity.user_id) if identity.user_id is not None else None
+                context = build_context(request, identity, user)
+                if not self._allowed(context, identity.introspector):
+                    return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity)
+            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, headers)
         except TokenRejected as err:
             return Decision(Outcome.UNAUTHENTICATED, err.reason)
         except MalformedCredentials as err:
@@ -101,6 +113,10 @@ class Authorizer:
         except Exception as err:  # noqa: BLE001 - fail closed on anything unforeseen
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+
+    def _allowed(self, context: Mapping[str, Any], introspector: str | None) -> bool:
+        """Policies are OR-ed: the first that matches allows."""
+        return any(policy.allows(context, introspector) for policy in self._policies)
 
     async def _authenticate(self, credential: Credential) -> Identity:
         token = credential.token

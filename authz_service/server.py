@@ -9,17 +9,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz_service.config import Config
 from authz_service.decide import Authorizer, build_introspectors, log_internal_error
 from authz_service.envoy import ResponseBuilder, to_http_request
-from authz_service.model import Decision, Outcome, Reason
+from authz_service.admin import AdminServer
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
+from authz_service.observe import Metrics, log_decision
+from authz_service.tokens.jwks import JwksKeySource
 from authz_service.tokens.cache import CacheFactory
 from authz_service.upstream import UpstreamClient
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
 _INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+_EMPTY_REQUEST = HttpRequest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,29 +56,42 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     def __init__(self, service: AuthzService) -> None:
         self._service = service
+        self._metrics = service.metrics
 
     async def Check(  # noqa: N802 - the gRPC method name
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
         engine = self._service.engine
+        http = _EMPTY_REQUEST
         try:
-            decision = await engine.authorizer.check(to_http_request(request))
-            return engine.responses.build(decision)
+            http = to_http_request(request)
+            decision = await engine.authorizer.check(http)
+            response = engine.responses.build(decision)
         except Exception as err:  # noqa: BLE001 - fail closed, keep serving
             log_internal_error(err)
-            return engine.responses.build(_INTERNAL_ERROR)
+            decision = _INTERNAL_ERROR
+            response = engine.responses.build(decision)
+        elapsed = time.perf_counter() - started
+        self._metrics.observe(decision, elapsed)
+        log_decision(http, decision, elapsed, engine.config.logging.decisions)
+        return response
 
 
 class AuthzService:
     """One serving process: the gRPC server, its health state and the current Engine."""
 
-    def __init__(self, config: Config) -> None:
-        self.client = UpstreamClient()
-        self.caches = CacheFactory(config.cache)
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.client = UpstreamClient(on_call=lambda e, o: self.metrics.upstream_calls.labels(e, o).inc())
+        self.caches = CacheFactory(config.cache, on_event=lambda c, e: self.metrics.cache_events.labels(c, e).inc())
         self.engine = build_engine(config, self.client, self.caches)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self.admin: AdminServer | None = None
         self.port: int | None = None
+        # Ready once the config is loaded and every JWKS had its first fetch attempt; not while draining.
+        self.ready = False
 
     @property
     def config(self) -> Config:
@@ -101,20 +120,36 @@ class AuthzService:
         await server.start()
         self._server = server
         self.port = port
+        if self.config.server.admin_address is not None:
+            self.admin = AdminServer(
+                self.config.server.admin_address, self.metrics.registry, lambda: self.ready, self._refresh_gauges
+            )
+            await self.admin.start()
         await self.engine.authorizer.warm_up()
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
         log.info("serving", extra={"fields": {"grpc_port": port, "summary": self.config.summary()}})
         return port
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (so Envoy's health checks move traffic away), then drain and stop."""
+        self.ready = False
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace if grace is None else grace)
             self._server = None
         await self.client.close()
         await self.caches.close()
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+
+    def _refresh_gauges(self) -> None:
+        for introspector in self.engine.authorizer.introspectors.values():
+            source = getattr(introspector, "key_source", None)
+            if isinstance(source, JwksKeySource):
+                self.metrics.jwks_staleness.labels(introspector.id).set(source.staleness())
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import aiohttp
 
@@ -23,10 +23,11 @@ MAX_INTROSPECTION_BYTES = 64 * 1024
 class UpstreamClient:
     """A shared aiohttp session, created lazily on the running loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_call: Callable[[str, str], None] | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
-        # (endpoint, outcome) -> count; exported as metrics by the admin server.
+        # (endpoint, outcome) -> count, and the metrics hook called with the same pair.
         self.calls: Counter[tuple[str, str]] = Counter()
+        self._on_call = on_call
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -106,3 +107,5 @@ class UpstreamClient:
             raise UpstreamUnavailable(endpoint, outcome) from err
         finally:
             self.calls[(endpoint, outcome)] += 1
+            if self._on_call is not None:
+                self._on_call(endpoint, outcome)

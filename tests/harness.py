@@ -39,7 +39,7 @@ def check_request(
             ),
             request=ac.AttributeContext.Request(
                 http=ac.AttributeContext.HttpRequest(
-                    id="req-1", method=method, path=path, host=host, scheme="http", protocol="HTTP/1.1",
+                    id=all_headers.get("x-request-id", "req-1"), method=method, path=path, host=host, scheme="http", protocol="HTTP/1.1",
                     headers=all_headers,
                 )
             ),

@@ -112,11 +112,14 @@ def redis_backend(url: str) -> BaseCache:
 class CacheStats:
     """Hits, misses and errors per cache name, for metrics and tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_event: Callable[[str, str], None] | None = None) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
+        self._on_event = on_event
 
     def count(self, cache: str, event: str) -> None:
         self.counts[(cache, event)] += 1
+        if self._on_event is not None:
+            self._on_event(cache, event)
 
 
 class TokenCache:
@@ -149,9 +152,9 @@ class TokenCache:
 class CacheFactory:
     """Builds the per-introspector caches for one process from the cache config."""
 
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, on_event: Callable[[str, str], None] | None = None) -> None:
         self.config = config
-        self.stats = CacheStats()
+        self.stats = CacheStats(on_event)
         self._redis: BaseCache | None = None
 
     def token_cache(self, name: str, fingerprint: str) -> TokenCache:

@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from authz_service.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector
 
-pytestmark = pytest.mark.asyncio
 
 LONG_SECRET = "s3cr3t-" * 10
 

@@ -11,7 +11,6 @@ import pytest
 from authz_service.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 
-pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture(params=["memory", "redis"])

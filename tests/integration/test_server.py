@@ -22,7 +22,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from authz_service.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector
 
-pytestmark = pytest.mark.asyncio
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 

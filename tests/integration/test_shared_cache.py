@@ -22,7 +22,6 @@ from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCach
 from tests.conftest import free_port, opaque_introspector
 from tests.harness import Answer, check_request
 
-pytestmark = pytest.mark.asyncio
 
 
 async def _wait_serving(port: int, process: subprocess.Popen[bytes], deadline: float = 20.0) -> None:

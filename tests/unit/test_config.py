@@ -855,12 +855,13 @@ def test_sections_of_the_wrong_type() -> None:
     ]
 
 
-def test_policies_are_currently_a_config_error() -> None:
+def test_policies_are_compiled_into_the_config() -> None:
     text = dump({"introspectors": [jwt_introspector()],
-                 "policies": [{"id": "p", "engine": "matcho", "matcho": {"uri": "/public"}}]})
-    problem = single_problem(text)
-    assert "policies" in problem
-    assert problem.startswith("config: ")
+                 "policies": [{"id": "p", "engine": "matcho", "matcho": {"uri": "/public"}, "introspectors": ["a"]}]})
+    (policy,) = parse_config(text, {}).policies
+    assert (policy.id, policy.engine, policy.introspectors) == ("p", "matcho", frozenset({"a"}))
+    assert policy.allows({"uri": "/public"}, "a") and not policy.allows({"uri": "/other"}, "a")
+    assert not policy.allows({"uri": "/public"}, None)
 
 
 def test_policies_of_the_wrong_type_are_named() -> None:

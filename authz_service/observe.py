@@ -1,0 +1,101 @@
+"""Metrics and decision logs: what happened, never with whom's credentials.
+
+Every value that reaches a log line from a request passes through `redact`, the one place that
+decides what of a request may be written down: never a token, a cookie, a secret or a claims
+body; the path without its query (queries carry `access_token=` in the wild).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from authz_service.model import Decision, HttpRequest, Outcome
+
+decision_log = logging.getLogger("authz_service.decision")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class redact:  # noqa: N801 - a namespace of pure functions, read as `redact.path(...)`
+    """The one redaction helper: what of a request may appear in a log line."""
+
+    @staticmethod
+    def identifier(value: str) -> str:
+        """An id the client chose (request id): kept if plainly an id, else only a hash of it."""
+        if not value:
+            return ""
+        if _SAFE_ID.match(value) and not value.startswith("eyJ"):
+            return value
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def path(value: str) -> str:
+        """The request path without its query, capped."""
+        return value.partition("?")[0][:256]
+
+    @staticmethod
+    def user_id(value: str | None) -> str | None:
+        """User ids are not secrets (they go upstream in a header), but they are capped."""
+        return None if value is None else value[:128]
+
+
+class Metrics:
+    """Prometheus metrics of one process (registry passed in so tests and workers own theirs)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.checks = Counter(
+            "authz_checks", "Check calls by decision and reason", ["decision", "reason"], registry=registry
+        )
+        self.latency = Histogram(
+            "authz_check_duration_seconds", "Check latency inside the service", buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.cache_events = Counter(
+            "authz_cache_events", "Token cache lookups by cache and result (hit, miss, error)", ["cache", "event"],
+            registry=registry,
+        )
+        self.upstream_calls = Counter(
+            "authz_upstream_calls", "Calls to identity providers by endpoint and outcome", ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.jwks_staleness = Gauge(
+            "authz_jwks_staleness_seconds", "Seconds past cache_ttl of the JWKS keys being served",
+            ["introspector"], registry=registry,
+        )
+        self._children: dict[tuple[Outcome, Any], Any] = {}
+
+    def observe(self, decision: Decision, seconds: float) -> None:
+        key = (decision.outcome, decision.reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.checks.labels(decision.outcome.value, decision.reason.label)
+        child.inc()
+        self.latency.observe(seconds)
+
+
+def log_decision(request: HttpRequest, decision: Decision, seconds: float, level: int | None) -> None:
+    """One structured line per decision, at the configured level (None: off)."""
+    if level is None or not decision_log.isEnabledFor(level):
+        return
+    identity = decision.identity
+    decision_log.log(
+        level,
+        "decision",
+        extra={"fields": {
+            "request_id": redact.identifier(request.request_id),
+            "decision": decision.outcome.value,
+            "reason": decision.reason.label,
+            "introspector": identity.introspector if identity else None,
+            "user_id": redact.user_id(identity.user_id) if identity else None,
+            "method": request.method,
+            "path": redact.path(request.path),
+            "latency_ms": round(seconds * 1000, 3),
+        }},
+    )

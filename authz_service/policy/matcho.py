@@ -1,0 +1,356 @@
+"""Aidbox's matcho pattern language, compiled once at config load and evaluated per request.
+
+`compile_pattern` turns a pattern (the `matcho` of an AccessPolicy, as YAML or JSON gives it) into
+a tree of closures. Evaluating one never re-reads the pattern and never raises, whatever JSON-like
+value it meets. The rules, and where we chose the stricter of two readings, are in docs/matcho.md.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+from authz_service.errors import AuthzError
+
+Matcher: TypeAlias = Callable[[Any, Mapping[str, Any]], bool]
+"""A compiled pattern: (value, context) -> matched?"""
+
+PRESENT = "present?"
+NIL = "nil?"
+NOT_BLANK = "not-blank?"
+
+
+class PatternError(AuthzError):
+    """A matcho pattern cannot be compiled; `path` says where in the pattern the problem is."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
+def compile_pattern(pattern: Any, path: str = "matcho") -> Matcher:
+    """Compile a matcho pattern; `path` names its place in the config for error messages."""
+    if isinstance(pattern, Mapping):
+        return _compile_map(pattern, path)
+    if isinstance(pattern, list | tuple):
+        return _compile_list(pattern, path)
+    if isinstance(pattern, str):
+        return _compile_string(pattern, path)
+    if isinstance(pattern, bool):
+        return _compile_bool(pattern)
+    if isinstance(pattern, int | float):
+        return _compile_number(pattern)
+    if pattern is None:
+        return _is_nil
+    hint = " (quote YAML dates and timestamps)" if type(pattern).__module__ == "datetime" else ""
+    raise PatternError(path, f"unsupported pattern of type {type(pattern).__name__}{hint}")
+
+
+def matches(pattern: Any, value: Any, context: Mapping[str, Any] | None = None) -> bool:
+    """Compile `pattern` and match `value`; without a context, `value` is the context, as for a policy."""
+    if context is None:
+        context = value if isinstance(value, Mapping) else {}
+    return compile_pattern(pattern)(value, context)
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def _is_list(value: Any) -> bool:
+    # A JSON array. Strings are sequences too, but never lists here.
+    return isinstance(value, list | tuple)
+
+
+def _scalar_equal(left: Any, right: Any) -> bool:
+    """JSON scalar equality: a bool equals only the same bool; 1 equals 1.0; "1" never equals 1."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return left is right
+    if isinstance(left, int | float):
+        return isinstance(right, int | float) and left == right
+    if isinstance(left, str):
+        return isinstance(right, str) and left == right
+    if left is None:
+        return right is None
+    return False  # not JSON: never equal, and never trusted to compare itself
+
+
+def _json_equal(left: Any, right: Any) -> bool:
+    """Deep JSON equality with the scalar rules above; iterative, so depth cannot overflow the stack."""
+    pending: list[tuple[Any, Any]] = [(left, right)]
+    while pending:
+        a, b = pending.pop()
+        if isinstance(a, Mapping):
+            if not isinstance(b, Mapping) or len(a) != len(b):
+                return False
+            for key, item in a.items():
+                if key not in b:
+                    return False
+                pending.append((item, b[key]))
+        elif _is_list(a):
+            if not _is_list(b) or len(a) != len(b):
+                return False
+            pending.extend(zip(a, b, strict=True))
+        elif not _scalar_equal(a, b):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- scalars and strings
+
+
+def _is_nil(value: Any, context: Mapping[str, Any]) -> bool:
+    return value is None
+
+
+def _is_present(value: Any, context: Mapping[str, Any]) -> bool:
+    return value is not None
+
+
+def _is_not_blank(value: Any, context: Mapping[str, Any]) -> bool:
+    # Blank as in Clojure: empty or only whitespace. Non-strings are neither blank nor not-blank.
+    return isinstance(value, str) and value != "" and not value.isspace()
+
+
+def _compile_bool(pattern: bool) -> Matcher:
+    def same_bool(value: Any, context: Mapping[str, Any]) -> bool:
+        return value is pattern
+
+    return same_bool
+
+
+def _compile_number(pattern: float) -> Matcher:
+    def same_number(value: Any, context: Mapping[str, Any]) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == pattern
+
+    return same_number
+
+
+def _compile_literal(pattern: str) -> Matcher:
+    def same_string(value: Any, context: Mapping[str, Any]) -> bool:
+        return isinstance(value, str) and value == pattern
+
+    return same_string
+
+
+_SPECIAL_STRINGS: dict[str, Matcher] = {PRESENT: _is_present, NIL: _is_nil, NOT_BLANK: _is_not_blank}
+
+
+def _compile_string(pattern: str, path: str) -> Matcher:
+    special = _SPECIAL_STRINGS.get(pattern)
+    if special is not None:
+        return special
+    if pattern.startswith("#"):
+        return _compile_regex(pattern[1:], path)
+    if pattern.startswith("."):
+        return _compile_context_path(pattern, path)
+    return _compile_literal(pattern)
+
+
+def _compile_regex(source: str, path: str) -> Matcher:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # re caches compiled patterns and warns only on the first compile; purge so an ambiguous
+        # regex is rejected on every load (a SIGHUP reload too), not only the first one.
+        re.purge()
+        try:
+            regex = re.compile(source)
+        except re.error as err:
+            raise PatternError(path, f"invalid regular expression {source!r}: {err}") from err
+    if caught:
+        # e.g. FutureWarning "Possible nested set" for `[[:alpha:]]`: Python would read it
+        # differently from what the author meant, so refuse it instead of guessing.
+        raise PatternError(path, f"ambiguous regular expression {source!r}: {caught[0].message}")
+    search = regex.search
+
+    def regex_found(value: Any, context: Mapping[str, Any]) -> bool:
+        return isinstance(value, str) and search(value) is not None
+
+    return regex_found
+
+
+def _compile_context_path(source: str, path: str) -> Matcher:
+    segments = source[1:].split(".")
+    if any(segment == "" for segment in segments):
+        raise PatternError(path, f"context path {source!r} has an empty segment")
+    # Numeric segments index lists; on a map they are ordinary keys ("0").
+    steps = tuple((segment, int(segment) if segment.isascii() and segment.isdigit() else None) for segment in segments)
+
+    def resolve(context: Any) -> Any:
+        current = context
+        for key, index in steps:
+            if isinstance(current, Mapping):
+                current = current.get(key)
+            elif index is not None and _is_list(current) and index < len(current):
+                current = current[index]
+            else:
+                return None
+            if current is None:
+                return None
+        return current
+
+    def equals_context(value: Any, context: Mapping[str, Any]) -> bool:
+        expected = resolve(context)
+        # An unresolved path never matches, not even a missing value: otherwise a user without
+        # the referenced field would pass a check such as `practitioner: .user.data.id`.
+        return expected is not None and _json_equal(value, expected)
+
+    return equals_context
+
+
+# --------------------------------------------------------------------------- lists and maps
+
+
+def _compile_list(pattern: Sequence[Any], path: str) -> Matcher:
+    items = tuple(compile_pattern(item, f"{path}[{i}]") for i, item in enumerate(pattern))
+    size = len(items)
+
+    def prefix_matches(value: Any, context: Mapping[str, Any]) -> bool:
+        if not _is_list(value) or len(value) < size:
+            return False
+        return all(matcher(item, context) for matcher, item in zip(items, value, strict=False))
+
+    return prefix_matches
+
+
+def _compile_map(pattern: Mapping[Any, Any], path: str) -> Matcher:
+    if "$one-of" in pattern and len(pattern) > 1:
+        others = ", ".join(sorted(str(key) for key in pattern if key != "$one-of"))
+        raise PatternError(f"{path}.$one-of", f"cannot be combined with other keys ({others})")
+    fields: list[tuple[str, Matcher]] = []
+    checks: list[Matcher] = []
+    for key, sub in pattern.items():
+        if not isinstance(key, str):
+            raise PatternError(path, f"key {key!r} must be a string (quote it in YAML)")
+        where = f"{path}.{key}"
+        if key.startswith("$"):
+            operator = _OPERATORS.get(key)
+            if operator is None:
+                known = ", ".join(_OPERATORS)
+                raise PatternError(where, f"unknown operator {key!r} (known: {known})")
+            checks.append(operator(sub, where))
+        else:
+            fields.append((key, compile_pattern(sub, where)))
+
+    if fields or not checks:
+        checks.insert(0, _compile_fields(tuple(fields)))
+    if len(checks) == 1:
+        return checks[0]
+    all_checks = tuple(checks)
+
+    def all_hold(value: Any, context: Mapping[str, Any]) -> bool:
+        return all(check(value, context) for check in all_checks)
+
+    return all_hold
+
+
+def _compile_fields(fields: tuple[tuple[str, Matcher], ...]) -> Matcher:
+    def subset_matches(value: Any, context: Mapping[str, Any]) -> bool:
+        if not isinstance(value, Mapping):
+            return False
+        return all(matcher(value.get(key), context) for key, matcher in fields)
+
+    return subset_matches
+
+
+# --------------------------------------------------------------------------- $operators
+
+
+def _pattern_list(spec: Any, path: str) -> list[Any]:
+    if not isinstance(spec, list | tuple):
+        raise PatternError(path, f"must be a list, got {type(spec).__name__}")
+    if not spec:
+        raise PatternError(path, "must not be empty")
+    return list(spec)
+
+
+def _op_enum(spec: Any, path: str) -> Matcher:
+    items = _pattern_list(spec, path)
+    for i, item in enumerate(items):
+        if not isinstance(item, str | int | float):  # bool is an int
+            raise PatternError(f"{path}[{i}]", f"must be a string, number or boolean, got {type(item).__name__}")
+    bools = frozenset(item for item in items if isinstance(item, bool))
+    numbers = frozenset(item for item in items if isinstance(item, int | float) and not isinstance(item, bool))
+    strings = frozenset(item for item in items if isinstance(item, str))
+
+    def in_enum(value: Any, context: Mapping[str, Any]) -> bool:
+        if isinstance(value, bool):
+            return value in bools
+        if isinstance(value, str):
+            return value in strings
+        if isinstance(value, int | float):
+            return value == value and value in numbers  # NaN equals nothing
+        return False
+
+    return in_enum
+
+
+def _op_one_of(spec: Any, path: str) -> Matcher:
+    options = tuple(compile_pattern(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
+
+    def any_option(value: Any, context: Mapping[str, Any]) -> bool:
+        return any(option(value, context) for option in options)
+
+    return any_option
+
+
+def _op_contains(spec: Any, path: str) -> Matcher:
+    element = compile_pattern(spec, path)
+
+    def some_element(value: Any, context: Mapping[str, Any]) -> bool:
+        return _is_list(value) and any(element(item, context) for item in value)
+
+    return some_element
+
+
+def _op_every(spec: Any, path: str) -> Matcher:
+    element = compile_pattern(spec, path)
+
+    def every_element(value: Any, context: Mapping[str, Any]) -> bool:
+        # An empty list does not match: "every role is X" must not pass a user with no roles.
+        return _is_list(value) and len(value) > 0 and all(element(item, context) for item in value)
+
+    return every_element
+
+
+def _op_not(spec: Any, path: str) -> Matcher:
+    negated = compile_pattern(spec, path)
+
+    def does_not_match(value: Any, context: Mapping[str, Any]) -> bool:
+        return not negated(value, context)
+
+    return does_not_match
+
+
+def _op_present_all(spec: Any, path: str) -> Matcher:
+    wanted = tuple(compile_pattern(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
+
+    def all_present(value: Any, context: Mapping[str, Any]) -> bool:
+        if not _is_list(value):
+            return False
+        return all(any(pattern(item, context) for item in value) for pattern in wanted)
+
+    return all_present
+
+
+def _op_length(spec: Any, path: str) -> Matcher:
+    if not isinstance(spec, int) or isinstance(spec, bool) or spec < 0:
+        raise PatternError(path, f"must be a non-negative integer, got {spec!r}")
+
+    def has_length(value: Any, context: Mapping[str, Any]) -> bool:
+        return _is_list(value) and len(value) == spec
+
+    return has_length
+
+
+_OPERATORS: dict[str, Callable[[Any, str], Matcher]] = {
+    "$enum": _op_enum,
+    "$one-of": _op_one_of,
+    "$contains": _op_contains,
+    "$every": _op_every,
+    "$not": _op_not,
+    "$present-all": _op_present_all,
+    "$length": _op_length,
+}

@@ -1,0 +1,103 @@
+"""The admin HTTP server and decision logs: /healthz, /readyz, /metrics, one redacted line per decision."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import aiohttp
+import pytest
+
+from authz_service.idp import DevIdentityProvider
+from authz_service.observe import redact
+from tests.conftest import StartService, jwks_introspector, opaque_introspector
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_healthz_readyz_and_draining(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({
+        "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+        "introspectors": [jwks_introspector(idp)],
+    })
+    port = service.service.admin.port  # type: ignore[union-attr]
+    assert await _get(port, "/healthz") == (200, '{"status": "alive"}')
+    assert (await _get(port, "/readyz"))[0] == 200
+    assert idp.hits["jwks"] == 1  # ready only after the first JWKS fetch was attempted
+    await service.service.health.enter_graceful_shutdown()
+    service.service.ready = False
+    assert (await _get(port, "/readyz"))[0] == 503
+
+
+async def test_metrics_count_decisions_caches_and_upstream_calls(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    service = await start_service({
+        "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+        "introspectors": [jwks_introspector(idp, max_stale=60), opaque_introspector(idp)],
+    })
+    token = idp.issue_opaque()
+    for _ in range(3):
+        assert (await service.check(token=token)).allowed
+    assert (await service.check(token=idp.mint())).allowed
+    assert (await service.check()).http_status == 401
+    assert (await service.check(token=idp.mint({"exp": 1}))).http_status == 401
+    _, text = await _get(service.service.admin.port, "/metrics")  # type: ignore[union-attr]
+    assert _metric(text, "authz_checks_total", decision="allow", reason="allowed") == 4
+    assert _metric(text, "authz_checks_total", decision="unauthenticated", reason="missing_token") == 1
+    assert _metric(text, "authz_checks_total", decision="unauthenticated", reason="expired") == 1
+    assert _metric(text, "authz_check_duration_seconds_count") == 6
+    assert _metric(text, "authz_cache_events_total", cache="opaque", event="hit") == 2
+    assert _metric(text, "authz_cache_events_total", cache="opaque", event="miss") == 1
+    assert _metric(text, "authz_upstream_calls_total", endpoint="introspection", outcome="ok") == 1
+    assert _metric(text, "authz_upstream_calls_total", endpoint="jwks", outcome="ok") == 1
+    assert "authz_jwks_staleness_seconds" in text
+
+
+async def test_one_redacted_log_line_per_decision(
+    idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp)]})
+    token = idp.mint({"sub": "alice", "email": "alice@example.com"})
+    caplog.set_level(logging.INFO, logger="authz_service.decision")
+    await service.check("/orders?access_token=" + token, token=token, headers={"x-request-id": token})
+    await service.check("/orders", headers={"x-request-id": "req-42"})
+    records = [r for r in caplog.records if r.name == "authz_service.decision"]
+    assert len(records) == 2
+    first, second = (r.fields for r in records)  # type: ignore[attr-defined]
+    assert first["decision"] == "allow" and first["user_id"] == "alice" and first["introspector"] == "idp"
+    assert first["path"] == "/orders" and first["request_id"].startswith("sha256:")
+    assert first["latency_ms"] >= 0
+    assert second["decision"] == "unauthenticated" and second["reason"] == "missing_token"
+    assert second["request_id"] == "req-42"
+    text = caplog.text + json.dumps([r.fields for r in records])  # type: ignore[attr-defined]
+    assert token not in text and "alice@example.com" not in text
+
+
+async def test_decision_logs_can_be_turned_off(
+    idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp)], "logging": {"decisions": "off"}})
+    caplog.set_level(logging.DEBUG, logger="authz_service.decision")
+    await service.check(token=idp.mint())
+    assert not [r for r in caplog.records if r.name == "authz_service.decision"]
+
+
+def test_redaction_helper() -> None:
+    assert redact.identifier("req-1.2:3_x") == "req-1.2:3_x"
+    assert redact.identifier("eyJhbGciOiJIUzI1NiJ9").startswith("sha256:")
+    assert redact.identifier("has space").startswith("sha256:")
+    assert redact.identifier("x" * 129).startswith("sha256:")
+    assert redact.path("/a/b?token=secret") == "/a/b"
+    assert redact.user_id("u" * 500) == "u" * 128

@@ -1,0 +1,46 @@
+"""The request context policies see."""
+
+from __future__ import annotations
+
+from authz_service.context import build_context, query_params, strip_empty
+from authz_service.model import HttpRequest, Identity
+
+
+def test_context_fields_and_empty_values_removed() -> None:
+    request = HttpRequest(
+        method="POST", path="/fhir/Patient?name=x&tag=a&tag=b&empty=", host="api.local", scheme="https",
+        headers={":path": "/fhir/Patient", "x-trace": "1", "x-empty": ""}, remote_addr="10.0.0.1",
+        context_extensions={"route": "fhir"},
+    )
+    identity = Identity("u-1", {"sub": "u-1", "roles": [], "org": {}, "name": None, "tenant": "t"}, "idp", "jwt")
+    context = build_context(request, identity, {"id": "u-1", "roles": [{"value": "doctor"}], "data": {}})
+    assert context == {
+        "request-method": "post",
+        "uri": "/fhir/Patient",
+        "query-string": "name=x&tag=a&tag=b&empty=",
+        "params": {"name": "x", "tag": ["a", "b"]},
+        "headers": {"x-trace": "1"},
+        "host": "api.local",
+        "scheme": "https",
+        "remote-addr": "10.0.0.1",
+        "context_extensions": {"route": "fhir"},
+        "jwt": {"sub": "u-1", "tenant": "t"},
+        "introspector": "idp",
+        "user": {"id": "u-1", "roles": [{"value": "doctor"}]},
+    }
+
+
+def test_opaque_identity_is_token_and_anonymous_has_no_identity() -> None:
+    request = HttpRequest(method="GET", path="/public")
+    opaque = build_context(request, Identity("u", {"active": True, "sub": "u"}, "op", "opaque"), None)
+    assert opaque["token"] == {"active": True, "sub": "u"} and "jwt" not in opaque and "user" not in opaque
+    anonymous = build_context(request, None, None)
+    assert not {"jwt", "token", "user", "introspector"} & anonymous.keys()
+    assert anonymous == {"request-method": "get", "uri": "/public"}
+
+
+def test_strip_empty_keeps_false_and_zero() -> None:
+    assert strip_empty({"a": 0, "b": False, "c": [None, "", {}, [[]], 1], "d": {"e": {"f": ""}}}) == {
+        "a": 0, "b": False, "c": [1],
+    }
+    assert query_params("a=1&a=2&b=3") == {"a": ["1", "2"], "b": "3"}
