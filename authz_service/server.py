@@ -132,10 +132,14 @@ class AuthzService:
         log.info("serving", extra={"fields": {"grpc_port": port, "summary": self.config.summary()}})
         return port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first (so Envoy's health checks move traffic away), then drain and stop."""
+    async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING, keep answering for drain_delay (Envoy's health checks move traffic away),
+        then stop accepting and give in-flight checks `grace` seconds."""
         self.ready = False
         await self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            log.info("draining", extra={"fields": {"drain_delay_seconds": drain_delay}})
+            await asyncio.sleep(drain_delay)
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace if grace is None else grace)
             self._server = None
@@ -166,4 +170,4 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down", extra={"fields": {"grace_seconds": config.server.shutdown_grace}})
-    await service.stop()
+    await service.stop(drain_delay=config.server.drain_delay)

@@ -48,7 +48,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Any]
 
     async def start(config: dict[str, Any]) -> int:
         port = free_port()
-        config = {**config, "server": {"grpc_address": f"127.0.0.1:{port}", "admin_address": None}}
+        config = {**config, "server": {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": 0}}
         path = tmp_path / f"config-{port}.yaml"
         path.write_text(yaml.safe_dump(config))
         process = subprocess.Popen(

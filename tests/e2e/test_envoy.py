@@ -1,0 +1,167 @@
+"""Through a real Envoy with the shipped envoy/envoy.yaml: what a client and the upstream see."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from authz_service.echo import EchoUpstream
+from authz_service.idp import DevIdentityProvider
+from tests.e2e.conftest import AuthzProcess, EnvoyProcess, tail, wait_until
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def decode_claims(value: str) -> dict[str, Any]:
+    return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+
+
+def forge(token: str, **claims: Any) -> str:
+    """The token with its payload changed and the original signature kept."""
+    header, payload, signature = token.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    body.update(claims)
+    forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+async def test_allowed_request_reaches_upstream_with_overwritten_identity_headers(
+    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    token = idp.mint({"sub": "alice", "email": "alice@example.com"})
+    # `curl -H 'Authorization: Bearer ...' -H 'x-user-id: admin' -H 'x-auth-claims: forged' .../things?a=1`
+    headers = {**bearer(token), "x-user-id": "admin", "x-auth-claims": "forged"}
+    async with session.get(envoy.url + "/things?a=1", headers=headers) as response:
+        assert response.status == 200, await response.text()
+        echoed = await response.json()
+    assert echoed["path"] == "/things?a=1"
+    assert len(echo.requests) == 1
+    assert echo.headers_named("x-user-id") == ["alice"]
+    (claims,) = echo.headers_named("x-auth-claims")
+    assert decode_claims(claims)["sub"] == "alice"
+    assert decode_claims(claims)["email"] == "alice@example.com"
+
+
+async def test_underscore_header_is_rejected_by_envoy(
+    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    headers = {**bearer(idp.mint({"sub": "alice"})), "x_user_id": "admin"}
+    async with session.get(envoy.url + "/things", headers=headers) as response:
+        assert response.status == 400
+    assert echo.requests == []
+
+
+@pytest.mark.parametrize("credentials", ["none", "forged"])
+async def test_missing_or_forged_token_is_401_with_a_challenge(
+    credentials: str,
+    envoy: EnvoyProcess,
+    echo: EchoUpstream,
+    idp: DevIdentityProvider,
+    session: aiohttp.ClientSession,
+) -> None:
+    headers = bearer(forge(idp.mint({"sub": "alice"}), sub="admin")) if credentials == "forged" else {}
+    async with session.get(envoy.url + "/things", headers=headers) as response:
+        assert response.status == 401
+        assert response.headers["www-authenticate"].startswith('Bearer realm="authz-service"')
+        assert response.content_type == "application/json"
+        body = await response.json()
+    assert body["error"] == ("invalid_token" if credentials == "forged" else "unauthorized")
+    if credentials == "forged":
+        assert 'error="invalid_token"' in response.headers["www-authenticate"]
+    assert echo.requests == []
+
+
+async def test_opaque_token_is_allowed(
+    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    token = idp.issue_opaque({"sub": "bob"})
+    async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
+        assert response.status == 200, await response.text()
+    assert echo.headers_named("x-user-id") == ["bob"]
+    assert idp.hits["introspect"] == 1
+
+
+async def test_idp_down_with_nothing_cached_is_503(
+    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    await idp.go_offline()
+    token = idp.issue_opaque({"sub": "bob"})
+    async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
+        assert response.status == 503
+        assert (await response.json())["error"] == "temporarily_unavailable"
+    assert echo.requests == []
+
+
+async def test_access_log_shows_the_user_id_from_dynamic_metadata(
+    envoy: EnvoyProcess, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    async with session.get(envoy.url + "/logged", headers=bearer(idp.mint({"sub": "carol"}))) as response:
+        assert response.status == 200
+    async with session.get(envoy.url + "/denied") as response:
+        assert response.status == 401
+
+    def entries() -> dict[str, dict[str, Any]]:
+        found = {entry["path"]: entry for entry in envoy.access_log_entries()}
+        return found if {"/logged", "/denied"} <= set(found) else {}
+
+    found = await wait_until(entries, 10, "the access log lines")
+    allowed, denied = found["/logged"], found["/denied"]
+    assert (allowed["status"], allowed["user_id"], allowed["introspector"]) == (200, "carol", "idp")
+    assert allowed["method"] == "GET" and allowed["upstream"]
+    assert (denied["status"], denied["user_id"]) == (401, None)
+    assert "UAEX" in denied["flags"]  # unauthorized by the external authorization service
+
+
+async def test_context_extensions_route_is_checked_and_allowed(
+    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    async with session.get(envoy.url + "/admin/users") as response:
+        assert response.status == 401  # the per-route config extends the check, never disables it
+    async with session.get(envoy.url + "/admin/users", headers=bearer(idp.mint({"sub": "dave"}))) as response:
+        assert response.status == 200, await response.text()
+    assert echo.requests[-1]["path"] == "/admin/users"
+    assert echo.headers_named("x-user-id") == ["dave"]
+
+
+async def test_envoy_health_checks_see_the_service_drain_on_sigterm(
+    envoy: EnvoyProcess,
+    authz: AuthzProcess,
+    echo: EchoUpstream,
+    idp: DevIdentityProvider,
+    session: aiohttp.ClientSession,
+) -> None:
+    assert await envoy.authz_health_flags(session) == "healthy"
+    token = idp.mint({"sub": "erin"})
+    async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
+        assert response.status == 200
+
+    authz.process.send_signal(signal.SIGTERM)
+
+    async def failing() -> str:
+        flags = await envoy.authz_health_flags(session)
+        return flags if "/failed_active_hc" in flags else ""
+
+    flags = await wait_until(failing, 8, "envoy to mark the authz host as failing health checks")
+    assert "/failed_active_hc" in flags
+    # Still running (draining): Envoy saw NOT_SERVING answers, not a refused connection.
+    assert authz.process.poll() is None
+    _, stats = await envoy.admin(session, "/stats?filter=cluster.authz.health_check")
+    counters = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)
+    # Envoy marked the host unhealthy on NOT_SERVING answers (as observed: at the first one),
+    # and no check failed for want of a connection.
+    assert int(counters["cluster.authz.health_check.failure"]) >= 1, stats
+    assert int(counters.get("cluster.authz.health_check.network_failure", "0")) == 0, stats
+    # Fail closed: no healthy authz host means 503, never a pass-through.
+    async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
+        assert response.status == 503
+    assert len(echo.requests) == 1
+
+    await wait_until(lambda: authz.process.poll() is not None, 15, "authz-service to exit")
+    assert authz.process.returncode == 0, tail(authz.log)
