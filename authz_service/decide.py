@@ -23,6 +23,7 @@ from authz_service.tokens.jwks import JwksKeySource
 from authz_service.tokens.jwt import JwtIntrospector, looks_like_jwt, parse_jwt
 from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
 from authz_service.tokens.sources import Credential, CredentialFinder
+from authz_service.tokens.verified import Verified, VerifiedTokens, token_digest
 from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Authorizer:
         self._identity_headers = IdentityHeaders(config.response)
         self._policies = config.policies
         self._users = config.users
+        self.verified = VerifiedTokens(config.cache.max_entries)
 
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""
@@ -96,8 +98,7 @@ class Authorizer:
                 if self._policies and self._allowed(build_context(request, None, None), None):
                     return Decision(Outcome.ALLOW, Reason.ANONYMOUS)
                 return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
-            identity = await self._authenticate(credential)
-            headers = self._identity_headers.build(identity)
+            identity, headers = await self._authenticate(credential)
             if self._policies:
                 user = self._users.get(identity.user_id) if identity.user_id is not None else None
                 context = build_context(request, identity, user)
@@ -118,7 +119,21 @@ class Authorizer:
         """Policies are OR-ed: the first that matches allows."""
         return any(policy.allows(context, introspector) for policy in self._policies)
 
-    async def _authenticate(self, credential: Credential) -> Identity:
+    async def _authenticate(self, credential: Credential) -> tuple[Identity, tuple[tuple[str, str], ...]]:
+        """The identity behind a credential and its headers, from the verified cache when possible."""
+        digest = token_digest(credential.token)
+        cached = self.verified.get(digest)
+        if cached is not None and credential.introspector in (None, cached.identity.introspector):
+            return cached.identity, cached.headers
+        identity = await self._verify(credential)
+        headers = self._identity_headers.build(identity)
+        introspector = self.introspectors[identity.introspector]
+        if isinstance(introspector, JwtIntrospector) and identity.expires_at is not None:
+            deadline = min(identity.expires_at + introspector.config.leeway, introspector.keys_trusted_until())
+            self.verified.put(digest, Verified(identity, headers, deadline, introspector, introspector.key_generation))
+        return identity, headers
+
+    async def _verify(self, credential: Credential) -> Identity:
         token = credential.token
         if credential.introspector is not None:
             # A cookie token belongs to the introspector that named the cookie, and to no other.

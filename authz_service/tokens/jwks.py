@@ -95,6 +95,13 @@ class JwksKeySource:
     def keyset(self) -> KeySet | None:
         return self._keyset
 
+    def trusted_until(self) -> float:
+        """Epoch seconds until which the cached keys may verify tokens (0 when there are none)."""
+        keyset = self._keyset
+        if keyset is None:
+            return 0.0
+        return time.time() + (keyset.expires_at + self._max_stale - self._clock())
+
     def staleness(self) -> float:
         """Seconds past expiry of the keys being served (0 when fresh or none)."""
         keyset = self._keyset

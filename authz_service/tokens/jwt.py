@@ -202,6 +202,16 @@ class JwtIntrospector:
             return StaticKeySource(config.keys)
         return None
 
+    @property
+    def key_generation(self) -> int:
+        """Changes whenever the key set changes; verified-token cache entries of older ones die."""
+        return int(getattr(self.key_source, "generation", 0))
+
+    def keys_trusted_until(self) -> float:
+        """Epoch seconds until which the current keys may be used (inf for static keys)."""
+        until = getattr(self.key_source, "trusted_until", None)
+        return float("inf") if until is None else float(until())
+
     async def introspect(self, token: ParsedJwt) -> Identity:
         """Verify a parsed token of this introspector's issuer; raise TokenRejected if invalid."""
         keys = await self.key_source.keys_for(token.kid, token.alg)
