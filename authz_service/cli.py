@@ -67,7 +67,7 @@ def run(path: str | None, log_level: str | None) -> int:
     for warning in config.warnings:
         logging.getLogger("authz_service").warning(warning)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, path))
     except OSError as err:
         print(f"authz-service: cannot serve: {err}", file=sys.stderr)
         return 1

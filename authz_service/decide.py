@@ -173,18 +173,31 @@ class Authorizer:
         raise rejection
 
     async def warm_up(self) -> None:
-        """Fetch every JWKS once so the first requests do not wait (failures are retried later)."""
+        """Fetch every JWKS that has no keys yet, so first requests do not wait (failures retry later)."""
         sources = [
             i.key_source for i in self.introspectors.values()
-            if isinstance(i, JwtIntrospector) and isinstance(i.key_source, JwksKeySource)
+            if isinstance(i, JwtIntrospector) and isinstance(i.key_source, JwksKeySource) and i.key_source.keyset is None
         ]
         await asyncio.gather(*(source.warm_up() for source in sources))
 
 
-def build_introspectors(config: Config, client: UpstreamClient, caches: CacheFactory) -> list[Introspector]:
-    """One introspector per configured resource, with its key source or cache."""
+def build_introspectors(
+    config: Config,
+    client: UpstreamClient,
+    caches: CacheFactory,
+    previous: Mapping[str, Introspector] | None = None,
+) -> list[Introspector]:
+    """One introspector per configured resource, with its key source or cache.
+
+    On reload, an introspector whose config did not change is reused as it is, so its JWKS keys
+    and its token cache survive.
+    """
     built: list[Introspector] = []
     for item in config.introspectors:
+        old = (previous or {}).get(item.id)
+        if old is not None and old.config == item:
+            built.append(old)
+            continue
         if isinstance(item, OpaqueIntrospectorConfig):
             cache = caches.token_cache(item.id, item.url)
             built.append(CachedIntrospector(OpaqueIntrospector(item, client), cache))

