@@ -4,4 +4,6 @@ import sys
 
 from authz_service.cli import main
 
-sys.exit(main())
+# Guarded: multiprocessing's spawn re-imports the main module in every worker.
+if __name__ == "__main__":
+    sys.exit(main())

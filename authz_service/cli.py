@@ -66,6 +66,10 @@ def run(path: str | None, log_level: str | None) -> int:
     setup_logging(log_level or config.logging.level)
     for warning in config.warnings:
         logging.getLogger("authz_service").warning(warning)
+    if config.server.workers > 1:
+        from authz_service.workers import run_supervised
+
+        return run_supervised(path, config, log_level)
     try:
         asyncio.run(serve(config, path))
     except OSError as err:

@@ -39,6 +39,7 @@ class ServerConfig:
     grpc_address: str = "0.0.0.0:9001"
     admin_address: str | None = "0.0.0.0:9002"
     workers: int = 1
+    worker_base_port: int | None = None  # workers > 1: worker i also listens on this port + i
     drain_delay: float = 5.0  # seconds NOT_SERVING is reported before the listener closes
     shutdown_grace: float = 10.0  # seconds in-flight checks get to finish after that
 
@@ -374,13 +375,16 @@ class _Validator:
         admin_address = f.get("admin_address", str, None) if "admin_address" in f.raw else _DEFAULT_ServerConfig.admin_address
         _check_address(f, "admin_address", admin_address)
         workers = f.int_in("workers", 1, 1, 64)
+        base_port = f.get("worker_base_port", int, None)
+        if base_port is not None and not 1 <= base_port <= 65535 - workers:
+            f.problem("worker_base_port", f"must leave room for {workers} ports below 65536, got {base_port}")
         drain = f.get("drain_delay", float, _DEFAULT_ServerConfig.drain_delay)
         if drain is not None and not 0 <= drain <= 600:
             f.problem("drain_delay", f"must be between 0 and 600, got {drain}")
         grace = f.number_in("shutdown_grace", _DEFAULT_ServerConfig.shutdown_grace, 0, 600)
         f.reject_unknown()
         return ServerConfig(
-            grpc_address or _DEFAULT_ServerConfig.grpc_address, admin_address, workers,
+            grpc_address or _DEFAULT_ServerConfig.grpc_address, admin_address, workers, base_port,
             float(drain if drain is not None else _DEFAULT_ServerConfig.drain_delay), grace,
         )
 

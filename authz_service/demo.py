@@ -277,7 +277,7 @@ async def wait_until(child: Child, what: str, check: Callable[[], Awaitable[bool
         try:
             if await check():
                 return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (aiohttp.ClientError, TimeoutError):
             pass  # not listening yet
         if time.monotonic() > deadline:
             raise DemoError(f"{child.name}: {what} not reached within {timeout:g} s", child.log)
@@ -465,10 +465,10 @@ async def _until_stopped(stack: Stack, stopping: asyncio.Event) -> Child | None:
         child = stack.exited()
         if child is not None:
             # A Ctrl-C in a terminal reaches the children too, and may beat our own handler.
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), 0.5)
             return None if stopping.is_set() else child
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), 0.5)
     return None
 

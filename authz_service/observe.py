@@ -67,7 +67,7 @@ class Metrics:
         )
         self.jwks_staleness = Gauge(
             "authz_jwks_staleness_seconds", "Seconds past cache_ttl of the JWKS keys being served",
-            ["introspector"], registry=registry,
+            ["introspector"], registry=registry, multiprocess_mode="max",
         )
         self._children: dict[tuple[Outcome, Any], Any] = {}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -101,8 +102,12 @@ class AuthzService:
     def config(self) -> Config:
         return self.engine.config
 
-    async def start(self, *, reuse_port: bool = False) -> int:
-        """Bind, serve, and report SERVING; returns the bound port."""
+    async def start(self, *, reuse_port: bool = False, worker: int | None = None) -> int:
+        """Bind, serve, and report SERVING; returns the bound port.
+
+        As worker i of a supervisor: the port is shared (SO_REUSEPORT), the worker may also bind
+        its own port (worker_base_port + i), and the supervisor serves the admin endpoints.
+        """
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -118,15 +123,20 @@ class AuthzService:
         for name in HEALTH_SERVICES:
             # grpc's HealthServicer reports "" as SERVING by default; not before keys are warm.
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        port = server.add_insecure_port(self.config.server.grpc_address)
+        settings = self.config.server
+        port = server.add_insecure_port(settings.grpc_address)
         if port == 0:
-            raise OSError(f"cannot bind {self.config.server.grpc_address}")
+            raise OSError(f"cannot bind {settings.grpc_address}")
+        if worker is not None and settings.worker_base_port is not None:
+            own = f"{settings.grpc_address.rpartition(':')[0]}:{settings.worker_base_port + worker}"
+            if server.add_insecure_port(own) == 0:
+                raise OSError(f"cannot bind {own}")
         await server.start()
         self._server = server
         self.port = port
-        if self.config.server.admin_address is not None:
+        if settings.admin_address is not None and worker is None:
             self.admin = AdminServer(
-                self.config.server.admin_address, self.metrics.registry, lambda: self.ready, self._refresh_gauges
+                self.config.server.admin_address, self.metrics.registry, lambda: self.ready, self.refresh_gauges
             )
             await self.admin.start()
         await self.engine.authorizer.warm_up()
@@ -167,7 +177,7 @@ class AuthzService:
             await self.admin.stop()
             self.admin = None
 
-    def _refresh_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
         for introspector in self.engine.authorizer.introspectors.values():
             source = getattr(introspector, "key_source", None)
             if isinstance(source, JwksKeySource):
@@ -178,14 +188,25 @@ class AuthzService:
             await self._server.wait_for_termination()
 
 
-async def serve(config: Config, path: str | None = None, *, reuse_port: bool = False) -> None:
-    """Run one process until SIGTERM or SIGINT, then drain and return. SIGHUP reloads `path`."""
+async def serve(config: Config, path: str | None = None, *, reuse_port: bool = False, worker: int | None = None) -> None:
+    """Run one process until SIGTERM (or SIGINT), then drain and return. SIGHUP reloads `path`."""
     service = AuthzService(config)
-    await service.start(reuse_port=reuse_port)
+    await service.start(reuse_port=reuse_port, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    background: list[asyncio.Task[None]] = []
+    marker = None
+    if worker is None:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    else:
+        # Ctrl-C reaches the whole process group; only the supervisor acts on it (by SIGTERM).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from authz_service.workers import MULTIPROC_ENV, ready_marker
+
+        marker = ready_marker(os.environ[MULTIPROC_ENV], os.getpid())
+        marker.touch()
+        background.append(asyncio.ensure_future(_refresh_gauges_forever(service)))
     reloads: set[asyncio.Task[None]] = set()
     if path is not None:
         def on_hup() -> None:
@@ -196,7 +217,18 @@ async def serve(config: Config, path: str | None = None, *, reuse_port: bool = F
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down", extra={"fields": {"grace_seconds": config.server.shutdown_grace}})
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+    for task in background:
+        task.cancel()
     await service.stop(drain_delay=config.server.drain_delay)
+
+
+async def _refresh_gauges_forever(service: AuthzService, every: float = 5.0) -> None:
+    """Workers have no scrape hook of their own: keep read-only gauges fresh for the supervisor."""
+    while True:
+        service.refresh_gauges()
+        await asyncio.sleep(every)
 
 
 async def _reload_from(service: AuthzService, path: str) -> None:
