@@ -33,6 +33,16 @@ MIN_HMAC_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for the gRPC listener; with client_ca, clients must present a certificate it signed (mTLS)."""
+
+    cert: bytes
+    key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+    files: tuple[str, ...] = ()  # where they were read from, for messages
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Where the service listens and how many processes serve."""
 
@@ -42,6 +52,7 @@ class ServerConfig:
     worker_base_port: int | None = None  # workers > 1: worker i also listens on this port + i
     drain_delay: float = 5.0  # seconds NOT_SERVING is reported before the listener closes
     shutdown_grace: float = 10.0  # seconds in-flight checks get to finish after that
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,11 +393,45 @@ class _Validator:
         if drain is not None and not 0 <= drain <= 600:
             f.problem("drain_delay", f"must be between 0 and 600, got {drain}")
         grace = f.number_in("shutdown_grace", _DEFAULT_ServerConfig.shutdown_grace, 0, 600)
+        tls = self.tls(f.nested("tls"))
         f.reject_unknown()
         return ServerConfig(
             grpc_address or _DEFAULT_ServerConfig.grpc_address, admin_address, workers, base_port,
-            float(drain if drain is not None else _DEFAULT_ServerConfig.drain_delay), grace,
+            float(drain if drain is not None else _DEFAULT_ServerConfig.drain_delay), grace, tls,
         )
+
+    def tls(self, f: _Fields | None) -> TlsConfig | None:
+        if f is None:
+            return None
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        def read(name: str, required: bool) -> bytes | None:
+            path = f.get(name, str) if required else f.get(name, str, None)
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as err:
+                f.problem(name, f"cannot be read ({err.strerror})")
+                return None
+
+        cert, key, client_ca = read("cert", True), read("key", True), read("client_ca", False)
+        f.reject_unknown()
+        for name, data in (("cert", cert), ("client_ca", client_ca)):
+            if data is not None:
+                try:
+                    x509.load_pem_x509_certificates(data)
+                except ValueError:
+                    f.problem(name, "is not a PEM certificate")
+        if key is not None:
+            try:
+                load_pem_private_key(key, password=None)
+            except (ValueError, TypeError):
+                f.problem("key", "is not an unencrypted PEM private key")
+        if cert is None or key is None:
+            return None
+        return TlsConfig(cert, key, client_ca, tuple(str(f.raw.get(n)) for n in ("cert", "key", "client_ca") if f.raw.get(n)))
 
     def cache(self, f: _Fields | None) -> CacheConfig:
         if f is None:

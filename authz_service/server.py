@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz_service.config import Config, load_config
+from authz_service.config import Config, TlsConfig, load_config
 from authz_service.errors import ConfigError
 from authz_service.decide import Authorizer, build_introspectors, log_internal_error
 from authz_service.envoy import ResponseBuilder, to_http_request
@@ -124,13 +124,11 @@ class AuthzService:
             # grpc's HealthServicer reports "" as SERVING by default; not before keys are warm.
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         settings = self.config.server
-        port = server.add_insecure_port(settings.grpc_address)
-        if port == 0:
-            raise OSError(f"cannot bind {settings.grpc_address}")
+        addresses = [settings.grpc_address]
         if worker is not None and settings.worker_base_port is not None:
-            own = f"{settings.grpc_address.rpartition(':')[0]}:{settings.worker_base_port + worker}"
-            if server.add_insecure_port(own) == 0:
-                raise OSError(f"cannot bind {own}")
+            addresses.append(f"{settings.grpc_address.rpartition(':')[0]}:{settings.worker_base_port + worker}")
+        ports = [_bind(server, address, settings.tls) for address in addresses]
+        port = ports[0]
         await server.start()
         self._server = server
         self.port = port
@@ -186,6 +184,20 @@ class AuthzService:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:
+    """Listen on address, with TLS (and client certificates) when configured; the bound port."""
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
+        )
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
 
 
 async def serve(config: Config, path: str | None = None, *, reuse_port: bool = False, worker: int | None = None) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -184,14 +185,15 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-@pytest.fixture
-async def envoy(
-    authz: AuthzProcess, echo: EchoUpstream, session: aiohttp.ClientSession, tmp_path: Path
+@asynccontextmanager
+async def launch_envoy(
+    config: dict[str, Any], authz_host: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> AsyncIterator[EnvoyProcess]:
-    """Envoy with the shipped config, ready and with the authz cluster healthy."""
-    listener_port, admin_port = free_port(), free_port()
+    """Run Envoy with this config until the block ends; yields once LIVE with the authz cluster healthy."""
+    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+    admin = config["admin"]["address"]["socket_address"]["port_value"]
     path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(envoy_config(authz.port, echo.port, listener_port, admin_port)))
+    path.write_text(yaml.safe_dump(config))
     access_log, log = tmp_path / "envoy-access.log", tmp_path / "envoy.log"
     with access_log.open("wb") as stdout, log.open("wb") as stderr:
         process = subprocess.Popen(
@@ -206,11 +208,11 @@ async def envoy(
         )
     proxy = EnvoyProcess(
         process,
-        url=f"http://127.0.0.1:{listener_port}",
-        admin_url=f"http://127.0.0.1:{admin_port}",
+        url=f"http://127.0.0.1:{listener}",
+        admin_url=f"http://127.0.0.1:{admin}",
         access_log=access_log,
         log=log,
-        authz_host=f"127.0.0.1:{authz.port}",
+        authz_host=authz_host,
     )
     try:
 
@@ -227,7 +229,17 @@ async def envoy(
         async def authz_healthy() -> bool:
             return await proxy.authz_health_flags(session) == "healthy"
 
-        await wait_until(authz_healthy, START_TIMEOUT, "envoy to see the authz cluster healthy")
+        await wait_until(authz_healthy, START_TIMEOUT, f"envoy to see the authz cluster healthy:\n{tail(log)}")
         yield proxy
     finally:
         await stop_process(process)
+
+
+@pytest.fixture
+async def envoy(
+    authz: AuthzProcess, echo: EchoUpstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> AsyncIterator[EnvoyProcess]:
+    """Envoy with the shipped config, ready and with the authz cluster healthy."""
+    config = envoy_config(authz.port, echo.port, free_port(), free_port())
+    async with launch_envoy(config, f"127.0.0.1:{authz.port}", session, tmp_path) as proxy:
+        yield proxy
