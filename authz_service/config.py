@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
+from authz_service.context import strip_empty
 from authz_service.errors import ConfigError, Problem
 from authz_service.policy.matcho import PatternError, compile_pattern
 from authz_service.policy.schema import SchemaProblem, compile_schema
@@ -656,7 +657,9 @@ class _Validator:
             _resource_type(f, "User")
             if raw["id"] in users:
                 f.problem("id", "is used by more than one user")
-            users[raw["id"]] = raw
+            # Stored as policies see it: empty values removed once, here. A plain dict on purpose:
+            # jsonschema only treats dicts as objects, so a read-only proxy would skip `properties`.
+            users[raw["id"]] = strip_empty(raw)
         return MappingProxyType(users)
 
 

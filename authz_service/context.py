@@ -47,9 +47,13 @@ def build_context(
         "remote-addr": request.remote_addr,
         "context_extensions": dict(request.context_extensions),
     }
+    context = strip_empty(context)
     if identity is not None:
-        context["jwt" if identity.kind == "jwt" else "token"] = dict(identity.claims)
+        # Claims and users are stripped once (per verification, at config load), not per request.
+        claims = identity.context_claims if identity.context_claims is not None else strip_empty(identity.claims)
+        if claims:
+            context["jwt" if identity.kind == "jwt" else "token"] = claims
         context["introspector"] = identity.introspector
-        if user is not None:
-            context["user"] = dict(user)
-    return strip_empty(context)  # type: ignore[no-any-return]
+        if user:
+            context["user"] = user
+    return context

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import re
 import traceback
 from typing import Any, Mapping, Sequence
 
-from authz_service.context import build_context
+from authz_service.context import build_context, strip_empty
 from authz_service.config import Config, JwtIntrospectorConfig, OpaqueIntrospectorConfig, ResponseConfig
 from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
@@ -126,6 +127,8 @@ class Authorizer:
         if cached is not None and credential.introspector in (None, cached.identity.introspector):
             return cached.identity, cached.headers
         identity = await self._verify(credential)
+        if self._policies:
+            identity = dataclasses.replace(identity, context_claims=strip_empty(identity.claims))
         headers = self._identity_headers.build(identity)
         introspector = self.introspectors[identity.introspector]
         if isinstance(introspector, JwtIntrospector) and identity.expires_at is not None:

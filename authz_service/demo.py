@@ -226,16 +226,19 @@ def spawn(name: str, argv: list[str], log: Path, *, stdout_log: Path | None = No
     with contextlib.ExitStack() as files:
         stderr = files.enter_context(log.open("wb"))
         stdout = files.enter_context(stdout_log.open("wb")) if stdout_log is not None else stderr
-        # PR_SET_PDEATHSIG fires when the *thread* that forked exits: spawn only from the main thread.
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            start_new_session=False,
-            preexec_fn=_die_with_parent(),
-        )
+        try:
+            # PR_SET_PDEATHSIG fires when the *thread* that forked exits: spawn only from the main thread.
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+                start_new_session=False,
+                preexec_fn=_die_with_parent(),
+            )
+        except OSError as err:
+            raise DemoError(f"cannot start {name} ({argv[0]}): {err}") from err
     return Child(name, process, log)
 
 
@@ -453,24 +456,43 @@ def banner(ports: Ports, workdir: Path, idp: DevIdentityProvider) -> Iterator[st
 
 def say(line: str, *, error: bool = False) -> None:
     """Human output (errors on stderr), flushed at once: stdout may be a pipe."""
-    print(line, file=sys.stderr if error else sys.stdout, flush=True)
+    # A closed pipe or terminal must not abort the shutdown that follows.
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr if error else sys.stdout, flush=True)
 
 
 # -- running -------------------------------------------------------------------------------------
 
 
+async def _start(stack: Stack, stopping: asyncio.Event) -> bool:
+    """Start the stack unless a stop signal comes first (then False); DemoError if it cannot start."""
+    starting = asyncio.create_task(stack.start(say))
+    waiting = asyncio.create_task(stopping.wait())
+    await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    # Checked first: a terminal's Ctrl-C also reaches the children, which then "fail" to start.
+    if stopping.is_set():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, DemoError):
+            await starting
+        return False
+    starting.result()
+    return True
+
+
 async def _until_stopped(stack: Stack, stopping: asyncio.Event) -> Child | None:
     """Wait for a stop signal; return a child that died on its own first, if one did."""
-    while not stopping.is_set():
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 0.5)
+        if stopping.is_set():
+            return None
         child = stack.exited()
         if child is not None:
-            # A Ctrl-C in a terminal reaches the children too, and may beat our own handler.
+            # A terminal's Ctrl-C reaches the children too, and may beat our own handler: not a crash.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), 0.5)
             return None if stopping.is_set() else child
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), 0.5)
-    return None
 
 
 async def run(ports: Ports, workdir: Path) -> int:
@@ -483,17 +505,9 @@ async def run(ports: Ports, workdir: Path) -> int:
     say(f"authz-service demo: starting on {HOST} (logs in {workdir})")
     code = 0
     try:
-        starting = asyncio.create_task(stack.start(say))
-        waiting = asyncio.create_task(stopping.wait())
-        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, DemoError):
-                await starting
+        if not await _start(stack, stopping):
             say("interrupted during start-up")
         else:
-            starting.result()  # raises DemoError
             assert stack.idp is not None
             for line in banner(ports, workdir, stack.idp):
                 say(line)

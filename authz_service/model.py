@@ -55,6 +55,8 @@ class Identity:
     introspector: str
     kind: str  # "jwt" or "opaque": decides whether policies see it as `jwt` or `token`
     expires_at: float | None = None  # the token's exp (epoch seconds), when it has one
+    # The claims as policies see them (empty values removed); computed once per verification.
+    context_claims: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

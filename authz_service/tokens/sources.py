@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -27,10 +28,14 @@ def _parse_cookies(header: str) -> dict[str, str]:
     return cookies
 
 
+# Visible ASCII only: RFC 6750's b64token is a subset, and opaque tokens and cookies stay inside it.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
 def _checked(token: str) -> str:
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenRejected(Reason.TOO_LARGE)
-    if not token or any(ch.isspace() for ch in token):
+    if not _TOKEN.fullmatch(token):
         raise TokenRejected(Reason.MALFORMED)
     return token
 

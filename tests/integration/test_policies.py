@@ -169,3 +169,16 @@ def test_bad_policies_are_config_errors_naming_the_policy(policy: dict[str, Any]
     with pytest.raises(ConfigError) as err:
         parse_config(yaml.safe_dump({"policies": [policy]}), {})
     assert any(str(p).startswith(problem) for p in err.value.problems), [str(p) for p in err.value.problems]
+
+
+async def test_json_schema_sees_the_user_resource_as_an_object(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    # If the user reached jsonschema as anything but a dict, `properties` would be skipped and match.
+    practitioners = {"id": "schema-role", "engine": "json-schema", "schema": {
+        "required": ["user"],
+        "properties": {"user": {"type": "object", "properties": {"roles": {"contains": {"const": {"value": "practitioner"}}}}}},
+    }}
+    service = await start_service({"introspectors": [jwks_introspector(idp)], "policies": [practitioners], "users": USERS})
+    assert (await service.check(token=idp.mint({"sub": "user-1"}))).allowed
+    assert (await service.check(token=idp.mint({"sub": "user-2"}))).http_status == 403

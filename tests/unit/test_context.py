@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from authz_service.config import parse_config
 from authz_service.context import build_context, query_params, strip_empty
 from authz_service.model import HttpRequest, Identity
 
@@ -13,7 +14,11 @@ def test_context_fields_and_empty_values_removed() -> None:
         context_extensions={"route": "fhir"},
     )
     identity = Identity("u-1", {"sub": "u-1", "roles": [], "org": {}, "name": None, "tenant": "t"}, "idp", "jwt")
-    context = build_context(request, identity, {"id": "u-1", "roles": [{"value": "doctor"}], "data": {}})
+    # Users reach build_context as Config stores them: stripped once at load.
+    users = parse_config("users: [{id: u-1, roles: [{value: doctor}], data: {}}]\n", {}).users
+    assert dict(users["u-1"]) == {"id": "u-1", "roles": [{"value": "doctor"}]}
+    context = build_context(request, identity, users["u-1"])
+    assert dict(context.pop("user")) == {"id": "u-1", "roles": [{"value": "doctor"}]}
     assert context == {
         "request-method": "post",
         "uri": "/fhir/Patient",
@@ -26,7 +31,6 @@ def test_context_fields_and_empty_values_removed() -> None:
         "context_extensions": {"route": "fhir"},
         "jwt": {"sub": "u-1", "tenant": "t"},
         "introspector": "idp",
-        "user": {"id": "u-1", "roles": [{"value": "doctor"}]},
     }
 
 
