@@ -16,13 +16,14 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final, TypeAlias
 
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from authz_service.localhttp import LocalHttpServer
 
 __all__ = ["INTROSPECT_PATH", "JWKS_PATH", "DevIdentityProvider", "main"]
 
@@ -39,8 +40,6 @@ _INTROSPECT_MODES: Final = frozenset(
 _HANG_SECONDS: Final = 3600.0
 _HUGE_JWKS_BYTES: Final = 2 * 1024 * 1024
 _HUGE_INTROSPECT_BYTES: Final = 128 * 1024
-# Short, because in-flight answers take milliseconds and "hang" handlers must not delay stop().
-_SHUTDOWN_TIMEOUT: Final = 0.1
 
 _HMAC_ALGS: Final = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 _FAMILY_BY_ALG: Final = {
@@ -142,7 +141,7 @@ def _hmac_sign(header: dict[str, Any], payload: dict[str, Any], key: str | bytes
     return f"{signing_input}.{_b64url(digest)}"
 
 
-class DevIdentityProvider:
+class DevIdentityProvider(LocalHttpServer):
     """JWKS endpoint, token minting and RFC 7662 introspection, with switchable failure modes."""
 
     def __init__(
@@ -155,8 +154,7 @@ class DevIdentityProvider:
     ) -> None:
         """Generate keys and secrets; nothing listens until start()."""
         self._issuer = issuer
-        self._host = host
-        self._port = port
+        super().__init__(host, port)
         self.client_id = client_id
         self.client_secret = client_secret
         self.hmac_secret: str = secrets.token_urlsafe(48)
@@ -168,37 +166,8 @@ class DevIdentityProvider:
         self._current: dict[str, _SigningKey] = {family: _new_key(family) for family in ("RSA", "EC", "OKP")}
         self._retired: list[_SigningKey] = []
         self._opaque: dict[str, dict[str, Any]] = {}
-        self._runner: web.AppRunner | None = None
-        self._bound_port: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Bind host:port (0 picks an ephemeral port, which later restarts reuse)."""
-        if self._runner is not None:
-            raise RuntimeError("identity provider already running")
-        port = self._bound_port if self._bound_port is not None else self._port
-        runner = web.AppRunner(
-            self._make_app(),
-            access_log=None,
-            shutdown_timeout=_SHUTDOWN_TIMEOUT,
-            # A client giving up on a "hang" should also end the server-side handler.
-            handler_cancellation=True,
-        )
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._bound_port = int(runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Stop listening and drop open connections; safe to call twice."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
 
     async def go_offline(self) -> None:
         """Simulate an outage: the port refuses connections until go_online()."""
@@ -210,35 +179,6 @@ class DevIdentityProvider:
             raise RuntimeError("identity provider was never started")
         if self._runner is None:
             await self.start()
-
-    async def __aenter__(self) -> DevIdentityProvider:
-        """Start and return self."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop."""
-        await self.stop()
-
-    # -- addresses -----------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The bound port (valid after start)."""
-        if self._bound_port is None:
-            raise RuntimeError("identity provider not started")
-        return self._bound_port
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. http://127.0.0.1:PORT (valid after start)."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
 
     @property
     def issuer(self) -> str:
@@ -373,7 +313,7 @@ class DevIdentityProvider:
 
     # -- HTTP --------------------------------------------------------------------------
 
-    def _make_app(self) -> web.Application:
+    def make_app(self) -> web.Application:
         """A fresh application (an AppRunner's app cannot be reused after cleanup)."""
         app = web.Application()
         app.router.add_get(JWKS_PATH, self._handle_jwks)
