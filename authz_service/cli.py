@@ -79,7 +79,10 @@ def run(path: str | None, log_level: str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.log_level is not None and args.log_level not in ("debug", "info", "warning", "error"):
+        parser.error(f"AUTHZ_LOG_LEVEL must be debug, info, warning or error, got {args.log_level!r}")
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "demo":
