@@ -642,6 +642,8 @@ class _Validator:
                     f.problem("engine", f"must be matcho, json-schema or allow, got {engine!r}")
             except (PatternError, SchemaProblem) as err:
                 f.problem("", str(err))
+            except RecursionError:
+                f.problem("matcho" if engine == "matcho" else "schema", "is nested too deeply")
             f.reject_unknown()
             if evaluate is not None and isinstance(ident, str):
                 result.append(PolicyConfig(ident, str(engine), evaluate, introspectors))

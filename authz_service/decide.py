@@ -220,5 +220,7 @@ def build_introspectors(
 def log_internal_error(err: BaseException) -> None:
     """Log an unexpected error by type and stack only: its message could quote a token."""
     # Locations only, no source lines: even those could carry a literal worth keeping out of logs.
-    frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(traceback.extract_tb(err.__traceback__)))
+    # The innermost frames only: a deep recursion must not turn into a 60 KB log line.
+    stack = traceback.extract_tb(err.__traceback__)[-8:]
+    frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(stack))
     log.error("internal error in Check: %s at %s", type(err).__name__, frames)

@@ -112,6 +112,10 @@ class AuthzService:
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # grpc cancels requests past 1,000 pending on a server; a burst from one Envoy
+                # can exceed that. Queue more (memory is bounded by the message cap) rather than drop.
+                ("grpc.server.max_pending_requests", 10_000),
+                ("grpc.server.max_pending_requests_hard_limit", 10_000),
             ]
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self), server)

@@ -8,12 +8,12 @@ a token or a response body.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from typing import Any, Callable, Mapping
 
 import aiohttp
 
+from authz_service import strictjson
 from authz_service.errors import UpstreamUnavailable
 
 MAX_JWKS_BYTES = 1024 * 1024
@@ -93,7 +93,7 @@ class UpstreamClient:
                         outcome = "too_large"
                         raise UpstreamUnavailable(endpoint, outcome)
             try:
-                return json.loads(body)
+                return strictjson.loads(body)
             except (ValueError, RecursionError) as err:
                 outcome = "not_json"
                 raise UpstreamUnavailable(endpoint, outcome) from err

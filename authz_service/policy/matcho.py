@@ -31,8 +31,30 @@ class PatternError(AuthzError):
         super().__init__(f"{path}: {message}")
 
 
+MAX_PATTERN_DEPTH = 64
+
+
 def compile_pattern(pattern: Any, path: str = "matcho") -> Matcher:
     """Compile a matcho pattern; `path` names its place in the config for error messages."""
+    if not _depth_within(pattern, MAX_PATTERN_DEPTH):
+        raise PatternError(path, f"is nested deeper than {MAX_PATTERN_DEPTH} levels")
+    return _compile(pattern, path)
+
+
+def _depth_within(pattern: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(pattern, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, Mapping) else item if isinstance(item, list | tuple) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _compile(pattern: Any, path: str) -> Matcher:
     if isinstance(pattern, Mapping):
         return _compile_map(pattern, path)
     if isinstance(pattern, list | tuple):
@@ -157,8 +179,8 @@ def _compile_regex(source: str, path: str) -> Matcher:
         re.purge()
         try:
             regex = re.compile(source)
-        except re.error as err:
-            raise PatternError(path, f"invalid regular expression {source!r}: {err}") from err
+        except (re.error, OverflowError, RecursionError, ValueError) as err:
+            raise PatternError(path, f"invalid regular expression {source!r}: {type(err).__name__}") from err
     if caught:
         # e.g. FutureWarning "Possible nested set" for `[[:alpha:]]`: Python would read it
         # differently from what the author meant, so refuse it instead of guessing.
@@ -204,7 +226,7 @@ def _compile_context_path(source: str, path: str) -> Matcher:
 
 
 def _compile_list(pattern: Sequence[Any], path: str) -> Matcher:
-    items = tuple(compile_pattern(item, f"{path}[{i}]") for i, item in enumerate(pattern))
+    items = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(pattern))
     size = len(items)
 
     def prefix_matches(value: Any, context: Mapping[str, Any]) -> bool:
@@ -232,7 +254,7 @@ def _compile_map(pattern: Mapping[Any, Any], path: str) -> Matcher:
                 raise PatternError(where, f"unknown operator {key!r} (known: {known})")
             checks.append(operator(sub, where))
         else:
-            fields.append((key, compile_pattern(sub, where)))
+            fields.append((key, _compile(sub, where)))
 
     if fields or not checks:
         checks.insert(0, _compile_fields(tuple(fields)))
@@ -288,7 +310,7 @@ def _op_enum(spec: Any, path: str) -> Matcher:
 
 
 def _op_one_of(spec: Any, path: str) -> Matcher:
-    options = tuple(compile_pattern(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
+    options = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
 
     def any_option(value: Any, context: Mapping[str, Any]) -> bool:
         return any(option(value, context) for option in options)
@@ -297,7 +319,7 @@ def _op_one_of(spec: Any, path: str) -> Matcher:
 
 
 def _op_contains(spec: Any, path: str) -> Matcher:
-    element = compile_pattern(spec, path)
+    element = _compile(spec, path)
 
     def some_element(value: Any, context: Mapping[str, Any]) -> bool:
         return _is_list(value) and any(element(item, context) for item in value)
@@ -306,7 +328,7 @@ def _op_contains(spec: Any, path: str) -> Matcher:
 
 
 def _op_every(spec: Any, path: str) -> Matcher:
-    element = compile_pattern(spec, path)
+    element = _compile(spec, path)
 
     def every_element(value: Any, context: Mapping[str, Any]) -> bool:
         # An empty list does not match: "every role is X" must not pass a user with no roles.
@@ -316,7 +338,7 @@ def _op_every(spec: Any, path: str) -> Matcher:
 
 
 def _op_not(spec: Any, path: str) -> Matcher:
-    negated = compile_pattern(spec, path)
+    negated = _compile(spec, path)
 
     def does_not_match(value: Any, context: Mapping[str, Any]) -> bool:
         return not negated(value, context)
@@ -325,7 +347,7 @@ def _op_not(spec: Any, path: str) -> Matcher:
 
 
 def _op_present_all(spec: Any, path: str) -> Matcher:
-    wanted = tuple(compile_pattern(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
+    wanted = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
 
     def all_present(value: Any, context: Mapping[str, Any]) -> bool:
         if not _is_list(value):

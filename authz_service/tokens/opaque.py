@@ -7,6 +7,7 @@ it: per-token results keyed by SHA-256 for min(cache_ttl, exp - now), single fli
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, Callable, Mapping
 
@@ -22,7 +23,7 @@ _INACTIVE: Mapping[str, Any] = {"active": False}
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class OpaqueIntrospector:
