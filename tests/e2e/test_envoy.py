@@ -165,3 +165,45 @@ async def test_envoy_health_checks_see_the_service_drain_on_sigterm(
 
     await wait_until(lambda: authz.process.poll() is not None, 15, "authz-service to exit")
     assert authz.process.returncode == 0, tail(authz.log)
+
+
+async def test_a_full_run_never_logs_a_token_or_secret(
+    envoy: EnvoyProcess, authz: AuthzProcess, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    """Every kind of request, then grep everything the service logged for every credential used."""
+    jwt_token = idp.mint({"sub": "alice", "email": "alice@example.com", "secret_claim": "s3cr3t-claim-value"})
+    opaque = idp.issue_opaque({"sub": "carol"})
+    revoked = idp.issue_opaque()
+    idp.revoke(revoked)
+    forged = forge(jwt_token, sub="admin")
+    expired = idp.mint({"exp": 1000})
+    hmac_token = idp.mint(alg="HS256")  # an issuer key the service does not trust for HS256
+    used = [jwt_token, opaque, revoked, forged, expired, hmac_token]
+    requests = [
+        ("/things", bearer(jwt_token)),
+        ("/things?access_token=" + jwt_token, bearer(jwt_token)),
+        ("/things", {**bearer(opaque), "x-request-id": opaque}),
+        ("/things", bearer(revoked)),
+        ("/things", bearer(forged)),
+        ("/things", bearer(expired)),
+        ("/things", bearer(hmac_token)),
+        ("/things", {"Authorization": f"Bearer {jwt_token}, Bearer {opaque}"}),
+        ("/things", {"Cookie": f"session={opaque}"}),
+        ("/things", {}),
+    ]
+    for path, headers in requests:
+        async with session.get(envoy.url + path, headers=headers) as response:
+            await response.read()
+    await idp.go_offline()
+    async with session.get(envoy.url + "/things", headers=bearer(idp.issue_opaque())) as response:
+        assert response.status == 503
+    secrets = [idp.client_secret, idp.introspection_authorization, idp.introspection_authorization.split()[1],
+               idp.hmac_secret, "s3cr3t-claim-value", "alice@example.com"]
+    log = authz.log.read_text()
+    decisions = [json.loads(line) for line in log.splitlines() if '"decision"' in line and line.startswith("{")]
+    assert len(decisions) >= len(requests)  # the log is not empty: one line per decision
+    for token in used:
+        for part in (token, *token.split(".")[1:]):  # neither the token nor its payload or signature
+            assert part not in log, f"a token part leaked into the log:\n{tail(authz.log)}"
+    for secret in secrets:
+        assert secret not in log, "a secret leaked into the log"
