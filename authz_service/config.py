@@ -16,9 +16,8 @@ from typing import Any, Callable, Mapping, TypeVar
 import yaml
 
 from authz_service.context import strip_empty
-from authz_service.errors import ConfigError, Problem
-from authz_service.policy.matcho import PatternError, compile_pattern
-from authz_service.policy.schema import SchemaProblem, compile_schema
+from authz_service.errors import AuthzError, ConfigError, Problem
+from authz_service.policy.matcho import compile_pattern
 from authz_service.tokens.keys import BadKey, StaticKey, load_static_key
 
 T = TypeVar("T")
@@ -631,6 +630,9 @@ class _Validator:
                         matcher = compile_pattern(raw["matcho"], "matcho")
                         evaluate = lambda context, m=matcher: m(context, context)  # noqa: E731
                 elif engine == "json-schema":
+                    # Imported here: jsonschema costs ~8 MB of RSS, paid only by configs that use it.
+                    from authz_service.policy.schema import compile_schema
+
                     f.seen.add("schema")
                     if "schema" not in raw:
                         f.problem("schema", "is required for engine json-schema")
@@ -640,7 +642,7 @@ class _Validator:
                     evaluate = lambda context: True  # noqa: E731
                 elif engine is not None:
                     f.problem("engine", f"must be matcho, json-schema or allow, got {engine!r}")
-            except (PatternError, SchemaProblem) as err:
+            except AuthzError as err:  # PatternError, SchemaProblem
                 f.problem("", str(err))
             except RecursionError:
                 f.problem("matcho" if engine == "matcho" else "schema", "is nested too deeply")

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import traceback
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from authz_service.context import build_context, strip_empty
@@ -30,6 +31,7 @@ from authz_service.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 
 Introspector = JwtIntrospector | CachedIntrospector
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 MAX_HEADER_VALUE = 8192
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -133,7 +135,10 @@ class Authorizer:
         introspector = self.introspectors[identity.introspector]
         if isinstance(introspector, JwtIntrospector) and identity.expires_at is not None:
             deadline = min(identity.expires_at + introspector.config.leeway, introspector.keys_trusted_until())
-            self.verified.put(digest, Verified(identity, headers, deadline, introspector, introspector.key_generation))
+            # Keep only what later hits use (headers, and the policy view of the claims when there
+            # are policies): the raw claims would double an entry's ~1 KB.
+            kept = dataclasses.replace(identity, claims=identity.context_claims or _NO_CLAIMS)
+            self.verified.put(digest, Verified(kept, headers, deadline, introspector, introspector.key_generation))
         return identity, headers
 
     async def _verify(self, credential: Credential) -> Identity:

@@ -7,6 +7,7 @@ for Redis). A cache that fails (Redis down, slow) is a miss, never an error: the
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -14,7 +15,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from aiocache.base import BaseCache
-from aiocache.serializers import JsonSerializer, NullSerializer
+from aiocache.serializers import BaseSerializer
 
 from authz_service.config import CacheConfig
 
@@ -28,6 +29,19 @@ def token_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class CompactJsonSerializer(BaseSerializer):  # type: ignore[misc]
+    """Values as compact JSON text: ~250 bytes for a typical introspection answer, where the
+    parsed dict with its own key and value strings costs ~1,100 in memory."""
+
+    DEFAULT_ENCODING = "utf-8"
+
+    def dumps(self, value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+    def loads(self, value: str | bytes | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
 class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
     """An in-process LRU with per-entry TTL on a monotonic clock, holding at most max_entries.
 
@@ -38,7 +52,7 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
     NAME = "bounded-memory"
 
     def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic, **kwargs: Any) -> None:
-        super().__init__(serializer=NullSerializer(), timeout=None, **kwargs)
+        super().__init__(serializer=CompactJsonSerializer(), timeout=None, **kwargs)
         self.max_entries = max_entries
         self._clock = clock
         self._data: OrderedDict[str, tuple[float | None, Any]] = OrderedDict()
@@ -103,7 +117,7 @@ def redis_backend(url: str) -> BaseCache:
         db=int(db),
         password=unquote(parts.password) if parts.password else None,
         ssl=parts.scheme == "rediss",
-        serializer=JsonSerializer(),
+        serializer=CompactJsonSerializer(),
         timeout=REDIS_OPERATION_TIMEOUT,
         create_connection_timeout=REDIS_OPERATION_TIMEOUT,
     )
@@ -125,7 +139,7 @@ class CacheStats:
 class TokenCache:
     """One introspector's per-token results, namespaced so introspectors never collide."""
 
-    def __init__(self, backend: BaseCache, name: str, namespace: str, stats: CacheStats) -> None:
+    def __init__(self, backend: BaseCache, name: str, namespace: str | None, stats: CacheStats) -> None:
         self.backend = backend
         self.name = name
         self._namespace = namespace
@@ -165,7 +179,8 @@ class CacheFactory:
             if self._redis is None:
                 self._redis = redis_backend(self.config.url)
             return TokenCache(self._redis, name, namespace, self.stats)
-        return TokenCache(BoundedMemoryCache(self.config.max_entries), name, namespace, self.stats)
+        # Each introspector has its own memory cache: no namespace, so keys stay 64 characters.
+        return TokenCache(BoundedMemoryCache(self.config.max_entries), name, None, self.stats)
 
     async def close(self) -> None:
         if self._redis is not None:
