@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from typing import Sequence
 
-from authz_service import __version__
+from authz_service import __version__, loop
 from authz_service.config import load_config
 from authz_service.errors import ConfigError
 
@@ -71,7 +70,7 @@ def run(path: str | None, log_level: str | None) -> int:
 
         return run_supervised(path, config, log_level)
     try:
-        asyncio.run(serve(config, path))
+        loop.run(serve(config, path))
     except OSError as err:
         print(f"authz-service: cannot serve: {err}", file=sys.stderr)
         return 1

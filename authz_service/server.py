@@ -145,7 +145,9 @@ class AuthzService:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
-        log.info("serving", extra={"fields": {"grpc_port": port, "summary": self.config.summary()}})
+        from authz_service.loop import loop_name
+
+        log.info("serving", extra={"fields": {"grpc_port": port, "loop": loop_name(), "summary": self.config.summary()}})
         return port
 
     async def reload(self, config: Config) -> None:

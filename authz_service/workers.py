@@ -46,7 +46,9 @@ def _worker_main(path: str, index: int, log_level: str | None) -> None:
     config = load_config(path)
     setup_logging(log_level or config.logging.level)
     logging.getLogger(__name__).info("worker starting", extra={"fields": {"worker": index}})
-    asyncio.run(serve(config, path, reuse_port=True, worker=index))
+    from authz_service import loop
+
+    loop.run(serve(config, path, reuse_port=True, worker=index))
 
 
 class Supervisor:
