@@ -14,7 +14,7 @@ import logging
 import re
 import traceback
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from authz_service.context import build_context, strip_empty
 from authz_service.config import Config, JwtIntrospectorConfig, OpaqueIntrospectorConfig, ResponseConfig
@@ -79,7 +79,12 @@ class IdentityHeaders:
 class Authorizer:
     """Decides one request. Built once per config; holds the introspectors and their caches."""
 
-    def __init__(self, config: Config, introspectors: Sequence[Introspector]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        introspectors: Sequence[Introspector],
+        on_cache_event: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.config = config
         self.introspectors = {i.id: i for i in introspectors}
         self._by_issuer = {i.config.iss: i for i in introspectors if isinstance(i, JwtIntrospector)}
@@ -90,7 +95,7 @@ class Authorizer:
         self._identity_headers = IdentityHeaders(config.response)
         self._policies = config.policies
         self._users = config.users
-        self.verified = VerifiedTokens(config.cache.max_entries)
+        self.verified = VerifiedTokens(config.cache.max_entries, on_event=on_cache_event)
 
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""

@@ -53,7 +53,8 @@ def build_engine(
 ) -> Engine:
     """The Authorizer and ResponseBuilder for a config (reusing unchanged introspectors of `previous`)."""
     introspectors = build_introspectors(config, client, caches, previous.authorizer.introspectors if previous else None)
-    return Engine(config, Authorizer(config, introspectors), ResponseBuilder(config.response))
+    authorizer = Authorizer(config, introspectors, on_cache_event=caches.stats.count)
+    return Engine(config, authorizer, ResponseBuilder(config.response))
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):

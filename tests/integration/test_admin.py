@@ -101,3 +101,16 @@ def test_redaction_helper() -> None:
     assert redact.identifier("x" * 129).startswith("sha256:")
     assert redact.path("/a/b?token=secret") == "/a/b"
     assert redact.user_id("u" * 500) == "u" * 128
+
+
+async def test_verified_jwt_cache_is_in_the_metrics(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({
+        "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+        "introspectors": [jwks_introspector(idp)],
+    })
+    token = idp.mint()
+    for _ in range(4):
+        assert (await service.check(token=token)).allowed
+    _, text = await _get(service.service.admin.port, "/metrics")  # type: ignore[union-attr]
+    assert _metric(text, "authz_cache_events_total", cache="verified-jwt", event="miss") == 1
+    assert _metric(text, "authz_cache_events_total", cache="verified-jwt", event="hit") == 3
