@@ -27,6 +27,7 @@ from authz_service.localhttp import LocalHttpServer
 
 __all__ = ["INTROSPECT_PATH", "JWKS_PATH", "DevIdentityProvider", "main"]
 
+TOKEN_PATH: Final = "/token"
 JWKS_PATH: Final = "/.well-known/jwks.json"
 INTROSPECT_PATH: Final = "/introspect"
 # Redirect targets serve plausible answers so a client that wrongly follows is detectable.
@@ -318,9 +319,35 @@ class DevIdentityProvider(LocalHttpServer):
         app = web.Application()
         app.router.add_get(JWKS_PATH, self._handle_jwks)
         app.router.add_post(INTROSPECT_PATH, self._handle_introspect)
+        app.router.add_post(TOKEN_PATH, self._handle_token)
         app.router.add_get(_JWKS_MOVED_PATH, self._handle_jwks_moved)
         app.router.add_route("*", _INTROSPECT_MOVED_PATH, self._handle_introspect_moved)
         return app
+
+    async def _handle_token(self, request: web.Request) -> web.StreamResponse:
+        """POST /token: a development token endpoint (client credentials, Basic auth).
+
+        Form: `sub` (default user-1), `roles` (comma-separated), `email`, `type` (jwt or opaque),
+        `ttl` seconds (default 3600). It mints whatever it is asked for: a demo tool, never an IdP.
+        """
+        self.hits["token"] += 1
+        if request.headers.get("Authorization") != self.introspection_authorization:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        form = await request.post()
+        try:
+            ttl = max(1, min(int(str(form.get("ttl", "3600"))), 86400))
+        except ValueError:
+            return web.json_response({"error": "invalid_request", "error_description": "ttl"}, status=400)
+        claims: dict[str, Any] = {"sub": str(form.get("sub", "user-1"))}
+        if form.get("roles"):
+            claims["roles"] = [r for r in str(form["roles"]).split(",") if r]
+        if form.get("email"):
+            claims["email"] = str(form["email"])
+        if form.get("type", "jwt") == "opaque":
+            token = self.issue_opaque(claims, ttl=ttl)
+        else:
+            token = self.mint(claims, alg="ES256", ttl=ttl)
+        return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": ttl})
 
     async def _handle_jwks(self, request: web.Request) -> web.StreamResponse:
         """GET /.well-known/jwks.json, shaped by jwks_mode."""

@@ -325,7 +325,12 @@ def test_published_ports_are_envoys_listener_and_admin_and_authz_admin() -> None
     published = published_ports(service("envoy"))
     for host_port, container_port_ in published:
         assert host_port == container_port_, "same number on the host, so the documented URLs work"
-    expected = {*envoy_listener_ports(), envoy_admin_port(), port_of(demo_in_compose().server.admin_address or "")}
+    idp_argv = compose_argv(service("idp"))
+    idp_port = int(idp_argv[idp_argv.index("--port") + 1])
+    # The IdP is published for its development /token endpoint, so it must listen beyond loopback.
+    assert idp_argv[idp_argv.index("--host") + 1] == "0.0.0.0"
+    expected = {*envoy_listener_ports(), envoy_admin_port(), port_of(demo_in_compose().server.admin_address or ""),
+                idp_port}
     assert {target for _, target in published} == expected
 
 

@@ -364,3 +364,26 @@ async def test_command_line_serves_until_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_token_endpoint_mints_for_demo_users() -> None:
+    import aiohttp
+    import jwt as pyjwt
+
+    from authz_service.idp import DevIdentityProvider
+
+    async with DevIdentityProvider() as idp, aiohttp.ClientSession() as session:
+        auth = {"Authorization": idp.introspection_authorization}
+        form = {"sub": "alice", "roles": "admin,ops", "email": "a@example.com", "ttl": "60"}
+        async with session.post(idp.url + "/token", data=form, headers=auth) as response:
+            assert response.status == 200
+            answer = await response.json()
+        key = pyjwt.PyJWK(next(k for k in idp.jwks()["keys"] if k["kty"] == "EC"))
+        claims = pyjwt.decode(answer["access_token"], key, algorithms=["ES256"], audience="authz-service")
+        assert (claims["sub"], claims["roles"], claims["email"]) == ("alice", ["admin", "ops"], "a@example.com")
+        assert answer["expires_in"] == 60 and claims["exp"] - claims["iat"] == 60
+        async with session.post(idp.url + "/token", data={"type": "opaque", "sub": "carol"}, headers=auth) as response:
+            opaque = (await response.json())["access_token"]
+        assert idp.introspect(opaque)["sub"] == "carol"
+        async with session.post(idp.url + "/token", data=form) as response:
+            assert response.status == 401  # client credentials required
