@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -11,8 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 class AdminServer:
     """Liveness, readiness and Prometheus metrics on `server.admin_address`."""
 
-    def __init__(self, address: str, registry: CollectorRegistry, ready: Callable[[], bool],
-                 collect: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        collect: Callable[[], None] = lambda: None,
+    ) -> None:
         host, _, port = address.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
@@ -31,8 +36,8 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True)
         await site.start()
-        server = site._server  # aiohttp keeps the bound socket here; port 0 needs the real one
-        self.port = int(server.sockets[0].getsockname()[1]) if server is not None else self._port  # type: ignore[union-attr]
+        # The real port when 0 was asked for: the runner knows the addresses it bound.
+        self.port = int(self._runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:

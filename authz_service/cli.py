@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from authz_service import __version__, loop
 from authz_service.config import load_config
@@ -19,9 +19,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Envoy external authorization (ext_authz) gRPC service.",
     )
     parser.add_argument("--config", "-c", help="config file (default: $AUTHZ_CONFIG)")
-    parser.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL"),
-                        choices=["debug", "info", "warning", "error"],
-                        help="overrides logging.level from the config (also $AUTHZ_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("AUTHZ_LOG_LEVEL"),
+        choices=["debug", "info", "warning", "error"],
+        help="overrides logging.level from the config (also $AUTHZ_LOG_LEVEL)",
+    )
     parser.add_argument("--version", action="version", version=f"authz-service {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and exit")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -26,8 +27,19 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # Headers an identity header must never overwrite: routing, framing and credentials.
 _RESERVED_HEADERS = frozenset(
-    {"host", "authorization", "cookie", "content-length", "content-type", "transfer-encoding",
-     "connection", "te", "upgrade", "keep-alive", "proxy-authorization"}
+    {
+        "host",
+        "authorization",
+        "cookie",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "keep-alive",
+        "proxy-authorization",
+    }
 )
 MIN_HMAC_SECRET_BYTES = 32
 
@@ -149,12 +161,12 @@ class Config:
     def summary(self) -> str:
         """One line for check-config and the start-up log."""
         kinds = ", ".join(
-            f"{i.id} ({'jwt' if isinstance(i, JwtIntrospectorConfig) else 'opaque'})"
-            for i in self.introspectors
+            f"{i.id} ({'jwt' if isinstance(i, JwtIntrospectorConfig) else 'opaque'})" for i in self.introspectors
         )
         return (
             f"config OK: {len(self.introspectors)} introspector(s) [{kinds}], "
-            f"{len(self.policies)} policy(ies), {len(self.users)} user(s), cache {self.cache.backend}, grpc {self.server.grpc_address}"
+            f"{len(self.policies)} policy(ies), {len(self.users)} user(s), "
+            f"cache {self.cache.backend}, grpc {self.server.grpc_address}"
         )
 
 
@@ -192,7 +204,9 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     try:
         raw = _expand_env(raw, os.environ if env is None else env, "", problems)
     except RecursionError as err:
-        raise ConfigError([Problem("config", "", "is nested too deeply (a YAML alias that refers to itself?)")]) from err
+        raise ConfigError(
+            [Problem("config", "", "is nested too deeply (a YAML alias that refers to itself?)")]
+        ) from err
     config = _Validator(problems).config(raw)
     if problems:
         raise ConfigError(problems)
@@ -202,6 +216,7 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
 def _expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[Problem]) -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string, reporting unset variables by path."""
     if isinstance(value, str):
+
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             value = env.get(name)
@@ -308,14 +323,26 @@ def _number_from_text(text: str, allow_float: bool) -> Any:
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             dict: "a mapping", list: "a list"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 def _describe(value: Any) -> str:
-    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
-            dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
+    return {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        dict: "a mapping",
+        list: "a list",
+    }.get(type(value), type(value).__name__)
 
 
 def _check_address(fields: _Fields, name: str, value: str | None) -> None:
@@ -383,7 +410,9 @@ class _Validator:
             return ServerConfig()
         grpc_address = f.get("grpc_address", str, _DEFAULT_ServerConfig.grpc_address)
         _check_address(f, "grpc_address", grpc_address)
-        admin_address = f.get("admin_address", str, None) if "admin_address" in f.raw else _DEFAULT_ServerConfig.admin_address
+        admin_address = (
+            f.get("admin_address", str, None) if "admin_address" in f.raw else _DEFAULT_ServerConfig.admin_address
+        )
         _check_address(f, "admin_address", admin_address)
         workers = f.int_in("workers", 1, 1, 64)
         base_port = f.get("worker_base_port", int, None)
@@ -396,8 +425,13 @@ class _Validator:
         tls = self.tls(f.nested("tls"))
         f.reject_unknown()
         return ServerConfig(
-            grpc_address or _DEFAULT_ServerConfig.grpc_address, admin_address, workers, base_port,
-            float(drain if drain is not None else _DEFAULT_ServerConfig.drain_delay), grace, tls,
+            grpc_address or _DEFAULT_ServerConfig.grpc_address,
+            admin_address,
+            workers,
+            base_port,
+            float(drain if drain is not None else _DEFAULT_ServerConfig.drain_delay),
+            grace,
+            tls,
         )
 
     def tls(self, f: _Fields | None) -> TlsConfig | None:
@@ -431,7 +465,9 @@ class _Validator:
                 f.problem("key", "is not an unencrypted PEM private key")
         if cert is None or key is None:
             return None
-        return TlsConfig(cert, key, client_ca, tuple(str(f.raw.get(n)) for n in ("cert", "key", "client_ca") if f.raw.get(n)))
+        return TlsConfig(
+            cert, key, client_ca, tuple(str(f.raw.get(n)) for n in ("cert", "key", "client_ca") if f.raw.get(n))
+        )
 
     def cache(self, f: _Fields | None) -> CacheConfig:
         if f is None:
@@ -451,7 +487,9 @@ class _Validator:
     def response(self, f: _Fields | None) -> ResponseConfig:
         if f is None:
             return ResponseConfig()
-        user_id = _header_name(f, "user_id_header", f.get("user_id_header", str, _DEFAULT_ResponseConfig.user_id_header))
+        user_id = _header_name(
+            f, "user_id_header", f.get("user_id_header", str, _DEFAULT_ResponseConfig.user_id_header)
+        )
         claims = _header_name(f, "claims_header", f.get("claims_header", str, _DEFAULT_ResponseConfig.claims_header))
         mapping = f.get("claim_headers", dict, {}) or {}
         claim_headers: list[tuple[str, str]] = []
@@ -464,7 +502,9 @@ class _Validator:
                 claim_headers.append((claim, name))
         f.reject_unknown()
         result = ResponseConfig(
-            user_id or _DEFAULT_ResponseConfig.user_id_header, claims or _DEFAULT_ResponseConfig.claims_header, tuple(claim_headers)
+            user_id or _DEFAULT_ResponseConfig.user_id_header,
+            claims or _DEFAULT_ResponseConfig.claims_header,
+            tuple(claim_headers),
         )
         names = result.identity_headers
         if len(set(names)) != len(names):
@@ -573,9 +613,17 @@ class _Validator:
         if iss is None:
             return None
         return JwtIntrospectorConfig(
-            id=ident, iss=iss, audiences=audiences, leeway=leeway, cache_ttl=cache_ttl,
-            max_stale=max_stale, timeout=timeout, cookie=cookie,
-            secret=secret.encode() if secret else None, jwks_uri=jwks_uri, keys=tuple(keys),
+            id=ident,
+            iss=iss,
+            audiences=audiences,
+            leeway=leeway,
+            cache_ttl=cache_ttl,
+            max_stale=max_stale,
+            timeout=timeout,
+            cookie=cookie,
+            secret=secret.encode() if secret else None,
+            jwks_uri=jwks_uri,
+            keys=tuple(keys),
         )
 
     def opaque_introspector(self, f: _Fields, ident: str) -> OpaqueIntrospectorConfig | None:
@@ -618,7 +666,9 @@ class _Validator:
             if scope is not None:
                 unknown = [name for name in scope if name not in introspector_ids]
                 if not scope or unknown:
-                    f.problem("introspectors", f"must list configured introspector ids, unknown: {unknown or '(empty)'}")
+                    f.problem(
+                        "introspectors", f"must list configured introspector ids, unknown: {unknown or '(empty)'}"
+                    )
                 introspectors = frozenset(str(name) for name in scope)
             evaluate: Callable[[Mapping[str, Any]], bool] | None = None
             try:

@@ -13,11 +13,12 @@ import json
 import logging
 import re
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from authz_service.context import build_context, strip_empty
 from authz_service.config import Config, JwtIntrospectorConfig, OpaqueIntrospectorConfig, ResponseConfig
+from authz_service.context import build_context, strip_empty
 from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.tokens.cache import CacheFactory
@@ -89,9 +90,7 @@ class Authorizer:
         self.introspectors = {i.id: i for i in introspectors}
         self._by_issuer = {i.config.iss: i for i in introspectors if isinstance(i, JwtIntrospector)}
         self._opaque = tuple(i for i in introspectors if isinstance(i, CachedIntrospector))
-        self._credentials = CredentialFinder(
-            [(c.cookie, c.id) for c in config.introspectors if c.cookie is not None]
-        )
+        self._credentials = CredentialFinder([(c.cookie, c.id) for c in config.introspectors if c.cookie is not None])
         self._identity_headers = IdentityHeaders(config.response)
         self._policies = config.policies
         self._users = config.users
@@ -119,7 +118,7 @@ class Authorizer:
             return Decision(Outcome.INVALID_REQUEST, err.reason)
         except UpstreamUnavailable:
             return Decision(Outcome.UNAVAILABLE, Reason.IDP_UNAVAILABLE)
-        except Exception as err:  # noqa: BLE001 - fail closed on anything unforeseen
+        except Exception as err:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
 
@@ -188,8 +187,11 @@ class Authorizer:
     async def warm_up(self) -> None:
         """Fetch every JWKS that has no keys yet, so first requests do not wait (failures retry later)."""
         sources = [
-            i.key_source for i in self.introspectors.values()
-            if isinstance(i, JwtIntrospector) and isinstance(i.key_source, JwksKeySource) and i.key_source.keyset is None
+            i.key_source
+            for i in self.introspectors.values()
+            if isinstance(i, JwtIntrospector)
+            and isinstance(i.key_source, JwksKeySource)
+            and i.key_source.keyset is None
         ]
         await asyncio.gather(*(source.warm_up() for source in sources))
 
@@ -219,9 +221,18 @@ def build_introspectors(
             source = JwtIntrospector.static_key_source(item)
             if source is None:
                 assert item.jwks_uri is not None  # guaranteed by config validation
-                built.append(JwtIntrospector(item, JwksKeySource(
-                    item.jwks_uri, client, ttl=item.cache_ttl, max_stale=item.max_stale, timeout=item.timeout,
-                )))
+                built.append(
+                    JwtIntrospector(
+                        item,
+                        JwksKeySource(
+                            item.jwks_uri,
+                            client,
+                            ttl=item.cache_ttl,
+                            max_stale=item.max_stale,
+                            timeout=item.timeout,
+                        ),
+                    )
+                )
             else:
                 built.append(JwtIntrospector(item, source))
     return built

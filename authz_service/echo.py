@@ -15,6 +15,7 @@ from authz_service.localhttp import LocalHttpServer
 
 __all__ = ["EchoUpstream", "main"]
 
+
 class EchoUpstream(LocalHttpServer):
     """HTTP server that echoes method, path and headers back and records every request."""
 

@@ -7,7 +7,9 @@ here. Deny responses depend only on (outcome, reason), so each is built once and
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -68,12 +70,44 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append=BoolValue(value=False))
 
 
-class ResponseBuilder:
-    """Turns Decisions into CheckResponses for one response config."""
+ALLOW_MEMO_ENTRIES = 10_000
 
-    def __init__(self, response: ResponseConfig) -> None:
+
+class ResponseBuilder:
+    """Turns Decisions into CheckResponses for one response config.
+
+    `encode` gives the serialized answer, which is what the gRPC layer sends: a deny depends only
+    on (outcome, reason) and is encoded once; an allow depends only on the identity headers and
+    metadata, so the answers of the most recent identities are kept encoded (a repeated token
+    costs a dict lookup instead of building and serializing ~10 protobuf messages, ~70 µs).
+    """
+
+    def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES) -> None:
         self._identity_headers = response.identity_headers
         self._denials: dict[tuple[Outcome, Reason], external_auth_pb2.CheckResponse] = {}
+        self._encoded_denials: dict[tuple[Outcome, Reason], bytes] = {}
+        self._allowed: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._memo_entries = memo_entries
+
+    def encode(self, decision: Decision) -> bytes:
+        """The serialized CheckResponse for a decision."""
+        if decision.outcome is Outcome.ALLOW:
+            identity = decision.identity
+            key = (identity.introspector, identity.user_id, decision.headers) if identity else ((), decision.headers)
+            encoded = self._allowed.get(key)
+            if encoded is None:
+                encoded = self._allow(decision).SerializeToString()
+                self._allowed[key] = encoded
+                if len(self._allowed) > self._memo_entries:
+                    self._allowed.popitem(last=False)
+            else:
+                self._allowed.move_to_end(key)
+            return encoded
+        key2 = (decision.outcome, decision.reason)
+        denial = self._encoded_denials.get(key2)
+        if denial is None:
+            denial = self._encoded_denials[key2] = self.build(decision).SerializeToString()
+        return denial
 
     def build(self, decision: Decision) -> external_auth_pb2.CheckResponse:
         if decision.outcome is Outcome.ALLOW:

@@ -22,7 +22,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class redact:  # noqa: N801 - a namespace of pure functions, read as `redact.path(...)`
+class redact:
     """The one redaction helper: what of a request may appear in a log line."""
 
     @staticmethod
@@ -54,20 +54,29 @@ class Metrics:
             "authz_checks", "Check calls by decision and reason", ["decision", "reason"], registry=registry
         )
         self.latency = Histogram(
-            "authz_check_duration_seconds", "Check latency inside the service", buckets=_LATENCY_BUCKETS,
+            "authz_check_duration_seconds",
+            "Check latency inside the service",
+            buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.cache_events = Counter(
-            "authz_cache_events", "Token cache lookups by cache and result (hit, miss, error)", ["cache", "event"],
+            "authz_cache_events",
+            "Token cache lookups by cache and result (hit, miss, error)",
+            ["cache", "event"],
             registry=registry,
         )
         self.upstream_calls = Counter(
-            "authz_upstream_calls", "Calls to identity providers by endpoint and outcome", ["endpoint", "outcome"],
+            "authz_upstream_calls",
+            "Calls to identity providers by endpoint and outcome",
+            ["endpoint", "outcome"],
             registry=registry,
         )
         self.jwks_staleness = Gauge(
-            "authz_jwks_staleness_seconds", "Seconds past cache_ttl of the JWKS keys being served",
-            ["introspector"], registry=registry, multiprocess_mode="max",
+            "authz_jwks_staleness_seconds",
+            "Seconds past cache_ttl of the JWKS keys being served",
+            ["introspector"],
+            registry=registry,
+            multiprocess_mode="max",
         )
         self._children: dict[tuple[Outcome, Any], Any] = {}
 
@@ -88,14 +97,16 @@ def log_decision(request: HttpRequest, decision: Decision, seconds: float, level
     decision_log.log(
         level,
         "decision",
-        extra={"fields": {
-            "request_id": redact.identifier(request.request_id),
-            "decision": decision.outcome.value,
-            "reason": decision.reason.label,
-            "introspector": identity.introspector if identity else None,
-            "user_id": redact.user_id(identity.user_id) if identity else None,
-            "method": request.method,
-            "path": redact.path(request.path),
-            "latency_ms": round(seconds * 1000, 3),
-        }},
+        extra={
+            "fields": {
+                "request_id": redact.identifier(request.request_id),
+                "decision": decision.outcome.value,
+                "reason": decision.reason.label,
+                "introspector": identity.introspector if identity else None,
+                "user_id": redact.user_id(identity.user_id) if identity else None,
+                "method": request.method,
+                "path": redact.path(request.path),
+                "latency_ms": round(seconds * 1000, 3),
+            }
+        },
     )

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,15 +21,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from authz_service.admin import AdminServer
 from authz_service.config import Config, TlsConfig, load_config
-from authz_service.errors import ConfigError
 from authz_service.decide import Authorizer, build_introspectors, log_internal_error
 from authz_service.envoy import ResponseBuilder, to_http_request
-from authz_service.admin import AdminServer
+from authz_service.errors import ConfigError
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.observe import Metrics, log_decision
-from authz_service.tokens.jwks import JwksKeySource
 from authz_service.tokens.cache import CacheFactory
+from authz_service.tokens.jwks import JwksKeySource
 from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -64,20 +65,21 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._service = service
         self._metrics = service.metrics
 
-    async def Check(  # noqa: N802 - the gRPC method name
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """The answer, already serialized (see ResponseBuilder.encode)."""
         started = time.perf_counter()
         engine = self._service.engine
         http = _EMPTY_REQUEST
         try:
             http = to_http_request(request)
             decision = await engine.authorizer.check(http)
-            response = engine.responses.build(decision)
-        except Exception as err:  # noqa: BLE001 - fail closed, keep serving
+            response = engine.responses.encode(decision)
+        except Exception as err:  # fail closed, keep serving
             log_internal_error(err)
             decision = _INTERNAL_ERROR
-            response = engine.responses.build(decision)
+            response = engine.responses.encode(decision)
         elapsed = time.perf_counter() - started
         self._metrics.observe(decision, elapsed)
         log_decision(http, decision, elapsed, engine.config.logging.decisions)
@@ -119,10 +121,23 @@ class AuthzService:
                 ("grpc.server.max_pending_requests_hard_limit", 10_000),
             ]
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self), server)
+        # Registered by hand rather than with the generated add_..._to_server: the same method path,
+        # but no response_serializer, because Check returns bytes it has already encoded.
+        check = grpc.unary_unary_rpc_method_handler(
+            AuthorizationServicer(self).Check,
+            request_deserializer=external_auth_pb2.CheckRequest.FromString,
+            response_serializer=None,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {"Check": check}),)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (AUTHORIZATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                AUTHORIZATION_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         for name in HEALTH_SERVICES:
@@ -139,7 +154,7 @@ class AuthzService:
         self.port = port
         if settings.admin_address is not None and worker is None:
             self.admin = AdminServer(
-                self.config.server.admin_address, self.metrics.registry, lambda: self.ready, self.refresh_gauges
+                settings.admin_address, self.metrics.registry, lambda: self.ready, self.refresh_gauges
             )
             await self.admin.start()
         await self.engine.authorizer.warm_up()
@@ -148,7 +163,9 @@ class AuthzService:
         self.ready = True
         from authz_service.loop import loop_name
 
-        log.info("serving", extra={"fields": {"grpc_port": port, "loop": loop_name(), "summary": self.config.summary()}})
+        log.info(
+            "serving", extra={"fields": {"grpc_port": port, "loop": loop_name(), "summary": self.config.summary()}}
+        )
         return port
 
     async def reload(self, config: Config) -> None:
@@ -161,8 +178,11 @@ class AuthzService:
         engine = build_engine(config, self.client, self.caches, previous=old)
         await engine.authorizer.warm_up()
         self.engine = engine
-        kept = [i for i in engine.authorizer.introspectors if old.authorizer.introspectors.get(i) is
-                engine.authorizer.introspectors[i]]
+        kept = [
+            i
+            for i in engine.authorizer.introspectors
+            if old.authorizer.introspectors.get(i) is engine.authorizer.introspectors[i]
+        ]
         log.info("config reloaded", extra={"fields": {"summary": config.summary(), "kept_introspectors": kept}})
 
     async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
@@ -207,7 +227,9 @@ def _bind(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:
     return port
 
 
-async def serve(config: Config, path: str | None = None, *, reuse_port: bool = False, worker: int | None = None) -> None:
+async def serve(
+    config: Config, path: str | None = None, *, reuse_port: bool = False, worker: int | None = None
+) -> None:
     """Run one process until SIGTERM (or SIGINT), then drain and return. SIGHUP reloads `path`."""
     service = AuthzService(config)
     await service.start(reuse_port=reuse_port, worker=worker)
@@ -228,6 +250,7 @@ async def serve(config: Config, path: str | None = None, *, reuse_port: bool = F
         background.append(asyncio.ensure_future(_refresh_gauges_forever(service)))
     reloads: set[asyncio.Task[None]] = set()
     if path is not None:
+
         def on_hup() -> None:
             task = asyncio.ensure_future(_reload_from(service, path))
             reloads.add(task)
@@ -255,10 +278,12 @@ async def _reload_from(service: AuthzService, path: str) -> None:
     try:
         config = await asyncio.get_running_loop().run_in_executor(None, load_config, path)
     except ConfigError as err:
-        log.error("config reload rejected; keeping the running config",
-                  extra={"fields": {"problems": [str(p) for p in err.problems]}})
+        log.error(
+            "config reload rejected; keeping the running config",
+            extra={"fields": {"problems": [str(p) for p in err.problems]}},
+        )
         return
     try:
         await service.reload(config)
-    except Exception as err:  # noqa: BLE001 - a failed reload must never take the service down
+    except Exception as err:
         log_internal_error(err)

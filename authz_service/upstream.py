@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 
@@ -59,7 +60,9 @@ class UpstreamClient:
         max_bytes: int = MAX_INTROSPECTION_BYTES,
     ) -> Any:
         """POST a form and return its JSON body; raise UpstreamUnavailable on any failure."""
-        return await self._request(endpoint, "POST", url, timeout=timeout, max_bytes=max_bytes, form=form, headers=headers)
+        return await self._request(
+            endpoint, "POST", url, timeout=timeout, max_bytes=max_bytes, form=form, headers=headers
+        )
 
     async def _request(
         self,

@@ -65,8 +65,12 @@ class Supervisor:
         self._stopping = False
 
     def ready(self) -> bool:
-        return not self._stopping and len(self._workers) == self.config.server.workers and all(
-            p.pid is not None and ready_marker(self.metrics_dir, p.pid).exists() for p in self._workers.values()
+        return (
+            not self._stopping
+            and len(self._workers) == self.config.server.workers
+            and all(
+                p.pid is not None and ready_marker(self.metrics_dir, p.pid).exists() for p in self._workers.values()
+            )
         )
 
     def _start(self, index: int) -> None:
@@ -98,7 +102,7 @@ class Supervisor:
         admin = None
         if self.config.server.admin_address is not None:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.metrics_dir)
+            MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
             admin = AdminServer(self.config.server.admin_address, registry, self.ready)
             await admin.start()
         while not stop.is_set():
@@ -130,11 +134,13 @@ class Supervisor:
                 continue
             process.join(0)
             pid = process.pid or 0
-            multiprocess.mark_process_dead(pid, self.metrics_dir)
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             ready_marker(self.metrics_dir, pid).unlink(missing_ok=True)
             failures = self._failures.get(index, 0)
-            log.error("worker exited; restarting it",
-                      extra={"fields": {"worker": index, "pid": pid, "exitcode": process.exitcode}})
+            log.error(
+                "worker exited; restarting it",
+                extra={"fields": {"worker": index, "pid": pid, "exitcode": process.exitcode}},
+            )
             self._failures[index] = failures + 1
             del self._workers[index]
             delay = RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]

@@ -35,8 +35,7 @@ OUT_DIR = REPO_ROOT / "authz_service" / "_pb"
 PACKAGE_PREFIX = "authz_service._pb"
 
 ROOT_INIT = (
-    '"""Generated protobuf/gRPC code (Envoy ext_authz subset); '
-    'regenerate with `python scripts/gen_proto.py`."""\n'
+    '"""Generated protobuf/gRPC code (Envoy ext_authz subset); regenerate with `python scripts/gen_proto.py`."""\n'
 )
 
 # Only lines that *start* with an import of the envoy package are touched.
@@ -80,9 +79,7 @@ def _rewrite_imports(text: str, path: Path) -> str:
     if bare:
         # Rewriting `import envoy.x` (no alias) would change the bound name.
         _fail(f"{path}: unsupported import form {bare.group(0).strip()!r}")
-    return _IMPORT_RE.sub(
-        lambda m: f"{m['indent']}{m['kw']} {PACKAGE_PREFIX}.envoy.", text
-    )
+    return _IMPORT_RE.sub(lambda m: f"{m['indent']}{m['kw']} {PACKAGE_PREFIX}.envoy.", text)
 
 
 def generate(dest: Path) -> None:

@@ -31,10 +31,16 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _issue(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey,
-    *, ca: bool, usage: list[x509.ObjectIdentifier] | None = None, server: bool = False,
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    usage: list[x509.ObjectIdentifier] | None = None,
+    server: bool = False,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -58,8 +64,9 @@ def _issue(
 def _write(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -69,13 +76,19 @@ def make_pki(directory: Path) -> Pki:
     ca = _issue("authz-test-ca", ca_key, _name("authz-test-ca"), ca_key, ca=True)
     ca_path, _ = _write(directory, "ca", ca, ca_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _issue("authz-service", server_key, ca.subject, ca_key, ca=False,
-                    usage=[ExtendedKeyUsageOID.SERVER_AUTH], server=True)
+    server = _issue(
+        "authz-service", server_key, ca.subject, ca_key, ca=False, usage=[ExtendedKeyUsageOID.SERVER_AUTH], server=True
+    )
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = _issue("envoy", client_key, ca.subject, ca_key, ca=False, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
     rogue_ca_key = ec.generate_private_key(ec.SECP256R1())
     rogue_key = ec.generate_private_key(ec.SECP256R1())
-    rogue = _issue("mallory", rogue_key, _name("rogue-ca"), rogue_ca_key, ca=False,
-                   usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
-    return Pki(ca_path, *_write(directory, "server", server, server_key), *_write(directory, "client", client, client_key),
-               *_write(directory, "rogue", rogue, rogue_key))
+    rogue = _issue(
+        "mallory", rogue_key, _name("rogue-ca"), rogue_ca_key, ca=False, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    return Pki(
+        ca_path,
+        *_write(directory, "server", server, server_key),
+        *_write(directory, "client", client, client_key),
+        *_write(directory, "rogue", rogue, rogue_key),
+    )

@@ -7,9 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 import grpc
 import pytest
@@ -100,7 +101,8 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Spawned
         with log.open("wb") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "authz_service", "--config", str(path), "--log-level", "info"],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=stderr,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stderr=stderr,
             )
         processes.append(process)
         await wait_serving(port, process)
@@ -137,8 +139,21 @@ def redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="authz-redis-")
     process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--loglevel", "warning"],
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--loglevel",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import grpc
 import yaml
@@ -35,11 +36,18 @@ def check_request(
     return pb.CheckRequest(
         attributes=ac.AttributeContext(
             source=ac.AttributeContext.Peer(
-                address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=remote_addr, port_value=51000))
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=remote_addr, port_value=51000)
+                )
             ),
             request=ac.AttributeContext.Request(
                 http=ac.AttributeContext.HttpRequest(
-                    id=all_headers.get("x-request-id", "req-1"), method=method, path=path, host=host, scheme="http", protocol="HTTP/1.1",
+                    id=all_headers.get("x-request-id", "req-1"),
+                    method=method,
+                    path=path,
+                    host=host,
+                    scheme="http",
+                    protocol="HTTP/1.1",
                     headers=all_headers,
                 )
             ),

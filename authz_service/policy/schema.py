@@ -7,7 +7,8 @@ into the request context (AJV's $data). A pointer that does not resolve never ma
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from jsonschema import Draft7Validator, ValidationError, validators
 from jsonschema.exceptions import SchemaError
@@ -35,7 +36,7 @@ def json_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b) if type(a) is type(b) or (_is_number(a) and _is_number(b)) else False
 
 
@@ -74,7 +75,9 @@ def _const(validator: Any, expected: Any, instance: Any, schema: Mapping[str, An
         yield ValidationError("value is not the expected constant")
 
 
-_Validator = validators.extend(Draft7Validator, {"const": _const, "constant": _const})
+_Validator = validators.extend(  # type: ignore[no-untyped-call]
+    Draft7Validator, {"const": _const, "constant": _const}
+)
 
 
 def _check_data_refs(schema: Any, path: str) -> None:

@@ -11,7 +11,8 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aiocache.base import BaseCache
@@ -71,7 +72,9 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         self._data.move_to_end(key)
         return value
 
-    async def _set(self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None) -> bool:
+    async def _set(
+        self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
+    ) -> bool:
         self._data[key] = (self._clock() + ttl if ttl else None, value)
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
@@ -100,8 +103,9 @@ def redis_backend(url: str) -> BaseCache:
     class _RedisCache(RedisCache):  # type: ignore[misc]
         # aiocache 0.12 calls SETEX/PSETEX and close(), which redis-py >= 5 deprecates;
         # SET with EX/PX and aclose() are the same commands without the warnings.
-        async def _set(self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None,
-                       _conn: Any = None) -> Any:
+        async def _set(
+            self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
+        ) -> Any:
             if _cas_token is not None or ttl is None:
                 return await super()._set(key, value, ttl, _cas_token, _conn)
             return await self.client.set(key, value, px=max(1, int(ttl * 1000)))
@@ -148,7 +152,7 @@ class TokenCache:
     async def get(self, key: str) -> Any:
         try:
             value = await self.backend.get(key, namespace=self._namespace)
-        except Exception as err:  # noqa: BLE001 - a broken cache is a miss, not an outage
+        except Exception as err:
             self._stats.count(self.name, "error")
             log.warning("cache read failed: %s", type(err).__name__, extra={"fields": {"cache": self.name}})
             return None
@@ -158,7 +162,7 @@ class TokenCache:
     async def set(self, key: str, value: Any, ttl: float) -> None:
         try:
             await self.backend.set(key, value, ttl=ttl, namespace=self._namespace)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self._stats.count(self.name, "error")
             log.warning("cache write failed: %s", type(err).__name__, extra={"fields": {"cache": self.name}})
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
@@ -119,7 +120,11 @@ class JwksKeySource:
         keys = keyset.lookup(kid, alg)
         if keys:
             return keys
-        if kid is not None and kid not in keyset.by_kid and now - self._last_unknown_kid_fetch >= self._unknown_kid_interval:
+        if (
+            kid is not None
+            and kid not in keyset.by_kid
+            and now - self._last_unknown_kid_fetch >= self._unknown_kid_interval
+        ):
             self._last_unknown_kid_fetch = now
             keyset = await self._fetch()
             keys = keyset.lookup(kid, alg)

@@ -13,8 +13,9 @@ import binascii
 import math
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from authz_service import strictjson
 from authz_service.config import JwtIntrospectorConfig
@@ -118,7 +119,7 @@ def check_claims(
     now: float,
 ) -> None:
     """Registered-claim checks from config; raise TokenRejected naming the first failure."""
-    exp = claims.get("exp")
+    exp: float = claims.get("exp")  # type: ignore[assignment]  # checked on the next line
     if not _is_number(exp):
         raise TokenRejected(Reason.BAD_CLAIMS)
     for name in ("nbf", "iat"):

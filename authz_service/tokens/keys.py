@@ -6,8 +6,9 @@ only selects among those; it never widens them (no `none`, no HMAC with a public
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -17,9 +18,7 @@ from jwt.exceptions import InvalidKeyError
 
 from authz_service.errors import AuthzError
 
-ALGORITHMS: Mapping[str, Algorithm] = {
-    name: algo for name, algo in get_default_algorithms().items() if name != "none"
-}
+ALGORITHMS: Mapping[str, Algorithm] = {name: algo for name, algo in get_default_algorithms().items() if name != "none"}
 RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 EC_ALG_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
@@ -154,6 +153,7 @@ def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
     kid = jwk.get("kid")
     if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
         return None
+    public_key: Any
     try:
         if kty == "RSA":
             public_key = RSAAlgorithm.from_jwk(dict(jwk))
@@ -166,8 +166,9 @@ def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
             return None
     except (InvalidKeyError, ValueError, TypeError, KeyError):
         return None
-    if not isinstance(public_key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey,
-                                   ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+    if not isinstance(
+        public_key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
+    ):
         return None  # a JWKS that publishes private keys is not trusted with them either
     allowed = _algs_for_public_key(public_key)
     alg = jwk.get("alg")

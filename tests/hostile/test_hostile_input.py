@@ -129,8 +129,12 @@ async def ask(service: Harness, path: str = "/", **kwargs: Any) -> Answer:
 
 def assert_denied(answer: Answer, status: int, *labels: str, case: Any = None) -> None:
     assert not answer.allowed, (case, "allowed")
-    assert (answer.code, answer.http_status) == (GRPC_CODE[status], status), (case, answer.code, answer.http_status,
-                                                                              answer.response.status.message)
+    assert (answer.code, answer.http_status) == (GRPC_CODE[status], status), (
+        case,
+        answer.code,
+        answer.http_status,
+        answer.response.status.message,
+    )
     if labels:
         assert answer.response.status.message in labels, (case, answer.response.status.message)
     assert answer.headers["content-type"] == "application/json", case
@@ -286,11 +290,12 @@ async def test_deeply_nested_json_is_401_never_503(idp: DevIdentityProvider, sta
     unsigned_cases = {
         "5000 levels of [ (too large to look at)": (unsigned(header_json, nested(5000)), "too_large"),
         "2000 levels of [ in a claim": (unsigned(header_json, deep_claim(nested(2000))), "malformed"),
-        "1100 levels of { in a claim": (unsigned(header_json, deep_claim(nested(1100, '{"":', "}", "1"))),
-                                        "malformed"),
+        "1100 levels of { in a claim": (unsigned(header_json, deep_claim(nested(1100, '{"":', "}", "1"))), "malformed"),
         "2500 unbalanced [": (unsigned(header_json, "[" * 2500), "malformed"),
-        "2000 levels of [ in the header": (unsigned('{"alg": "RS256", "x": ' + nested(2000) + "}", json.dumps(claims)),
-                                           "malformed"),
+        "2000 levels of [ in the header": (
+            unsigned('{"alg": "RS256", "x": ' + nested(2000) + "}", json.dumps(claims)),
+            "malformed",
+        ),
         # Refused by the nesting bound before the signature is looked at.
         "600 levels, forged signature": (unsigned(header_json, deep_claim(nested(600))), "malformed"),
     }
@@ -328,8 +333,17 @@ async def test_deeply_nested_signed_claims_are_never_503(
 async def test_kid_is_only_a_lookup_key(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     before = hits(idp)
-    lookups = ["../../etc/passwd", "/dev/zero", "file:///etc/passwd", f"{idp.url}/.well-known/jwks.json",
-               "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "..\\..\\windows\\win.ini", "kid\x00.pem", "' OR 1=1 --", "*"]
+    lookups = [
+        "../../etc/passwd",
+        "/dev/zero",
+        "file:///etc/passwd",
+        f"{idp.url}/.well-known/jwks.json",
+        "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "..\\..\\windows\\win.ini",
+        "kid\x00.pem",
+        "' OR 1=1 --",
+        "*",
+    ]
     for kid in lookups:
         answer = await ask(service, token=idp.mint(kid=kid))  # signed by the real key: only the kid is wrong
         assert_denied(answer, 401, "unknown_key", case=kid)
@@ -362,11 +376,16 @@ async def test_kid_null_is_not_a_missing_kid(idp: DevIdentityProvider, start_ser
 
 def _self_signed_certificate(key: rsa.RSAPrivateKey) -> str:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacker.example")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
     )
     return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode("ascii")
 
@@ -385,8 +404,12 @@ async def test_embedded_and_remote_keys_are_never_used(idp: DevIdentityProvider,
             "x5u at the attacker": {"x5u": f"{attacker.url}/.well-known/jwks.json"},
             "embedded jwk": {"jwk": attacker_jwk},
             "embedded x5c": {"x5c": [_self_signed_certificate(attacker_key)]},
-            "all of them": {"jku": attacker.jwks_uri, "x5u": attacker.jwks_uri, "jwk": attacker_jwk,
-                            "x5c": [_self_signed_certificate(attacker_key)]},
+            "all of them": {
+                "jku": attacker.jwks_uri,
+                "x5u": attacker.jwks_uri,
+                "jwk": attacker_jwk,
+                "x5c": [_self_signed_certificate(attacker_key)],
+            },
         }
         claims = {"iss": idp.issuer, "sub": "admin", "aud": "authz-service", "exp": int(time.time()) + 300}
         for name, extra in headers_variants.items():
@@ -395,8 +418,12 @@ async def test_embedded_and_remote_keys_are_never_used(idp: DevIdentityProvider,
                 token = pyjwt.encode(claims, attacker_key, algorithm="RS256", headers=header)
                 assert_denied(await ask(service, token=token), 401, "unknown_key", "bad_signature", case=(name, kid))
         # An HMAC token keyed by the embedded oct JWK: the key set has no HMAC key, the alg is refused.
-        token = pyjwt.encode(claims, b"attacker-chosen-hmac-secret-0123456789", algorithm="HS256",
-                             headers={"jwk": oct_jwk, "kid": idp.kid()})
+        token = pyjwt.encode(
+            claims,
+            b"attacker-chosen-hmac-secret-0123456789",
+            algorithm="HS256",
+            headers={"jwk": oct_jwk, "kid": idp.kid()},
+        )
         assert_denied(await ask(service, token=token), 401, "bad_algorithm", case="oct jwk")
         assert sum(attacker.hits.values()) == 0  # nothing ever fetched from a URL a token named
         assert idp.hits["jwks_redirected"] == 0
@@ -427,7 +454,8 @@ async def test_duplicate_keys_are_rejected(idp: DevIdentityProvider, start_servi
         "iss twice": ('{"alg": "HS256"}', '{"sub": "a", ' + base + ', "iss": "https://evil.example"}'),
         "box_user twice": ('{"alg": "HS256"}', '{"box_user": "a", "box_user": "admin", ' + base + "}"),
         "nested duplicate": (
-            '{"alg": "HS256"}', '{"sub": "a", "ext": {"role": "user", "role": "admin"}, ' + base + "}",
+            '{"alg": "HS256"}',
+            '{"sub": "a", "ext": {"role": "user", "role": "admin"}, ' + base + "}",
         ),
         "alg twice": ('{"alg": "none", "alg": "HS256"}', '{"sub": "a", ' + base + "}"),
         "kid twice": ('{"alg": "HS256", "kid": "a", "kid": "b"}', '{"sub": "a", ' + base + "}"),
@@ -481,10 +509,16 @@ async def test_wrong_typed_claims_are_401(idp: DevIdentityProvider, start_servic
         assert_denied(await ask(service, token=token), 401, case=name)
     # The JWKS introspector too (signed by the IdP itself).
     now = time.time()
-    for name, claims in {"exp as string": {"exp": str(int(now) + 60)}, "exp as bool": {"exp": True},
-                         "exp as list": {"exp": [int(now) + 60]}, "iat as string": {"iat": "0"},
-                         "sub as number": {"sub": 7}, "nbf as string": {"nbf": "0"},
-                         "aud as number": {"aud": 1}, "aud as object": {"aud": {"x": "authz-service"}}}.items():
+    for name, claims in {
+        "exp as string": {"exp": str(int(now) + 60)},
+        "exp as bool": {"exp": True},
+        "exp as list": {"exp": [int(now) + 60]},
+        "iat as string": {"iat": "0"},
+        "sub as number": {"sub": 7},
+        "nbf as string": {"nbf": "0"},
+        "aud as number": {"aud": 1},
+        "aud as object": {"aud": {"x": "authz-service"}},
+    }.items():
         assert_denied(await ask(service, token=idp.mint(claims)), 401, case=("jwks", name))
     await assert_healthy(service, hs_mint())
 
@@ -500,8 +534,19 @@ async def test_nan_and_infinity_are_not_numbers(
     await assert_healthy(service, hs_mint())
 
 
-CONTROL_VALUES = ["admin\r\nx-injected: 1", "a\nb", "a\rb", "nul\x00byte", "del\x7f", "tab\there", "esc\x1b[31m",
-                  "\x01", "trailing\n", "\x0b\x0c", "\x1f"]
+CONTROL_VALUES = [
+    "admin\r\nx-injected: 1",
+    "a\nb",
+    "a\rb",
+    "nul\x00byte",
+    "del\x7f",
+    "tab\there",
+    "esc\x1b[31m",
+    "\x01",
+    "trailing\n",
+    "\x0b\x0c",
+    "\x1f",
+]
 NON_ASCII = ["Jürgen", "用户-42", "مستخدم", "🙂‍↕️", "ＡＤＭＩＮ", "zero\u200bwidth", "é" * 100]
 
 
@@ -553,21 +598,47 @@ async def test_authorization_header_variants(idp: DevIdentityProvider, start_ser
     token = idp.mint()
     for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
         assert (await ask(service, headers={"authorization": f"{scheme} {token}"})).allowed, scheme
-    two_values = [f"Bearer {token},Bearer {idp.mint()}", f"Bearer {token}, Bearer {token}", f"Bearer a,Bearer b",
-                  f"Bearer {token},", f",Bearer {token}", "Bearer ,", f"Basic dXNlcjpwYXNz,Bearer {token}"]
+    two_values = [
+        f"Bearer {token},Bearer {idp.mint()}",
+        f"Bearer {token}, Bearer {token}",
+        "Bearer a,Bearer b",
+        f"Bearer {token},",
+        f",Bearer {token}",
+        "Bearer ,",
+        f"Basic dXNlcjpwYXNz,Bearer {token}",
+    ]
     for value in two_values:
         answer = await ask(service, headers={"authorization": value})
         assert_denied(answer, 400, "multiple_credentials", case=value)
         assert answer.body["error"] == "invalid_request"
         assert 'error="invalid_request"' in answer.headers["www-authenticate"]
-    broken_bearer = ["Bearer", "Bearer ", "Bearer  ", "Bearer\t", "Bearer \t", "  Bearer  ", f"Bearer {token} extra",
-                     f"Bearer {token[:20]}\x0b{token[20:]}", f"Bearer {token[:20]}\x00{token[20:]}",
-                     f"Bearer {token[:20]}\u2028{token[20:]}", f"Bearer {token[:20]}\u00a0{token[20:]}",
-                     "Bearer \u00a0"]
+    broken_bearer = [
+        "Bearer",
+        "Bearer ",
+        "Bearer  ",
+        "Bearer\t",
+        "Bearer \t",
+        "  Bearer  ",
+        f"Bearer {token} extra",
+        f"Bearer {token[:20]}\x0b{token[20:]}",
+        f"Bearer {token[:20]}\x00{token[20:]}",
+        f"Bearer {token[:20]}\u2028{token[20:]}",
+        f"Bearer {token[:20]}\u00a0{token[20:]}",
+        "Bearer \u00a0",
+    ]
     for value in broken_bearer:
         assert_denied(await ask(service, headers={"authorization": value}), 401, case=value)
-    not_ours = ["Basic dXNlcjpwYXNz", "Digest username=\"a\"", "", " ", "Bearer\t" + token, "Bearer\u00a0" + token,
-                "Token " + token, "BearerX " + token, token]
+    not_ours = [
+        "Basic dXNlcjpwYXNz",
+        'Digest username="a"',
+        "",
+        " ",
+        "Bearer\t" + token,
+        "Bearer\u00a0" + token,
+        "Token " + token,
+        "BearerX " + token,
+        token,
+    ]
     for value in not_ours:
         answer = await ask(service, headers={"authorization": value})
         assert_denied(answer, 401, "missing_token", case=value)
@@ -681,11 +752,20 @@ async def test_malformed_and_huge_check_requests(idp: DevIdentityProvider, start
 
 def _header_map_request(entries: list[tuple[str, bytes]], path: str = "/") -> pb.CheckRequest:
     """A CheckRequest as Envoy sends it with encode_raw_headers: every value separately, as bytes."""
-    return pb.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(
-            method="GET", path=path, host="api.example.com",
-            header_map=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in entries]),
-        ))))
+    return pb.CheckRequest(
+        attributes=ac.AttributeContext(
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    method="GET",
+                    path=path,
+                    host="api.example.com",
+                    header_map=base_pb2.HeaderMap(
+                        headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in entries]
+                    ),
+                )
+            )
+        )
+    )
 
 
 async def test_raw_header_map_requests(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -694,8 +774,10 @@ async def test_raw_header_map_requests(idp: DevIdentityProvider, start_service: 
     cases: dict[str, tuple[list[tuple[str, bytes]], int]] = {
         "non-utf-8 token": ([("authorization", b"Bearer \xff\xfe\xfd")], 401),
         "token with non-utf-8 tail": ([("authorization", f"Bearer {token}".encode() + b"\xc3")], 401),
-        "repeated authorization": ([("authorization", f"Bearer {token}".encode()), ("authorization", b"Bearer x")],
-                                   400),
+        "repeated authorization": (
+            [("authorization", f"Bearer {token}".encode()), ("authorization", b"Bearer x")],
+            400,
+        ),
         "mixed case repeated": ([("Authorization", f"Bearer {token}".encode()), ("AUTHORIZATION", b"Basic eA==")], 400),
         "empty key": ([("", b"Bearer x")], 401),
         "control characters in the key": ([("author\x00ization", f"Bearer {token}".encode())], 401),
@@ -715,8 +797,11 @@ async def test_huge_paths_and_odd_methods_reach_policies_safely(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
     policies = [
-        {"id": "public", "engine": "matcho",
-         "matcho": {"uri": "#^/public/", "request-method": {"$enum": ["get", "head"]}}},
+        {
+            "id": "public",
+            "engine": "matcho",
+            "matcho": {"uri": "#^/public/", "request-method": {"$enum": ["get", "head"]}},
+        },
         {"id": "api", "engine": "matcho", "matcho": {"jwt": {"sub": "present?"}, "uri": "#^/api/[a-z]+$"}},
     ]
     service = await start_service(hostile_config(idp, policies=policies))
@@ -773,6 +858,7 @@ async def test_internal_errors_fail_closed(
     # An introspector that raises something no one planned for.
     introspector = authorizer.introspectors["idp"]
     for error in (RuntimeError("boom"), RecursionError(), KeyError("kid"), TypeError("x"), MemoryError()):
+
         async def broken(parsed: Any, error: BaseException = error) -> Any:
             raise error
 

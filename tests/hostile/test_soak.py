@@ -27,8 +27,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import grpc
@@ -62,8 +63,15 @@ def mint(claims: dict[str, Any]) -> str:
 
 def claims_for(i: int, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
-    return {"iss": ISS, "sub": f"soak-user-{i}", "jti": f"jti-{i}-{os.urandom(6).hex()}", "iat": now, "exp": now + 600,
-            "email": f"user{i}@soak.example", **extra}
+    return {
+        "iss": ISS,
+        "sub": f"soak-user-{i}",
+        "jti": f"jti-{i}-{os.urandom(6).hex()}",
+        "iat": now,
+        "exp": now + 600,
+        "email": f"user{i}@soak.example",
+        **extra,
+    }
 
 
 HS_INTROSPECTOR = {"id": "hs", "type": "jwt", "jwt": {"iss": ISS, "secret": SECRET}}
@@ -108,8 +116,14 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awai
 
     async def start(config: dict[str, Any]) -> ServiceProcess:
         grpc_port, admin_port = free_port(), free_port()
-        config = {**config, "server": {"grpc_address": f"127.0.0.1:{grpc_port}",
-                                       "admin_address": f"127.0.0.1:{admin_port}", "drain_delay": 0}}
+        config = {
+            **config,
+            "server": {
+                "grpc_address": f"127.0.0.1:{grpc_port}",
+                "admin_address": f"127.0.0.1:{admin_port}",
+                "drain_delay": 0,
+            },
+        }
         path = tmp_path / f"config-{grpc_port}.yaml"
         path.write_text(yaml.safe_dump(config))
         process = subprocess.Popen(
@@ -175,8 +189,10 @@ def levels_off(rss: list[int]) -> tuple[bool, str]:
     half = len(rss) // 2
     late = rss[-1] - rss[half]
     early = rss[half] - rss[0]
-    report = (f"RSS MiB per round: {[round(r / 2**20, 1) for r in rss]}; first-half growth {early / 2**20:.1f} MiB, "
-              f"second-half growth {late / 2**20:.1f} MiB (limit {LATE_GROWTH_LIMIT / 2**20:.0f} MiB)")
+    report = (
+        f"RSS MiB per round: {[round(r / 2**20, 1) for r in rss]}; first-half growth {early / 2**20:.1f} MiB, "
+        f"second-half growth {late / 2**20:.1f} MiB (limit {LATE_GROWTH_LIMIT / 2**20:.0f} MiB)"
+    )
     return late < LATE_GROWTH_LIMIT, report
 
 
@@ -186,8 +202,13 @@ def levels_off(rss: list[int]) -> tuple[bool, str]:
 async def test_20k_unique_jwts_memory_levels_off(spawn: Callable[[dict[str, Any]], Awaitable[ServiceProcess]]) -> None:
     total, rounds = 20_000, 10
     per_round = total // rounds
-    service = await spawn({"cache": {"max_entries": MAX_ENTRIES}, "introspectors": [HS_INTROSPECTOR],
-                           "response": {"claim_headers": {"email": "x-user-email"}}})
+    service = await spawn(
+        {
+            "cache": {"max_entries": MAX_ENTRIES},
+            "introspectors": [HS_INTROSPECTOR],
+            "response": {"claim_headers": {"email": "x-user-email"}},
+        }
+    )
     tokens = [mint(claims_for(i)) for i in range(total)]
     requests = [check_request(f"/soak/{i}", token=tokens[i]) for i in range(total)]
 
@@ -245,8 +266,14 @@ async def test_5k_unique_opaque_tokens_cache_stays_bounded(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         stub = pb_grpc.AuthorizationStub(channel)
         for r in range(rounds):
-            await run_round(stub, range(r * per_round, (r + 1) * per_round), lambda i: check_request(token=tokens[i]),
-                            verify, tally, deadline)
+            await run_round(
+                stub,
+                range(r * per_round, (r + 1) * per_round),
+                lambda i: check_request(token=tokens[i]),
+                verify,
+                tally,
+                deadline,
+            )
             rss.append(service.rss())
             if time.monotonic() >= deadline:
                 break
@@ -280,19 +307,31 @@ async def test_5k_unique_opaque_tokens_cache_stays_bounded(
 async def test_2000_concurrent_mixed_checks_each_get_their_own_answer(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
-    service = await start_service({
-        "cache": {"max_entries": MAX_ENTRIES},
-        "introspectors": [HS_INTROSPECTOR, opaque_introspector(idp)],
-        "response": {"claim_headers": {"email": "x-user-email"}},
-        "policies": [
-            {"id": "api", "engine": "matcho", "matcho": {"uri": "#^/api/", "headers": {"x-expect": "#^allow"}}},
-            {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/"}},
-        ],
-    })
+    service = await start_service(
+        {
+            "cache": {"max_entries": MAX_ENTRIES},
+            "introspectors": [HS_INTROSPECTOR, opaque_introspector(idp)],
+            "response": {"claim_headers": {"email": "x-user-email"}},
+            "policies": [
+                {"id": "api", "engine": "matcho", "matcho": {"uri": "#^/api/", "headers": {"x-expect": "#^allow"}}},
+                {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/"}},
+            ],
+        }
+    )
     shared = mint(claims_for(-1))  # one token many requests share: the verified-cache path under concurrency
     now = int(time.time())
-    kinds = ["allow", "allow-shared", "opaque", "forbidden", "public", "missing", "expired", "bad-signature",
-             "two-values", "inactive"]
+    kinds = [
+        "allow",
+        "allow-shared",
+        "opaque",
+        "forbidden",
+        "public",
+        "missing",
+        "expired",
+        "bad-signature",
+        "two-values",
+        "inactive",
+    ]
     cases: list[tuple[str, Any, Callable[[Answer], bool]]] = []
     for i in range(2000):
         kind = kinds[i % len(kinds)]

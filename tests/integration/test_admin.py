@@ -27,10 +27,12 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_healthz_readyz_and_draining(idp: DevIdentityProvider, start_service: StartService) -> None:
-    service = await start_service({
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
-        "introspectors": [jwks_introspector(idp)],
-    })
+    service = await start_service(
+        {
+            "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
     port = service.service.admin.port  # type: ignore[union-attr]
     assert await _get(port, "/healthz") == (200, '{"status": "alive"}')
     assert (await _get(port, "/readyz"))[0] == 200
@@ -43,10 +45,12 @@ async def test_healthz_readyz_and_draining(idp: DevIdentityProvider, start_servi
 async def test_metrics_count_decisions_caches_and_upstream_calls(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
-    service = await start_service({
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
-        "introspectors": [jwks_introspector(idp, max_stale=60), opaque_introspector(idp)],
-    })
+    service = await start_service(
+        {
+            "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+            "introspectors": [jwks_introspector(idp, max_stale=60), opaque_introspector(idp)],
+        }
+    )
     token = idp.issue_opaque()
     for _ in range(3):
         assert (await service.check(token=token)).allowed
@@ -104,10 +108,12 @@ def test_redaction_helper() -> None:
 
 
 async def test_verified_jwt_cache_is_in_the_metrics(idp: DevIdentityProvider, start_service: StartService) -> None:
-    service = await start_service({
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
-        "introspectors": [jwks_introspector(idp)],
-    })
+    service = await start_service(
+        {
+            "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
     token = idp.mint()
     for _ in range(4):
         assert (await service.check(token=token)).allowed

@@ -12,7 +12,6 @@ from authz_service.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 
 
-
 @pytest.fixture(params=["memory", "redis"])
 def cache_config(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Each caching test runs against the bounded memory cache and a real Redis."""
@@ -195,9 +194,14 @@ async def test_jwt_and_opaque_side_by_side(idp: DevIdentityProvider, start_servi
 
 async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:
     async with DevIdentityProvider() as second:
-        service = await start_service({"introspectors": [
-            opaque_introspector(idp, id="first"), opaque_introspector(second, id="second"),
-        ]})
+        service = await start_service(
+            {
+                "introspectors": [
+                    opaque_introspector(idp, id="first"),
+                    opaque_introspector(second, id="second"),
+                ]
+            }
+        )
         answer = await service.check(token=second.issue_opaque({"sub": "from-second"}))
         assert answer.allowed and answer.metadata["introspector"] == "second"
         assert idp.hits["introspect"] == 1 and second.hits["introspect"] == 1

@@ -11,7 +11,6 @@ from authz_service.errors import ConfigError
 from authz_service.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 
-
 # Aidbox's "practitioners may read patients" tutorial, pasted as it is published.
 PRACTITIONER_ROLE = {
     "id": "practitioner-role",
@@ -33,9 +32,13 @@ PUBLIC = {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/", "r
 async def test_aidbox_tutorial_policy_same_inputs_same_decisions(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
-    service = await start_service({
-        "introspectors": [jwks_introspector(idp)], "policies": [PRACTITIONER_ROLE], "users": USERS,
-    })
+    service = await start_service(
+        {
+            "introspectors": [jwks_introspector(idp)],
+            "policies": [PRACTITIONER_ROLE],
+            "users": USERS,
+        }
+    )
     practitioner = idp.mint({"sub": "user-1"})
     receptionist = idp.mint({"sub": "user-2"})
     stranger = idp.mint({"sub": "user-3"})  # valid token, not in the user store
@@ -58,19 +61,25 @@ async def test_aidbox_tutorial_policy_same_inputs_same_decisions(
 
 
 async def test_box_user_selects_the_user_resource(idp: DevIdentityProvider, start_service: StartService) -> None:
-    service = await start_service({
-        "introspectors": [jwks_introspector(idp)], "policies": [PRACTITIONER_ROLE], "users": USERS,
-    })
+    service = await start_service(
+        {
+            "introspectors": [jwks_introspector(idp)],
+            "policies": [PRACTITIONER_ROLE],
+            "users": USERS,
+        }
+    )
     answer = await service.check("/Patient/1", token=idp.mint({"sub": "user-2", "box_user": "user-1"}))
     assert answer.allowed and answer.headers["x-user-id"] == "user-1"
 
 
 async def test_anonymous_public_path(idp: DevIdentityProvider, start_service: StartService) -> None:
-    service = await start_service({
-        "introspectors": [jwks_introspector(idp)],
-        "response": {"claim_headers": {"email": "x-user-email"}},
-        "policies": [PUBLIC, {"id": "signed-in", "engine": "matcho", "matcho": {"jwt": {"sub": "present?"}}}],
-    })
+    service = await start_service(
+        {
+            "introspectors": [jwks_introspector(idp)],
+            "response": {"claim_headers": {"email": "x-user-email"}},
+            "policies": [PUBLIC, {"id": "signed-in", "engine": "matcho", "matcho": {"jwt": {"sub": "present?"}}}],
+        }
+    )
     # curl http://api.example.com/public/health
     answer = await service.check("/public/health", headers={"x-user-id": "admin"})
     assert answer.allowed
@@ -110,7 +119,11 @@ async def test_json_schema_policy_with_data_pointer(idp: DevIdentityProvider, st
 
 
 async def test_opaque_token_context(idp: DevIdentityProvider, start_service: StartService) -> None:
-    readers = {"id": "readers", "engine": "matcho", "matcho": {"token": {"scope": "#\\bread\\b"}, "request-method": "get"}}
+    readers = {
+        "id": "readers",
+        "engine": "matcho",
+        "matcho": {"token": {"scope": "#\\bread\\b"}, "request-method": "get"},
+    }
     service = await start_service({"introspectors": [opaque_introspector(idp)], "policies": [readers]})
     assert (await service.check("/docs", token=idp.issue_opaque({"scope": "openid read"}))).allowed
     assert (await service.check("/docs", token=idp.issue_opaque({"scope": "openid write"}))).http_status == 403
@@ -118,10 +131,16 @@ async def test_opaque_token_context(idp: DevIdentityProvider, start_service: Sta
 
 
 async def test_policy_on_context_extensions(idp: DevIdentityProvider, start_service: StartService) -> None:
-    admins = {"id": "admin-route", "engine": "matcho",
-              "matcho": {"context_extensions": {"route": "admin"}, "jwt": {"roles": {"$contains": "admin"}}}}
-    anywhere_else = {"id": "not-admin", "engine": "matcho",
-                     "matcho": {"context_extensions": {"$not": {"route": "admin"}}, "jwt": {"sub": "present?"}}}
+    admins = {
+        "id": "admin-route",
+        "engine": "matcho",
+        "matcho": {"context_extensions": {"route": "admin"}, "jwt": {"roles": {"$contains": "admin"}}},
+    }
+    anywhere_else = {
+        "id": "not-admin",
+        "engine": "matcho",
+        "matcho": {"context_extensions": {"$not": {"route": "admin"}}, "jwt": {"sub": "present?"}},
+    }
     service = await start_service({"introspectors": [jwks_introspector(idp)], "policies": [admins, anywhere_else]})
     admin = idp.mint({"roles": ["admin"]})
     user = idp.mint({"roles": ["user"]})
@@ -132,9 +151,12 @@ async def test_policy_on_context_extensions(idp: DevIdentityProvider, start_serv
 
 async def test_policy_scoped_to_introspectors(idp: DevIdentityProvider, start_service: StartService) -> None:
     only_opaque = {"id": "service-accounts", "engine": "allow", "introspectors": ["opaque"]}
-    service = await start_service({
-        "introspectors": [jwks_introspector(idp), opaque_introspector(idp)], "policies": [only_opaque],
-    })
+    service = await start_service(
+        {
+            "introspectors": [jwks_introspector(idp), opaque_introspector(idp)],
+            "policies": [only_opaque],
+        }
+    )
     assert (await service.check(token=idp.issue_opaque())).allowed
     assert (await service.check(token=idp.mint())).http_status == 403
     assert (await service.check()).http_status == 401  # anonymous never matches a scoped policy
@@ -142,8 +164,11 @@ async def test_policy_scoped_to_introspectors(idp: DevIdentityProvider, start_se
 
 async def test_policies_are_or_ed(idp: DevIdentityProvider, start_service: StartService) -> None:
     gets = {"id": "gets", "engine": "matcho", "matcho": {"request-method": "get"}}
-    posts_by_admins = {"id": "posts", "engine": "matcho",
-                       "matcho": {"request-method": "post", "jwt": {"role": "admin"}}}
+    posts_by_admins = {
+        "id": "posts",
+        "engine": "matcho",
+        "matcho": {"request-method": "post", "jwt": {"role": "admin"}},
+    }
     service = await start_service({"introspectors": [jwks_introspector(idp)], "policies": [gets, posts_by_admins]})
     assert (await service.check(method="GET", token=idp.mint())).allowed
     assert (await service.check(method="POST", token=idp.mint({"role": "admin"}))).allowed
@@ -175,10 +200,18 @@ async def test_json_schema_sees_the_user_resource_as_an_object(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
     # If the user reached jsonschema as anything but a dict, `properties` would be skipped and match.
-    practitioners = {"id": "schema-role", "engine": "json-schema", "schema": {
-        "required": ["user"],
-        "properties": {"user": {"type": "object", "properties": {"roles": {"contains": {"const": {"value": "practitioner"}}}}}},
-    }}
-    service = await start_service({"introspectors": [jwks_introspector(idp)], "policies": [practitioners], "users": USERS})
+    practitioners = {
+        "id": "schema-role",
+        "engine": "json-schema",
+        "schema": {
+            "required": ["user"],
+            "properties": {
+                "user": {"type": "object", "properties": {"roles": {"contains": {"const": {"value": "practitioner"}}}}}
+            },
+        },
+    }
+    service = await start_service(
+        {"introspectors": [jwks_introspector(idp)], "policies": [practitioners], "users": USERS}
+    )
     assert (await service.check(token=idp.mint({"sub": "user-1"}))).allowed
     assert (await service.check(token=idp.mint({"sub": "user-2"}))).http_status == 403

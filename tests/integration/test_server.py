@@ -22,7 +22,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from authz_service.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector
 
-
 SERVICE = "envoy.service.auth.v3.Authorization"
 
 
@@ -73,14 +72,27 @@ async def test_envoy_data_plane_wire_compatibility(idp: DevIdentityProvider, sta
     )
 
     def request(headers: dict[str, str]) -> bytes:
-        return bytes(CheckRequest(attributes=AttributeContext(
-            source=AttributeContextPeer(address=Address(socket_address=SocketAddress(address="10.1.2.3", port_value=5555))),
-            request=AttributeContextRequest(http=AttributeContextHttpRequest(
-                id="abc", method="POST", path="/fhir/Patient?name=x", host="api.local", scheme="https",
-                protocol="HTTP/2", headers={":path": "/fhir/Patient?name=x", **headers},
-            )),
-            context_extensions={"route": "fhir"},
-        )))
+        return bytes(
+            CheckRequest(
+                attributes=AttributeContext(
+                    source=AttributeContextPeer(
+                        address=Address(socket_address=SocketAddress(address="10.1.2.3", port_value=5555))
+                    ),
+                    request=AttributeContextRequest(
+                        http=AttributeContextHttpRequest(
+                            id="abc",
+                            method="POST",
+                            path="/fhir/Patient?name=x",
+                            host="api.local",
+                            scheme="https",
+                            protocol="HTTP/2",
+                            headers={":path": "/fhir/Patient?name=x", **headers},
+                        )
+                    ),
+                    context_extensions={"route": "fhir"},
+                )
+            )
+        )
 
     allowed: Any = CheckResponse.parse(await check(request({"authorization": f"Bearer {idp.mint({'sub': 'pat'})}"})))
     assert allowed.status.code == 0
@@ -116,7 +128,9 @@ async def test_unexpected_error_denies_and_server_keeps_serving(
     assert (await service.check(token=token)).allowed
 
 
-async def test_garbage_request_bytes_are_rejected_cleanly(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_garbage_request_bytes_are_rejected_cleanly(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     check = service.channel.unary_unary(
         "/envoy.service.auth.v3.Authorization/Check", request_serializer=_identity, response_deserializer=_identity

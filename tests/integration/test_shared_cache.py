@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -42,7 +42,9 @@ async def test_two_processes_share_results_through_redis(
 
 async def test_redis_down_falls_back_to_the_idp(idp: DevIdentityProvider, start_service: StartService) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    service = await start_service({"cache": {"backend": "redis", "url": dead}, "introspectors": [opaque_introspector(idp)]})
+    service = await start_service(
+        {"cache": {"backend": "redis", "url": dead}, "introspectors": [opaque_introspector(idp)]}
+    )
     token = idp.issue_opaque()
     assert (await service.check(token=token)).allowed
     assert (await service.check(token=token)).allowed

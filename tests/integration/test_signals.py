@@ -6,7 +6,7 @@ import asyncio
 import json
 import signal
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import yaml
@@ -60,7 +60,9 @@ async def test_sighup_reloads_and_keeps_unchanged_introspectors(idp: DevIdentity
 async def test_sighup_with_a_bad_config_keeps_the_old_one(idp: DevIdentityProvider, spawn: Spawn) -> None:
     spawned = await spawn({"introspectors": [jwks_introspector(idp)]})
     good = spawned.path.read_text()
-    spawned.path.write_text(good.replace("cache_ttl", "x") + "\npolicies: [{id: p, engine: matcho, matcho: {uri: '#('}}]\n")
+    spawned.path.write_text(
+        good.replace("cache_ttl", "x") + "\npolicies: [{id: p, engine: matcho, matcho: {uri: '#('}}]\n"
+    )
     spawned.process.send_signal(signal.SIGHUP)
     rejected = await _log_lines(spawned, "config reload rejected; keeping the running config")
     assert rejected and any("policy 'p'" in p for p in rejected[0]["problems"])  # type: ignore[union-attr]

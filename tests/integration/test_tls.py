@@ -37,11 +37,16 @@ async def _check(port: int, credentials: grpc.ChannelCredentials | None, token: 
 
 
 async def test_tls_listener(idp: DevIdentityProvider, start_service: StartService, pki: Pki) -> None:
-    service = await start_service({
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": None,
-                   "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)}},
-        "introspectors": [jwks_introspector(idp)],
-    })
+    service = await start_service(
+        {
+            "server": {
+                "grpc_address": "127.0.0.1:0",
+                "admin_address": None,
+                "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)},
+            },
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
     port = service.service.port
     assert port is not None
     assert (await _check(port, _credentials(pki), idp.mint())).allowed
@@ -53,11 +58,16 @@ async def test_tls_listener(idp: DevIdentityProvider, start_service: StartServic
 async def test_mutual_tls_requires_a_client_certificate_from_the_ca(
     idp: DevIdentityProvider, start_service: StartService, pki: Pki
 ) -> None:
-    service = await start_service({
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": None,
-                   "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca)}},
-        "introspectors": [jwks_introspector(idp)],
-    })
+    service = await start_service(
+        {
+            "server": {
+                "grpc_address": "127.0.0.1:0",
+                "admin_address": None,
+                "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca)},
+            },
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
     port = service.service.port
     assert port is not None
     assert (await _check(port, _credentials(pki, pki.client_cert, pki.client_key), idp.mint())).allowed
@@ -71,8 +81,7 @@ def test_tls_config_problems_are_named(pki: Pki, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
     text = (
-        "server:\n  tls:\n"
-        f"    cert: {garbage}\n    key: {pki.server_cert}\n    client_ca: {tmp_path / 'missing.pem'}\n"
+        f"server:\n  tls:\n    cert: {garbage}\n    key: {pki.server_cert}\n    client_ca: {tmp_path / 'missing.pem'}\n"
     )
     with pytest.raises(ConfigError) as err:
         parse_config(text, {})

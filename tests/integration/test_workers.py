@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import aiohttp
 import grpc
@@ -82,8 +82,11 @@ async def test_workers_share_the_port_and_are_supervised(idp: DevIdentityProvide
 
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{admin}/metrics") as response:
         metrics = await response.text()
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                if line.startswith("authz_checks_total{") and 'decision="allow"' in line)
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("authz_checks_total{") and 'decision="allow"' in line
+    )
     assert total == 23  # counted across both processes
 
     # A worker that dies is replaced; the service keeps answering meanwhile.

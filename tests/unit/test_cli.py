@@ -60,7 +60,12 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")}
     return subprocess.run(
         [sys.executable, "-m", "authz_service", *args],
-        cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=30, check=False,
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 

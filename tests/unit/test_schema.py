@@ -44,8 +44,11 @@ def test_schema_cases(schema: dict[str, Any], expected: bool) -> None:
 
 def test_aidbox_docs_example() -> None:
     # Aidbox's json-schema example: params.resource/type must be present and equal Organization.
-    schema = {"properties": {"params": {"required": ["resource/type"],
-                                        "properties": {"resource/type": {"const": "Organization"}}}}}
+    schema = {
+        "properties": {
+            "params": {"required": ["resource/type"], "properties": {"resource/type": {"const": "Organization"}}}
+        }
+    }
     evaluate = compile_schema(schema)
     assert evaluate({"params": {"resource/type": "Organization"}})
     assert not evaluate({"params": {"resource/type": "Patient"}})
@@ -57,7 +60,10 @@ def test_pointer_escapes_and_indices() -> None:
     assert resolve_pointer(CONTEXT, "#/jwt/roles/0") == "doctor"
     assert resolve_pointer(CONTEXT, "#") is CONTEXT
     assert resolve_pointer(CONTEXT, "#/jwt/roles/7") is not None  # the unresolved marker, not a value
-    assert compile_schema({"properties": {"x": {"const": {"$data": "#/jwt/roles/7"}}}, "required": ["x"]})({"x": None}) is False
+    assert (
+        compile_schema({"properties": {"x": {"const": {"$data": "#/jwt/roles/7"}}}, "required": ["x"]})({"x": None})
+        is False
+    )
 
 
 @pytest.mark.parametrize(
