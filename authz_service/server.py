@@ -123,7 +123,7 @@ class AuthzService:
         )
         # Registered by hand rather than with the generated add_..._to_server: the same method path,
         # but no response_serializer, because Check returns bytes it has already encoded.
-        check = grpc.unary_unary_rpc_method_handler(
+        check: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
             AuthorizationServicer(self).Check,
             request_deserializer=external_auth_pb2.CheckRequest.FromString,
             response_serializer=None,
