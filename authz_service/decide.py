@@ -137,8 +137,12 @@ class Authorizer:
             identity = dataclasses.replace(identity, context_claims=strip_empty(identity.claims))
         headers = self._identity_headers.build(identity)
         introspector = self.introspectors[identity.introspector]
+        deadline: float | None = None
         if isinstance(introspector, JwtIntrospector) and identity.expires_at is not None:
             deadline = min(identity.expires_at + introspector.config.leeway, introspector.keys_trusted_until())
+        elif identity.trusted_until is not None:  # opaque: as long as its cached answer lives
+            deadline = min(identity.trusted_until, identity.expires_at or identity.trusted_until)
+        if deadline is not None:
             # Keep only what later hits use (headers, and the policy view of the claims when there
             # are policies): the raw claims would double an entry's ~1 KB.
             kept = dataclasses.replace(identity, claims=identity.context_claims or _NO_CLAIMS)

@@ -354,7 +354,7 @@ class Stack:
         issuer = f"http://{HOST}:{self.ports.idp}"
         self.idp = DevIdentityProvider(issuer=issuer, host=HOST, port=self.ports.idp)
         await listen("demo IdP", self.ports.idp, self.idp.start)
-        self.echo = EchoUpstream(HOST, self.ports.upstream)
+        self.echo = EchoUpstream(HOST, self.ports.upstream, record=False)
         await listen("echo upstream", self.ports.upstream, self.echo.start)
 
     def _prepare(self) -> tuple[Path, Path, str]:

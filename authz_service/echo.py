@@ -19,9 +19,14 @@ __all__ = ["EchoUpstream", "main"]
 class EchoUpstream(LocalHttpServer):
     """HTTP server that echoes method, path and headers back and records every request."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Remember where to listen; nothing listens until start()."""
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True) -> None:
+        """Remember where to listen; nothing listens until start().
+
+        record=False keeps no request log: a long-running echo (the demo, compose, benchmarks)
+        must not grow a list of every request it ever answered.
+        """
         super().__init__(host, port)
+        self._record = record
         # Each entry: {"method", "path", "headers": [(lower-case name, value), ...]} with repeats kept.
         self.requests: list[dict[str, Any]] = []
 
@@ -39,7 +44,8 @@ class EchoUpstream(LocalHttpServer):
     async def _handle(self, request: web.Request) -> web.Response:
         """Record the request and echo it back."""
         headers = [(name.lower(), value) for name, value in request.headers.items()]
-        self.requests.append({"method": request.method, "path": request.raw_path, "headers": headers})
+        if self._record:
+            self.requests.append({"method": request.method, "path": request.raw_path, "headers": headers})
         grouped: dict[str, list[str]] = {}
         for name, value in headers:
             grouped.setdefault(name, []).append(value)
@@ -52,8 +58,8 @@ async def _serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    async with EchoUpstream(host, port) as echo:
-        sys.stdout.write(json.dumps({"url": echo.url}) + "\n")
+    async with EchoUpstream(host, port, record=False) as echo:
+        sys.stdout.write(json.dumps({"url": echo.url, "port": echo.port}) + "\n")
         sys.stdout.flush()
         await stopping.wait()
 

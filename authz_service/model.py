@@ -58,6 +58,9 @@ class Identity:
     expires_at: float | None = None  # the token's exp (epoch seconds), when it has one
     # The claims as policies see them (empty values removed); computed once per verification.
     context_claims: Mapping[str, Any] | None = None
+    # Until when (epoch seconds) this verification may be reused without asking again, when the
+    # introspector knows (opaque: the life of the cached introspection answer).
+    trusted_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

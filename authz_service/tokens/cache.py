@@ -177,7 +177,7 @@ class CacheFactory:
 
     def token_cache(self, name: str, fingerprint: str) -> TokenCache:
         """The cache of introspector `name`; `fingerprint` changes when its endpoint does."""
-        namespace = f"authz:v1:{name}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}:"
+        namespace = f"authz:v2:{name}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}:"
         if self.config.backend == "redis":
             assert self.config.url is not None  # guaranteed by config validation
             if self._redis is None:

@@ -7,6 +7,7 @@ it: per-token results keyed by SHA-256 for min(cache_ttl, exp - now), single fli
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -91,26 +92,42 @@ class CachedIntrospector:
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
 
+    key_generation = 0  # no keys: verified-token cache entries die by their deadline only
+
     async def introspect_token(self, token: str) -> Identity:
         key = token_key(token)
-        result = await self.cache.get(key)
-        if result is None:
+        entry = await self.cache.get(key)
+        if not _usable(entry):
             future = self._inflight.get(key)
             if future is None:
                 future = asyncio.ensure_future(self._load(key, token))
                 self._inflight[key] = future
                 future.add_done_callback(lambda _: self._inflight.pop(key, None))
             # Shield: one caller giving up must not cancel the call the others wait for.
-            result = await asyncio.shield(future)
-        return self.inner.identity(result, self._clock())
+            entry = await asyncio.shield(future)
+        identity = self.inner.identity(entry["result"], self._clock())
+        return dataclasses.replace(identity, trusted_until=float(entry["until"]))
 
     async def _load(self, key: str, token: str) -> Mapping[str, Any]:
         result = await self.inner.fetch(token)
+        now = self._clock()
         ttl: float = self.config.cache_ttl
         if result.get("active") is not True:
             ttl = min(ttl, NEGATIVE_TTL)
         elif "exp" in result:
-            ttl = min(ttl, float(result["exp"]) - self._clock())
+            ttl = min(ttl, float(result["exp"]) - now)
+        # `until` travels with the answer (through Redis too), so no process reuses it past the
+        # cache_ttl counted from the one introspection call.
+        entry = {"result": result, "until": now + max(ttl, 0.0)}
         if ttl >= 0.01:  # Redis cannot hold an entry for less than a millisecond or so
-            await self.cache.set(key, result, ttl)
-        return result
+            await self.cache.set(key, entry, ttl)
+        return entry
+
+
+def _usable(entry: Any) -> bool:
+    """A cache entry of the current shape (anything else, e.g. from an older version, is a miss)."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("result"), dict)
+        and isinstance(entry.get("until"), (int, float))
+    )

@@ -44,7 +44,7 @@ def token_digest(token: str) -> bytes:
 class VerifiedTokens:
     """A bounded LRU of verified tokens."""
 
-    NAME = "verified-jwt"  # the cache label in metrics
+    NAME = "verified"  # the cache label in metrics
 
     def __init__(
         self,

@@ -62,8 +62,8 @@ async def test_metrics_count_decisions_caches_and_upstream_calls(
     assert _metric(text, "authz_checks_total", decision="unauthenticated", reason="missing_token") == 1
     assert _metric(text, "authz_checks_total", decision="unauthenticated", reason="expired") == 1
     assert _metric(text, "authz_check_duration_seconds_count") == 6
-    assert _metric(text, "authz_cache_events_total", cache="opaque", event="hit") == 2
     assert _metric(text, "authz_cache_events_total", cache="opaque", event="miss") == 1
+    assert _metric(text, "authz_cache_events_total", cache="verified", event="hit") == 2
     assert _metric(text, "authz_upstream_calls_total", endpoint="introspection", outcome="ok") == 1
     assert _metric(text, "authz_upstream_calls_total", endpoint="jwks", outcome="ok") == 1
     assert "authz_jwks_staleness_seconds" in text
@@ -118,5 +118,5 @@ async def test_verified_jwt_cache_is_in_the_metrics(idp: DevIdentityProvider, st
     for _ in range(4):
         assert (await service.check(token=token)).allowed
     _, text = await _get(service.service.admin.port, "/metrics")  # type: ignore[union-attr]
-    assert _metric(text, "authz_cache_events_total", cache="verified-jwt", event="miss") == 1
-    assert _metric(text, "authz_cache_events_total", cache="verified-jwt", event="hit") == 3
+    assert _metric(text, "authz_cache_events_total", cache="verified", event="miss") == 1
+    assert _metric(text, "authz_cache_events_total", cache="verified", event="hit") == 3

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from authz_service.idp import DevIdentityProvider
+from authz_service.tokens.verified import VerifiedTokens
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 
 
@@ -85,7 +86,14 @@ async def test_result_is_cached(idp: DevIdentityProvider, opaque_service: Any) -
         assert (await service.check(token=token)).allowed
     assert idp.hits["introspect"] == 1
     counts = service.service.caches.stats.counts
-    assert counts[("opaque", "hit")] == 9 and counts[("opaque", "miss")] == 1
+    # Repeats are answered by the in-process verified-token cache, in front of the token cache.
+    assert counts[("verified", "hit")] == 9 and counts[("opaque", "miss")] == 1
+    # A process without that entry (another worker or replica, here: a fresh one) finds the answer
+    # in the token cache and does not ask the IdP.
+    authorizer = service.service.engine.authorizer
+    authorizer.verified = VerifiedTokens(100)
+    assert (await service.check(token=token)).allowed
+    assert counts[("opaque", "hit")] == 1 and idp.hits["introspect"] == 1
 
 
 async def test_cache_bounded_by_token_exp(idp: DevIdentityProvider, opaque_service: Any) -> None:
