@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 
 class Outcome(enum.Enum):
@@ -74,15 +75,21 @@ class Decision:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
 
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """What Check needs of the incoming request, independent of Envoy's message types."""
+_NO_STRINGS: Mapping[str, str] = MappingProxyType({})
+
+
+class HttpRequest(NamedTuple):
+    """What Check needs of the incoming request, independent of Envoy's message types.
+
+    A NamedTuple rather than a frozen dataclass: one is built per Check, and a tuple is built in
+    a fraction of the time (a frozen dataclass sets each field through object.__setattr__).
+    """
 
     method: str = "GET"
     path: str = "/"  # as Envoy sent it: path plus query
     host: str = ""
     scheme: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    headers: Mapping[str, str] = _NO_STRINGS  # lower-case names
     remote_addr: str = ""
     request_id: str = ""
-    context_extensions: Mapping[str, str] = field(default_factory=dict)
+    context_extensions: Mapping[str, str] = _NO_STRINGS

@@ -79,6 +79,22 @@ class Metrics:
             multiprocess_mode="max",
         )
         self._children: dict[tuple[Outcome, Any], Any] = {}
+        self._cache_children: dict[tuple[str, str], Any] = {}
+        self._upstream_children: dict[tuple[str, str], Any] = {}
+
+    def cache_event(self, cache: str, event: str) -> None:
+        """Count a cache lookup (label children resolved once: labels() costs ~3 µs a call)."""
+        child = self._cache_children.get((cache, event))
+        if child is None:
+            child = self._cache_children[(cache, event)] = self.cache_events.labels(cache, event)
+        child.inc()
+
+    def upstream_call(self, endpoint: str, outcome: str) -> None:
+        """Count a call to an identity provider."""
+        child = self._upstream_children.get((endpoint, outcome))
+        if child is None:
+            child = self._upstream_children[(endpoint, outcome)] = self.upstream_calls.labels(endpoint, outcome)
+        child.inc()
 
     def observe(self, decision: Decision, seconds: float) -> None:
         key = (decision.outcome, decision.reason)

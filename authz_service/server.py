@@ -91,8 +91,8 @@ class AuthzService:
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.metrics = Metrics(registry or CollectorRegistry())
-        self.client = UpstreamClient(on_call=lambda e, o: self.metrics.upstream_calls.labels(e, o).inc())
-        self.caches = CacheFactory(config.cache, on_event=lambda c, e: self.metrics.cache_events.labels(c, e).inc())
+        self.client = UpstreamClient(on_call=self.metrics.upstream_call)
+        self.caches = CacheFactory(config.cache, on_event=self.metrics.cache_event)
         self.engine = build_engine(config, self.client, self.caches)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
