@@ -297,6 +297,14 @@ class _Fields:
         value = self.get(name, dict, None)
         return None if value is None else _Fields(self.where, value, self.problems, f"{self.prefix}{name}.")
 
+    def required_nested(self, name: str, why: str) -> _Fields | None:
+        """A required nested mapping; its absence is reported with `why`, a wrong type as usual."""
+        if name not in self.raw:
+            self.seen.add(name)
+            self.problem(name, f"is required {why}")
+            return None
+        return self.nested(name)
+
     def section(self, name: str) -> _Fields | None:
         """A top-level section, whose problems are reported under its own name."""
         value = self.get(name, dict, None)
@@ -560,10 +568,8 @@ class _Validator:
         cache_ttl, timeout, cookie = self._common(f)
         max_stale = f.int_in("max_stale", 0, 0, 86400)
         top_jwks = f.get("jwks_uri", str, None)
-        jwt = f.nested("jwt")
+        jwt = f.required_nested("jwt", "for type jwt (it holds iss and the key source)")
         if jwt is None:
-            if "jwt" not in f.raw:
-                f.problem("jwt", "is required for type jwt (it holds iss and the key source)")
             return None
         iss = jwt.get("iss", str)
         aud_raw = jwt.get("aud", (str, list), None)
@@ -628,10 +634,8 @@ class _Validator:
 
     def opaque_introspector(self, f: _Fields, ident: str) -> OpaqueIntrospectorConfig | None:
         cache_ttl, timeout, cookie = self._common(f)
-        endpoint = f.nested("introspection_endpoint")
+        endpoint = f.required_nested("introspection_endpoint", "for type opaque ({url, authorization})")
         if endpoint is None:
-            if "introspection_endpoint" not in f.raw:
-                f.problem("introspection_endpoint", "is required for type opaque ({url, authorization})")
             return None
         url = endpoint.get("url", str)
         _check_url(endpoint, "url", url)
