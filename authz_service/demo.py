@@ -38,9 +38,11 @@ __all__ = ["Ports", "main"]
 HOST: Final = "127.0.0.1"
 OFFSET_ENV: Final = "AUTHZ_DEMO_PORT_OFFSET"
 # Where the shipped configs live relative to the package: present in a source checkout.
-_ROOT: Final = Path(__file__).resolve().parents[1]
-SERVICE_CONFIG: Final = _ROOT / "examples" / "demo.yaml"
-ENVOY_CONFIG: Final = _ROOT / "envoy" / "envoy.yaml"
+# authz_service/_shipped/ holds symlinks to examples/demo.yaml and envoy/envoy.yaml in a source
+# checkout; a wheel carries copies of them there, so the demo runs from either.
+_ROOT: Final = Path(__file__).resolve().parent
+SERVICE_CONFIG: Final = _ROOT / "_shipped" / "demo.yaml"
+ENVOY_CONFIG: Final = _ROOT / "_shipped" / "envoy.yaml"
 
 START_TIMEOUT: Final = 20.0  # per component
 STOP_TIMEOUT: Final = 10.0  # per child, before SIGKILL
@@ -132,9 +134,8 @@ def shipped(path: Path) -> Path:
     """A config file that ships in the source tree, or DemoError saying where it was expected."""
     if not path.is_file():
         raise DemoError(
-            f"cannot find {path.relative_to(_ROOT)} (looked for {path}); "
-            "`authz-service demo` needs the repository's examples/ and envoy/ directories, "
-            "so run it from a source checkout (pip install -e .)"
+            f"cannot find {path} (a copy of examples/demo.yaml or envoy/envoy.yaml); "
+            "reinstall the package, or run from a source checkout (pip install -e .)"
         )
     return path
 
