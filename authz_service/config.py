@@ -19,7 +19,7 @@ import yaml
 from authz_service.context import strip_empty
 from authz_service.errors import AuthzError, ConfigError, Problem
 from authz_service.policy.matcho import compile_pattern
-from authz_service.tokens.keys import BadKey, StaticKey, load_static_key
+from authz_service.tokens.keys import BadKey, VerificationKey, load_static_key
 
 T = TypeVar("T")
 
@@ -112,7 +112,7 @@ class JwtIntrospectorConfig:
     cookie: str | None
     secret: bytes | None = None
     jwks_uri: str | None = None
-    keys: tuple[StaticKey, ...] = ()
+    keys: tuple[VerificationKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,7 +605,7 @@ class _Validator:
                     f"introspector {ident!r}: {field_name} is shorter than {MIN_HMAC_SECRET_BYTES} bytes; "
                     "use a longer random secret in production"
                 )
-        keys: list[StaticKey] = []
+        keys: list[VerificationKey] = []
         for i, raw_key in enumerate(keys_raw or []):
             field_name = f"keys[{i}]"
             if not isinstance(raw_key, dict):

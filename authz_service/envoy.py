@@ -84,7 +84,6 @@ class ResponseBuilder:
 
     def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES) -> None:
         self._identity_headers = response.identity_headers
-        self._denials: dict[tuple[Outcome, Reason], external_auth_pb2.CheckResponse] = {}
         self._encoded_denials: dict[tuple[Outcome, Reason], bytes] = {}
         self._allowed: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self._memo_entries = memo_entries
@@ -106,17 +105,8 @@ class ResponseBuilder:
         key2 = (decision.outcome, decision.reason)
         denial = self._encoded_denials.get(key2)
         if denial is None:
-            denial = self._encoded_denials[key2] = self.build(decision).SerializeToString()
+            denial = self._encoded_denials[key2] = self._deny(*key2).SerializeToString()
         return denial
-
-    def build(self, decision: Decision) -> external_auth_pb2.CheckResponse:
-        if decision.outcome is Outcome.ALLOW:
-            return self._allow(decision)
-        key = (decision.outcome, decision.reason)
-        response = self._denials.get(key)
-        if response is None:
-            response = self._denials[key] = self._deny(decision.outcome, decision.reason)
-        return response
 
     def _allow(self, decision: Decision) -> external_auth_pb2.CheckResponse:
         set_names = {name for name, _ in decision.headers}

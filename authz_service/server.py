@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.admin import AdminServer
 from authz_service.config import Config, TlsConfig, load_config
 from authz_service.decide import Authorizer, build_introspectors, log_internal_error
@@ -58,7 +58,7 @@ def build_engine(
     return Engine(config, authorizer, ResponseBuilder(config.response))
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationServicer:
     """envoy.service.auth.v3.Authorization: converts at the edges, never raises."""
 
     def __init__(self, service: AuthzService) -> None:

@@ -59,9 +59,6 @@ class VerificationKey:
             return False
 
 
-StaticKey = VerificationKey
-
-
 def hmac_key(secret: bytes, kid: str | None = None, algs: frozenset[str] = HMAC_ALGS) -> VerificationKey:
     """An HMAC key for the given algorithms."""
     return VerificationKey(kid, {alg: (ALGORITHMS[alg], ALGORITHMS[alg].prepare_key(secret)) for alg in sorted(algs)})

@@ -480,7 +480,7 @@ def test_authorizer_turns_any_check_request_into_a_decision(request: pb.CheckReq
     decision = asyncio.run(AUTHORIZER.check(to_http_request(request)))
     assert isinstance(decision, Decision)
     assert decision.reason is not Reason.INTERNAL_ERROR, "an input the Authorizer did not foresee"
-    response = RESPONSES.build(decision)
+    response = pb.CheckResponse.FromString(RESPONSES.encode(decision))  # what the server sends
     assert (response.status.code == 0) == (decision.outcome is Outcome.ALLOW)
     for option in [*response.ok_response.headers, *response.denied_response.headers]:
         assert not CONTROL.search(option.header.value), option
