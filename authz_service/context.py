@@ -50,8 +50,9 @@ def build_context(
     }
     context = strip_empty(context)
     if identity is not None:
-        # Claims and users are stripped once (per verification, at config load), not per request.
-        claims = identity.context_claims if identity.context_claims is not None else strip_empty(identity.claims)
+        # Claims and users are stripped once (per verification, at config load), not per request:
+        # identities reach here shaped by engine.IdentityShaper.
+        claims = identity.claims
         if claims:
             context["jwt" if identity.kind == "jwt" else "token"] = claims
         context["introspector"] = identity.introspector

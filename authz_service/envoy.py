@@ -1,4 +1,4 @@
-"""The Envoy adapter: CheckRequest -> HttpRequest, Decision -> CheckResponse.
+"""The Envoy adapter: CheckRequest -> HttpRequest, Identity -> headers, Decision -> CheckResponse.
 
 The one table that maps an Outcome to a gRPC code, an HTTP status and the deny headers lives
 here. Deny responses depend only on (outcome, reason), so each is built once and reused.
@@ -6,7 +6,9 @@ here. Deny responses depend only on (outcome, reason), so each is built once and
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +20,9 @@ from google.rpc import code_pb2, status_pb2
 from authz_service._pb.envoy.config.core.v3 import base_pb2
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service._pb.envoy.type.v3 import http_status_pb2
-from authz_service.config import ResponseConfig
-from authz_service.model import Decision, HttpRequest, Outcome, Reason
+from authz_service.config.model import ResponseConfig
+from authz_service.errors import TokenRejected
+from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 
 REALM = "authz-service"
 
@@ -32,6 +35,48 @@ OUTCOMES: Mapping[Outcome, tuple[int, int, str]] = {
 }
 # RFC 6750 3.1: a request without credentials gets the challenge but no error code.
 _NO_CREDENTIALS_ERROR = "unauthorized"
+MAX_HEADER_VALUE = 8192
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_safe(value: str) -> bool:
+    """A value Envoy can put in a header: no control characters, bounded size."""
+    return len(value) <= MAX_HEADER_VALUE and not _CONTROL.search(value)
+
+
+def encode_claims(claims: Mapping[str, Any]) -> str:
+    """base64url (no padding) of the claims as compact UTF-8 JSON."""
+    raw = json.dumps(claims, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+class IdentityHeaders:
+    """Turns a verified identity into the headers sent upstream (names fixed at config load)."""
+
+    def __init__(self, response: ResponseConfig) -> None:
+        self._user_id = response.user_id_header
+        self._claims = response.claims_header
+        self._claim_headers = response.claim_headers
+
+    def build(self, identity: Identity) -> tuple[tuple[str, str], ...]:
+        """The headers for this identity; raise TokenRejected if the user id cannot be a header."""
+        headers: list[tuple[str, str]] = []
+        if identity.user_id is not None:
+            if not header_safe(identity.user_id):
+                raise TokenRejected(Reason.BAD_CLAIMS)
+            headers.append((self._user_id, identity.user_id))
+        claims = encode_claims(identity.claims)
+        if len(claims) <= MAX_HEADER_VALUE:
+            headers.append((self._claims, claims))
+        for claim, header in self._claim_headers:
+            value = identity.claims.get(claim)
+            if value is None:
+                continue
+            text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            # A claim we cannot pass safely is left out (and so removed upstream), never mangled.
+            if header_safe(text):
+                headers.append((header, text))
+        return tuple(headers)
 
 
 def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:

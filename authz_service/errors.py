@@ -31,6 +31,15 @@ class ConfigError(AuthzError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class PolicyError(AuthzError):
+    """An AccessPolicy rule cannot be compiled; `path` says where in the resource (`matcho.uri`)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
 class TokenRejected(AuthzError):
     """A presented token is not acceptable (answered 401, never allowed)."""
 

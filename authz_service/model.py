@@ -53,15 +53,18 @@ class Identity:
     """A verified token: who it names, its claims, and which introspector vouched for it."""
 
     user_id: str | None
+    # The verified claims. Once shaped for reuse (engine.IdentityShaper) they are the claims as
+    # policies see them, empty values removed: the raw ones would double a cached entry's size.
     claims: Mapping[str, Any]
     introspector: str
     kind: str  # "jwt" or "opaque": decides whether policies see it as `jwt` or `token`
     expires_at: float | None = None  # the token's exp (epoch seconds), when it has one
-    # The claims as policies see them (empty values removed); computed once per verification.
-    context_claims: Mapping[str, Any] | None = None
-    # Until when (epoch seconds) this verification may be reused without asking again, when the
-    # introspector knows (opaque: the life of the cached introspection answer).
-    trusted_until: float | None = None
+    # Until when (epoch seconds) the answer this identity came from may be reused (opaque: the
+    # life of the cached introspection answer); the introspector's trusted_until reads it.
+    answer_until: float | None = None
+    # The headers this identity earns upstream (user id, claims, claim_headers), shaped once per
+    # verification by envoy.IdentityHeaders, not per request.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import traceback
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from authz_service.model import Decision, HttpRequest, Outcome
 
+log = logging.getLogger("authz_service")
 decision_log = logging.getLogger("authz_service.decision")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -126,3 +128,12 @@ def log_decision(request: HttpRequest, decision: Decision, seconds: float, level
             }
         },
     )
+
+
+def log_internal_error(err: BaseException) -> None:
+    """Log an unexpected error by type and stack only: its message could quote a token."""
+    # Locations only, no source lines: even those could carry a literal worth keeping out of logs.
+    # The innermost frames only: a deep recursion must not turn into a 60 KB log line.
+    stack = traceback.extract_tb(err.__traceback__)[-8:]
+    frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(stack))
+    log.error("internal error in Check: %s at %s", type(err).__name__, frames)

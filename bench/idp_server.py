@@ -1,7 +1,7 @@
-"""The dev identity provider (authz_service.idp.DevIdentityProvider) in its own process, plus
+"""The dev identity provider (authz_service.devstack.idp.DevIdentityProvider) in its own process, plus
 the token material the benchmark needs.
 
-`python -m authz_service.idp` serves JWKS and introspection, but its keys and opaque tokens live
+`python -m authz_service.devstack.idp` serves JWKS and introspection, but its keys and opaque tokens live
 inside that process, so nothing outside it can mint a token it accepts. This wrapper runs the same
 DevIdentityProvider, mints every token the scenarios use, issues the opaque tokens, writes them
 to files, and then serves until SIGTERM (in its own process, so its CPU is not the load
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 
 
 async def serve(out: Path, opaque: int, ttl: int) -> None:

@@ -1143,7 +1143,7 @@ class Bench:
         row.p50_ms, row.p99_ms = lat["p50_ms"], lat["p99_ms"]
 
     def _start_echo(self) -> tuple[Proc, int]:
-        echo = Proc("echo", [PY, "-m", "authz_service.echo", "--port", "0"], self.work, stdout_pipe=True)
+        echo = Proc("echo", [PY, "-m", "authz_service.devstack.echo", "--port", "0"], self.work, stdout_pipe=True)
         return echo, int(echo.ready_line(START_TIMEOUT)["port"])
 
     def s_envoy_ext_authz(self) -> Row:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.harness import Harness, config_from, start_harness
 
 StartService = Callable[[Mapping[str, Any]], Awaitable[Harness]]

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from authz_service.errors import AuthzError
+from authz_service.errors import PolicyError
 
 Matcher: TypeAlias = Callable[[Any, Mapping[str, Any]], bool]
 """A compiled pattern: (value, context) -> matched?"""
@@ -22,13 +22,8 @@ NIL = "nil?"
 NOT_BLANK = "not-blank?"
 
 
-class PatternError(AuthzError):
+class PatternError(PolicyError):
     """A matcho pattern cannot be compiled; `path` says where in the pattern the problem is."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}")
 
 
 MAX_PATTERN_DEPTH = 64
@@ -376,3 +371,13 @@ _OPERATORS: dict[str, Callable[[Any, str], Matcher]] = {
     "$present-all": _op_present_all,
     "$length": _op_length,
 }
+
+
+def compile_rule(rule: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    """An AccessPolicy's `matcho`, compiled into a predicate over the request context."""
+    matcher = compile_pattern(rule["matcho"], "matcho")
+
+    def policy_matches(context: Mapping[str, Any]) -> bool:
+        return matcher(context, context)
+
+    return policy_matches

@@ -13,20 +13,15 @@ from typing import Any
 from jsonschema import Draft7Validator, ValidationError, validators
 from jsonschema.exceptions import SchemaError
 
-from authz_service.errors import AuthzError
+from authz_service.errors import PolicyError
 
 # The context being validated: keyword functions only see the sub-instance, $data needs the root.
 _ROOT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("authz_policy_root")
 _UNRESOLVED = object()
 
 
-class SchemaProblem(AuthzError):
+class SchemaProblem(PolicyError):
     """A policy's schema is not a valid draft-07 schema (or a $data pointer is malformed)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}")
 
 
 def json_equal(a: Any, b: Any) -> bool:
@@ -113,3 +108,8 @@ def compile_schema(schema: Any, path: str = "schema") -> Callable[[Mapping[str, 
             _ROOT.reset(token)
 
     return evaluate
+
+
+def compile_rule(rule: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    """An AccessPolicy's `schema`, compiled into a predicate over the request context."""
+    return compile_schema(rule["schema"], "schema")

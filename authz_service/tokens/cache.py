@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 from aiocache.base import BaseCache
 from aiocache.serializers import BaseSerializer
 
-from authz_service.config import CacheConfig
+from authz_service.config.model import CacheConfig
 
 log = logging.getLogger(__name__)
 

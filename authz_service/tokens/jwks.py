@@ -22,8 +22,8 @@ from typing import Any
 
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
+from authz_service.tokens.base import IdpClient
 from authz_service.tokens.keys import VerificationKey, load_jwk
-from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class JwksKeySource:
     def __init__(
         self,
         uri: str,
-        client: UpstreamClient,
+        client: IdpClient,
         *,
         ttl: float,
         max_stale: float = 0.0,

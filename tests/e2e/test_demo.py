@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from authz_service.demo import Ports
+from authz_service.devstack.demo import Ports
 
 READY_TIMEOUT = 40.0  # first line to "Press Ctrl-C": Python start-up, IdP keys, service, Envoy
 EXIT_TIMEOUT = 20.0

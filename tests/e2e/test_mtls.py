@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from authz_service.echo import EchoUpstream
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.echo import EchoUpstream
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.certs import make_pki
 from tests.conftest import free_port, jwks_introspector
 from tests.e2e.conftest import envoy_config, launch_envoy, stop_process

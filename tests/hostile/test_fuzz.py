@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 from authz_service._pb.envoy.config.core.v3 import address_pb2, base_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_service.config import ResponseConfig, parse_config
-from authz_service.decide import MAX_HEADER_VALUE, Authorizer, IdentityHeaders, build_introspectors
-from authz_service.envoy import ResponseBuilder, to_http_request
+from authz_service.config.model import ResponseConfig
+from authz_service.config.validate import parse_config
+from authz_service.decide import Authorizer
+from authz_service.engine import build_engine
+from authz_service.envoy import MAX_HEADER_VALUE, IdentityHeaders, ResponseBuilder, to_http_request
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import Decision, Identity, Outcome, Reason
 from authz_service.policy.matcho import PatternError, compile_pattern
@@ -410,8 +412,8 @@ def _authorizer() -> tuple[Authorizer, ResponseBuilder]:
             }
         )
     )
-    caches = CacheFactory(config.cache)
-    return Authorizer(config, build_introspectors(config, UpstreamClient(), caches)), ResponseBuilder(config.response)
+    engine = build_engine(config, UpstreamClient(), CacheFactory(config.cache))
+    return engine.authorizer, engine.responses
 
 
 AUTHORIZER, RESPONSES = _authorizer()

@@ -29,12 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_service import server as server_module
 from authz_service._pb.envoy.config.core.v3 import base_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_service.idp import DevIdentityProvider
-from authz_service.server import AUTHORIZATION_SERVICE
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.engine import build_engine
+from authz_service.server import grpc as server_module
+from authz_service.server.grpc import AUTHORIZATION_SERVICE
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 from tests.harness import Answer, Harness, check_request
 
@@ -836,8 +837,8 @@ async def test_internal_errors_fail_closed(
     idp: DevIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = await start_service(hostile_config(idp, policies=[SIGNED_IN]))
-    authorizer = service.service.engine.authorizer
-    policies = authorizer._policies
+    running = service.service
+    engine = running.engine
 
     def explode(context: Any) -> bool:
         raise RuntimeError(f"policy bug while looking at {context!r}")
@@ -849,17 +850,19 @@ async def test_internal_errors_fail_closed(
         assert answer.body == {"error": "temporarily_unavailable", "error_description": "internal error"}
         assert token not in answer.response.SerializeToString().decode("utf-8", "replace")
 
-    # A policy whose evaluation raises.
-    authorizer._policies = tuple(dataclasses.replace(p, evaluate=explode) for p in policies)
+    # A policy whose evaluation raises (an engine built from the same config, its predicates broken).
+    broken_policies = tuple(dataclasses.replace(p, predicate=explode) for p in engine.config.policies)
+    broken_config = dataclasses.replace(engine.config, policies=broken_policies)
+    running.engine = build_engine(broken_config, running.client, running.caches, previous=engine)
     await expect_internal_error("policy raises")
-    authorizer._policies = policies
+    running.engine = engine
     await assert_healthy(service, idp.mint())
 
     # An introspector that raises something no one planned for.
-    introspector = authorizer.introspectors["idp"]
+    introspector = engine.introspectors["idp"]
     for error in (RuntimeError("boom"), RecursionError(), KeyError("kid"), TypeError("x"), MemoryError()):
 
-        async def broken(parsed: Any, error: BaseException = error) -> Any:
+        async def broken(credential: Any, error: BaseException = error) -> Any:
             raise error
 
         monkeypatch.setattr(introspector, "introspect", broken)

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import StartService, free_port, opaque_introspector, wait_serving
 from tests.harness import Answer, check_request
 

@@ -8,7 +8,7 @@ import logging
 import aiohttp
 import pytest
 
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.observe import redact
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from authz_service.idp import DevIdentityProvider
-from authz_service.tokens.verified import VerifiedTokens
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.tokens.opaque import CachedIntrospector
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 
 
@@ -88,10 +88,10 @@ async def test_result_is_cached(idp: DevIdentityProvider, opaque_service: Any) -
     counts = service.service.caches.stats.counts
     # Repeats are answered by the in-process verified-token cache, in front of the token cache.
     assert counts[("verified", "hit")] == 9 and counts[("opaque", "miss")] == 1
-    # A process without that entry (another worker or replica, here: a fresh one) finds the answer
-    # in the token cache and does not ask the IdP.
-    authorizer = service.service.engine.authorizer
-    authorizer.verified = VerifiedTokens(100)
+    # Without that entry (another worker or replica; here, after a reload, which starts a new
+    # verified-token cache and keeps the introspector's token cache) the answer comes from the
+    # token cache, and the IdP is not asked.
+    await service.service.reload(service.service.config)
     assert (await service.check(token=token)).allowed
     assert counts[("opaque", "hit")] == 1 and idp.hits["introspect"] == 1
 
@@ -223,5 +223,7 @@ async def test_unique_token_flood_keeps_cache_bounded(idp: DevIdentityProvider, 
     tokens = [idp.issue_opaque() for _ in range(300)]
     for token in tokens:
         assert (await service.check(token=token)).allowed
-    backend = service.service.engine.authorizer.introspectors["opaque"].cache.backend
+    introspector = service.service.engine.introspectors["opaque"]
+    assert isinstance(introspector, CachedIntrospector)
+    backend = introspector.cache.backend
     assert len(backend) == 50

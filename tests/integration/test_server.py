@@ -19,7 +19,7 @@ from envoy_data_plane.envoy.service.auth.v3 import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector
 
 SERVICE = "envoy.service.auth.v3.Authorization"
@@ -111,7 +111,7 @@ async def test_unexpected_error_denies_and_server_keeps_serving(
     idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
 ) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
-    introspector = service.service.engine.authorizer.introspectors["idp"]
+    introspector = service.service.engine.introspectors["idp"]
     original = introspector.introspect
 
     async def explode(token: Any) -> Any:

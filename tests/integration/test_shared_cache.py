@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
 from tests.conftest import Spawned, StartService, free_port, opaque_introspector
 from tests.harness import Answer, check_request

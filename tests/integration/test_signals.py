@@ -13,7 +13,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import Spawned, jwks_introspector, opaque_introspector
 from tests.harness import Answer, check_request
 

@@ -8,9 +8,9 @@ import grpc
 import pytest
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
-from authz_service.config import parse_config
+from authz_service.config.validate import parse_config
+from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
-from authz_service.idp import DevIdentityProvider
 from tests.certs import Pki, make_pki
 from tests.conftest import StartService, jwks_introspector
 from tests.harness import Answer, check_request

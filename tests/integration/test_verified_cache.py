@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector
 
 
 def _cache(service: object) -> object:
-    return service.service.engine.authorizer.verified  # type: ignore[attr-defined]
+    return service.service.engine.verified  # type: ignore[attr-defined]
 
 
 async def test_repeated_token_is_verified_once(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
-    source = service.service.engine.authorizer.introspectors["idp"].key_source
+    source = service.service.engine.built["idp"].jwks
     token = idp.mint({"sub": "alice"})
     calls = 0
     original = source.keys_for

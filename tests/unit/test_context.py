@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from authz_service.config import parse_config
+from authz_service.config.model import ResponseConfig
+from authz_service.config.validate import parse_config
 from authz_service.context import build_context, query_params, strip_empty
+from authz_service.engine import IdentityShaper
 from authz_service.model import HttpRequest, Identity
 
 
@@ -17,7 +19,9 @@ def test_context_fields_and_empty_values_removed() -> None:
         remote_addr="10.0.0.1",
         context_extensions={"route": "fhir"},
     )
-    identity = Identity("u-1", {"sub": "u-1", "roles": [], "org": {}, "name": None, "tenant": "t"}, "idp", "jwt")
+    verified = Identity("u-1", {"sub": "u-1", "roles": [], "org": {}, "name": None, "tenant": "t"}, "idp", "jwt")
+    # Identities reach build_context shaped, once per verification: claims stripped of empty values.
+    identity = IdentityShaper(ResponseConfig(), keep_claims=True)(verified)
     # Users reach build_context as Config stores them: stripped once at load.
     users = parse_config("users: [{id: u-1, roles: [{value: doctor}], data: {}}]\n", {}).users
     assert dict(users["u-1"]) == {"id": "u-1", "roles": [{"value": "doctor"}]}

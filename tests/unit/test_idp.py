@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.idp import DevIdentityProvider
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHORT = aiohttp.ClientTimeout(total=0.2)
@@ -342,7 +342,7 @@ async def test_command_line_serves_until_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "authz_service.idp",
+        "authz_service.devstack.idp",
         "--port",
         "0",
         "--issuer",
@@ -370,7 +370,7 @@ async def test_token_endpoint_mints_for_demo_users() -> None:
     import aiohttp
     import jwt as pyjwt
 
-    from authz_service.idp import DevIdentityProvider
+    from authz_service.devstack.idp import DevIdentityProvider
 
     async with DevIdentityProvider() as idp, aiohttp.ClientSession() as session:
         auth = {"Authorization": idp.introspection_authorization}

@@ -18,13 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from authz_service.tokens.keys import (
-    BadKey,
-    VerificationKey,
-    hmac_key,
-    load_jwk,
-    load_static_key,
-)
+from authz_service.config.validate import static_key
+from authz_service.tokens import keys as key_loading
+from authz_service.tokens.keys import BadKey, VerificationKey, hmac_key, load_jwk
+
+
+def load_static_key(raw: dict[str, Any]) -> VerificationKey:
+    """A `jwt.keys` entry as config validation and the introspector load it: fields, then key material."""
+    return key_loading.load_static_key(static_key(raw))
 
 RSA_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 HMAC_ALGS = {"HS256", "HS384", "HS512"}

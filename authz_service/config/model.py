@@ -1,0 +1,156 @@
+"""The validated config: frozen values, built once by `config.validate`, read everywhere else.
+
+This module imports nothing else of the product, so every other part (tokens, policies, the
+servers) can depend on it without a cycle. Values are checked when they are built, never here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+"""A compiled AccessPolicy rule: does it match this request context?"""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for the gRPC listener; with client_ca, clients must present a certificate it signed (mTLS)."""
+
+    cert: bytes
+    key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+    files: tuple[str, ...] = ()  # where they were read from, for messages
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the service listens and how many processes serve."""
+
+    grpc_address: str = "0.0.0.0:9001"
+    admin_address: str | None = "0.0.0.0:9002"
+    workers: int = 1
+    worker_base_port: int | None = None  # workers > 1: worker i also listens on this port + i
+    drain_delay: float = 5.0  # seconds NOT_SERVING is reported before the listener closes
+    shutdown_grace: float = 10.0  # seconds in-flight checks get to finish after that
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log levels: the service's own and the one decision lines are written at."""
+
+    level: str = "info"
+    decisions: int | None = logging.INFO  # logging level number; None: no decision lines
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Which cache backend holds introspection results."""
+
+    backend: str = "memory"
+    url: str | None = None
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseConfig:
+    """Which headers carry the identity upstream."""
+
+    user_id_header: str = "x-user-id"
+    claims_header: str = "x-auth-claims"
+    claim_headers: tuple[tuple[str, str], ...] = ()  # (claim, header)
+
+    @property
+    def identity_headers(self) -> tuple[str, ...]:
+        """Every header this service owns: set on allow, removed when not set."""
+        return (self.user_id_header, self.claims_header, *(h for _, h in self.claim_headers))
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKey:
+    """One entry of `jwt.keys`, checked field by field (tokens/keys.py turns it into a verifier)."""
+
+    kty: str  # RSA | EC | OKP | OCT (upper case)
+    alg: str
+    kid: str | None = None
+    pem: str | None = None  # kty RSA, EC, OKP: a PEM public key or certificate
+    secret: bytes | None = field(default=None, repr=False)  # kty OCT
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIntrospectorConfig:
+    """A `type: jwt` TokenIntrospector with exactly one key source."""
+
+    id: str
+    iss: str
+    audiences: frozenset[str] | None
+    leeway: int
+    cache_ttl: int
+    max_stale: int
+    timeout: float
+    cookie: str | None
+    secret: bytes | None = field(default=None, repr=False)
+    jwks_uri: str | None = None
+    keys: tuple[StaticKey, ...] = ()
+
+    kind = "jwt"
+
+
+@dataclass(frozen=True, slots=True)
+class OpaqueIntrospectorConfig:
+    """A `type: opaque` TokenIntrospector (RFC 7662)."""
+
+    id: str
+    url: str
+    authorization: str | None = field(repr=False)
+    cache_ttl: int
+    timeout: float
+    cookie: str | None
+
+    kind = "opaque"
+
+
+IntrospectorConfig = JwtIntrospectorConfig | OpaqueIntrospectorConfig
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """An AccessPolicy: its rule as written (for explanations) and compiled (for Check)."""
+
+    id: str
+    engine: str
+    rule: Any = field(compare=True, repr=False)  # the engine's part of the resource, as written
+    predicate: Predicate = field(compare=False, repr=False)
+    introspectors: frozenset[str] | None = None  # None: applies to every request
+
+    def allows(self, context: Mapping[str, Any], introspector: str | None) -> bool:
+        """Whether this policy applies to the request and its rule matches the context."""
+        if self.introspectors is not None and introspector not in self.introspectors:
+            return False
+        return self.predicate(context)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated config."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
+    introspectors: tuple[IntrospectorConfig, ...] = ()
+    policies: tuple[PolicyConfig, ...] = ()
+    users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line for check-config and the start-up log."""
+        kinds = ", ".join(f"{i.id} ({i.kind})" for i in self.introspectors)
+        return (
+            f"config OK: {len(self.introspectors)} introspector(s) [{kinds}], "
+            f"{len(self.policies)} policy(ies), {len(self.users)} user(s), "
+            f"cache {self.cache.backend}, grpc {self.server.grpc_address}"
+        )

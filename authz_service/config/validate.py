@@ -1,0 +1,449 @@
+"""Config validation: raw YAML in, a frozen `Config` out, or every problem listed.
+
+`check-config`, start-up, SIGHUP and the resource API all run exactly this code. Nothing
+downstream looks at raw dicts. Static keys are loaded and policies compiled here, so a key that
+cannot verify or a rule that cannot compile is a config error naming the resource and field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from authz_service.config.fields import Fields, expand_env, header_safe_text
+from authz_service.config.model import (
+    CacheConfig,
+    Config,
+    IntrospectorConfig,
+    JwtIntrospectorConfig,
+    LoggingConfig,
+    OpaqueIntrospectorConfig,
+    PolicyConfig,
+    Predicate,
+    ResponseConfig,
+    ServerConfig,
+    StaticKey,
+    TlsConfig,
+)
+from authz_service.context import strip_empty
+from authz_service.errors import ConfigError, PolicyError, Problem
+from authz_service.policy import ENGINES, engine_names
+from authz_service.tokens.keys import KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
+
+MIN_HMAC_SECRET_BYTES = 32
+_SERVER = ServerConfig()
+_CACHE = CacheConfig()
+_RESPONSE = ResponseConfig()
+_KEY_FIELDS = frozenset({"kty", "alg", "kid", "format", "pub", "k", "use"})
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file; raise ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([Problem("config", "", f"cannot read {path}: {err.strerror}")]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([Problem("config", "", f"{path} is not UTF-8 text (byte {err.start})")]) from err
+    return parse_config(text, env)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Validate config text (YAML); raise ConfigError listing every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([Problem("config", "", f"is not valid YAML{where}")]) from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem("config", "", "must be a mapping at the top level")])
+    return validate_config(raw, os.environ if env is None else env)
+
+
+def validate_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """A Config from a raw mapping; `${VAR}` is expanded from env unless env is None."""
+    problems: list[Problem] = []
+    if env is not None:
+        try:
+            raw = expand_env(raw, env, "", problems)
+        except RecursionError as err:
+            raise ConfigError(
+                [Problem("config", "", "is nested too deeply (a YAML alias that refers to itself?)")]
+            ) from err
+    config = _Validator(problems).config(raw)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+class _Validator:
+    """Turns the raw (env-expanded) tree into a Config, recording every problem."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        self.warnings: list[str] = []
+
+    def config(self, raw: Mapping[str, Any]) -> Config:
+        top = Fields("config", raw, self.problems)
+        server = self.server(top.section("server"))
+        cache = self.cache(top.section("cache"))
+        response = self.response(top.section("response"))
+        introspectors = self.introspectors(top.get("introspectors", list, []))
+        users = self.users(top.get("users", list, []))
+        policies = self.policies(top.get("policies", list, []), {i.id for i in introspectors})
+        logs = self.logging(top.section("logging"))
+        top.reject_unknown()
+        return Config(server, cache, response, introspectors, policies, users, logs, tuple(self.warnings))
+
+    def logging(self, f: Fields | None) -> LoggingConfig:
+        if f is None:
+            return LoggingConfig()
+        levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+        level = f.get("level", str, "info")
+        if level not in levels:
+            f.problem("level", f"must be one of {', '.join(levels)}, got {level!r}")
+            level = "info"
+        decisions = f.get("decisions", str, "info")
+        if decisions not in (*levels, "off"):
+            f.problem("decisions", f"must be one of {', '.join(levels)} or off, got {decisions!r}")
+            decisions = "info"
+        f.reject_unknown()
+        return LoggingConfig(level, levels.get(decisions))
+
+    def server(self, f: Fields | None) -> ServerConfig:
+        if f is None:
+            return ServerConfig()
+        grpc_address = f.get("grpc_address", str, _SERVER.grpc_address)
+        f.address("grpc_address", grpc_address)
+        admin_address = f.get("admin_address", str, None) if "admin_address" in f.raw else _SERVER.admin_address
+        f.address("admin_address", admin_address)
+        workers = f.int_in("workers", 1, 1, 64)
+        base_port = f.get("worker_base_port", int, None)
+        if base_port is not None and not 1 <= base_port <= 65535 - workers:
+            f.problem("worker_base_port", f"must leave room for {workers} ports below 65536, got {base_port}")
+        drain = f.get("drain_delay", float, _SERVER.drain_delay)
+        if drain is not None and not 0 <= drain <= 600:
+            f.problem("drain_delay", f"must be between 0 and 600, got {drain}")
+        grace = f.number_in("shutdown_grace", _SERVER.shutdown_grace, 0, 600)
+        tls = self.tls(f.nested("tls"))
+        f.reject_unknown()
+        return ServerConfig(
+            grpc_address or _SERVER.grpc_address,
+            admin_address,
+            workers,
+            base_port,
+            float(drain if drain is not None else _SERVER.drain_delay),
+            grace,
+            tls,
+        )
+
+    def tls(self, f: Fields | None) -> TlsConfig | None:
+        if f is None:
+            return None
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        def read(name: str, required: bool) -> bytes | None:
+            path = f.get(name, str) if required else f.get(name, str, None)
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as err:
+                f.problem(name, f"cannot be read ({err.strerror})")
+                return None
+
+        cert, key, client_ca = read("cert", True), read("key", True), read("client_ca", False)
+        f.reject_unknown()
+        for name, data in (("cert", cert), ("client_ca", client_ca)):
+            if data is not None:
+                try:
+                    x509.load_pem_x509_certificates(data)
+                except ValueError:
+                    f.problem(name, "is not a PEM certificate")
+        if key is not None:
+            try:
+                load_pem_private_key(key, password=None)
+            except (ValueError, TypeError):
+                f.problem("key", "is not an unencrypted PEM private key")
+        if cert is None or key is None:
+            return None
+        return TlsConfig(
+            cert, key, client_ca, tuple(str(f.raw.get(n)) for n in ("cert", "key", "client_ca") if f.raw.get(n))
+        )
+
+    def cache(self, f: Fields | None) -> CacheConfig:
+        if f is None:
+            return CacheConfig()
+        backend = f.get("backend", str, "memory")
+        if backend not in ("memory", "redis"):
+            f.problem("backend", f"must be memory or redis, got {backend!r}")
+        url = f.get("url", str, None)
+        if backend == "redis" and url is None:
+            f.problem("url", "is required when backend is redis")
+        if url is not None and not re.match(r"^rediss?://", url):
+            f.problem("url", "must be a redis:// or rediss:// URL")
+        max_entries = f.int_in("max_entries", _CACHE.max_entries, 1, 10_000_000)
+        f.reject_unknown()
+        return CacheConfig(backend, url, max_entries)
+
+    def response(self, f: Fields | None) -> ResponseConfig:
+        if f is None:
+            return ResponseConfig()
+        user_id = f.header_name("user_id_header", f.get("user_id_header", str, _RESPONSE.user_id_header))
+        claims = f.header_name("claims_header", f.get("claims_header", str, _RESPONSE.claims_header))
+        mapping = f.get("claim_headers", dict, {}) or {}
+        claim_headers: list[tuple[str, str]] = []
+        for claim, header in mapping.items():
+            if not isinstance(claim, str) or not isinstance(header, str):
+                f.problem(f"claim_headers.{claim}", "must map a claim name to a header name")
+                continue
+            name = f.header_name(f"claim_headers.{claim}", header)
+            if name is not None:
+                claim_headers.append((claim, name))
+        f.reject_unknown()
+        result = ResponseConfig(
+            user_id or _RESPONSE.user_id_header,
+            claims or _RESPONSE.claims_header,
+            tuple(claim_headers),
+        )
+        names = result.identity_headers
+        if len(set(names)) != len(names):
+            f.problem("", "user_id_header, claims_header and claim_headers must all be different headers")
+        return result
+
+    def introspectors(self, raw_list: list[Any]) -> tuple[IntrospectorConfig, ...]:
+        result: list[IntrospectorConfig] = []
+        ids: set[str] = set()
+        issuers: dict[str, str] = {}
+        for index, raw in enumerate(raw_list):
+            if not isinstance(raw, dict):
+                self.problems.append(Problem(f"introspectors[{index}]", "", "must be a mapping"))
+                continue
+            ident = raw.get("id")
+            if not isinstance(ident, str) or not ident:
+                where = f"introspectors[{index}]"
+                self.problems.append(Problem(where, "id", "is required and must be a non-empty string"))
+            else:
+                where = f"introspector {ident!r}"
+                if ident in ids:
+                    self.problems.append(Problem(where, "id", "is used by more than one introspector"))
+                ids.add(ident)
+            f = Fields(where, raw, self.problems)
+            f.get("id", str, None)
+            f.resource_type("TokenIntrospector")
+            kind = f.get("type", str)
+            built: IntrospectorConfig | None = None
+            if kind == "jwt":
+                built = self.jwt_introspector(f, str(ident))
+                if built is not None:
+                    if built.iss in issuers:
+                        f.problem("jwt.iss", f"is already claimed by introspector {issuers[built.iss]!r}")
+                    issuers[built.iss] = built.id
+            elif kind == "opaque":
+                built = self.opaque_introspector(f, str(ident))
+            elif kind is not None:
+                f.problem("type", f"must be jwt or opaque, got {kind!r}")
+            f.reject_unknown()
+            if built is not None and not any(p.where == where for p in self.problems):
+                result.append(built)
+        return tuple(result)
+
+    def _common(self, f: Fields) -> tuple[int, float, str | None]:
+        cache_ttl = f.int_in("cache_ttl", 300, 1, 86400)
+        timeout = f.number_in("timeout", 2.0, 0, 30)
+        cookie = f.cookie_name("cookie", f.get("cookie", str, None))
+        return cache_ttl, timeout, cookie
+
+    def jwt_introspector(self, f: Fields, ident: str) -> JwtIntrospectorConfig | None:
+        cache_ttl, timeout, cookie = self._common(f)
+        max_stale = f.int_in("max_stale", 0, 0, 86400)
+        top_jwks = f.get("jwks_uri", str, None)
+        jwt = f.required_nested("jwt", "for type jwt (it holds iss and the key source)")
+        if jwt is None:
+            return None
+        iss = jwt.get("iss", str)
+        aud_raw = jwt.get("aud", (str, list), None)
+        audiences: frozenset[str] | None = None
+        if isinstance(aud_raw, str):
+            audiences = frozenset([aud_raw])
+        elif isinstance(aud_raw, list):
+            if not aud_raw or not all(isinstance(a, str) and a for a in aud_raw):
+                jwt.problem("aud", "must be a string or a non-empty list of strings")
+            else:
+                audiences = frozenset(aud_raw)
+        leeway = jwt.int_in("leeway", 30, 0, 3600)
+        secret = jwt.get("secret", str, None)
+        nested_jwks = jwt.get("jwks_uri", str, None)
+        keys_raw = jwt.get("keys", list, None)
+        jwks_uri = top_jwks or nested_jwks
+        if top_jwks and nested_jwks:
+            jwt.problem("jwks_uri", "is given both at the top level and under jwt; keep one")
+        sources = [n for n, v in (("jwt.secret", secret), ("jwks_uri", jwks_uri), ("jwt.keys", keys_raw)) if v]
+        if len(sources) != 1:
+            f.problem(
+                "jwt",
+                "needs exactly one key source: jwt.secret, jwks_uri or jwt.keys"
+                + (f" (found {', '.join(sources)})" if sources else " (found none)"),
+            )
+        f.url("jwks_uri", jwks_uri)
+        short = [("jwt.secret", secret)] + [
+            (f"jwt.keys[{i}].k", k.get("k")) for i, k in enumerate(keys_raw or []) if isinstance(k, dict)
+        ]
+        for field_name, value in short:
+            if isinstance(value, str) and len(value.encode()) < MIN_HMAC_SECRET_BYTES:
+                self.warnings.append(
+                    f"introspector {ident!r}: {field_name} is shorter than {MIN_HMAC_SECRET_BYTES} bytes; "
+                    "use a longer random secret in production"
+                )
+        keys: list[StaticKey] = []
+        for i, raw_key in enumerate(keys_raw or []):
+            field_name = f"keys[{i}]"
+            if not isinstance(raw_key, dict):
+                jwt.problem(field_name, "must be a mapping")
+                continue
+            try:
+                spec = static_key(raw_key)
+                load_static_key(spec)  # the same loading the introspector does: a key that fails is an error now
+            except BadKey as err:
+                jwt.problem(f"{field_name}.{err.field}", err.message)
+            else:
+                keys.append(spec)
+        jwt.reject_unknown()
+        if iss is None:
+            return None
+        return JwtIntrospectorConfig(
+            id=ident,
+            iss=iss,
+            audiences=audiences,
+            leeway=leeway,
+            cache_ttl=cache_ttl,
+            max_stale=max_stale,
+            timeout=timeout,
+            cookie=cookie,
+            secret=secret.encode() if secret else None,
+            jwks_uri=jwks_uri,
+            keys=tuple(keys),
+        )
+
+    def opaque_introspector(self, f: Fields, ident: str) -> OpaqueIntrospectorConfig | None:
+        cache_ttl, timeout, cookie = self._common(f)
+        endpoint = f.required_nested("introspection_endpoint", "for type opaque ({url, authorization})")
+        if endpoint is None:
+            return None
+        url = endpoint.get("url", str)
+        endpoint.url("url", url)
+        authorization = endpoint.get("authorization", str, None)
+        if authorization is not None and not header_safe_text(authorization):
+            endpoint.problem("authorization", "must be a single-line header value")
+        endpoint.reject_unknown()
+        if url is None:
+            return None
+        return OpaqueIntrospectorConfig(ident, url, authorization, cache_ttl, timeout, cookie)
+
+    def policies(self, raw_list: list[Any], introspector_ids: set[str]) -> tuple[PolicyConfig, ...]:
+        result: list[PolicyConfig] = []
+        ids: set[str] = set()
+        for index, raw in enumerate(raw_list):
+            if not isinstance(raw, dict):
+                self.problems.append(Problem(f"policies[{index}]", "", "must be a mapping"))
+                continue
+            ident = raw.get("id")
+            where = f"policy {ident!r}" if isinstance(ident, str) and ident else f"policies[{index}]"
+            f = Fields(where, raw, self.problems)
+            if f.get("id", str, None) is None:
+                f.problem("id", "is required and must be a non-empty string")
+            elif ident in ids:
+                f.problem("id", "is used by more than one policy")
+            ids.add(str(ident))
+            f.resource_type("AccessPolicy")
+            f.get("description", str, None)
+            engine = f.get("engine", str)
+            scope = f.get("introspectors", list, None)
+            introspectors: frozenset[str] | None = None
+            if scope is not None:
+                unknown = [name for name in scope if name not in introspector_ids]
+                if not scope or unknown:
+                    f.problem(
+                        "introspectors", f"must list configured introspector ids, unknown: {unknown or '(empty)'}"
+                    )
+                introspectors = frozenset(str(name) for name in scope)
+            rule: dict[str, Any] = {}
+            predicate: Predicate | None = None
+            kind = ENGINES.get(engine) if engine is not None else None
+            if kind is None:
+                if engine is not None:
+                    f.problem("engine", f"must be {engine_names()}, got {engine!r}")
+            else:
+                f.seen.update(kind.fields)
+                rule = kind.rule(raw)
+                for name in kind.missing(raw):
+                    f.problem(name, f"is required for engine {engine}")
+                if not kind.missing(raw):
+                    try:
+                        predicate = kind.compile(rule)
+                    except PolicyError as err:
+                        f.problem("", str(err))
+                    except RecursionError:
+                        f.problem(kind.fields[0] if kind.fields else "engine", "is nested too deeply")
+            f.reject_unknown()
+            if predicate is not None and isinstance(ident, str):
+                result.append(PolicyConfig(ident, str(engine), rule, predicate, introspectors))
+        return tuple(result)
+
+    def users(self, raw_list: list[Any]) -> Mapping[str, Mapping[str, Any]]:
+        users: dict[str, Mapping[str, Any]] = {}
+        for index, raw in enumerate(raw_list):
+            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+                self.problems.append(Problem(f"users[{index}]", "id", "is required and must be a non-empty string"))
+                continue
+            f = Fields(f"user {raw['id']!r}", raw, self.problems)
+            f.resource_type("User")
+            if raw["id"] in users:
+                f.problem("id", "is used by more than one user")
+            # Stored as policies see it: empty values removed once, here. A plain dict on purpose:
+            # jsonschema only treats dicts as objects, so a read-only proxy would skip `properties`.
+            users[raw["id"]] = strip_empty(raw)
+        return MappingProxyType(users)
+
+
+def static_key(raw: Mapping[str, Any]) -> StaticKey:
+    """One `jwt.keys` entry, field by field: {kty, alg, format: PEM|plain, pub | k, kid?}."""
+    kty = raw.get("kty")
+    if not isinstance(kty, str) or kty.upper() not in KTY_ALGORITHMS:
+        raise BadKey("kty", f"must be one of RSA, EC, OKP, OCT, got {kty!r}")
+    kty = kty.upper()
+    alg = raw.get("alg")
+    if not isinstance(alg, str) or alg not in KTY_ALGORITHMS[kty]:
+        allowed = ", ".join(sorted(KTY_ALGORITHMS[kty]))
+        raise BadKey("alg", f"must be one of {allowed} for kty {kty}, got {alg!r}")
+    kid = raw.get("kid")
+    if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):
+        raise BadKey("kid", f"must be a string of 1 to {MAX_KID_LENGTH} characters")
+    fmt = raw.get("format", "plain" if kty == "OCT" else "PEM")
+    extras = sorted(str(name) for name in raw if name not in _KEY_FIELDS)
+    if extras:
+        raise BadKey(extras[0], "is not a known key field")
+    if kty == "OCT":
+        if fmt != "plain":
+            raise BadKey("format", f"must be plain for kty OCT, got {fmt!r}")
+        secret = raw.get("k")
+        if not isinstance(secret, str) or not secret:
+            raise BadKey("k", "is required for kty OCT (the shared secret)")
+        return StaticKey(kty, alg, kid, secret=secret.encode())
+    if fmt != "PEM":
+        raise BadKey("format", f"must be PEM for kty {kty}, got {fmt!r}")
+    pem = raw.get("pub")
+    if not isinstance(pem, str) or "-----BEGIN" not in pem:
+        raise BadKey("pub", "is required: a PEM public key or certificate")
+    return StaticKey(kty, alg, kid, pem=pem)

@@ -1,0 +1,129 @@
+"""The wiring: one validated Config in, one Engine out (introspectors, caches, Authorizer, answers).
+
+This is the only module that knows every concrete introspector class; everything downstream sees
+the Introspector protocol. A reload builds a new Engine and swaps it in one assignment; an
+introspector whose config did not change is carried over as it is, so its JWKS keys and its
+token cache survive, and checks in flight finish on the engine they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from authz_service.config.model import Config, IntrospectorConfig, JwtIntrospectorConfig, ResponseConfig
+from authz_service.context import strip_empty
+from authz_service.decide import Authorizer
+from authz_service.envoy import IdentityHeaders, ResponseBuilder
+from authz_service.model import Identity
+from authz_service.tokens.base import IdpClient, Introspector
+from authz_service.tokens.cache import CacheFactory
+from authz_service.tokens.jwks import JwksKeySource
+from authz_service.tokens.jwt import JwtIntrospector, StaticKeySource
+from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
+from authz_service.tokens.router import IntrospectorRouter
+from authz_service.tokens.sources import CredentialFinder
+from authz_service.tokens.verified import VerifiedTokens
+
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+class IdentityShaper:
+    """Shapes a freshly verified identity once, for every later hit: its headers, and its claims
+    trimmed to what policies read (nothing at all when there are no policies)."""
+
+    def __init__(self, response: ResponseConfig, keep_claims: bool) -> None:
+        self._headers = IdentityHeaders(response)
+        self._keep_claims = keep_claims
+
+    def __call__(self, identity: Identity) -> Identity:
+        headers = self._headers.build(identity)  # from the full claims: claim_headers may name any
+        claims = strip_empty(identity.claims) if self._keep_claims else _NO_CLAIMS
+        return dataclasses.replace(identity, claims=claims, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """One introspector as built from its config (kept to compare configs on reload)."""
+
+    config: IntrospectorConfig
+    introspector: Introspector
+    jwks: JwksKeySource | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """Everything built from one config; swapped as a whole on reload."""
+
+    config: Config
+    authorizer: Authorizer
+    responses: ResponseBuilder
+    verified: VerifiedTokens
+    built: Mapping[str, Built]
+
+    @property
+    def introspectors(self) -> Mapping[str, Introspector]:
+        """Introspectors by id."""
+        return {ident: b.introspector for ident, b in self.built.items()}
+
+    async def warm_up(self) -> None:
+        """Fetch every JWKS that has no keys yet, so first requests do not wait (failures retry later)."""
+        sources = [b.jwks for b in self.built.values() if b.jwks is not None and b.jwks.keyset is None]
+        await asyncio.gather(*(source.warm_up() for source in sources))
+
+    def jwks_staleness(self) -> dict[str, float]:
+        """Seconds past cache_ttl of the keys each JWKS introspector serves."""
+        return {ident: b.jwks.staleness() for ident, b in self.built.items() if b.jwks is not None}
+
+
+def build_engine(
+    config: Config,
+    client: IdpClient,
+    caches: CacheFactory,
+    previous: Engine | None = None,
+    on_cache_event: Callable[[str, str], None] | None = None,
+) -> Engine:
+    """The Engine for a config, reusing the unchanged introspectors of `previous`."""
+    built = build_introspectors(config, client, caches, previous.built if previous else None)
+    router = IntrospectorRouter([b.introspector for b in built.values()])
+    verified = VerifiedTokens(
+        router,
+        IdentityShaper(config.response, keep_claims=bool(config.policies)),
+        config.cache.max_entries,
+        on_event=on_cache_event,
+    )
+    credentials = CredentialFinder([(c.cookie, c.id) for c in config.introspectors if c.cookie is not None])
+    authorizer = Authorizer(credentials, verified, config.policies, config.users)
+    return Engine(config, authorizer, ResponseBuilder(config.response), verified, MappingProxyType(built))
+
+
+def build_introspectors(
+    config: Config,
+    client: IdpClient,
+    caches: CacheFactory,
+    previous: Mapping[str, Built] | None = None,
+) -> dict[str, Built]:
+    """One introspector per configured resource, in config order, with its key source or cache."""
+    built: dict[str, Built] = {}
+    for item in config.introspectors:
+        old = (previous or {}).get(item.id)
+        if old is not None and old.config == item:
+            built[item.id] = old
+        elif isinstance(item, JwtIntrospectorConfig):
+            static = StaticKeySource.from_config(item)
+            if static is not None:
+                built[item.id] = Built(item, JwtIntrospector(item, static))
+            else:
+                assert item.jwks_uri is not None  # guaranteed by config validation: one key source
+                jwks = JwksKeySource(
+                    item.jwks_uri, client, ttl=item.cache_ttl, max_stale=item.max_stale, timeout=item.timeout
+                )
+                built[item.id] = Built(item, JwtIntrospector(item, jwks), jwks)
+        else:
+            cache = caches.token_cache(item.id, item.url)
+            built[item.id] = Built(item, CachedIntrospector(OpaqueIntrospector(item, client), cache))
+    return built

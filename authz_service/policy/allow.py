@@ -1,0 +1,17 @@
+"""`engine: allow`: a policy that matches every request it applies to (scope it with `introspectors`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from authz_service.config.model import Predicate
+
+
+def _always(context: Mapping[str, Any]) -> bool:
+    return True
+
+
+def compile_rule(rule: Mapping[str, Any]) -> Predicate:
+    """The predicate that always matches."""
+    return _always

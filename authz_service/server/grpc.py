@@ -1,0 +1,106 @@
+"""The gRPC shell: ext_authz Check, grpc.health.v1 and server reflection on one grpc.aio server.
+
+The servicer only converts: CheckRequest -> HttpRequest, Authorizer -> Decision,
+ResponseBuilder -> CheckResponse bytes. Everything that decides lives in decide.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
+from authz_service.config.model import TlsConfig
+from authz_service.engine import Engine
+from authz_service.envoy import to_http_request
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
+from authz_service.observe import Metrics, log_decision, log_internal_error
+
+AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
+_INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+_EMPTY_REQUEST = HttpRequest()
+
+
+class AuthorizationServicer:
+    """envoy.service.auth.v3.Authorization: converts at the edges, never raises."""
+
+    def __init__(self, engine: Callable[[], Engine], metrics: Metrics) -> None:
+        self._engine = engine  # read once per Check: a reload swaps it between checks, never during one
+        self._metrics = metrics
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """The answer, already serialized (see ResponseBuilder.encode)."""
+        started = time.perf_counter()
+        engine = self._engine()
+        http = _EMPTY_REQUEST
+        try:
+            http = to_http_request(request)
+            decision = await engine.authorizer.check(http)
+            response = engine.responses.encode(decision)
+        except Exception as err:  # fail closed, keep serving
+            log_internal_error(err)
+            decision = _INTERNAL_ERROR
+            response = engine.responses.encode(decision)
+        elapsed = time.perf_counter() - started
+        self._metrics.observe(decision, elapsed)
+        log_decision(http, decision, elapsed, engine.config.logging.decisions)
+        return response
+
+
+def create_server(
+    servicer: AuthorizationServicer, health_servicer: health.aio.HealthServicer, *, reuse_port: bool
+) -> grpc.aio.Server:
+    """A grpc.aio server with Check, health and reflection registered (not yet bound)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # grpc cancels requests past 1,000 pending on a server; a burst from one Envoy
+            # can exceed that. Queue more (memory is bounded by the message cap) rather than drop.
+            ("grpc.server.max_pending_requests", 10_000),
+            ("grpc.server.max_pending_requests_hard_limit", 10_000),
+        ]
+    )
+    # Registered by hand rather than with the generated add_..._to_server: the same method path,
+    # but no response_serializer, because Check returns bytes it has already encoded.
+    check: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=external_auth_pb2.CheckRequest.FromString,
+        response_serializer=None,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {"Check": check}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            AUTHORIZATION_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
+
+
+def bind(server: grpc.aio.Server, addresses: Sequence[str], tls: TlsConfig | None) -> list[int]:
+    """Listen on each address, with TLS (and client certificates) when configured; the bound ports."""
+    ports = []
+    for address in addresses:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
+            )
+            port = server.add_secure_port(address, credentials)
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+        ports.append(port)
+    return ports

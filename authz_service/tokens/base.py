@@ -1,0 +1,69 @@
+"""What every introspector is: one protocol, whatever the kind of token.
+
+`Authorizer` sees only this protocol (through the verified-token cache and the router), never
+a concrete class: JWT and opaque introspectors, and the caches that wrap them, all fit it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from authz_service.model import Identity
+
+if TYPE_CHECKING:
+    from authz_service.tokens.jwt import ParsedJwt
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A token found on a request, and the introspector its source binds it to (if any)."""
+
+    token: str
+    introspector: str | None = None  # set by per-introspector sources (cookie, from_headers, from_params)
+    jwt: ParsedJwt | None = None  # the token already parsed as a JWS, when routing needed its `iss`
+
+
+class Introspector(Protocol):
+    """Turns a credential into an Identity, or raises TokenRejected / UpstreamUnavailable."""
+
+    @property
+    def id(self) -> str:
+        """The TokenIntrospector's id."""
+        ...
+
+    @property
+    def issuer(self) -> str | None:
+        """The `iss` this introspector claims (jwt); None: asked, in config order, for tokens no issuer claims."""
+        ...
+
+    @property
+    def key_generation(self) -> int:
+        """Changes whenever the keys change (a rotation): identities verified before are not reused."""
+        ...
+
+    async def introspect(self, credential: Credential) -> Identity:
+        """The identity behind the credential; TokenRejected (401) or UpstreamUnavailable (503) if none."""
+        ...
+
+    def trusted_until(self, identity: Identity) -> float:
+        """Epoch seconds until which this verification of `identity` may be reused without asking again."""
+        ...
+
+
+class IdpClient(Protocol):
+    """The HTTP client introspectors talk to identity providers with (upstream.UpstreamClient).
+
+    Every failure is raised as UpstreamUnavailable; the answer is strict JSON.
+    """
+
+    async def get_json(self, endpoint: str, url: str, *, timeout: float) -> Any:
+        """GET url; its JSON body."""
+        ...
+
+    async def post_form(
+        self, endpoint: str, url: str, form: Mapping[str, str], *, headers: Mapping[str, str], timeout: float
+    ) -> Any:
+        """POST a form to url; its JSON body."""
+        ...
