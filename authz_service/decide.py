@@ -45,7 +45,7 @@ class Authorizer:
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""
         try:
-            credential = self._credentials.find(request.headers)
+            credential = self._credentials.find(request)
             if credential is None:
                 # Anonymous: only a policy can let it through, and then with no identity headers.
                 if self._policies and self._allowed(build_context(request, None, None), None):

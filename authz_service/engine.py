@@ -22,6 +22,7 @@ from authz_service.envoy import IdentityHeaders, ResponseBuilder
 from authz_service.model import Identity
 from authz_service.tokens.base import IdpClient, Introspector
 from authz_service.tokens.cache import CacheFactory
+from authz_service.tokens.discovery import OidcDiscovery
 from authz_service.tokens.jwks import JwksKeySource
 from authz_service.tokens.jwt import JwtIntrospector, StaticKeySource
 from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
@@ -96,9 +97,10 @@ def build_engine(
         config.cache.max_entries,
         on_event=on_cache_event,
     )
-    credentials = CredentialFinder([(c.cookie, c.id) for c in config.introspectors if c.cookie is not None])
+    credentials = CredentialFinder(config.introspectors)
     authorizer = Authorizer(credentials, verified, config.policies, config.users)
-    return Engine(config, authorizer, ResponseBuilder(config.response), verified, MappingProxyType(built))
+    responses = ResponseBuilder(config.response, remove_params=credentials.token_params)
+    return Engine(config, authorizer, responses, verified, MappingProxyType(built))
 
 
 def build_introspectors(
@@ -118,9 +120,10 @@ def build_introspectors(
             if static is not None:
                 built[item.id] = Built(item, JwtIntrospector(item, static))
             else:
-                assert item.jwks_uri is not None  # guaranteed by config validation: one key source
+                # Config validation guarantees one key source: jwks_uri or discovery.
+                location = item.jwks_uri or OidcDiscovery(item.iss, client, item.timeout)
                 jwks = JwksKeySource(
-                    item.jwks_uri, client, ttl=item.cache_ttl, max_stale=item.max_stale, timeout=item.timeout
+                    location, client, ttl=item.cache_ttl, max_stale=item.max_stale, timeout=item.timeout
                 )
                 built[item.id] = Built(item, JwtIntrospector(item, jwks), jwks)
         else:

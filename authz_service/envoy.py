@@ -127,8 +127,13 @@ class ResponseBuilder:
     costs a dict lookup instead of building and serializing ~10 protobuf messages, ~70 µs).
     """
 
-    def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES) -> None:
+    def __init__(
+        self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES, remove_params: tuple[str, ...] = ()
+    ) -> None:
         self._identity_headers = response.identity_headers
+        # Query parameters that may carry a token (from_params): the upstream never sees them,
+        # whichever source the token of this request came from.
+        self._remove_params = remove_params
         self._encoded_denials: dict[tuple[Outcome, Reason], bytes] = {}
         self._allowed: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self._memo_entries = memo_entries
@@ -166,6 +171,7 @@ class ResponseBuilder:
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=[_header(name, value) for name, value in decision.headers],
                 headers_to_remove=[name for name in self._identity_headers if name not in set_names],
+                query_parameters_to_remove=self._remove_params,
             ),
             dynamic_metadata=metadata,
         )

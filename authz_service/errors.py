@@ -60,7 +60,7 @@ class UpstreamUnavailable(AuthzError):
     """An identity provider endpoint could not give a usable answer (answered 503 unless cached)."""
 
     def __init__(self, endpoint: str, outcome: str) -> None:
-        # endpoint is "jwks" or "introspection"; outcome is a short metric label such as
+        # endpoint is "jwks", "discovery" or "introspection"; outcome is a short metric label such as
         # "timeout", "connect_error", "http_503", "not_json". Never the URL's secrets or a token.
         self.endpoint = endpoint
         self.outcome = outcome

@@ -81,6 +81,14 @@ class StaticKey:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderSource:
+    """`from_headers` entry: the token is this header's value after `prefix` (case-insensitive)."""
+
+    name: str  # lower case
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class JwtIntrospectorConfig:
     """A `type: jwt` TokenIntrospector with exactly one key source."""
 
@@ -95,6 +103,9 @@ class JwtIntrospectorConfig:
     secret: bytes | None = field(default=None, repr=False)
     jwks_uri: str | None = None
     keys: tuple[StaticKey, ...] = ()
+    discovery: bool = False  # keys from <iss>/.well-known/openid-configuration's jwks_uri
+    from_headers: tuple[HeaderSource, ...] = ()
+    from_params: tuple[str, ...] = ()
 
     kind = "jwt"
 
@@ -109,8 +120,13 @@ class OpaqueIntrospectorConfig:
     cache_ttl: int
     timeout: float
     cookie: str | None
+    from_headers: tuple[HeaderSource, ...] = ()
+    from_params: tuple[str, ...] = ()
+    type: str = "opaque"  # or "aspxauth": the same, reading the .ASPXAUTH cookie unless `cookie` says otherwise
 
-    kind = "opaque"
+    @property
+    def kind(self) -> str:
+        return self.type
 
 
 IntrospectorConfig = JwtIntrospectorConfig | OpaqueIntrospectorConfig

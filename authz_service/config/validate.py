@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -21,6 +21,7 @@ from authz_service.config.fields import Fields, expand_env, header_safe_text
 from authz_service.config.model import (
     CacheConfig,
     Config,
+    HeaderSource,
     IntrospectorConfig,
     JwtIntrospectorConfig,
     LoggingConfig,
@@ -38,10 +39,21 @@ from authz_service.policy import ENGINES, engine_names
 from authz_service.tokens.keys import KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
 
 MIN_HMAC_SECRET_BYTES = 32
+ASPXAUTH_COOKIE = ".ASPXAUTH"
 _SERVER = ServerConfig()
 _CACHE = CacheConfig()
 _RESPONSE = ResponseConfig()
 _KEY_FIELDS = frozenset({"kty", "alg", "kid", "format", "pub", "k", "use"})
+
+
+class _Common(NamedTuple):
+    """The fields every kind of introspector has."""
+
+    cache_ttl: int
+    timeout: float
+    cookie: str | None
+    from_headers: tuple[HeaderSource, ...]
+    from_params: tuple[str, ...]
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -226,6 +238,7 @@ class _Validator:
         result: list[IntrospectorConfig] = []
         ids: set[str] = set()
         issuers: dict[str, str] = {}
+        bound: dict[str, str] = {}  # "header x-api-token" -> the introspector that reads it
         for index, raw in enumerate(raw_list):
             if not isinstance(raw, dict):
                 self.problems.append(Problem(f"introspectors[{index}]", "", "must be a mapping"))
@@ -250,25 +263,69 @@ class _Validator:
                     if built.iss in issuers:
                         f.problem("jwt.iss", f"is already claimed by introspector {issuers[built.iss]!r}")
                     issuers[built.iss] = built.id
-            elif kind == "opaque":
-                built = self.opaque_introspector(f, str(ident))
+            elif kind in ("opaque", "aspxauth"):
+                built = self.opaque_introspector(f, str(ident), kind)
             elif kind is not None:
-                f.problem("type", f"must be jwt or opaque, got {kind!r}")
+                f.problem("type", f"must be jwt, opaque or aspxauth, got {kind!r}")
+            if built is not None:
+                # A token source belongs to one introspector: two reading it would make the binding ambiguous.
+                names = [("cookie", built.cookie)] if built.cookie is not None else []
+                names += [("from_headers", h.name) for h in built.from_headers]
+                names += [("from_params", p) for p in built.from_params]
+                for what, name in names:
+                    other = bound.setdefault(f"{what} {name}", built.id)
+                    if other != built.id:
+                        f.problem(what, f"{name!r} is already read by introspector {other!r}")
             f.reject_unknown()
             if built is not None and not any(p.where == where for p in self.problems):
                 result.append(built)
         return tuple(result)
 
-    def _common(self, f: Fields) -> tuple[int, float, str | None]:
+    def _common(self, f: Fields, default_cookie: str | None = None) -> _Common:
         cache_ttl = f.int_in("cache_ttl", 300, 1, 86400)
         timeout = f.number_in("timeout", 2.0, 0, 30)
-        cookie = f.cookie_name("cookie", f.get("cookie", str, None))
-        return cache_ttl, timeout, cookie
+        cookie = f.cookie_name("cookie", f.get("cookie", str, default_cookie))
+        return _Common(cache_ttl, timeout, cookie, self._from_headers(f), self._from_params(f))
+
+    @staticmethod
+    def _from_headers(f: Fields) -> tuple[HeaderSource, ...]:
+        sources: list[HeaderSource] = []
+        for i, raw in enumerate(f.get("from_headers", list, [])):
+            entry = Fields(f.where, raw, f.problems, f"from_headers[{i}].") if isinstance(raw, dict) else None
+            if entry is None:
+                f.problem(f"from_headers[{i}]", "must be a mapping {name, prefix}")
+                continue
+            name = entry.get("name", str)
+            prefix = entry.get("prefix", str, "")
+            entry.reject_unknown()
+            if name is None:
+                continue
+            lowered = name.lower()
+            if lowered in ("cookie", "authorization") or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", lowered):
+                why = "use cookie: for cookies" if lowered == "cookie" else "Authorization: Bearer is always read"
+                detail = why if lowered in ("cookie", "authorization") else "letters, digits and '-'"
+                entry.problem("name", f"must be an HTTP header name ({detail}), got {name!r}")
+            elif not header_safe_text(prefix):
+                entry.problem("prefix", "must be a single-line header value")
+            else:
+                sources.append(HeaderSource(lowered, prefix))
+        return tuple(sources)
+
+    @staticmethod
+    def _from_params(f: Fields) -> tuple[str, ...]:
+        params: list[str] = []
+        for i, name in enumerate(f.get("from_params", list, [])):
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.~-]{1,128}", name):
+                f.problem(f"from_params[{i}]", f"must be a query parameter name (letters, digits, _.~-), got {name!r}")
+            else:
+                params.append(name)
+        return tuple(params)
 
     def jwt_introspector(self, f: Fields, ident: str) -> JwtIntrospectorConfig | None:
-        cache_ttl, timeout, cookie = self._common(f)
+        common = self._common(f)
         max_stale = f.int_in("max_stale", 0, 0, 86400)
         top_jwks = f.get("jwks_uri", str, None)
+        discovery = f.get("discovery", bool, False)
         jwt = f.required_nested("jwt", "for type jwt (it holds iss and the key source)")
         if jwt is None:
             return None
@@ -289,14 +346,17 @@ class _Validator:
         jwks_uri = top_jwks or nested_jwks
         if top_jwks and nested_jwks:
             jwt.problem("jwks_uri", "is given both at the top level and under jwt; keep one")
-        sources = [n for n, v in (("jwt.secret", secret), ("jwks_uri", jwks_uri), ("jwt.keys", keys_raw)) if v]
+        given = (("jwt.secret", secret), ("jwks_uri", jwks_uri), ("jwt.keys", keys_raw), ("discovery", discovery))
+        sources = [n for n, v in given if v]
         if len(sources) != 1:
             f.problem(
                 "jwt",
-                "needs exactly one key source: jwt.secret, jwks_uri or jwt.keys"
+                "needs exactly one key source: jwt.secret, jwks_uri, jwt.keys or discovery: true"
                 + (f" (found {', '.join(sources)})" if sources else " (found none)"),
             )
         f.url("jwks_uri", jwks_uri)
+        if discovery and iss is not None and not re.match(r"^https?://[^/\s]+", iss):
+            jwt.problem("iss", "must be an http:// or https:// URL when discovery is true (the document is under it)")
         short = [("jwt.secret", secret)] + [
             (f"jwt.keys[{i}].k", k.get("k")) for i, k in enumerate(keys_raw or []) if isinstance(k, dict)
         ]
@@ -327,18 +387,22 @@ class _Validator:
             iss=iss,
             audiences=audiences,
             leeway=leeway,
-            cache_ttl=cache_ttl,
+            cache_ttl=common.cache_ttl,
             max_stale=max_stale,
-            timeout=timeout,
-            cookie=cookie,
+            timeout=common.timeout,
+            cookie=common.cookie,
             secret=secret.encode() if secret else None,
             jwks_uri=jwks_uri,
             keys=tuple(keys),
+            discovery=bool(discovery),
+            from_headers=common.from_headers,
+            from_params=common.from_params,
         )
 
-    def opaque_introspector(self, f: Fields, ident: str) -> OpaqueIntrospectorConfig | None:
-        cache_ttl, timeout, cookie = self._common(f)
-        endpoint = f.required_nested("introspection_endpoint", "for type opaque ({url, authorization})")
+    def opaque_introspector(self, f: Fields, ident: str, kind: str) -> OpaqueIntrospectorConfig | None:
+        # Aidbox's `type: aspxauth`: an opaque token from ASP.NET's forms-authentication cookie.
+        common = self._common(f, ASPXAUTH_COOKIE if kind == "aspxauth" else None)
+        endpoint = f.required_nested("introspection_endpoint", f"for type {kind} ({{url, authorization}})")
         if endpoint is None:
             return None
         url = endpoint.get("url", str)
@@ -349,7 +413,17 @@ class _Validator:
         endpoint.reject_unknown()
         if url is None:
             return None
-        return OpaqueIntrospectorConfig(ident, url, authorization, cache_ttl, timeout, cookie)
+        return OpaqueIntrospectorConfig(
+            ident,
+            url,
+            authorization,
+            common.cache_ttl,
+            common.timeout,
+            common.cookie,
+            common.from_headers,
+            common.from_params,
+            kind,
+        )
 
     def policies(self, raw_list: list[Any], introspector_ids: set[str]) -> tuple[PolicyConfig, ...]:
         result: list[PolicyConfig] = []

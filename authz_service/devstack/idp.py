@@ -25,14 +25,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authz_service.devstack.localhttp import LocalHttpServer
 
-__all__ = ["INTROSPECT_PATH", "JWKS_PATH", "DevIdentityProvider", "main"]
+__all__ = ["DISCOVERY_PATH", "INTROSPECT_PATH", "JWKS_PATH", "DevIdentityProvider", "main"]
 
 TOKEN_PATH: Final = "/token"
+DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 JWKS_PATH: Final = "/.well-known/jwks.json"
 INTROSPECT_PATH: Final = "/introspect"
 # Redirect targets serve plausible answers so a client that wrongly follows is detectable.
 _JWKS_MOVED_PATH: Final = "/moved/jwks.json"
 _INTROSPECT_MOVED_PATH: Final = "/moved/introspect"
+_DISCOVERY_MOVED_PATH: Final = "/moved/openid-configuration"
 
 _JWKS_MODES: Final = frozenset({"ok", "down", "hang", "html", "notjson", "redirect", "huge", "empty", "garbage_keys"})
 _INTROSPECT_MODES: Final = frozenset(
@@ -41,6 +43,23 @@ _INTROSPECT_MODES: Final = frozenset(
 _HANG_SECONDS: Final = 3600.0
 _HUGE_JWKS_BYTES: Final = 2 * 1024 * 1024
 _HUGE_INTROSPECT_BYTES: Final = 128 * 1024
+# Discovery failure modes beyond the shared ones: an issuer that is a prefix of ours or another
+# one entirely, no jwks_uri, keys on another host name (localhost: the same server), a >64 KiB document.
+_DISCOVERY_MODES: Final = frozenset(
+    {
+        "ok",
+        "down",
+        "hang",
+        "html",
+        "notjson",
+        "redirect",
+        "huge",
+        "issuer_prefix",
+        "wrong_issuer",
+        "no_jwks_uri",
+        "other_host",
+    }
+)
 
 _HMAC_ALGS: Final = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 _FAMILY_BY_ALG: Final = {
@@ -161,6 +180,7 @@ class DevIdentityProvider(LocalHttpServer):
         self.hmac_secret: str = secrets.token_urlsafe(48)
         self.hits: collections.Counter[str] = collections.Counter()
         self.jwks_mode: str = "ok"
+        self.discovery_mode: str = "ok"
         self.introspect_mode: str = "ok"
         self.delay: float = 0.0
         self.last_introspection: dict[str, Any] | None = None
@@ -185,6 +205,11 @@ class DevIdentityProvider(LocalHttpServer):
     def issuer(self) -> str:
         """The iss value; defaults to url."""
         return self._issuer if self._issuer is not None else self.url
+
+    @property
+    def discovery_url(self) -> str:
+        """OpenID Provider metadata URL (OIDC Discovery 1.0): the issuer plus the well-known path."""
+        return self.issuer.rstrip("/") + DISCOVERY_PATH
 
     @property
     def jwks_uri(self) -> str:
@@ -318,6 +343,8 @@ class DevIdentityProvider(LocalHttpServer):
         """A fresh application (an AppRunner's app cannot be reused after cleanup)."""
         app = web.Application()
         app.router.add_get(JWKS_PATH, self._handle_jwks)
+        app.router.add_get(DISCOVERY_PATH, self._handle_discovery)
+        app.router.add_get(_DISCOVERY_MOVED_PATH, self._handle_discovery_moved)
         app.router.add_post(INTROSPECT_PATH, self._handle_introspect)
         app.router.add_post(TOKEN_PATH, self._handle_token)
         app.router.add_get(_JWKS_MOVED_PATH, self._handle_jwks_moved)
@@ -370,6 +397,46 @@ class DevIdentityProvider(LocalHttpServer):
         else:
             return _unknown_mode("jwks_mode", mode)
         return web.json_response(body, headers={"Cache-Control": "max-age=300"})
+
+    def discovery(self) -> dict[str, Any]:
+        """The OpenID Provider metadata the "ok" mode serves."""
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": self.jwks_uri,
+            "token_endpoint": self.url + TOKEN_PATH,
+            "introspection_endpoint": self.introspection_url,
+            "response_types_supported": ["token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
+        }
+
+    async def _handle_discovery(self, request: web.Request) -> web.StreamResponse:
+        """GET /.well-known/openid-configuration, shaped by discovery_mode."""
+        self.hits["discovery"] += 1
+        mode = self.discovery_mode
+        await self._wait()
+        failure = await self._common_failure(mode, _DISCOVERY_MOVED_PATH)
+        if failure is not None:
+            return failure
+        if mode not in _DISCOVERY_MODES:
+            return _unknown_mode("discovery_mode", mode)
+        body = self.discovery()
+        if mode == "huge":
+            body["padding"] = "x" * _HUGE_INTROSPECT_BYTES  # over the 64 KiB cap, valid otherwise
+        elif mode == "issuer_prefix":
+            body["issuer"] = self.issuer[:-1]
+        elif mode == "wrong_issuer":
+            body["issuer"] = "https://attacker.example"
+        elif mode == "no_jwks_uri":
+            del body["jwks_uri"]
+        elif mode == "other_host":
+            body["jwks_uri"] = self.jwks_uri.replace("://127.0.0.1:", "://localhost:", 1)
+        return web.json_response(body)
+
+    async def _handle_discovery_moved(self, request: web.Request) -> web.StreamResponse:
+        """Redirect target that serves valid metadata (clients must not get here)."""
+        self.hits["discovery_redirected"] += 1
+        return web.json_response(self.discovery())
 
     async def _handle_jwks_moved(self, request: web.Request) -> web.StreamResponse:
         """Redirect target that serves a valid JWKS (clients must not get here)."""

@@ -58,8 +58,8 @@ class IdpClient(Protocol):
     Every failure is raised as UpstreamUnavailable; the answer is strict JSON.
     """
 
-    async def get_json(self, endpoint: str, url: str, *, timeout: float) -> Any:
-        """GET url; its JSON body."""
+    async def get_json(self, endpoint: str, url: str, *, timeout: float, max_bytes: int = ...) -> Any:
+        """GET url; its JSON body (at most max_bytes, a default that suits a JWKS)."""
         ...
 
     async def post_form(

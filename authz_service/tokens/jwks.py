@@ -23,6 +23,7 @@ from typing import Any
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
 from authz_service.tokens.base import IdpClient
+from authz_service.tokens.discovery import FixedJwksUri, JwksLocation
 from authz_service.tokens.keys import VerificationKey, load_jwk
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class JwksKeySource:
 
     def __init__(
         self,
-        uri: str,
+        location: str | JwksLocation,
         client: IdpClient,
         *,
         ttl: float,
@@ -77,7 +78,7 @@ class JwksKeySource:
         unknown_kid_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.uri = uri
+        self.location = FixedJwksUri(location) if isinstance(location, str) else location
         self._client = client
         self._ttl = ttl
         self._max_stale = max_stale
@@ -169,7 +170,8 @@ class JwksKeySource:
         self.fetch_attempts += 1
         started = self._clock()
         try:
-            document = await self._client.get_json("jwks", self.uri, timeout=self._timeout)
+            uri = await self.location.jwks_uri()
+            document = await self._client.get_json("jwks", uri, timeout=self._timeout)
             keys = parse_jwks(document)
         except UpstreamUnavailable:
             # Retry in the background soon, but not on every request.

@@ -223,6 +223,10 @@ class JwtIntrospector:
     async def introspect(self, credential: Credential) -> Identity:
         """Verify a token of this introspector's issuer; raise TokenRejected if invalid."""
         token = credential.jwt or parse_jwt(credential.token)
+        if token.issuer != self.config.iss:
+            # Only reachable through a bound source (the router routes by iss): refuse before any
+            # key lookup, so a foreign token's kid never makes us refetch our JWKS.
+            raise TokenRejected(Reason.UNTRUSTED_ISSUER)
         keys = await self.key_source.keys_for(token.kid, token.alg)
         if not any(key.verify(token.alg, token.signing_input, token.signature) for key in keys):
             raise TokenRejected(Reason.BAD_SIGNATURE)

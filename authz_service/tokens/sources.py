@@ -1,14 +1,25 @@
-"""Where a request's token comes from: the Authorization header or an introspector's cookie."""
+"""Where a request's token comes from.
+
+Order (SPEC): `Authorization: Bearer` first; then each introspector's own sources, introspectors
+in config order, and within one introspector its `from_headers` (in order), its `from_params` (in
+order), then its `cookie`. A token from an introspector's own source is bound to that
+introspector: no other may vouch for it.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from urllib.parse import parse_qsl
 
+from authz_service.config.model import HeaderSource, IntrospectorConfig
 from authz_service.errors import MalformedCredentials, TokenRejected
-from authz_service.model import Reason
+from authz_service.model import HttpRequest, Reason
 from authz_service.tokens.base import Credential
 from authz_service.tokens.jwt import MAX_TOKEN_BYTES
+
+# Visible ASCII only: RFC 6750's b64token is a subset, and opaque tokens and cookies stay inside it.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 def _parse_cookies(header: str) -> dict[str, str]:
@@ -20,10 +31,6 @@ def _parse_cookies(header: str) -> dict[str, str]:
     return cookies
 
 
-# Visible ASCII only: RFC 6750's b64token is a subset, and opaque tokens and cookies stay inside it.
-_TOKEN = re.compile(r"[\x21-\x7e]+")
-
-
 def _checked(token: str) -> str:
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenRejected(Reason.TOO_LARGE)
@@ -32,30 +39,85 @@ def _checked(token: str) -> str:
     return token
 
 
+def _single(value: str) -> str:
+    # Envoy joins repeated headers with ","; no bearer token contains one (RFC 6750 b64token).
+    if "," in value:
+        raise MalformedCredentials(Reason.MULTIPLE_CREDENTIALS)
+    return value
+
+
+class _Sources:
+    """One introspector's own token sources."""
+
+    __slots__ = ("cookie", "headers", "introspector", "params")
+
+    def __init__(self, config: IntrospectorConfig) -> None:
+        self.introspector = config.id
+        self.headers: tuple[HeaderSource, ...] = config.from_headers
+        self.params: tuple[str, ...] = config.from_params
+        self.cookie = config.cookie
+
+
 class CredentialFinder:
-    """Finds the one credential of a request; config decides which cookies count."""
+    """Finds the one credential of a request; config decides which sources count."""
 
-    def __init__(self, cookie_introspectors: Sequence[tuple[str, str]] = ()) -> None:
-        # (cookie name, introspector id), in config order.
-        self._cookies = tuple(cookie_introspectors)
+    def __init__(self, introspectors: Sequence[IntrospectorConfig] = ()) -> None:
+        self._sources = tuple(
+            _Sources(c) for c in introspectors if c.cookie is not None or c.from_headers or c.from_params
+        )
+        self._reads_query = any(s.params for s in self._sources)
+        self._reads_cookies = any(s.cookie is not None for s in self._sources)
+        # Every query parameter that may carry a token: removed from what the upstream sees.
+        self.token_params: tuple[str, ...] = tuple(dict.fromkeys(p for s in self._sources for p in s.params))
 
-    def find(self, headers: Mapping[str, str]) -> Credential | None:
+    def find(self, request: HttpRequest) -> Credential | None:
         """The request's credential, None if it has none; raise on ambiguous or broken ones."""
+        headers = request.headers
         authorization = headers.get("authorization")
         if authorization is not None:
-            # Envoy joins repeated headers with ","; no bearer token contains one (RFC 6750 b64token).
-            if "," in authorization:
-                raise MalformedCredentials(Reason.MULTIPLE_CREDENTIALS)
-            scheme, _, rest = authorization.strip().partition(" ")
+            scheme, _, rest = _single(authorization).strip().partition(" ")
             if scheme.lower() == "bearer":
                 return Credential(_checked(rest.strip()))
             # Another scheme (Basic, ...) is not ours to judge: the request counts as anonymous,
             # exactly as Envoy's jwt_authn treats it.
-        if self._cookies:
-            cookie_header = headers.get("cookie")
-            if cookie_header:
-                cookies = _parse_cookies(cookie_header)
-                for name, introspector in self._cookies:
-                    if name in cookies:
-                        return Credential(_checked(cookies[name]), introspector)
+        if not self._sources:
+            return None
+        query = _query(request.path) if self._reads_query else {}
+        cookies = _parse_cookies(headers.get("cookie", "")) if self._reads_cookies else {}
+        for source in self._sources:
+            token = _own_token(source, headers, query, cookies)
+            if token is not None:
+                return Credential(_checked(token), source.introspector)
         return None
+
+
+def _own_token(
+    source: _Sources, headers: Mapping[str, str], query: Mapping[str, list[str]], cookies: Mapping[str, str]
+) -> str | None:
+    for header in source.headers:
+        value = headers.get(header.name)
+        if value is not None:
+            value = _single(value).strip()
+            prefix = header.prefix
+            if not prefix:
+                return value
+            if value[: len(prefix)].lower() == prefix.lower():
+                return value[len(prefix) :].strip()
+    for name in source.params:
+        values = query.get(name)
+        if values:
+            if len(values) > 1:
+                raise MalformedCredentials(Reason.MULTIPLE_CREDENTIALS)
+            return values[0]
+    if source.cookie is not None and source.cookie in cookies:
+        return cookies[source.cookie]
+    return None
+
+
+def _query(path: str) -> dict[str, list[str]]:
+    """Query parameters by name (percent-decoded), every value kept."""
+    _, _, query = path.partition("?")
+    params: dict[str, list[str]] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(name, []).append(value)
+    return params
