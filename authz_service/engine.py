@@ -18,7 +18,7 @@ from typing import Any
 from authz_service.config.model import Config, IntrospectorConfig, JwtIntrospectorConfig, ResponseConfig
 from authz_service.context import strip_empty
 from authz_service.decide import Authorizer
-from authz_service.envoy import IdentityHeaders, ResponseBuilder
+from authz_service.envoy import HttpAnswers, IdentityHeaders, ResponseBuilder
 from authz_service.model import Identity
 from authz_service.tokens.base import IdpClient, Introspector
 from authz_service.tokens.cache import CacheFactory
@@ -62,7 +62,8 @@ class Engine:
 
     config: Config
     authorizer: Authorizer
-    responses: ResponseBuilder
+    responses: ResponseBuilder  # gRPC answers
+    http_answers: HttpAnswers  # HTTP-mode answers, from the same table
     verified: VerifiedTokens
     built: Mapping[str, Built]
 
@@ -100,7 +101,7 @@ def build_engine(
     credentials = CredentialFinder(config.introspectors)
     authorizer = Authorizer(credentials, verified, config.policies, config.users)
     responses = ResponseBuilder(config.response, remove_params=credentials.token_params)
-    return Engine(config, authorizer, responses, verified, MappingProxyType(built))
+    return Engine(config, authorizer, responses, HttpAnswers(config.response), verified, MappingProxyType(built))
 
 
 def build_introspectors(

@@ -11,7 +11,7 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -77,6 +77,32 @@ class IdentityHeaders:
             if header_safe(text):
                 headers.append((header, text))
         return tuple(headers)
+
+
+class Denial(NamedTuple):
+    """What a client gets for a denied request, in gRPC and in HTTP mode alike."""
+
+    grpc_code: int
+    http_status: int
+    headers: tuple[tuple[str, str], ...]  # content-type, and www-authenticate for 400 and 401
+    body: str  # {"error", "error_description"}: never a token
+    error: str  # the OAuth error code in the body
+    description: str
+
+    @classmethod
+    def of(cls, outcome: Outcome, reason: Reason) -> Denial:
+        """The answer for a deny, from the one OUTCOMES table."""
+        grpc_code, http_status, error = OUTCOMES[outcome]
+        if reason is Reason.MISSING_TOKEN:
+            error = _NO_CREDENTIALS_ERROR
+            challenge = f'Bearer realm="{REALM}"'
+        else:
+            challenge = f'Bearer realm="{REALM}", error="{error}", error_description="{reason.description}"'
+        headers = [("content-type", "application/json")]
+        if http_status in (400, 401):
+            headers.append(("www-authenticate", challenge))
+        body = json.dumps({"error": error, "error_description": reason.description})
+        return cls(grpc_code, http_status, tuple(headers), body, error, reason.description)
 
 
 def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
@@ -178,21 +204,58 @@ class ResponseBuilder:
 
     @staticmethod
     def _deny(outcome: Outcome, reason: Reason) -> external_auth_pb2.CheckResponse:
-        grpc_code, http_status, error = OUTCOMES[outcome]
-        if reason is Reason.MISSING_TOKEN:
-            error = _NO_CREDENTIALS_ERROR
-            challenge = f'Bearer realm="{REALM}"'
-        else:
-            challenge = f'Bearer realm="{REALM}", error="{error}", error_description="{reason.description}"'
-        headers = [_header("content-type", "application/json")]
-        if http_status in (400, 401):
-            headers.append(_header("www-authenticate", challenge))
-        body = json.dumps({"error": error, "error_description": reason.description})
+        denial = Denial.of(outcome, reason)
         return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=grpc_code, message=reason.label),
+            status=status_pb2.Status(code=denial.grpc_code, message=reason.label),
             denied_response=external_auth_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
-                headers=headers,
-                body=body,
+                status=http_status_pb2.HttpStatus(code=denial.http_status),  # type: ignore[arg-type]
+                headers=[_header(name, value) for name, value in denial.headers],
+                body=denial.body,
             ),
         )
+
+
+# HTTP mode: the header Envoy's http_service reads for headers to strip from the upstream request
+# (the equivalent of OkHttpResponse.headers_to_remove); nginx and Traefik ignore it.
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+
+
+class HttpAnswer(NamedTuple):
+    """An answer in HTTP mode: status, headers and body, ready to send."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class HttpAnswers:
+    """Turns Decisions into HTTP-mode answers for one response config (the same table as gRPC).
+
+    Allow: 200, no body, the identity headers, and the identity headers it does not set listed in
+    x-envoy-auth-headers-to-remove. Deny: the status, JSON body and www-authenticate of `Denial`,
+    plus the body's two fields as x-authz-error and x-authz-error-description: nginx's
+    auth_request drops a denial's body, and its shipped config rebuilds the body from these.
+    """
+
+    def __init__(self, response: ResponseConfig) -> None:
+        self._identity_headers = response.identity_headers
+        self._denials: dict[tuple[Outcome, Reason], HttpAnswer] = {}
+
+    def answer(self, decision: Decision) -> HttpAnswer:
+        """The answer for a decision."""
+        if decision.outcome is Outcome.ALLOW:
+            set_names = {name for name, _ in decision.headers}
+            removed = ",".join(name for name in self._identity_headers if name not in set_names)
+            headers = (*decision.headers, (HEADERS_TO_REMOVE, removed)) if removed else decision.headers
+            return HttpAnswer(200, headers, b"")
+        key = (decision.outcome, decision.reason)
+        denial = self._denials.get(key)
+        if denial is None:
+            shaped = Denial.of(*key)
+            headers = (
+                *shaped.headers,
+                ("x-authz-error", shaped.error),
+                ("x-authz-error-description", shaped.description),
+            )
+            denial = self._denials[key] = HttpAnswer(shaped.http_status, headers, shaped.body.encode())
+        return denial

@@ -39,6 +39,7 @@ class Reason(enum.Enum):
     BAD_CLAIMS = ("bad_claims", "token claims are invalid")
     INACTIVE = ("inactive", "token is not active")
     MULTIPLE_CREDENTIALS = ("multiple_credentials", "more than one Authorization value")
+    NO_ORIGINAL_URI = ("no_original_uri", "the proxy did not send X-Forwarded-Uri or X-Original-URI")
     FORBIDDEN = ("forbidden", "no access policy allows this request")
     IDP_UNAVAILABLE = ("idp_unavailable", "identity provider unavailable")
     INTERNAL_ERROR = ("internal_error", "internal error")

@@ -53,11 +53,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.checks = Counter(
-            "authz_checks", "Check calls by decision and reason", ["decision", "reason"], registry=registry
+            "authz_checks",
+            "Checks by decision, reason and protocol (grpc: ext_authz Check; http: HTTP mode)",
+            ["decision", "reason", "protocol"],
+            registry=registry,
         )
         self.latency = Histogram(
             "authz_check_duration_seconds",
-            "Check latency inside the service",
+            "Check latency inside the service, by protocol",
+            ["protocol"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
@@ -80,7 +84,8 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
-        self._children: dict[tuple[Outcome, Any], Any] = {}
+        self._children: dict[tuple[Outcome, Any, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
         self._cache_children: dict[tuple[str, str], Any] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}
 
@@ -98,16 +103,22 @@ class Metrics:
             child = self._upstream_children[(endpoint, outcome)] = self.upstream_calls.labels(endpoint, outcome)
         child.inc()
 
-    def observe(self, decision: Decision, seconds: float) -> None:
-        key = (decision.outcome, decision.reason)
+    def observe(self, decision: Decision, seconds: float, protocol: str = "grpc") -> None:
+        """Count a decision and its latency."""
+        key = (decision.outcome, decision.reason, protocol)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.checks.labels(decision.outcome.value, decision.reason.label)
+            child = self._children[key] = self.checks.labels(decision.outcome.value, decision.reason.label, protocol)
         child.inc()
-        self.latency.observe(seconds)
+        latency = self._latency_children.get(protocol)
+        if latency is None:
+            latency = self._latency_children[protocol] = self.latency.labels(protocol)
+        latency.observe(seconds)
 
 
-def log_decision(request: HttpRequest, decision: Decision, seconds: float, level: int | None) -> None:
+def log_decision(
+    request: HttpRequest, decision: Decision, seconds: float, level: int | None, protocol: str = "grpc"
+) -> None:
     """One structured line per decision, at the configured level (None: off)."""
     if level is None or not decision_log.isEnabledFor(level):
         return
@@ -125,6 +136,7 @@ def log_decision(request: HttpRequest, decision: Decision, seconds: float, level
                 "method": request.method,
                 "path": redact.path(request.path),
                 "latency_ms": round(seconds * 1000, 3),
+                "protocol": protocol,
             }
         },
     )

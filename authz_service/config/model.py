@@ -36,6 +36,7 @@ class ServerConfig:
     drain_delay: float = 5.0  # seconds NOT_SERVING is reported before the listener closes
     shutdown_grace: float = 10.0  # seconds in-flight checks get to finish after that
     tls: TlsConfig | None = None
+    http_address: str | None = None  # HTTP mode (Envoy's http_service, nginx, Traefik); off by default
 
 
 @dataclass(frozen=True, slots=True)

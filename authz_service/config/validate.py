@@ -139,6 +139,8 @@ class _Validator:
         f.address("grpc_address", grpc_address)
         admin_address = f.get("admin_address", str, None) if "admin_address" in f.raw else _SERVER.admin_address
         f.address("admin_address", admin_address)
+        http_address = f.get("http_address", str, None)
+        f.address("http_address", http_address)
         workers = f.int_in("workers", 1, 1, 64)
         base_port = f.get("worker_base_port", int, None)
         if base_port is not None and not 1 <= base_port <= 65535 - workers:
@@ -157,6 +159,7 @@ class _Validator:
             float(drain if drain is not None else _SERVER.drain_delay),
             grace,
             tls,
+            http_address,
         )
 
     def tls(self, f: Fields | None) -> TlsConfig | None:

@@ -269,12 +269,15 @@ class DevIdentityProvider(LocalHttpServer):
         *,
         alg: str = "RS256",
         kid: str | _Default | None = KEY_KID,
-        ttl: int = 300,
+        ttl: float = 300,
         headers: Mapping[str, Any] | None = None,
         key: Any = None,
     ) -> str:
-        """Sign a JWT; claims override the defaults and a None claim removes it."""
-        now = int(time.time())
+        """Sign a JWT that lives exactly `ttl` seconds from now; claims override the defaults and a
+        None claim removes it."""
+        # Not truncated to whole seconds: int(time.time()) + ttl would expire up to a second early
+        # (a ttl=1 token issued at x.99 s lived 0.01 s). NumericDate allows fractions (RFC 7519 §2).
+        now = time.time()
         payload: dict[str, Any] = {
             "iss": self.issuer,
             "sub": "user-1",
@@ -305,9 +308,9 @@ class DevIdentityProvider(LocalHttpServer):
             return _hmac_sign(full_header, payload, key, alg)
         return jwt.encode(payload, signing_key, algorithm=alg, headers=header or None)
 
-    def issue_opaque(self, claims: Mapping[str, Any] | None = None, *, ttl: int = 300) -> str:
-        """Create an opaque token that introspects as active until it expires or is revoked."""
-        now = int(time.time())
+    def issue_opaque(self, claims: Mapping[str, Any] | None = None, *, ttl: float = 300) -> str:
+        """Create an opaque token that introspects as active for exactly `ttl` seconds, or until revoked."""
+        now = time.time()  # not truncated, as in mint()
         token = secrets.token_urlsafe(32)
         result: dict[str, Any] = {
             "active": True,

@@ -26,6 +26,7 @@ from authz_service.errors import ConfigError
 from authz_service.observe import Metrics, log_internal_error
 from authz_service.server.admin import AdminServer
 from authz_service.server.grpc import HEALTH_SERVICES, AuthorizationServicer, bind, create_server
+from authz_service.server.http import HttpAuthServer
 from authz_service.tokens.cache import CacheFactory
 from authz_service.upstream import UpstreamClient
 
@@ -58,6 +59,7 @@ class AuthzService:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.admin: AdminServer | None = None
+        self.http: HttpAuthServer | None = None
         self.port: int | None = None
         # Ready once the config is loaded and every JWKS had its first fetch attempt; not while draining.
         self.ready = False
@@ -91,6 +93,17 @@ class AuthzService:
         await server.start()
         self._server = server
         self.port = port
+        if settings.http_address is not None:
+            # Workers share the HTTP port as they share the gRPC one (SO_REUSEPORT).
+            self.http = HttpAuthServer(
+                settings.http_address,
+                self.current_engine,
+                self.metrics,
+                lambda: self.ready,
+                reuse_port=reuse_port,
+                shutdown_grace=settings.shutdown_grace,
+            )
+            await self.http.start()
         if settings.admin_address is not None and worker is None:
             self.admin = AdminServer(
                 settings.admin_address, self.metrics.registry, lambda: self.ready, self.refresh_gauges
@@ -127,8 +140,12 @@ class AuthzService:
         if drain_delay > 0:
             log.info("draining", extra={"fields": {"drain_delay_seconds": drain_delay}})
             await asyncio.sleep(drain_delay)
+        grace = self.config.server.shutdown_grace if grace is None else grace
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._server is not None:
-            await self._server.stop(self.config.server.shutdown_grace if grace is None else grace)
+            await self._server.stop(grace)
             self._server = None
         await self.client.close()
         await self.caches.close()

@@ -24,11 +24,13 @@ from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
 from authz_service.tokens.base import IdpClient
 from authz_service.tokens.discovery import FixedJwksUri, JwksLocation
-from authz_service.tokens.keys import VerificationKey, load_jwk
+from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, VerificationKey, load_jwk
 
 log = logging.getLogger(__name__)
 
 REFRESH_AHEAD = 0.8  # fraction of cache_ttl after which a background refresh starts
+# What a key from a JWKS can verify: asymmetric algorithms only (oct keys are never taken from one).
+JWKS_ALGORITHMS = RSA_ALGS | EC_ALGS | OKP_ALGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,8 @@ class KeySet:
     fetched_at: float
     expires_at: float
     by_kid: dict[str, tuple[VerificationKey, ...]] = field(default_factory=dict)
+    without_kid: tuple[VerificationKey, ...] = ()
+    identity: frozenset[tuple[str | None, str]] = frozenset()  # (kid, key fingerprint) of every key
 
     @classmethod
     def build(cls, keys: Sequence[VerificationKey], fetched_at: float, ttl: float) -> KeySet:
@@ -46,10 +50,23 @@ class KeySet:
         for key in keys:
             if key.kid is not None:
                 by_kid.setdefault(key.kid, []).append(key)
-        return cls(tuple(keys), fetched_at, fetched_at + ttl, {k: tuple(v) for k, v in by_kid.items()})
+        return cls(
+            tuple(keys),
+            fetched_at,
+            fetched_at + ttl,
+            {k: tuple(v) for k, v in by_kid.items()},
+            tuple(k for k in keys if k.kid is None),
+            frozenset((k.kid, k.fingerprint) for k in keys),
+        )
+
+    def knows(self, kid: str | None) -> bool:
+        """Whether a token with this kid has candidate keys here (a key without kid fits any kid)."""
+        return kid is None or kid in self.by_kid or bool(self.without_kid)
 
     def lookup(self, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
-        candidates = self.keys if kid is None else self.by_kid.get(kid, ())
+        """The keys that may verify a token with this kid and alg (as Envoy's jwt_authn: a key
+        without kid is a candidate for every token)."""
+        candidates = self.keys if kid is None else self.by_kid.get(kid, ()) + self.without_kid
         return tuple(k for k in candidates if alg in k.verifiers)
 
 
@@ -77,6 +94,7 @@ class JwksKeySource:
         timeout: float = 2.0,
         unknown_kid_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.location = FixedJwksUri(location) if isinstance(location, str) else location
         self._client = client
@@ -84,7 +102,8 @@ class JwksKeySource:
         self._max_stale = max_stale
         self._timeout = timeout
         self._unknown_kid_interval = unknown_kid_interval
-        self._clock = clock
+        self._clock = clock  # monotonic: expiry and rate limits
+        self._wall_clock = wall_clock  # epoch seconds, for trusted_until (compared with token exp)
         self._keyset: KeySet | None = None
         self._inflight: asyncio.Future[KeySet] | None = None
         self._next_background = 0.0
@@ -102,7 +121,7 @@ class JwksKeySource:
         keyset = self._keyset
         if keyset is None:
             return 0.0
-        return time.time() + (keyset.expires_at + self._max_stale - self._clock())
+        return self._wall_clock() + (keyset.expires_at + self._max_stale - self._clock())
 
     def staleness(self) -> float:
         """Seconds past expiry of the keys being served (0 when fresh or none)."""
@@ -110,6 +129,10 @@ class JwksKeySource:
         return max(0.0, self._clock() - keyset.expires_at) if keyset else 0.0
 
     async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
+        if alg not in JWKS_ALGORITHMS:
+            # No key a JWKS can give us verifies it (`none`, HMAC, anything unknown): refuse before
+            # any lookup, so such a token never makes us fetch.
+            raise TokenRejected(Reason.BAD_ALGORITHM)
         now = self._clock()
         keyset = self._keyset
         if keyset is None or now >= keyset.expires_at + self._max_stale:
@@ -121,19 +144,31 @@ class JwksKeySource:
         keys = keyset.lookup(kid, alg)
         if keys:
             return keys
-        if (
-            kid is not None
-            and kid not in keyset.by_kid
-            and now - self._last_unknown_kid_fetch >= self._unknown_kid_interval
-        ):
-            self._last_unknown_kid_fetch = now
-            keyset = await self._fetch()
+        if not keyset.knows(kid):
+            keyset = await self._refetch_for_unknown_kid(keyset, kid)
             keys = keyset.lookup(kid, alg)
             if keys:
                 return keys
         if not any(alg in k.verifiers for k in keyset.keys):
             raise TokenRejected(Reason.BAD_ALGORITHM)
         raise TokenRejected(Reason.UNKNOWN_KEY)
+
+    async def _refetch_for_unknown_kid(self, keyset: KeySet, kid: str | None) -> KeySet:
+        """The key set a token with an unknown kid is decided on (a rotation may have published it).
+
+        Every such request joins the fetch in flight, if there is one. Otherwise one refetch starts,
+        at most once per unknown_kid_interval: the rate limit bounds fetches, never answers, so
+        a burst of valid tokens signed with a just-published key all wait for the same refetch.
+        """
+        if self._inflight is not None:
+            keyset = await self._fetch()
+            if keyset.knows(kid):
+                return keyset
+        now = self._clock()
+        if now - self._last_unknown_kid_fetch >= self._unknown_kid_interval:
+            self._last_unknown_kid_fetch = now
+            return await self._fetch()
+        return keyset
 
     async def warm_up(self) -> bool:
         """Fetch once at start-up so the first request does not wait; False if that failed."""
@@ -179,7 +214,7 @@ class JwksKeySource:
             raise
         keyset = KeySet.build(keys, started, self._ttl)
         previous = self._keyset
-        if previous is None or {k.kid for k in previous.keys} != {k.kid for k in keyset.keys}:
+        if previous is None or previous.identity != keyset.identity:
             self.generation += 1
         self._keyset = keyset
         self._next_background = started + self._ttl * REFRESH_AHEAD

@@ -6,13 +6,14 @@ only selects among those; it never widens them (no `none`, no HMAC with a public
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 from jwt.exceptions import InvalidKeyError
 
@@ -43,6 +44,9 @@ class VerificationKey:
 
     kid: str | None
     verifiers: Mapping[str, tuple[Algorithm, Any]]  # alg -> (PyJWT algorithm, prepared key)
+    # SHA-256 of the key material (public key DER, or the HMAC secret): tells a rotation that
+    # keeps the kid from no change at all.
+    fingerprint: str = ""
 
     @property
     def algorithms(self) -> frozenset[str]:
@@ -62,7 +66,8 @@ class VerificationKey:
 
 def hmac_key(secret: bytes, kid: str | None = None, algs: frozenset[str] = HMAC_ALGS) -> VerificationKey:
     """An HMAC key for the given algorithms."""
-    return VerificationKey(kid, {alg: (ALGORITHMS[alg], ALGORITHMS[alg].prepare_key(secret)) for alg in sorted(algs)})
+    verifiers = {alg: (ALGORITHMS[alg], ALGORITHMS[alg].prepare_key(secret)) for alg in sorted(algs)}
+    return VerificationKey(kid, verifiers, hashlib.sha256(secret).hexdigest())
 
 
 def _prepared(public_key: Any, algs: frozenset[str], field: str) -> VerificationKey:
@@ -72,7 +77,8 @@ def _prepared(public_key: Any, algs: frozenset[str], field: str) -> Verification
             verifiers[alg] = (ALGORITHMS[alg], ALGORITHMS[alg].prepare_key(public_key))
         except (InvalidKeyError, TypeError, ValueError) as err:
             raise BadKey(field, f"cannot be used with {alg}: {err}") from err
-    return VerificationKey(None, verifiers)
+    der = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return VerificationKey(None, verifiers, hashlib.sha256(der).hexdigest())
 
 
 def _algs_for_public_key(public_key: Any) -> frozenset[str]:
@@ -104,7 +110,7 @@ def load_static_key(spec: StaticKey) -> VerificationKey:
     if spec.alg not in _algs_for_public_key(public_key):
         raise BadKey("pub", f"is not a key for {spec.alg} (kty {spec.kty})")
     key = _prepared(public_key, frozenset([spec.alg]), "pub")
-    return VerificationKey(spec.kid, key.verifiers)
+    return VerificationKey(spec.kid, key.verifiers, key.fingerprint)
 
 
 def _load_pem_public(pem: str) -> Any:
@@ -157,4 +163,4 @@ def load_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
         key = _prepared(public_key, allowed, "jwk")
     except BadKey:
         return None
-    return VerificationKey(kid, key.verifiers)
+    return VerificationKey(kid, key.verifiers, key.fingerprint)
