@@ -1,0 +1,223 @@
+"""HTTP mode (`server.http_address`): the same decisions over plain HTTP/1.1 for Envoy's
+http_service (`/ext_authz/<path>`) and for nginx and Traefik (`/forward_auth`), real server, real client."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.server.http import client_address
+from tests.conftest import StartService, jwks_introspector
+from tests.harness import Harness
+
+POLICIES = [
+    {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/", "request-method": "get"}},
+    {"id": "reports", "engine": "matcho", "matcho": {"uri": "#^/reports/", "jwt": {"sub": "present?"}}},
+    {"id": "office", "engine": "matcho", "matcho": {"uri": "/office", "remote-addr": "192.0.2.10"}},
+    {
+        "id": "writers",
+        "engine": "matcho",
+        "matcho": {"uri": "/notes", "request-method": "post", "host": "notes.example", "scheme": "https"},
+    },
+]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def http_service(start_service: StartService, idp: DevIdentityProvider, **extra: Any) -> tuple[Harness, str]:
+    config = {
+        "server": {"grpc_address": "127.0.0.1:0", "admin_address": None, "http_address": "127.0.0.1:0"},
+        "response": {"claim_headers": {"email": "x-user-email"}},
+        "introspectors": [jwks_introspector(idp)],
+        "policies": POLICIES,
+        **extra,
+    }
+    harness = await start_service(config)
+    assert harness.service.http is not None
+    return harness, f"http://127.0.0.1:{harness.service.http.port}"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_ext_authz_allow_carries_the_identity_headers(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    _, url = await http_service(start_service, idp)
+    token = idp.mint({"sub": "alice", "email": "alice@example.com"})
+    async with client.get(url + "/ext_authz/reports/1?format=pdf", headers=bearer(token)) as response:
+        assert response.status == 200
+        assert response.headers["x-user-id"] == "alice"
+        assert response.headers["x-user-email"] == "alice@example.com"
+        assert "x-auth-claims" in response.headers
+        assert "x-envoy-auth-headers-to-remove" not in response.headers  # every identity header is set
+        assert await response.read() == b""
+    no_email = idp.mint({"sub": "bob"})
+    async with client.get(url + "/ext_authz/reports/1", headers=bearer(no_email)) as response:
+        assert response.status == 200
+        assert "x-user-email" not in response.headers
+        # A client-sent x-user-email must not survive: Envoy strips what this header lists.
+        assert response.headers["x-envoy-auth-headers-to-remove"] == "x-user-email"
+
+
+async def test_ext_authz_denials_match_the_grpc_answers(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    harness, url = await http_service(start_service, idp)
+    cases = [
+        ("/ext_authz/reports/1", {}, 401),
+        ("/ext_authz/reports/1", bearer("not.a.token"), 401),
+        ("/ext_authz/admin", bearer(idp.mint()), 403),
+        ("/ext_authz/reports/1", {"Authorization": f"Bearer {idp.mint()}, Bearer {idp.mint()}"}, 400),
+    ]
+    for path, headers, status in cases:
+        async with client.get(url + path, headers=headers) as response:
+            body = await response.json()
+            grpc = await harness.check(
+                path.removeprefix("/ext_authz"), headers={k.lower(): v for k, v in headers.items()}
+            )
+            assert response.status == status == grpc.http_status, path
+            assert body == grpc.body
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers.get("www-authenticate") == grpc.headers.get("www-authenticate")
+
+
+async def test_ext_authz_sees_the_original_method_and_path(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    _, url = await http_service(start_service, idp)
+    async with client.get(url + "/ext_authz/public/a?x=1") as response:
+        assert response.status == 200  # anonymous GET on /public/ is allowed by a policy
+    async with client.post(url + "/ext_authz/public/a") as response:
+        assert response.status == 401  # ... a POST is not
+    async with client.get(url + "/ext_authz") as response:
+        assert response.status == 401  # the root path "/" matches no policy
+
+
+async def test_idp_down_with_nothing_cached_is_503(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    await idp.go_offline()
+    _, url = await http_service(start_service, idp)
+    async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
+        assert response.status == 503
+        assert (await response.json())["error"] == "temporarily_unavailable"
+
+
+async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    _, url = await http_service(start_service, idp)
+    token = idp.mint({"sub": "writer"})
+    traefik = {
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Uri": "/notes",
+        "X-Forwarded-Host": "notes.example",
+        "X-Forwarded-Proto": "https",
+        **bearer(token),
+    }
+    async with client.get(url + "/forward_auth", headers=traefik) as response:
+        assert response.status == 200
+        assert response.headers["x-user-id"] == "writer"
+    nginx = {"X-Original-Method": "POST", "X-Original-URI": "/notes", "X-Forwarded-Proto": "https", **bearer(token)}
+    async with client.get(url + "/forward_auth", headers={**nginx, "Host": "notes.example"}) as response:
+        assert response.status == 200
+    async with client.get(url + "/forward_auth", headers={**nginx, "Host": "other.example"}) as response:
+        assert response.status == 403
+    async with client.get(url + "/forward_auth", headers={**traefik, "X-Forwarded-Method": "GET"}) as response:
+        assert response.status == 403
+
+
+async def test_forward_auth_without_the_original_uri_is_400(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    _, url = await http_service(start_service, idp)
+    async with client.get(url + "/forward_auth", headers=bearer(idp.mint())) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_request"
+
+
+async def test_remote_addr_is_the_last_forwarded_for_entry(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    _, url = await http_service(start_service, idp)
+    token = idp.mint()
+    office = {"X-Forwarded-Uri": "/office", **bearer(token)}
+    # The proxy appended 192.0.2.10; a client-sent first entry is never read.
+    async with client.get(url + "/forward_auth", headers={**office, "X-Forwarded-For": "6.6.6.6, 192.0.2.10"}) as r:
+        assert r.status == 200
+    async with client.get(url + "/forward_auth", headers={**office, "X-Forwarded-For": "192.0.2.10, 6.6.6.6"}) as r:
+        assert r.status == 403
+    assert client_address({"x-forwarded-for": " 10.0.0.1 ,192.0.2.10 "}, "127.0.0.1") == "192.0.2.10"
+    assert client_address({}, "127.0.0.1") == "127.0.0.1"
+
+
+async def test_health_on_the_same_listener(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    harness, url = await http_service(start_service, idp)
+    async with client.get(url + "/healthz") as response:
+        assert response.status == 200
+    async with client.get(url + "/readyz") as response:
+        assert response.status == 200
+    async with client.get(url + "/elsewhere") as response:
+        assert response.status == 404
+    harness.service.ready = False  # as while draining
+    async with client.get(url + "/readyz") as response:
+        assert response.status == 503
+
+
+async def test_http_checks_are_counted_and_logged_with_their_protocol(
+    idp: DevIdentityProvider,
+    start_service: StartService,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness, url = await http_service(start_service, idp)
+    with caplog.at_level(logging.INFO, logger="authz_service.decision"):
+        async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
+            assert response.status == 200
+        assert (await harness.check("/reports/1", token=idp.mint())).allowed
+    registry = harness.service.metrics.registry
+    for protocol in ("http", "grpc"):
+        labels = {"decision": "allow", "reason": "allowed", "protocol": protocol}
+        assert registry.get_sample_value("authz_checks_total", labels) == 1
+        assert registry.get_sample_value("authz_check_duration_seconds_count", {"protocol": protocol}) == 1
+    lines = [r.__dict__["fields"] for r in caplog.records if r.name == "authz_service.decision"]
+    assert [line["protocol"] for line in lines] == ["http", "grpc"]
+    assert lines[0]["path"] == "/reports/1"
+    assert json.dumps(lines)  # plain data
+
+
+async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    harness, url = await http_service(start_service, idp)
+    engine = harness.service.engine
+    broken = engine.http_answers
+
+    class Exploding:
+        def answer(self, decision: Any) -> Any:
+            if decision.outcome.value == "allow":
+                raise RuntimeError("bug")
+            return broken.answer(decision)
+
+    harness.service.engine = dataclasses.replace(engine, http_answers=Exploding())  # type: ignore[arg-type]
+    async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
+        assert response.status == 503
+        assert (await response.json())["error_description"] == "internal error"
+    harness.service.engine = engine
+    async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
+        assert response.status == 200
