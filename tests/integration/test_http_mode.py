@@ -3,6 +3,7 @@ http_service (`/ext_authz/<path>`) and for nginx and Traefik (`/forward_auth`), 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -221,3 +222,61 @@ async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
     harness.service.engine = engine
     async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
         assert response.status == 200
+
+
+async def test_a_request_as_traefik_sends_it(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    """Traefik's forwardAuth (trustForwardHeader: false), as its documentation describes the request:
+    GET to the address, the client's headers, and X-Forwarded-Method/-Proto/-Host/-Uri/-For set by
+    Traefik. Traefik itself cannot be installed here; deploy/traefik/dynamic.yaml is checked
+    structurally in tests/unit/test_deploy_http.py."""
+    _, url = await http_service(start_service, idp)
+    token = idp.mint({"sub": "writer", "email": "w@example.com"})
+    recorded = {
+        "User-Agent": "curl/8.5.0",
+        "Accept": "*/*",
+        "Authorization": f"Bearer {token}",
+        "X-User-Id": "mallory",  # client-sent: Traefik replaces it with our answer's (authResponseHeaders)
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "notes.example",
+        "X-Forwarded-Uri": "/notes",
+        "X-Forwarded-For": "198.51.100.23",
+        "Accept-Encoding": "gzip",
+    }
+    async with client.get(url + "/forward_auth", headers=recorded) as response:
+        assert response.status == 200
+        answer = dict(response.headers)
+    # What Traefik then does with authResponseHeaders [X-User-Id, X-Auth-Claims, X-User-Email]:
+    # delete each from the request, then copy it from the answer when the answer has it.
+    forwarded = {k.lower(): v for k, v in recorded.items()}
+    for name in ("x-user-id", "x-auth-claims", "x-user-email"):
+        forwarded.pop(name, None)
+        if name in {k.lower() for k in answer}:
+            forwarded[name] = next(v for k, v in answer.items() if k.lower() == name)
+    assert forwarded["x-user-id"] == "writer"
+    assert forwarded["x-user-email"] == "w@example.com"
+    denied = {k: v for k, v in recorded.items() if k != "Authorization"} | {"X-Forwarded-Uri": "/reports/1"}
+    async with client.get(url + "/forward_auth", headers=denied) as response:
+        # Traefik returns a non-2xx answer to the client as it is.
+        assert response.status == 401
+        assert response.headers["www-authenticate"] == 'Bearer realm="authz-service"'
+        assert (await response.json())["error"] == "unauthorized"
+
+
+async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
+    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+) -> None:
+    harness, url = await http_service(start_service, idp)
+    token = idp.mint()
+    stopping = asyncio.ensure_future(harness.service.stop(grace=1, drain_delay=0.6))
+    await asyncio.sleep(0.2)
+    async with client.get(url + "/readyz") as response:
+        assert response.status == 503  # Envoy's health check moves checks away ...
+    async with client.get(url + "/ext_authz/reports/1", headers=bearer(token)) as response:
+        assert response.status == 200  # ... while checks already on their way are still answered
+    await stopping
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with client.get(url + "/healthz", headers={"Connection": "close"}):
+            pass
