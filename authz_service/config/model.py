@@ -134,6 +134,17 @@ IntrospectorConfig = JwtIntrospectorConfig | OpaqueIntrospectorConfig
 
 
 @dataclass(frozen=True, slots=True)
+class RoleConfig:
+    """A Role (as in Aidbox): gives the user `user_id` the role `name`. An open resource: the rest of
+    it (links, context, ...) is kept, empty values removed, as policies see it under `role`."""
+
+    id: str
+    name: str
+    user_id: str
+    resource: Mapping[str, Any] = field(compare=True, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """An AccessPolicy: its rule as written (for explanations) and compiled (for Check)."""
 
@@ -162,12 +173,13 @@ class Config:
     users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     warnings: tuple[str, ...] = ()
+    roles: tuple[RoleConfig, ...] = ()
 
     def summary(self) -> str:
         """One line for check-config and the start-up log."""
         kinds = ", ".join(f"{i.id} ({i.kind})" for i in self.introspectors)
         return (
             f"config OK: {len(self.introspectors)} introspector(s) [{kinds}], "
-            f"{len(self.policies)} policy(ies), {len(self.users)} user(s), "
+            f"{len(self.policies)} policy(ies), {len(self.users)} user(s), {len(self.roles)} role(s), "
             f"cache {self.cache.backend}, grpc {self.server.grpc_address}"
         )

@@ -29,6 +29,7 @@ from authz_service.config.model import (
     PolicyConfig,
     Predicate,
     ResponseConfig,
+    RoleConfig,
     ServerConfig,
     StaticKey,
     TlsConfig,
@@ -112,10 +113,11 @@ class _Validator:
         response = self.response(top.section("response"))
         introspectors = self.introspectors(top.get("introspectors", list, []))
         users = self.users(top.get("users", list, []))
+        roles = self.roles(top.get("roles", list, []))
         policies = self.policies(top.get("policies", list, []), {i.id for i in introspectors})
         logs = self.logging(top.section("logging"))
         top.reject_unknown()
-        return Config(server, cache, response, introspectors, policies, users, logs, tuple(self.warnings))
+        return Config(server, cache, response, introspectors, policies, users, logs, tuple(self.warnings), roles)
 
     def logging(self, f: Fields | None) -> LoggingConfig:
         if f is None:
@@ -478,6 +480,29 @@ class _Validator:
                 result.append(PolicyConfig(ident, str(engine), rule, predicate, introspectors))
         return tuple(result)
 
+    def roles(self, raw_list: list[Any]) -> tuple[RoleConfig, ...]:
+        result: list[RoleConfig] = []
+        ids: set[str] = set()
+        for index, raw in enumerate(raw_list):
+            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+                self.problems.append(Problem(f"roles[{index}]", "id", "is required and must be a non-empty string"))
+                continue
+            ident = raw["id"]
+            f = Fields(f"role {ident!r}", raw, self.problems)
+            f.resource_type("Role")
+            if ident in ids:
+                f.problem("id", "is used by more than one role")
+            ids.add(ident)
+            name = f.get("name", str)
+            user = f.get("user", dict)
+            user_id = _user_reference(user) if isinstance(user, dict) else None
+            if isinstance(user, dict) and user_id is None:
+                f.problem("user", "must be {id: USER_ID} or {reference: User/USER_ID}")
+            # Role is an open resource (links, context, ...): no unknown-field check.
+            if name and user_id:
+                result.append(RoleConfig(ident, name, user_id, strip_empty(raw)))
+        return tuple(result)
+
     def users(self, raw_list: list[Any]) -> Mapping[str, Mapping[str, Any]]:
         users: dict[str, Mapping[str, Any]] = {}
         for index, raw in enumerate(raw_list):
@@ -524,3 +549,15 @@ def static_key(raw: Mapping[str, Any]) -> StaticKey:
     if not isinstance(pem, str) or "-----BEGIN" not in pem:
         raise BadKey("pub", "is required: a PEM public key or certificate")
     return StaticKey(kty, alg, kid, pem=pem)
+
+
+def _user_reference(value: Mapping[str, Any]) -> str | None:
+    """The user id of a reference: `{id: u}` (with resourceType User, if any) or `{reference: User/u}`."""
+    reference = value.get("reference")
+    if isinstance(reference, str):
+        kind, _, ident = reference.partition("/")
+        return ident if kind == "User" and ident and "/" not in ident else None
+    plain = value.get("id")
+    if isinstance(plain, str) and plain and value.get("resourceType", "User") == "User":
+        return plain
+    return None
