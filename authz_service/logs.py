@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
-import time
 from typing import Any
+
+from authz_service.observe import iso_timestamp, start_decision_writer, stop_decision_writer
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 
@@ -16,7 +18,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": iso_timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -31,7 +33,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info") -> None:
-    """Route every logger to stderr as JSON lines at the given level."""
+    """Route every logger to stderr as JSON lines at the given level; decision lines through a
+    writer thread (observe.DecisionWriter), so writing them never blocks the event loop."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -39,3 +42,5 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is per request and would duplicate our own.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    start_decision_writer(sys.stderr.fileno(), root.level)
+    atexit.register(stop_decision_writer)

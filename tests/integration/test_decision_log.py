@@ -1,0 +1,177 @@
+"""The decision log off the event loop: a writer thread formats and writes; Check only enqueues.
+
+A stalled log reader (a pipe nobody reads) must not stop a single check: lines are dropped and
+counted instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.logs import JsonFormatter
+from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
+from authz_service.observe import DecisionWriter, decision_fields
+from tests.conftest import free_port, jwks_introspector
+
+REQUEST = HttpRequest(method="GET", path="/orders/7?access_token=SECRET", request_id="req-1")
+ALLOW = Decision(Outcome.ALLOW, Reason.ALLOWED, Identity("alice", {}, "idp", "jwt"))
+
+
+def _read_lines(fd: int) -> list[dict[str, object]]:
+    os.set_blocking(fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def test_lines_have_the_shape_of_every_other_log_line() -> None:
+    read, write = os.pipe()
+    try:
+        writer = DecisionWriter(write, logging.INFO).start()
+        writer.submit((1_800_000_000.25, logging.INFO, REQUEST, ALLOW, 0.0012, "http"))
+        writer.stop()
+        (line,) = _read_lines(read)
+    finally:
+        os.close(read)
+        os.close(write)
+    record = logging.LogRecord("authz_service.decision", logging.INFO, "", 0, "decision", (), None)
+    record.created, record.msecs = 1_800_000_000.25, 250.0
+    record.fields = decision_fields(REQUEST, ALLOW, 0.0012, "http")
+    assert line == json.loads(JsonFormatter().format(record))
+    assert line["path"] == "/orders/7"  # no query: it can carry a token
+    assert "SECRET" not in json.dumps(line)
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks() -> None:
+    read, write = os.pipe()
+    try:
+        writer = DecisionWriter(write, logging.INFO, max_queue=10)  # not started: nothing drains
+        started = time.perf_counter()
+        for _ in range(1000):
+            writer.submit((time.time(), logging.INFO, REQUEST, ALLOW, 0.001, "grpc"))
+        elapsed = time.perf_counter() - started
+        assert writer.dropped == 990
+        assert elapsed < 0.5  # 1,000 submissions against a writer that never writes
+        writer.start()
+        writer.stop()
+        assert writer.written == 10
+        assert len(_read_lines(read)) == 10
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+@pytest.mark.slow
+async def test_checks_are_answered_promptly_while_nobody_reads_the_log(
+    idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    grpc_port, admin_port, http_port = free_port(), free_port(), free_port()
+    config = {
+        "server": {
+            "grpc_address": f"127.0.0.1:{grpc_port}",
+            "admin_address": f"127.0.0.1:{admin_port}",
+            "http_address": f"127.0.0.1:{http_port}",
+            "drain_delay": 0,
+        },
+        "introspectors": [jwks_introspector(idp)],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # stderr is a pipe this test does not read until the end: it fills after ~64 KB of log lines.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "authz_service",
+        "--config",
+        str(path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    token = idp.mint()
+    url = f"http://127.0.0.1:{http_port}/ext_authz/orders"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "the service did not become ready"
+                await asyncio.sleep(0.1)
+            slowest = 0.0
+
+            async def client(count: int) -> None:
+                nonlocal slowest
+                for _ in range(count):
+                    started = time.monotonic()
+                    async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+                        assert response.status == 200
+                    slowest = max(slowest, time.monotonic() - started)
+
+            # 12,000 decision lines: the pipe holds ~250 of them and the writer's queue 10,000.
+            await asyncio.gather(*(client(1500) for _ in range(8)))
+            async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as response:
+                metrics = await response.text()
+        # Synchronous writes to a full pipe would have stopped the loop for good at the first one.
+        assert slowest < 2.0, slowest
+        (dropped,) = [line for line in metrics.splitlines() if line.startswith("authz_decision_log_dropped_total ")]
+        assert float(dropped.split()[1]) > 0
+    finally:
+        process.terminate()
+        # Reading now unblocks the writer; what was written is whole JSON lines.
+        _, output = await asyncio.wait_for(process.communicate(), 20)
+    lines = [json.loads(line) for line in output.decode().splitlines()]
+    decisions = [line for line in lines if line.get("logger") == "authz_service.decision"]
+    assert decisions
+    assert all(line["decision"] == "allow" for line in decisions)
+    assert token not in output.decode()
+
+
+@pytest.mark.parametrize(
+    ("request_id", "path", "user_id", "method"),
+    [
+        ("req-1", "/a", "alice", "GET"),
+        ('"quoted" \\ id', '/p"a\\th?q=1', 'u"\\\n\t\x00', 'PO"ST'),
+        ("é✓\u2028", "/é/✓\U0001f600", "ü\u2029", "DELETE"),
+        ("", "", "", ""),
+        ("eyJhbGciOi.x.y", "/x", "x" * 500, "GET"),
+    ],
+)
+def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, user_id: str, method: str) -> None:
+    # The writer builds lines by hand (a third of json.dumps' cost): any string must come out the same.
+    from authz_service.observe import _render
+
+    request = HttpRequest(method=method, path=path, request_id=request_id)
+    for decision in (
+        Decision(Outcome.ALLOW, Reason.ALLOWED, Identity(user_id, {}, 'i"d', "jwt")),
+        Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
+        Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque")),
+    ):
+        line = _render(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")
+        record = logging.LogRecord("authz_service.decision", logging.WARNING, "", 0, "decision", (), None)
+        record.created = 1_800_000_000.123
+        record.fields = decision_fields(request, decision, 0.0123456, "http")
+        assert line == JsonFormatter().format(record)
