@@ -1,4 +1,5 @@
-"""The `authz-service` command: run the service, check a config, or run the demo."""
+"""The `authz-service` command: run the service, check a config, explain decisions, apply resources,
+or run the demo."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from authz_service import __version__, loop
 from authz_service.config.validate import load_config
 from authz_service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from authz_service.config.model import Config
+    from authz_service.policytest import FileCase
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +36,35 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
+    apply = commands.add_parser(
+        "apply",
+        help="send a YAML file of resources to a running service's resource API (one bulk PUT /)",
+        description="Send the resources of a YAML file to the resource API as one bulk PUT /: all are "
+        "applied or none. The file: a list of resources, a stream of YAML documents, or a mapping with "
+        "introspectors/policies/users/roles lists. Exit 0 when applied, 1 when rejected or unreachable, "
+        "2 on usage errors.",
+    )
+    apply.add_argument("-f", "--file", required=True, help="the YAML file (- for stdin)")
+    apply.add_argument(
+        "--url", default=os.environ.get("AUTHZ_API_URL"), help="the admin listener, e.g. http://127.0.0.1:9002"
+    )
+    apply.add_argument("--token", help="api.token (better: $AUTHZ_API_TOKEN, which stays out of `ps`)")
+    apply.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    explain = commands.add_parser(
+        "explain",
+        help="decide requests from a file as Check would, and say why each policy did or did not allow",
+        description="Run POST /auth/test-policy offline: build the service from the config (with its file "
+        "store), decide each request of the file exactly as Check does, and print why each policy did or did "
+        "not allow. Tokens are verified as in Check (HMAC and static keys need no network); a case may give "
+        "`identity: {introspector, claims}` instead. Cases may carry `expect: allow|forbidden|...` and "
+        "`expect_policy: ID`: exit 0 when every expectation holds, 1 when one fails, 2 on bad input.",
+    )
+    explain.add_argument("--config", "-c", dest="explain_config", help="config file (default: $AUTHZ_CONFIG)")
+    explain.add_argument("--request", "-r", required=True, help="YAML or JSON file of cases (- for stdin)")
+    explain.add_argument("--json", action="store_true", help="print the test-policy answers as JSON")
+    explain.add_argument(
+        "--verbose", "-v", action="store_true", help="explain every case, also those that decided as expected"
+    )
     commands.add_parser("demo", help="run IdP, service, Envoy and an echo upstream on loopback")
     return parser
 
@@ -39,17 +75,157 @@ def _print_problems(err: ConfigError) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def check_config(path: str) -> int:
-    """`check-config FILE`: 0 and a summary, or 2 and every problem."""
+def _effective_config(path: str, command: str) -> tuple[Config | None, str | None]:
+    """The config as start-up would load it, with a file store's resources (a Redis store is not
+    contacted), and a note saying which; (None, None) after printing every problem."""
     try:
         config = load_config(path)
     except ConfigError as err:
         _print_problems(err)
+        return None, None
+    store = config.api.store
+    if store is not None and store.backend == "file" and store.path is not None:
+        from authz_service.store.base import StoreError
+        from authz_service.store.file import FileStore
+        from authz_service.store.resources import compose, read_config_file
+
+        try:
+            snapshot = FileStore(store.path).load_now()
+            config = compose(read_config_file(path), snapshot.resources)
+        except ConfigError as err:
+            _print_problems(err)
+            return None, None
+        except StoreError as err:
+            print(f"authz-service: {err.message}", file=sys.stderr)
+            return None, None
+        return config, f"with {len(snapshot.resources)} resource(s) from the file store {store.path}"
+    if store is not None:
+        return config, f"the redis store (api.store) is not contacted by {command}"
+    return config, None
+
+
+def check_config(path: str) -> int:
+    """`check-config FILE`: 0 and a summary, or 2 and every problem. A file store (`api.store`)
+    is checked with the file, as start-up would load it; a Redis store is not contacted."""
+    config, note = _effective_config(path, "check-config")
+    if config is None:
         return 2
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(config.summary())
+    if note is not None:
+        print(note)
     return 0
+
+
+def apply(path: str, url: str | None, token: str | None, timeout: float) -> int:
+    """`apply -f FILE --url URL`: 0 applied, 1 rejected (or unreachable), 2 usage error."""
+    from authz_service.apply import TOKEN_ENV, UsageError, check_url, print_reply, read_resources, send
+
+    token = token or os.environ.get(TOKEN_ENV)
+    if not url:
+        print("authz-service apply: no --url (the admin listener, e.g. http://127.0.0.1:9002)", file=sys.stderr)
+        return 2
+    if not token:
+        print(f"authz-service apply: no --token and no ${TOKEN_ENV}", file=sys.stderr)
+        return 2
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"authz-service apply: cannot read {path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    try:
+        check_url(url)
+        resources = read_resources(text, notes)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        reply = send(url, token, resources, timeout)
+    except UsageError as err:
+        print(f"authz-service apply: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or type(err).__name__
+        print(f"authz-service apply: cannot reach {url}: {reason}", file=sys.stderr)
+        return 1
+    print_reply(reply, url)
+    return 0 if 200 <= reply.status < 300 else 1
+
+
+def explain(config_path: str | None, request_path: str, as_json: bool, verbose: bool = False) -> int:
+    """`explain --config FILE --request FILE`: 0 when every expectation holds, 1 when one fails,
+    2 on a bad config or request file."""
+    import asyncio
+    import json
+
+    from authz_service.config import yamlload
+    from authz_service.policytest import PolicyTestError, read_cases
+
+    if not config_path:
+        print("authz-service explain: no --config (or $AUTHZ_CONFIG)", file=sys.stderr)
+        return 2
+    config, note = _effective_config(config_path, "explain")
+    if config is None:
+        return 2
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        text = sys.stdin.read() if request_path == "-" else Path(request_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        print(
+            f"authz-service explain: cannot read {request_path}: {getattr(err, 'strerror', None) or err}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        cases = read_cases(yamlload.load(text))
+        answers, lines, failures = asyncio.run(_explain_cases(config, cases, verbose))
+    except yamlload.YamlError as err:
+        print(f"authz-service explain: {request_path}: {err.message}", file=sys.stderr)
+        return 2
+    except PolicyTestError as err:
+        for problem in err.problems:
+            print(f"authz-service explain: {request_path}: {problem}", file=sys.stderr)
+        return 2
+    print(json.dumps(answers if len(answers) > 1 else answers[0], indent=2) if as_json else "\n".join(lines))
+    if failures:
+        print(f"{failures} of {len(cases)} case(s) did not decide as expected", file=sys.stderr)
+    return 1 if failures else 0
+
+
+async def _explain_cases(
+    config: Config, cases: list[FileCase], verbose: bool
+) -> tuple[list[dict[str, Any]], list[str], int]:
+    from authz_service.engine import build_engine
+    from authz_service.policytest import (
+        PolicyTestError,
+        describe,
+        failed_expectation,
+        parse_policy_test,
+        run_policy_test,
+    )
+    from authz_service.tokens.cache import CacheFactory
+    from authz_service.upstream import UpstreamClient
+
+    client, caches = UpstreamClient(), CacheFactory(config.cache)
+    engine = build_engine(config, client, caches)
+    answers: list[dict[str, Any]] = []
+    lines: list[str] = []
+    failures = 0
+    try:
+        for case in cases:
+            try:
+                test = parse_policy_test(case.body, config)
+            except PolicyTestError as err:
+                raise PolicyTestError(err.status, [f"{case.name}: {p}" for p in err.problems]) from None
+            answer = await run_policy_test(engine.authorizer, config, test)
+            answers.append({"name": case.name, **answer})
+            lines.append(describe(case, test, answer, verbose))
+            failures += failed_expectation(case, answer) is not None
+    finally:
+        await client.close()
+        await caches.close()
+    return answers, lines, failures
 
 
 def run(path: str | None, log_level: str | None) -> int:
@@ -68,12 +244,20 @@ def run(path: str | None, log_level: str | None) -> int:
     setup_logging(log_level or config.logging.level)
     for warning in config.warnings:
         logging.getLogger("authz_service").warning(warning)
-    if config.server.workers > 1:
-        from authz_service.server.workers import run_supervised
+    from authz_service.store.base import StoreError
 
-        return run_supervised(path, config, log_level)
     try:
+        if config.server.workers > 1:
+            from authz_service.server.workers import run_supervised
+
+            return run_supervised(path, config, log_level)
         loop.run(serve(config, path))
+    except ConfigError as err:  # the config file with the resource store's content
+        _print_problems(err)
+        return 2
+    except StoreError as err:
+        print(f"authz-service: cannot start: {err.message}", file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"authz-service: cannot serve: {err}", file=sys.stderr)
         return 1
@@ -103,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "demo":
         return demo()
+    if args.command == "apply":
+        return apply(args.file, args.url, args.token, args.timeout)
+    if args.command == "explain":
+        path = args.explain_config or args.config or os.environ.get("AUTHZ_CONFIG")
+        return explain(path, args.request, args.json, args.verbose)
     return run(args.config or os.environ.get("AUTHZ_CONFIG"), args.log_level)
 
 

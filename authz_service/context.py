@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
+from authz_service.config.model import RoleConfig
 from authz_service.model import HttpRequest, Identity
+from authz_service.routes import ROUTE_PARAMS, route
+
+_NO_ROLES: tuple[RoleConfig, ...] = ()
 
 
 def strip_empty(value: Any) -> Any:
@@ -29,18 +33,36 @@ def query_params(query: str) -> dict[str, str | list[str]]:
     return {name: values[0] if len(values) == 1 else values for name, values in parse_qs(query).items()}
 
 
+def client_id(claims: Mapping[str, Any]) -> str | None:
+    """The OAuth client a token was issued to: `client_id` (RFC 7662, RFC 9068), else `azp` (OIDC)."""
+    for name in ("client_id", "azp"):
+        value = claims.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def build_context(
     request: HttpRequest,
     identity: Identity | None,
     user: Mapping[str, Any] | None,
+    roles: Sequence[RoleConfig] = _NO_ROLES,
 ) -> dict[str, Any]:
-    """The context for one request. Without an identity there is no jwt, token, user or introspector."""
+    """The context for one request. Without an identity there is no jwt, token, user, client,
+    roles or introspector."""
     path, _, query = request.path.partition("?")
+    method = request.method.lower()
+    params = query_params(query)
+    found = route(method, path)
+    if params.keys() & ROUTE_PARAMS:
+        # Route parameters come from the path only: a client cannot add resource/id to a search.
+        params = {name: value for name, value in params.items() if name not in ROUTE_PARAMS}
+    params.update(found.params)
     context: dict[str, Any] = {
-        "request-method": request.method.lower(),
+        "request-method": method,
         "uri": path,
         "query-string": query,
-        "params": query_params(query),
+        "params": params,
         # Pseudo-headers (:path, :authority) are Envoy's plumbing; their values are already above.
         "headers": {name: value for name, value in request.headers.items() if not name.startswith(":")},
         "host": request.host,
@@ -49,13 +71,22 @@ def build_context(
         "context_extensions": dict(request.context_extensions),
     }
     context = strip_empty(context)
+    if found.operation is not None:
+        context["operation"] = {"id": found.operation}
     if identity is not None:
         # Claims and users are stripped once (per verification, at config load), not per request:
         # identities reach here shaped by engine.IdentityShaper.
         claims = identity.claims
         if claims:
             context["jwt" if identity.kind == "jwt" else "token"] = claims
+            client = client_id(claims)
+            if client is not None:
+                context["client"] = {"id": client}
         context["introspector"] = identity.introspector
         if user:
             context["user"] = user
+        if roles:
+            # Aidbox's `role` (the user's Role resources) and a plain list of their names.
+            context["roles"] = [role.name for role in roles]
+            context["role"] = [role.resource for role in roles]
     return context

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from authz_service.config.model import PolicyConfig
+from authz_service.config.model import PolicyConfig, RoleConfig
 from authz_service.context import build_context
 from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
@@ -36,28 +36,42 @@ class Authorizer:
         identities: IdentitySource,
         policies: Sequence[PolicyConfig] = (),
         users: Mapping[str, Mapping[str, Any]] | None = None,
+        roles: Sequence[RoleConfig] = (),
     ) -> None:
         self._credentials = credentials
         self._identities = identities
         self._policies = tuple(policies)
         self._users = users or {}
+        # A user's Role resources, in config order; only users the store knows have roles.
+        by_user: dict[str, list[RoleConfig]] = {}
+        for role in roles:
+            if role.user_id in self._users:
+                by_user.setdefault(role.user_id, []).append(role)
+        self._roles: Mapping[str, tuple[RoleConfig, ...]] = {user: tuple(found) for user, found in by_user.items()}
+
+    @property
+    def credentials(self) -> CredentialFinder:
+        """Where this authorizer looks for tokens (test-policy redacts what they name)."""
+        return self._credentials
+
+    @property
+    def policies(self) -> tuple[PolicyConfig, ...]:
+        """The policies, in the order they are asked."""
+        return self._policies
+
+    def with_policies(self, policies: Sequence[PolicyConfig]) -> Authorizer:
+        """The same authorizer (credentials, identities, users, roles) deciding with other policies:
+        test-policy's "try these instead"."""
+        other = Authorizer(self._credentials, self._identities, policies)
+        other._users, other._roles = self._users, self._roles
+        return other
 
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""
         try:
             credential = self._credentials.find(request)
-            if credential is None:
-                # Anonymous: only a policy can let it through, and then with no identity headers.
-                if self._policies and self._allowed(build_context(request, None, None), None):
-                    return Decision(Outcome.ALLOW, Reason.ANONYMOUS)
-                return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
-            identity = await self._identities.introspect(credential)
-            if self._policies:
-                user = self._users.get(identity.user_id) if identity.user_id is not None else None
-                context = build_context(request, identity, user)
-                if not self._allowed(context, identity.introspector):
-                    return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity)
-            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers)
+            identity = None if credential is None else await self._identities.introspect(credential)
+            return self._decide(request, identity)
         except TokenRejected as err:
             return Decision(Outcome.UNAUTHENTICATED, err.reason)
         except MalformedCredentials as err:
@@ -68,6 +82,42 @@ class Authorizer:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
 
-    def _allowed(self, context: Mapping[str, Any], introspector: str | None) -> bool:
-        """Policies are OR-ed: the first that matches allows."""
-        return any(policy.allows(context, introspector) for policy in self._policies)
+    def decide(self, request: HttpRequest, identity: Identity | None) -> Decision:
+        """The policies' decision for a request whose identity is already known (None: anonymous).
+        Never raises; `authz-service explain` uses it for identities it is given."""
+        try:
+            return self._decide(request, identity)
+        except Exception as err:
+            log_internal_error(err)
+            return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+
+    def _decide(self, request: HttpRequest, identity: Identity | None) -> Decision:
+        if identity is None:
+            # Anonymous: only a policy can let it through, and then with no identity headers.
+            if self._policies:
+                allowing = self._allowing(build_context(request, None, None), None)
+                if allowing is not None:
+                    return Decision(Outcome.ALLOW, Reason.ANONYMOUS, policy=allowing)
+            return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
+        if self._policies:
+            allowing = self._allowing(self.context(request, identity), identity.introspector)
+            if allowing is None:
+                return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity)
+            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers, allowing)
+        return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers)
+
+    def context(self, request: HttpRequest, identity: Identity | None) -> dict[str, Any]:
+        """The policy context of a request, with the identity's user and roles (test-policy uses it too)."""
+        if identity is None:
+            return build_context(request, None, None)
+        user_id = identity.user_id
+        user = self._users.get(user_id) if user_id is not None else None
+        roles = self._roles.get(user_id, ()) if user_id is not None else ()
+        return build_context(request, identity, user, roles)
+
+    def _allowing(self, context: Mapping[str, Any], introspector: str | None) -> str | None:
+        """Policies are OR-ed: the id of the first that matches, or None."""
+        for policy in self._policies:
+            if policy.allows(context, introspector):
+                return policy.id
+        return None

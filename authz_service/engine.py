@@ -9,7 +9,10 @@ token cache survive, and checks in flight finish on the engine they started with
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import functools
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -19,7 +22,7 @@ from authz_service.config.model import Config, IntrospectorConfig, JwtIntrospect
 from authz_service.context import strip_empty
 from authz_service.decide import Authorizer
 from authz_service.envoy import HttpAnswers, IdentityHeaders, ResponseBuilder
-from authz_service.model import Identity
+from authz_service.model import Identity, header_pairs
 from authz_service.tokens.base import IdpClient, Introspector
 from authz_service.tokens.cache import CacheFactory
 from authz_service.tokens.discovery import OidcDiscovery
@@ -39,12 +42,23 @@ class IdentityShaper:
 
     def __init__(self, response: ResponseConfig, keep_claims: bool) -> None:
         self._headers = IdentityHeaders(response)
+        self._claims_header = response.claims_header
         self._keep_claims = keep_claims
 
     def __call__(self, identity: Identity) -> Identity:
         headers = self._headers.build(identity)  # from the full claims: claim_headers may name any
         claims = strip_empty(identity.claims) if self._keep_claims else _NO_CLAIMS
         return dataclasses.replace(identity, claims=claims, headers=headers)
+
+    def unshaped(self, identity: Identity) -> Identity | None:
+        """The full claims again, from the claims header this shaper built (None when they were
+        too large for one): a reload that changes shaping reshapes kept entries instead of
+        asking the IdP again."""
+        for name, value in header_pairs(identity.headers):
+            if name == self._claims_header:
+                claims = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+                return dataclasses.replace(identity, claims=claims, headers=())
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +102,25 @@ def build_engine(
     caches: CacheFactory,
     previous: Engine | None = None,
     on_cache_event: Callable[[str, str], None] | None = None,
+    on_skipped_key: Callable[[str, str], None] | None = None,
 ) -> Engine:
-    """The Engine for a config, reusing the unchanged introspectors of `previous`."""
-    built = build_introspectors(config, client, caches, previous.built if previous else None)
+    """The Engine for a config, reusing the unchanged introspectors of `previous`.
+
+    `on_skipped_key(introspector, reason)` counts the unusable keys of fetched JWKS documents
+    (observe.Metrics.jwks_skipped_key)."""
+    built = build_introspectors(config, client, caches, previous.built if previous else None, on_skipped_key)
     router = IntrospectorRouter([b.introspector for b in built.values()])
+    # Verified identities survive a reload: entries of replaced introspectors are dropped on their
+    # next lookup, and entries shaped for another response config or policy set are reshaped.
     verified = VerifiedTokens(
         router,
         IdentityShaper(config.response, keep_claims=bool(config.policies)),
         config.cache.max_entries,
         on_event=on_cache_event,
+        entries=previous.verified.carried_over() if previous is not None else None,
     )
     credentials = CredentialFinder(config.introspectors)
-    authorizer = Authorizer(credentials, verified, config.policies, config.users)
+    authorizer = Authorizer(credentials, verified, config.policies, config.users, config.roles)
     responses = ResponseBuilder(config.response, remove_params=credentials.token_params)
     return Engine(config, authorizer, responses, HttpAnswers(config.response), verified, MappingProxyType(built))
 
@@ -109,6 +130,7 @@ def build_introspectors(
     client: IdpClient,
     caches: CacheFactory,
     previous: Mapping[str, Built] | None = None,
+    on_skipped_key: Callable[[str, str], None] | None = None,
 ) -> dict[str, Built]:
     """One introspector per configured resource, in config order, with its key source or cache."""
     built: dict[str, Built] = {}
@@ -124,7 +146,13 @@ def build_introspectors(
                 # Config validation guarantees one key source: jwks_uri or discovery.
                 location = item.jwks_uri or OidcDiscovery(item.iss, client, item.timeout)
                 jwks = JwksKeySource(
-                    location, client, ttl=item.cache_ttl, max_stale=item.max_stale, timeout=item.timeout
+                    location,
+                    client,
+                    ttl=item.cache_ttl,
+                    max_stale=item.max_stale,
+                    timeout=item.timeout,
+                    name=item.id,
+                    on_skipped_key=functools.partial(on_skipped_key, item.id) if on_skipped_key else None,
                 )
                 built[item.id] = Built(item, JwtIntrospector(item, jwks), jwks)
         else:

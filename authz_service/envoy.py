@@ -22,7 +22,7 @@ from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service._pb.envoy.type.v3 import http_status_pb2
 from authz_service.config.model import ResponseConfig
 from authz_service.errors import TokenRejected
-from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
+from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
 
 REALM = "authz-service"
 
@@ -58,16 +58,17 @@ class IdentityHeaders:
         self._claims = response.claims_header
         self._claim_headers = response.claim_headers
 
-    def build(self, identity: Identity) -> tuple[tuple[str, str], ...]:
-        """The headers for this identity; raise TokenRejected if the user id cannot be a header."""
-        headers: list[tuple[str, str]] = []
+    def build(self, identity: Identity) -> tuple[str, ...]:
+        """The headers for this identity, flat (name, value, ...); raise TokenRejected if the user id
+        cannot be a header."""
+        headers: list[str] = []
         if identity.user_id is not None:
             if not header_safe(identity.user_id):
                 raise TokenRejected(Reason.BAD_CLAIMS)
-            headers.append((self._user_id, identity.user_id))
+            headers += (self._user_id, identity.user_id)
         claims = encode_claims(identity.claims)
         if len(claims) <= MAX_HEADER_VALUE:
-            headers.append((self._claims, claims))
+            headers += (self._claims, claims)
         for claim, header in self._claim_headers:
             value = identity.claims.get(claim)
             if value is None:
@@ -75,7 +76,7 @@ class IdentityHeaders:
             text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
             # A claim we cannot pass safely is left out (and so removed upstream), never mangled.
             if header_safe(text):
-                headers.append((header, text))
+                headers += (header, text)
         return tuple(headers)
 
 
@@ -168,7 +169,11 @@ class ResponseBuilder:
         """The serialized CheckResponse for a decision."""
         if decision.outcome is Outcome.ALLOW:
             identity = decision.identity
-            key = (identity.introspector, identity.user_id, decision.headers) if identity else ((), decision.headers)
+            key = (
+                (identity.introspector, identity.user_id, decision.headers, decision.policy)
+                if identity
+                else ((), decision.headers, decision.policy)
+            )
             encoded = self._allowed.get(key)
             if encoded is None:
                 encoded = self._allow(decision).SerializeToString()
@@ -185,17 +190,19 @@ class ResponseBuilder:
         return denial
 
     def _allow(self, decision: Decision) -> external_auth_pb2.CheckResponse:
-        set_names = {name for name, _ in decision.headers}
+        set_names = set(decision.headers[::2])
         metadata = Struct()
         identity = decision.identity
         if identity is not None:
             if identity.user_id is not None:
                 metadata["user_id"] = identity.user_id
             metadata["introspector"] = identity.introspector
+        if decision.policy is not None:
+            metadata["policy"] = decision.policy
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header(name, value) for name, value in decision.headers],
+                headers=[_header(name, value) for name, value in header_pairs(decision.headers)],
                 headers_to_remove=[name for name in self._identity_headers if name not in set_names],
                 query_parameters_to_remove=self._remove_params,
             ),
@@ -237,17 +244,30 @@ class HttpAnswers:
     auth_request drops a denial's body, and its shipped config rebuilds the body from these.
     """
 
-    def __init__(self, response: ResponseConfig) -> None:
+    def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES) -> None:
         self._identity_headers = response.identity_headers
         self._denials: dict[tuple[Outcome, Reason], HttpAnswer] = {}
+        # An allow depends only on the identity headers: the answers of the most recent identities
+        # are kept built, as ResponseBuilder keeps its encoded ones.
+        self._allowed: OrderedDict[tuple[str, ...], HttpAnswer] = OrderedDict()
+        self._memo_entries = memo_entries
 
     def answer(self, decision: Decision) -> HttpAnswer:
         """The answer for a decision."""
         if decision.outcome is Outcome.ALLOW:
-            set_names = {name for name, _ in decision.headers}
-            removed = ",".join(name for name in self._identity_headers if name not in set_names)
-            headers = (*decision.headers, (HEADERS_TO_REMOVE, removed)) if removed else decision.headers
-            return HttpAnswer(200, headers, b"")
+            flat = decision.headers
+            allowed = self._allowed.get(flat)
+            if allowed is None:
+                set_names = set(flat[::2])
+                removed = ",".join(name for name in self._identity_headers if name not in set_names)
+                pairs = tuple(header_pairs(flat))
+                headers = (*pairs, (HEADERS_TO_REMOVE, removed)) if removed else pairs
+                allowed = self._allowed[flat] = HttpAnswer(200, headers, b"")
+                if len(self._allowed) > self._memo_entries:
+                    self._allowed.popitem(last=False)
+            else:
+                self._allowed.move_to_end(flat)
+            return allowed
         key = (decision.outcome, decision.reason)
         denial = self._denials.get(key)
         if denial is None:

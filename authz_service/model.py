@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -37,12 +37,16 @@ class Reason(enum.Enum):
     ISSUED_IN_FUTURE = ("issued_in_future", "token issued in the future")
     BAD_AUDIENCE = ("bad_audience", "token audience not accepted")
     BAD_CLAIMS = ("bad_claims", "token claims are invalid")
+    LIFETIME_TOO_LONG = ("lifetime_too_long", "token lifetime exceeds the allowed maximum")
     INACTIVE = ("inactive", "token is not active")
     MULTIPLE_CREDENTIALS = ("multiple_credentials", "more than one Authorization value")
     NO_ORIGINAL_URI = ("no_original_uri", "the proxy did not send X-Forwarded-Uri or X-Original-URI")
     FORBIDDEN = ("forbidden", "no access policy allows this request")
     IDP_UNAVAILABLE = ("idp_unavailable", "identity provider unavailable")
     INTERNAL_ERROR = ("internal_error", "internal error")
+    OVERLOADED = ("overloaded", "too many checks in flight, try again")
+    DEADLINE_EXCEEDED = ("deadline_exceeded", "the caller stopped waiting before the check began")
+    UNDECODABLE_REQUEST = ("undecodable_request", "the check request could not be decoded")
 
     def __init__(self, label: str, description: str) -> None:
         self.label = label
@@ -64,8 +68,10 @@ class Identity:
     # life of the cached introspection answer); the introspector's trusted_until reads it.
     answer_until: float | None = None
     # The headers this identity earns upstream (user id, claims, claim_headers), shaped once per
-    # verification by envoy.IdentityHeaders, not per request.
-    headers: tuple[tuple[str, str], ...] = ()
+    # verification by envoy.IdentityHeaders, not per request. Flat: (name, value, name, value, ...)
+    # (header_pairs() reads it as pairs): a tuple of pair tuples would cost ~100 bytes more for
+    # each of the 100,000 identities a cache may hold.
+    headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +81,14 @@ class Decision:
     outcome: Outcome
     reason: Reason
     identity: Identity | None = None
-    # Set on allow only: the identity headers to send upstream (name -> value).
-    headers: tuple[tuple[str, str], ...] = field(default=())
+    # Set on allow only: the identity headers to send upstream, flat as Identity.headers.
+    headers: tuple[str, ...] = field(default=())
+    policy: str | None = None  # the AccessPolicy that allowed (None: no policies, or a deny)
+
+
+def header_pairs(flat: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """(name, value) pairs of a flat header tuple (Identity.headers, Decision.headers)."""
+    return zip(flat[::2], flat[1::2], strict=True)
 
 
 _NO_STRINGS: Mapping[str, str] = MappingProxyType({})

@@ -89,6 +89,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.jwks_skipped_keys = Counter(
+            "authz_jwks_skipped_keys",
+            "Unusable keys in fetched JWKS documents, per fetch, by introspector and reason (the log names the kid)",
+            ["introspector", "reason"],
+            registry=registry,
+        )
         self.decision_log_dropped = Counter(
             "authz_decision_log_dropped",
             "Decision log lines dropped because the writer was behind (a stalled log reader)",
@@ -113,6 +119,10 @@ class Metrics:
         if child is None:
             child = self._upstream_children[(endpoint, outcome)] = self.upstream_calls.labels(endpoint, outcome)
         child.inc()
+
+    def jwks_skipped_key(self, introspector: str, reason: str) -> None:
+        """Count a JWKS key we could not use (tokens/keys.py SkippedKey reasons)."""
+        self.jwks_skipped_keys.labels(introspector, reason).inc()
 
     def observe(self, decision: Decision, seconds: float, protocol: str = "grpc") -> None:
         """Count a decision and its latency."""
@@ -146,6 +156,7 @@ def decision_fields(request: HttpRequest, decision: Decision, seconds: float, pr
         "path": redact.path(request.path),
         "latency_ms": round(seconds * 1000, 3),
         "protocol": protocol,
+        "policy": decision.policy,
     }
 
 
@@ -254,7 +265,8 @@ def _render(created: float, level: int, request: HttpRequest, decision: Decision
         f'"introspector": {introspector}, '
         f'"user_id": {_quote(redact.user_id(user)) if user is not None else "null"}, '
         f'"method": {_quote(request.method)}, "path": {_quote(redact.path(request.path))}, '
-        f'"latency_ms": {round(seconds * 1000, 3)!r}, "protocol": {_quote(protocol)}}}'
+        f'"latency_ms": {round(seconds * 1000, 3)!r}, "protocol": {_quote(protocol)}, '
+        f'"policy": {_quote(decision.policy) if decision.policy is not None else "null"}}}'
     )
 
 

@@ -3,11 +3,23 @@
 Every call has a timeout, never follows a redirect, caps the body it reads, and turns every
 failure into UpstreamUnavailable with a short outcome label. Nothing here logs a URL's query,
 a token or a response body.
+
+Content-Type: an introspection answer must be labelled JSON (`application/json` or any
+`application/*+json`, parameters such as `; charset=utf-8` allowed): RFC 7662 2.2 answers are
+`application/json`, and a 200 in any other type (text/plain, none, application/jsonp, HTML) is
+not an introspection endpoint we understand, so it is an outage (503, never cached), never an
+allow. JWKS and discovery documents are read whatever their label: providers disagree
+(Keycloak, Auth0, Okta, Entra ID and Google say application/json, Kubernetes
+application/jwk-set+json, keys hosted on S3, GCS or GitHub Pages often arrive as
+application/octet-stream or text/plain), and the document proves itself: strict JSON of the
+right shape, and every key checked on its own (tokens/keys.py), so a label would only refuse
+working providers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +31,17 @@ from authz_service.errors import UpstreamUnavailable
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_INTROSPECTION_BYTES = 64 * 1024
+# What we ask for (servers that negotiate pick what they have; RFC 7517 8.5 names the JWK Set type).
+_ACCEPT = {"jwks": "application/jwk-set+json, application/json"}
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9!#$&^_.+-]+\+)?json")
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """`application/json` or `application/<anything>+json`, whatever its parameters."""
+    if not content_type:
+        return False
+    media_type = content_type.partition(";")[0].strip().lower()
+    return _JSON_MEDIA_TYPE.fullmatch(media_type) is not None
 
 
 class UpstreamClient:
@@ -59,9 +82,9 @@ class UpstreamClient:
         timeout: float,
         max_bytes: int = MAX_INTROSPECTION_BYTES,
     ) -> Any:
-        """POST a form and return its JSON body; raise UpstreamUnavailable on any failure."""
+        """POST a form and return its JSON body (labelled JSON); raise UpstreamUnavailable on any failure."""
         return await self._request(
-            endpoint, "POST", url, timeout=timeout, max_bytes=max_bytes, form=form, headers=headers
+            endpoint, "POST", url, timeout=timeout, max_bytes=max_bytes, form=form, headers=headers, json_only=True
         )
 
     async def _request(
@@ -74,6 +97,7 @@ class UpstreamClient:
         max_bytes: int,
         form: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        json_only: bool = False,
     ) -> Any:
         outcome = "ok"
         try:
@@ -82,11 +106,14 @@ class UpstreamClient:
                     method,
                     url,
                     data=dict(form) if form is not None else None,
-                    headers={"Accept": "application/json", **(headers or {})},
+                    headers={"Accept": _ACCEPT.get(endpoint, "application/json"), **(headers or {})},
                     allow_redirects=False,
                 ) as response:
                     if response.status != 200:
                         outcome = f"http_{response.status}"
+                        raise UpstreamUnavailable(endpoint, outcome)
+                    if json_only and not is_json_media_type(response.headers.get("Content-Type")):
+                        outcome = "bad_content_type"
                         raise UpstreamUnavailable(endpoint, outcome)
                     if response.content_length is not None and response.content_length > max_bytes:
                         outcome = "too_large"

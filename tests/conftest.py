@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.harness import Harness, config_from, start_harness
+from tests.harness import Harness, HealthClient, config_from, start_harness
 
 StartService = Callable[[Mapping[str, Any]], Awaitable[Harness]]
 
 
+async def new_idp(issuer: str | None = None) -> DevIdentityProvider:
+    """A DevIdentityProvider, made off the loop: generating its RSA key can take a quarter second."""
+    return await asyncio.to_thread(DevIdentityProvider, issuer)
+
+
 @pytest.fixture
 async def idp() -> AsyncIterator[DevIdentityProvider]:
-    async with DevIdentityProvider() as provider:
+    """A running identity provider on an ephemeral loopback port."""
+    async with await new_idp() as provider:
         yield provider
 
 
@@ -44,6 +51,11 @@ async def start_service() -> AsyncIterator[StartService]:
         await harness.close()
 
 
+async def sleep_past(deadline: float, margin: float = 0.05) -> None:
+    """Sleep until the wall clock is `margin` seconds past `deadline` (epoch seconds, e.g. a token's exp)."""
+    await asyncio.sleep(max(0.0, deadline - time.time()) + margin)
+
+
 def jwks_introspector(provider: DevIdentityProvider, **overrides: Any) -> dict[str, Any]:
     """A jwt introspector trusting the provider's JWKS (audience authz-service)."""
     resource: dict[str, Any] = {
@@ -59,13 +71,14 @@ def jwks_introspector(provider: DevIdentityProvider, **overrides: Any) -> dict[s
     return resource
 
 
-async def wait_serving(port: int, process: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
+async def wait_serving(port: int, process: asyncio.subprocess.Process, deadline: float = 20.0) -> None:
+    """Poll gRPC health until the service process reports SERVING; fail if it exits or takes too long."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub = HealthClient(channel)
         while True:
-            assert process.poll() is None, "service exited during start-up"
+            assert process.returncode is None, "service exited during start-up"
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -76,43 +89,73 @@ async def wait_serving(port: int, process: subprocess.Popen[bytes], deadline: fl
             await asyncio.sleep(0.1)
 
 
+async def run_service(config: Path, output: Path, *, log_level: str = "info") -> asyncio.subprocess.Process:
+    """`python -m authz_service --config FILE` as a subprocess, stdout and stderr into `output`."""
+    with output.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "authz_service",
+            "--config",
+            str(config),
+            "--log-level",
+            log_level,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+async def exit_code(process: asyncio.subprocess.Process, timeout: float) -> int:
+    """The exit code, waited for without blocking the loop; SIGKILL and fail after `timeout` seconds."""
+    try:
+        return await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        pytest.fail(f"process {process.pid} did not exit within {timeout:g} s")
+
+
 @dataclass
 class Spawned:
     """A service subprocess: its gRPC port, config file and process."""
 
     port: int
     path: Path
-    process: subprocess.Popen[bytes]
+    process: asyncio.subprocess.Process
     log: Path
 
 
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Spawned]]]:
-    """Start `authz-service --config` subprocesses; each is SIGTERMed after the test."""
-    processes: list[subprocess.Popen[bytes]] = []
+class Spawn(Protocol):
+    """The `spawn` fixture: start a service subprocess from a config dict (plus `server` settings)."""
 
-    async def start(config: dict[str, Any], server: dict[str, Any] | None = None) -> Spawned:
+    async def __call__(self, config: Mapping[str, Any], server: Mapping[str, Any] | None = None) -> Spawned: ...
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """Start `authz-service --config` subprocesses; each is SIGTERMed after the test."""
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(config: Mapping[str, Any], server: Mapping[str, Any] | None = None) -> Spawned:
         port = free_port()
         settings = {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": 0, **(server or {})}
-        config = {**config, "server": settings}
         path = tmp_path / f"config-{port}.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump({**config, "server": settings}))
         log = tmp_path / f"service-{port}.log"
-        with log.open("wb") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "authz_service", "--config", str(path), "--log-level", "info"],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                stderr=stderr,
-            )
+        process = await run_service(path, log)
         processes.append(process)
         await wait_serving(port, process)
         return Spawned(port, path, process, log)
 
     yield start
     for process in processes:
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
     for process in processes:
-        assert process.wait(15) == 0  # SIGTERM drains and exits 0
+        assert await exit_code(process, 15) == 0  # SIGTERM drains and exits 0
 
 
 def free_port() -> int:
@@ -131,7 +174,6 @@ def redis_url() -> Iterator[str]:
     import socket
     import subprocess
     import tempfile
-    import time
 
     binary = shutil.which("redis-server")
     if binary is None:

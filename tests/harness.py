@@ -2,22 +2,57 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import yaml
+from grpc_health.v1 import health_pb2
 
 from authz_service._pb.envoy.config.core.v3 import address_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_service.config.model import Config
 from authz_service.config.validate import parse_config
 from authz_service.server.service import AuthzService
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+
+
+class AuthorizationClient:
+    """The Authorization stub, typed (the generated one is not): `Check` on the path Envoy calls."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.Check: grpc.aio.UnaryUnaryMultiCallable[pb.CheckRequest, pb.CheckResponse] = channel.unary_unary(
+            CHECK_METHOD,
+            request_serializer=pb.CheckRequest.SerializeToString,
+            response_deserializer=pb.CheckResponse.FromString,
+        )
+
+
+class HealthClient:
+    """The grpc.health.v1 stub, typed (types-grpcio-health-checking declares no methods on HealthStub)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        request, response = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        self.Check: grpc.aio.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse] = (
+            channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
+            )
+        )
+        self.Watch: grpc.aio.UnaryStreamMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse] = (
+            channel.unary_stream(
+                "/grpc.health.v1.Health/Watch",
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
+            )
+        )
 
 
 def check_request(
@@ -57,6 +92,16 @@ def check_request(
     )
 
 
+HealthWatch = grpc.aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+
+
+async def watched_status(watch: HealthWatch, timeout: float | None = None) -> int:
+    """The next status a health Watch reports (the stubs type a read as `object`: it may be EOF)."""
+    reply = await asyncio.wait_for(watch.read(), timeout)
+    assert isinstance(reply, health_pb2.HealthCheckResponse), f"the watch ended: {reply!r}"
+    return reply.status
+
+
 @dataclass
 class Answer:
     """A CheckResponse, read the way a test wants to read it."""
@@ -75,7 +120,8 @@ class Answer:
         answer.metadata = {k: v.string_value for k, v in response.dynamic_metadata.fields.items()}
         if response.HasField("ok_response"):
             for option in response.ok_response.headers:
-                assert option.HasField("append") and option.append.value is False, option
+                assert option.HasField("append"), option
+                assert option.append.value is False, option
                 assert option.header.key not in answer.headers, f"duplicate header {option.header.key}"
                 answer.headers[option.header.key] = option.header.value
             answer.removed = list(response.ok_response.headers_to_remove)
@@ -92,7 +138,7 @@ class Answer:
 
     def claims(self, header: str = "x-auth-claims") -> dict[str, Any]:
         value = self.headers[header]
-        return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        return cast(dict[str, Any], json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))))
 
 
 class Harness:
@@ -101,7 +147,7 @@ class Harness:
     def __init__(self, service: AuthzService, channel: grpc.aio.Channel) -> None:
         self.service = service
         self.channel = channel
-        self.stub = pb_grpc.AuthorizationStub(channel)
+        self.stub = AuthorizationClient(channel)
 
     async def check(self, path: str = "/", **kwargs: Any) -> Answer:
         return Answer.of(await self.stub.Check(check_request(path, **kwargs), timeout=10))

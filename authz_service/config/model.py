@@ -37,6 +37,9 @@ class ServerConfig:
     shutdown_grace: float = 10.0  # seconds in-flight checks get to finish after that
     tls: TlsConfig | None = None
     http_address: str | None = None  # HTTP mode (Envoy's http_service, nginx, Traefik); off by default
+    # Checks in flight per listener and process; more are shed at once with a 503, so a check
+    # admitted under overload waits behind at most this many (bounded queueing, bounded p99).
+    max_concurrent_checks: int = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,9 @@ class JwtIntrospectorConfig:
     discovery: bool = False  # keys from <iss>/.well-known/openid-configuration's jwks_uri
     from_headers: tuple[HeaderSource, ...] = ()
     from_params: tuple[str, ...] = ()
+    # Seconds a token may live (exp - iat, or exp - now without iat), as Envoy jwt_authn's
+    # max_lifetime; None: no limit (the issuer decides), as jwt_authn and Aidbox.
+    max_lifetime: int | None = None
 
     kind = "jwt"
 
@@ -145,20 +151,69 @@ class RoleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyLinks:
+    """`AccessPolicy.link`: the users, clients and operations a policy is for (Aidbox's semantics:
+    a policy with links applies to a request associated with any one of them)."""
+
+    users: frozenset[str] = frozenset()
+    clients: frozenset[str] = frozenset()
+    operations: frozenset[str] = frozenset()
+
+    def admit(self, context: Mapping[str, Any]) -> bool:
+        """Whether the request is associated with one of the links."""
+        user = context.get("user")
+        if user is not None and user.get("id") in self.users:
+            return True
+        client = context.get("client")
+        if client is not None and client.get("id") in self.clients:
+            return True
+        operation = context.get("operation")
+        return operation is not None and operation.get("id") in self.operations
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """An AccessPolicy: its rule as written (for explanations) and compiled (for Check)."""
+    """An AccessPolicy: its rule as written (for explanations) and compiled (for Check), and whom it
+    applies to (introspectors, roleName, link)."""
 
     id: str
     engine: str
     rule: Any = field(compare=True, repr=False)  # the engine's part of the resource, as written
     predicate: Predicate = field(compare=False, repr=False)
     introspectors: frozenset[str] | None = None  # None: applies to every request
+    role_name: str | None = None  # only for users holding a Role of this name
+    links: PolicyLinks | None = None  # only for requests of these users, clients or operations
+
+    def applies(self, context: Mapping[str, Any], introspector: str | None) -> bool:
+        """Whether the policy is for this request at all (its rule not yet asked)."""
+        if self.introspectors is not None and introspector not in self.introspectors:
+            return False
+        if self.role_name is not None and self.role_name not in context.get("roles", ()):
+            return False
+        return self.links is None or self.links.admit(context)
 
     def allows(self, context: Mapping[str, Any], introspector: str | None) -> bool:
         """Whether this policy applies to the request and its rule matches the context."""
-        if self.introspectors is not None and introspector not in self.introspectors:
-            return False
-        return self.predicate(context)
+        return self.applies(context, introspector) and self.predicate(context)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where resources written through the resource API live (`api.store`)."""
+
+    backend: str = "file"  # file (one YAML file per resource in `path`) | redis (`url`)
+    path: str | None = None
+    url: str | None = field(default=None, repr=False)  # may carry a password
+    prefix: str = "authz:resources"  # redis: key and channel prefix, so deployments can share a Redis
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The resource API on the admin listener (`api`): on only when `token` is set."""
+
+    token: str | None = field(default=None, repr=False)
+    store: StoreConfig | None = None  # also read (and watched) when token is None: resources then are read-only
+    max_body_bytes: int = 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +229,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     warnings: tuple[str, ...] = ()
     roles: tuple[RoleConfig, ...] = ()
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def summary(self) -> str:
         """One line for check-config and the start-up log."""

@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-import yaml
-
+from authz_service.config import yamlload
 from authz_service.config.fields import Fields, expand_env, header_safe_text
 from authz_service.config.model import (
+    ApiConfig,
     CacheConfig,
     Config,
     HeaderSource,
@@ -27,19 +27,24 @@ from authz_service.config.model import (
     LoggingConfig,
     OpaqueIntrospectorConfig,
     PolicyConfig,
+    PolicyLinks,
     Predicate,
     ResponseConfig,
     RoleConfig,
     ServerConfig,
     StaticKey,
+    StoreConfig,
     TlsConfig,
 )
 from authz_service.context import strip_empty
 from authz_service.errors import ConfigError, PolicyError, Problem
-from authz_service.policy import ENGINES, engine_names
-from authz_service.tokens.keys import KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
+from authz_service.policy import ENGINES, unknown_engine
+from authz_service.routes import with_aidbox_references
+from authz_service.tokens.keys import HMAC_MIN_BYTES, KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
 
 MIN_HMAC_SECRET_BYTES = 32
+MAX_LIFETIME_LIMIT = 10 * 365 * 86400  # jwt.max_lifetime: ten years is already "no limit"
+MIN_API_TOKEN_CHARS = 16
 ASPXAUTH_COOKIE = ".ASPXAUTH"
 _SERVER = ServerConfig()
 _CACHE = CacheConfig()
@@ -71,11 +76,9 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     """Validate config text (YAML); raise ConfigError listing every problem."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([Problem("config", "", f"is not valid YAML{where}")]) from err
+        raw = yamlload.load(text)  # strict: no duplicate keys, tags or alias bombs
+    except yamlload.YamlError as err:
+        raise ConfigError([Problem("config", "", err.message)]) from err
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -99,6 +102,22 @@ def validate_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None
     return config
 
 
+# Every engine's rule fields, Aidbox's included: not "unknown" next to an engine we cannot run.
+_RULE_FIELDS = frozenset({"matcho", "schema", "and", "or", "sql", "rpc"})
+
+
+def validate_policies(raw: Any, introspector_ids: Iterable[str]) -> tuple[PolicyConfig, ...]:
+    """AccessPolicy resources on their own (test-policy's "try these"), checked exactly as in a
+    config with those introspectors; ConfigError listing every problem."""
+    problems: list[Problem] = []
+    if not isinstance(raw, list):
+        raise ConfigError([Problem("policies", "", "must be a list of AccessPolicy resources")])
+    policies = _Validator(problems).policies(raw, set(introspector_ids))
+    if problems:
+        raise ConfigError(problems)
+    return policies
+
+
 class _Validator:
     """Turns the raw (env-expanded) tree into a Config, recording every problem."""
 
@@ -116,8 +135,58 @@ class _Validator:
         roles = self.roles(top.get("roles", list, []))
         policies = self.policies(top.get("policies", list, []), {i.id for i in introspectors})
         logs = self.logging(top.section("logging"))
+        api = self.api(top.section("api"), server)
         top.reject_unknown()
-        return Config(server, cache, response, introspectors, policies, users, logs, tuple(self.warnings), roles)
+        return Config(
+            server, cache, response, introspectors, policies, users, logs, tuple(self.warnings), roles, api=api
+        )
+
+    def api(self, f: Fields | None, server: ServerConfig) -> ApiConfig:
+        """The resource API: a bearer token, where written resources persist, a body size cap."""
+        if f is None:
+            return ApiConfig()
+        token = f.get("token", str, None)
+        if token is not None:
+            if not re.fullmatch(r"[\x21-\x7e]{1,1024}", token):
+                f.problem("token", "must be 1 to 1024 visible ASCII characters (it is sent as a Bearer token)")
+            elif len(token) < MIN_API_TOKEN_CHARS:
+                self.warnings.append(
+                    f"api: token is shorter than {MIN_API_TOKEN_CHARS} characters; use a long random token"
+                )
+            if server.admin_address is None:
+                f.problem("token", "needs server.admin_address: the resource API is served on the admin listener")
+        store = self.store(f.nested("store"))
+        if token is not None and store is None and "store" not in f.raw:
+            f.problem("store", "is required when token is set (where resources written through the API persist)")
+        max_body = f.int_in("max_body_bytes", ApiConfig().max_body_bytes, 1024, 64 * 1024 * 1024)
+        f.reject_unknown()
+        return ApiConfig(token, store, max_body)
+
+    def store(self, f: Fields | None) -> StoreConfig | None:
+        if f is None:
+            return None
+        backend = f.get("backend", str, "file")
+        path = f.get("path", str, None)
+        url = f.get("url", str, None)
+        prefix = f.get("prefix", str, StoreConfig().prefix)
+        if backend == "file":
+            if not path:
+                f.problem("path", "is required when backend is file (the directory of resource files)")
+            if url is not None:
+                f.problem("url", "is for backend redis; backend file takes path")
+        elif backend == "redis":
+            if url is None:
+                f.problem("url", "is required when backend is redis")
+            elif not re.match(r"^rediss?://", url):
+                f.problem("url", "must be a redis:// or rediss:// URL")
+            if path is not None:
+                f.problem("path", "is for backend file; backend redis takes url")
+        elif backend is not None:
+            f.problem("backend", f"must be file or redis, got {backend!r}")
+        if prefix is not None and not re.fullmatch(r"[A-Za-z0-9:_.-]{1,64}", prefix):
+            f.problem("prefix", "must be 1 to 64 letters, digits or ':_.-'")
+        f.reject_unknown()
+        return StoreConfig(backend or "file", path, url, prefix or StoreConfig().prefix)
 
     def logging(self, f: Fields | None) -> LoggingConfig:
         if f is None:
@@ -151,6 +220,7 @@ class _Validator:
         if drain is not None and not 0 <= drain <= 600:
             f.problem("drain_delay", f"must be between 0 and 600, got {drain}")
         grace = f.number_in("shutdown_grace", _SERVER.shutdown_grace, 0, 600)
+        max_concurrent = f.int_in("max_concurrent_checks", _SERVER.max_concurrent_checks, 1, 100_000)
         tls = self.tls(f.nested("tls"))
         f.reject_unknown()
         return ServerConfig(
@@ -162,6 +232,7 @@ class _Validator:
             grace,
             tls,
             http_address,
+            max_concurrent,
         )
 
     def tls(self, f: Fields | None) -> TlsConfig | None:
@@ -345,6 +416,9 @@ class _Validator:
             else:
                 audiences = frozenset(aud_raw)
         leeway = jwt.int_in("leeway", 30, 0, 3600)
+        max_lifetime = jwt.get("max_lifetime", int, None)
+        if max_lifetime is not None and not 1 <= max_lifetime <= MAX_LIFETIME_LIMIT:
+            jwt.problem("max_lifetime", f"must be between 1 and {MAX_LIFETIME_LIMIT}, got {max_lifetime}")
         secret = jwt.get("secret", str, None)
         nested_jwks = jwt.get("jwks_uri", str, None)
         keys_raw = jwt.get("keys", list, None)
@@ -362,13 +436,17 @@ class _Validator:
         f.url("jwks_uri", jwks_uri)
         if discovery and iss is not None and not re.match(r"^https?://[^/\s]+", iss):
             jwt.problem("iss", "must be an http:// or https:// URL when discovery is true (the document is under it)")
-        short = [("jwt.secret", secret)] + [
-            (f"jwt.keys[{i}].k", k.get("k")) for i, k in enumerate(keys_raw or []) if isinstance(k, dict)
+        # RFC 7518 3.2: an HMAC key as long as the hash at least. An OCT key has one alg, so its own
+        # hash decides (HS512: 64 bytes); jwt.secret verifies all three, and keeps the SPEC's 32.
+        short = [("jwt.secret", secret, MIN_HMAC_SECRET_BYTES)] + [
+            (f"jwt.keys[{i}].k", k.get("k"), HMAC_MIN_BYTES.get(str(k.get("alg")), MIN_HMAC_SECRET_BYTES))
+            for i, k in enumerate(keys_raw or [])
+            if isinstance(k, dict)
         ]
-        for field_name, value in short:
-            if isinstance(value, str) and len(value.encode()) < MIN_HMAC_SECRET_BYTES:
+        for field_name, value, minimum in short:
+            if isinstance(value, str) and len(value.encode()) < minimum:
                 self.warnings.append(
-                    f"introspector {ident!r}: {field_name} is shorter than {MIN_HMAC_SECRET_BYTES} bytes; "
+                    f"introspector {ident!r}: {field_name} is shorter than {minimum} bytes; "
                     "use a longer random secret in production"
                 )
         keys: list[StaticKey] = []
@@ -402,6 +480,7 @@ class _Validator:
             discovery=bool(discovery),
             from_headers=common.from_headers,
             from_params=common.from_params,
+            max_lifetime=max_lifetime if max_lifetime is not None and max_lifetime >= 1 else None,
         )
 
     def opaque_introspector(self, f: Fields, ident: str, kind: str) -> OpaqueIntrospectorConfig | None:
@@ -457,12 +536,19 @@ class _Validator:
                         "introspectors", f"must list configured introspector ids, unknown: {unknown or '(empty)'}"
                     )
                 introspectors = frozenset(str(name) for name in scope)
+            role_name = f.get("roleName", str, None)
+            if role_name == "":
+                f.problem(
+                    "roleName", "must be a non-empty role name (leave it out for a policy that applies to everyone)"
+                )
+            links = self._links(f)
             rule: dict[str, Any] = {}
             predicate: Predicate | None = None
             kind = ENGINES.get(engine) if engine is not None else None
             if kind is None:
                 if engine is not None:
-                    f.problem("engine", f"must be {engine_names()}, got {engine!r}")
+                    f.problem("engine", unknown_engine(engine))
+                    f.seen.update(_RULE_FIELDS)  # one problem (the engine), not one more per rule field
             else:
                 f.seen.update(kind.fields)
                 rule = kind.rule(raw)
@@ -477,8 +563,29 @@ class _Validator:
                         f.problem(kind.fields[0] if kind.fields else "engine", "is nested too deeply")
             f.reject_unknown()
             if predicate is not None and isinstance(ident, str):
-                result.append(PolicyConfig(ident, str(engine), rule, predicate, introspectors))
+                result.append(PolicyConfig(ident, str(engine), rule, predicate, introspectors, role_name, links))
         return tuple(result)
+
+    @staticmethod
+    def _links(f: Fields) -> PolicyLinks | None:
+        """`link`: [{reference: User/u}], or Aidbox's other form [{resourceType: User, id: u}]."""
+        raw = f.get("link", list, None)
+        if raw is None:
+            return None
+        found: dict[str, set[str]] = {"User": set(), "Client": set(), "Operation": set()}
+        for i, item in enumerate(raw):
+            kind, ident = _reference(item) if isinstance(item, dict) else (None, None)
+            if kind not in found or ident is None:
+                f.problem(
+                    f"link[{i}]",
+                    "must be {reference: User/ID}, {reference: Client/ID} or {reference: Operation/ID} "
+                    "(or {resourceType, id})",
+                )
+                continue
+            found[kind].add(ident)
+        if not raw:
+            f.problem("link", "must not be empty (leave it out for a policy that applies to everyone)")
+        return PolicyLinks(frozenset(found["User"]), frozenset(found["Client"]), frozenset(found["Operation"]))
 
     def roles(self, raw_list: list[Any]) -> tuple[RoleConfig, ...]:
         result: list[RoleConfig] = []
@@ -494,13 +601,16 @@ class _Validator:
                 f.problem("id", "is used by more than one role")
             ids.add(ident)
             name = f.get("name", str)
+            if name == "":
+                f.problem("name", "must be a non-empty string (the role name policies' roleName refers to)")
             user = f.get("user", dict)
             user_id = _user_reference(user) if isinstance(user, dict) else None
             if isinstance(user, dict) and user_id is None:
                 f.problem("user", "must be {id: USER_ID} or {reference: User/USER_ID}")
             # Role is an open resource (links, context, ...): no unknown-field check.
             if name and user_id:
-                result.append(RoleConfig(ident, name, user_id, strip_empty(raw)))
+                # As Aidbox stores it: references also as {resourceType, id} (`.role.0.links.practitioner.id`).
+                result.append(RoleConfig(ident, name, user_id, with_aidbox_references(strip_empty(raw))))
         return tuple(result)
 
     def users(self, raw_list: list[Any]) -> Mapping[str, Mapping[str, Any]]:
@@ -515,7 +625,7 @@ class _Validator:
                 f.problem("id", "is used by more than one user")
             # Stored as policies see it: empty values removed once, here. A plain dict on purpose:
             # jsonschema only treats dicts as objects, so a read-only proxy would skip `properties`.
-            users[raw["id"]] = strip_empty(raw)
+            users[raw["id"]] = with_aidbox_references(strip_empty(raw))
         return MappingProxyType(users)
 
 
@@ -551,13 +661,21 @@ def static_key(raw: Mapping[str, Any]) -> StaticKey:
     return StaticKey(kty, alg, kid, pem=pem)
 
 
-def _user_reference(value: Mapping[str, Any]) -> str | None:
-    """The user id of a reference: `{id: u}` (with resourceType User, if any) or `{reference: User/u}`."""
+def _reference(value: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(resource type, id) of `{reference: Type/id}` or `{resourceType: Type, id: id}`."""
     reference = value.get("reference")
     if isinstance(reference, str):
         kind, _, ident = reference.partition("/")
-        return ident if kind == "User" and ident and "/" not in ident else None
-    plain = value.get("id")
-    if isinstance(plain, str) and plain and value.get("resourceType", "User") == "User":
-        return plain
-    return None
+        return (kind, ident) if kind and ident and "/" not in ident else (None, None)
+    resource_type, plain = value.get("resourceType"), value.get("id")
+    if isinstance(resource_type, str) and isinstance(plain, str) and resource_type and plain:
+        return resource_type, plain
+    return None, None
+
+
+def _user_reference(value: Mapping[str, Any]) -> str | None:
+    """The user id of a reference: `{id: u}` (with resourceType User, if any) or `{reference: User/u}`."""
+    kind, ident = _reference(
+        value if "resourceType" in value or "reference" in value else {**value, "resourceType": "User"}
+    )
+    return ident if kind == "User" else None

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
+import shlex
 import signal
 import sys
 import tempfile
@@ -130,13 +132,16 @@ def shipped(path: Path) -> Path:
     return path
 
 
-def service_env(ports: Ports) -> dict[str, str]:
-    """Environment for the service: examples/demo.yaml reads its addresses from it."""
+def service_env(ports: Ports, api_token: str, store: Path) -> dict[str, str]:
+    """Environment for the service: examples/demo.yaml reads its addresses, the resource API's
+    token and the directory of its file store from it."""
     idp_url = f"http://{HOST}:{ports.idp}"
     return {
         **os.environ,
         "AUTHZ_GRPC_ADDRESS": f"{HOST}:{ports.grpc}",
         "AUTHZ_ADMIN_ADDRESS": f"{HOST}:{ports.admin}",
+        "AUTHZ_API_TOKEN": api_token,
+        "AUTHZ_API_STORE": str(store),
         "DEMO_IDP_URL": idp_url,
         "DEMO_IDP_ISSUER": idp_url,
         # No drain on shutdown: nothing needs to move traffic away, and Ctrl-C should be quick.
@@ -168,6 +173,8 @@ class Stack:
 
     ports: Ports
     workdir: Path
+    # The resource API's token: fresh each run, printed in the curl that changes a policy live.
+    api_token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(24))
     idp: DevIdentityProvider | None = None
     echo: EchoUpstream | None = None
     children: list[Child] = dataclasses.field(default_factory=list)
@@ -179,7 +186,7 @@ class Stack:
             "authz-service",
             [sys.executable, "-m", "authz_service", "--config", str(shipped(SERVICE_CONFIG)), "--log-level", "info"],
             self.workdir / "authz-service.log",
-            env=service_env(self.ports),
+            env=service_env(self.ports, self.api_token, self.workdir / "resources"),
         )
         self.children.append(service)
         envoy = Envoy.start(self._envoy_config(), self.workdir)
@@ -242,19 +249,36 @@ class Example:
     path: str
     token: str | None = None
     note: str = ""
+    method: str = "GET"
+    body: str | None = None  # sent as text/yaml
+    admin: bool = False  # to the service's admin listener (the resource API), not through Envoy
 
-    def lines(self, base_url: str, number: int) -> list[str]:
+    def lines(self, base_url: str, number: int, admin_url: str = "") -> list[str]:
         """A comment ending in `-> STATUS`, then the curl command on one line (easy to copy, easy to parse)."""
-        command = f"curl -i {base_url}{self.path}"
+        command = "curl -i"
+        if self.method != "GET":
+            command += f" -X {self.method}"
+        command += f" {admin_url if self.admin else base_url}{self.path}"
         if self.token is not None:
             command += f" -H 'Authorization: Bearer {self.token}'"
+        if self.body is not None:
+            command += f" -H 'Content-Type: text/yaml' --data-binary {shlex.quote(self.body)}"
         note = f", {self.note}" if self.note else ""
         return [f"# {number}. {self.title} -> {self.status}{note}", command]
 
 
-def examples(idp: DevIdentityProvider) -> list[Example]:
+# Through the resource API, as Aidbox's tutorials do it: a policy that lets readers GET /admin/...
+LIVE_POLICY_ID: Final = "readers-see-admin"
+LIVE_POLICY: Final = (
+    "{resourceType: AccessPolicy, engine: matcho, "
+    'matcho: {uri: "#^/admin(/|$)", request-method: get, jwt: {roles: {$contains: reader}}}}'
+)
+
+
+def examples(idp: DevIdentityProvider, api_token: str = "") -> list[Example]:
     """The requests the demo suggests, with tokens minted now (see examples/demo.yaml's policies)."""
     alice = {"sub": "alice", "email": "alice@example.com", "roles": ["admin"]}
+    bob = idp.mint({"sub": "bob", "roles": ["reader"]}, alg="ES256", ttl=TOKEN_TTL)
     # Same claims and kid, signed with a key the IdP never published: the signature cannot verify.
     stranger = ec.generate_private_key(ec.SECP256R1())
     return [
@@ -272,12 +296,7 @@ def examples(idp: DevIdentityProvider) -> list[Example]:
             "/api/orders",
             idp.mint(alice, alg="ES256", ttl=TOKEN_TTL, key=stranger),
         ),
-        Example(
-            "bob: valid JWT without role admin, admin path",
-            403,
-            "/admin/reports",
-            idp.mint({"sub": "bob", "roles": ["reader"]}, alg="ES256", ttl=TOKEN_TTL),
-        ),
+        Example("bob: valid JWT without role admin, admin path", 403, "/admin/reports", bob),
         Example(
             "carol: opaque token, checked by RFC 7662 introspection (policy 'signed-in')",
             200,
@@ -285,21 +304,39 @@ def examples(idp: DevIdentityProvider) -> list[Example]:
             idp.issue_opaque({"sub": "carol", "username": "carol"}, ttl=TOKEN_TTL),
         ),
         Example("public path, no token (policy 'public')", 200, "/public/hello"),
+        Example(
+            "change a decision live: PUT an AccessPolicy through the resource API (readers may GET /admin/...)",
+            201,
+            f"/AccessPolicy/{LIVE_POLICY_ID}",
+            api_token,
+            note="200 when run again",
+            method="PUT",
+            body=LIVE_POLICY,
+            admin=True,
+        ),
+        Example(
+            f"bob again, same token, admin path: now allowed by policy '{LIVE_POLICY_ID}'",
+            200,
+            "/admin/reports",
+            bob,
+        ),
     ]
 
 
-def banner(ports: Ports, workdir: Path, idp: DevIdentityProvider) -> Iterator[str]:
+def banner(ports: Ports, workdir: Path, idp: DevIdentityProvider, api_token: str = "") -> Iterator[str]:
     """What to try, and where to look."""
     listener = f"http://{HOST}:{ports.listener}"
+    admin = f"http://{HOST}:{ports.admin}"
     yield ""
     yield f"Ready. Envoy on {listener} asks authz-service about every request."
     yield f"Tokens below are valid for {TOKEN_TTL // 60} minutes; each command says the status to expect."
     yield ""
-    for number, example in enumerate(examples(idp), start=1):
-        yield from example.lines(listener, number)
+    for number, example in enumerate(examples(idp, api_token), start=1):
+        yield from example.lines(listener, number, admin)
     yield ""
     yield f"Envoy admin:           http://{HOST}:{ports.envoy_admin}/  (/clusters, /stats)"
-    yield f"authz-service metrics: http://{HOST}:{ports.admin}/metrics  (/readyz, /healthz)"
+    yield f"authz-service metrics: {admin}/metrics  (/readyz, /healthz)"
+    yield f"resource API:          {admin}/AccessPolicy  (docs/resources.md; files in {workdir / 'resources'})"
     yield f"demo IdP JWKS:         {idp.jwks_uri}  (issuer {idp.issuer})"
     yield f"echo upstream:         http://{HOST}:{ports.upstream}/"
     yield f"Logs: {workdir}  (tail -f {workdir / 'envoy-access.log'} {workdir / 'authz-service.log'})"
@@ -362,7 +399,7 @@ async def run(ports: Ports, workdir: Path) -> int:
             say("interrupted during start-up")
         else:
             assert stack.idp is not None
-            for line in banner(ports, workdir, stack.idp):
+            for line in banner(ports, workdir, stack.idp, stack.api_token):
                 say(line)
             died = await _until_stopped(stack, stopping)
             if died is not None:

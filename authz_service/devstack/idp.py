@@ -183,6 +183,8 @@ class DevIdentityProvider(LocalHttpServer):
         self.discovery_mode: str = "ok"
         self.introspect_mode: str = "ok"
         self.delay: float = 0.0
+        # The Content-Type of introspection answers (RFC 7662 says application/json; tests try others).
+        self.introspect_content_type: str = "application/json"
         self.last_introspection: dict[str, Any] | None = None
         self._current: dict[str, _SigningKey] = {family: _new_key(family) for family in ("RSA", "EC", "OKP")}
         self._retired: list[_SigningKey] = []
@@ -482,7 +484,9 @@ class DevIdentityProvider(LocalHttpServer):
         elif mode == "huge":
             # Active and well-formed apart from its size, so only a size limit rejects it.
             result = {**self._plausible_active(), "padding": "x" * _HUGE_INTROSPECT_BYTES}
-        return web.json_response(result, headers={"Cache-Control": "no-store"})
+        return web.json_response(
+            result, content_type=self.introspect_content_type, headers={"Cache-Control": "no-store"}
+        )
 
     async def _handle_introspect_moved(self, request: web.Request) -> web.StreamResponse:
         """Redirect target that says "active" to anyone (a client following it is broken)."""

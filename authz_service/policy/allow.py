@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from authz_service.config.model import Predicate
@@ -15,3 +15,8 @@ def _always(context: Mapping[str, Any]) -> bool:
 def compile_rule(rule: Mapping[str, Any]) -> Predicate:
     """The predicate that always matches."""
     return _always
+
+
+def explain_rule(rule: Mapping[str, Any], context: Mapping[str, Any], show: Callable[[Any], str]) -> list[str]:
+    """Nothing to explain: the rule always matches."""
+    return []

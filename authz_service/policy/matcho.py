@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from authz_service.errors import PolicyError
+from authz_service.policy.javaregex import ASCII_FLAGS, python_regex
+from authz_service.routes import parse_reference
 
 Matcher: TypeAlias = Callable[[Any, Mapping[str, Any]], bool]
 """A compiled pattern: (value, context) -> matched?"""
@@ -167,15 +169,21 @@ def _compile_string(pattern: str, path: str) -> Matcher:
 
 
 def _compile_regex(source: str, path: str) -> Matcher:
+    """A `#regex` as Aidbox (java.util.regex) reads it: Java-only syntax is rewritten first."""
+    try:
+        translated = python_regex(source)
+    except PolicyError as err:
+        raise PatternError(path, err.message) from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # re caches compiled patterns and warns only on the first compile; purge so an ambiguous
         # regex is rejected on every load (a SIGHUP reload too), not only the first one.
         re.purge()
         try:
-            regex = re.compile(source)
+            regex = re.compile(translated, ASCII_FLAGS)
         except (re.error, OverflowError, RecursionError, ValueError) as err:
-            raise PatternError(path, f"invalid regular expression {source!r}: {type(err).__name__}") from err
+            why = f"{err.msg} at position {err.pos}" if isinstance(err, re.error) else type(err).__name__
+            raise PatternError(path, f"invalid regular expression {source!r}: {why}") from err
     if caught:
         # e.g. FutureWarning "Possible nested set" for `[[:alpha:]]`: Python would read it
         # differently from what the author meant, so refuse it instead of guessing.
@@ -188,7 +196,8 @@ def _compile_regex(source: str, path: str) -> Matcher:
     return regex_found
 
 
-def _compile_context_path(source: str, path: str) -> Matcher:
+def compile_context_path(source: str, path: str) -> Callable[[Any], Any]:
+    """The resolver of a `.a.b.0` path: context -> the value there, or None."""
     segments = source[1:].split(".")
     if any(segment == "" for segment in segments):
         raise PatternError(path, f"context path {source!r} has an empty segment")
@@ -207,6 +216,12 @@ def _compile_context_path(source: str, path: str) -> Matcher:
             if current is None:
                 return None
         return current
+
+    return resolve
+
+
+def _compile_context_path(source: str, path: str) -> Matcher:
+    resolve = compile_context_path(source, path)
 
     def equals_context(value: Any, context: Mapping[str, Any]) -> bool:
         expected = resolve(context)
@@ -305,12 +320,40 @@ def _op_enum(spec: Any, path: str) -> Matcher:
 
 
 def _op_one_of(spec: Any, path: str) -> Matcher:
+    if isinstance(spec, str) and spec.startswith("."):
+        return _one_of_context(spec, path)
     options = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
 
     def any_option(value: Any, context: Mapping[str, Any]) -> bool:
         return any(option(value, context) for option in options)
 
     return any_option
+
+
+def _one_of_context(source: str, path: str) -> Matcher:
+    """`$one-of: .jwt.roles` (Aidbox's older docs): the value equals an element of the list at that
+    path (or the value there, when it is not a list). An unresolved path matches nothing."""
+    resolve = compile_context_path(source, path)
+
+    def in_context_list(value: Any, context: Mapping[str, Any]) -> bool:
+        allowed = resolve(context)
+        if allowed is None or value is None:
+            return False
+        if _is_list(allowed):
+            return any(_json_equal(value, item) for item in allowed)
+        return _json_equal(value, allowed)
+
+    return in_context_list
+
+
+def _op_reference(spec: Any, path: str) -> Matcher:
+    target = _compile(spec, path)
+
+    def reference_matches(value: Any, context: Mapping[str, Any]) -> bool:
+        parsed = parse_reference(value)
+        return parsed is not None and target(parsed, context)
+
+    return reference_matches
 
 
 def _op_contains(spec: Any, path: str) -> Matcher:
@@ -370,6 +413,7 @@ _OPERATORS: dict[str, Callable[[Any, str], Matcher]] = {
     "$not": _op_not,
     "$present-all": _op_present_all,
     "$length": _op_length,
+    "$reference": _op_reference,
 }
 
 
@@ -381,3 +425,127 @@ def compile_rule(rule: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]
         return matcher(context, context)
 
     return policy_matches
+
+
+# --------------------------------------------------------------------------- explanations
+#
+# Used by test-policy and `authz-service explain` only, never by Check. The walk follows the
+# pattern's maps and lists itself and asks the compiled matcher at every other node, so what it
+# reports failing is exactly what fails in Check; it names the first failing path in the context.
+
+
+def explain_rule(rule: Mapping[str, Any], context: Mapping[str, Any], show: Callable[[Any], str]) -> list[str]:
+    """Why an AccessPolicy's `matcho` does not match the context: one reason, or [] when it matches."""
+    reason = _explain(rule["matcho"], context, context, "", show)
+    return [] if reason is None else [reason]
+
+
+def _at(where: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def _subject(where: str) -> str:
+    return where or "the request context"
+
+
+def _seen(value: Any, show: Callable[[Any], str]) -> str:
+    return "nothing (missing)" if value is None else show(value)
+
+
+def _explain(
+    pattern: Any, value: Any, context: Mapping[str, Any], where: str, show: Callable[[Any], str]
+) -> str | None:
+    """The first reason `pattern` does not match `value` (at `where` in the context), or None."""
+    if isinstance(pattern, Mapping):
+        return _explain_map(pattern, value, context, where, show)
+    if isinstance(pattern, list | tuple):
+        if not _is_list(value):
+            return f"{_subject(where)}: expected a list, saw {_seen(value, show)}"
+        if len(value) < len(pattern):
+            return f"{_subject(where)}: has {len(value)} items, the pattern needs at least {len(pattern)}"
+        for index, (item_pattern, item) in enumerate(zip(pattern, value, strict=False)):
+            reason = _explain(item_pattern, item, context, _at(where, index), show)
+            if reason is not None:
+                return reason
+        return None
+    if _compile(pattern, "")(value, context):
+        return None
+    subject = _subject(where)
+    if isinstance(pattern, str):
+        if pattern == PRESENT:
+            return f"{subject}: is missing (expected present?)"
+        if pattern in (NIL, NOT_BLANK):
+            return f"{subject}: {_seen(value, show)} is not {pattern}"
+        if pattern.startswith("#"):
+            return f"{subject}: {_seen(value, show)} does not match {pattern!r}"
+        if pattern.startswith("."):
+            expected = compile_context_path(pattern, "")(context)
+            if expected is None:
+                return f"{subject}: {pattern} resolves to nothing in the context, so nothing equals it"
+            return f"{subject}: {_seen(value, show)} is not {pattern} ({show(expected)})"
+    if pattern is None:
+        return f"{subject}: {_seen(value, show)} is present (expected nothing)"
+    return f"{subject}: {_seen(value, show)} is not {show(pattern)}"
+
+
+def _explain_map(
+    pattern: Mapping[str, Any], value: Any, context: Mapping[str, Any], where: str, show: Callable[[Any], str]
+) -> str | None:
+    fields = [(key, sub) for key, sub in pattern.items() if not key.startswith("$")]
+    if fields or len(fields) == len(pattern):
+        if not isinstance(value, Mapping):
+            return f"{_subject(where)}: expected a map, saw {_seen(value, show)}"
+        for key, sub in fields:
+            reason = _explain(sub, value.get(key), context, _at(where, key), show)
+            if reason is not None:
+                return reason
+    for key, spec in pattern.items():
+        if key.startswith("$") and not _OPERATORS[key](spec, "")(value, context):
+            return _explain_operator(key, spec, value, context, where, show)
+    return None
+
+
+def _explain_operator(
+    operator: str, spec: Any, value: Any, context: Mapping[str, Any], where: str, show: Callable[[Any], str]
+) -> str:
+    subject = _subject(where)
+    seen = _seen(value, show)
+    if operator == "$enum":
+        return f"{subject}: {seen} is not one of {show(spec)}"
+    if operator == "$one-of":
+        if isinstance(spec, str):
+            return f"{subject}: {seen} is not one of {spec} ({_seen(compile_context_path(spec, '')(context), show)})"
+        reasons = [_explain(option, value, context, where, show) or "" for option in spec]
+        return f"{subject}: matches none of the $one-of options: " + "; ".join(
+            f"[{index}] {reason.removeprefix(subject + ': ')}" for index, reason in enumerate(reasons)
+        )
+    if operator == "$not":
+        return f"{subject}: {seen} matches what $not excludes ({show(spec)})"
+    if operator == "$length":
+        if not _is_list(value):
+            return f"{subject}: $length needs a list, saw {seen}"
+        return f"{subject}: has {len(value)} items, $length wants {spec}"
+    if operator == "$reference":
+        parsed = parse_reference(value)
+        if parsed is None:
+            return f"{subject}: {seen} is not a relative reference such as 'Patient/pt-1'"
+        reason = _explain(spec, parsed, context, f"{subject}($reference)", show)
+        return reason or f"{subject}: $reference does not match"
+    if not _is_list(value):
+        return f"{subject}: {operator} needs a list, saw {seen}"
+    if operator == "$contains":
+        return f"{subject}: no element matches {show(spec)}"
+    if operator == "$every":
+        if not value:
+            return f"{subject}: is an empty list ($every needs at least one element)"
+        element = _compile(spec, "")
+        index = next(i for i, item in enumerate(value) if not element(item, context))
+        return _explain(spec, value[index], context, _at(where, index), show) or f"{subject}: $every fails"
+    # $present-all
+    for index, wanted in enumerate(spec):
+        matcher = _compile(wanted, "")
+        if not any(matcher(item, context) for item in value):
+            return f"{subject}: no element matches $present-all[{index}] ({show(wanted)})"
+    return f"{subject}: {operator} does not match"

@@ -113,3 +113,37 @@ def compile_schema(schema: Any, path: str = "schema") -> Callable[[Mapping[str, 
 def compile_rule(rule: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
     """An AccessPolicy's `schema`, compiled into a predicate over the request context."""
     return compile_schema(rule["schema"], "schema")
+
+
+MAX_REASONS = 5
+
+
+def explain_rule(rule: Mapping[str, Any], context: Mapping[str, Any], show: Callable[[Any], str]) -> list[str]:
+    """The validator's messages for a (valid) schema that rejects the context, each led by the JSON
+    path it concerns (`params.resource/type: ...`), at most MAX_REASONS, shallowest first."""
+    validator = _Validator(rule["schema"])
+    token = _ROOT.set(context)
+    try:
+        found = sorted((len(e.absolute_path), _reason(e, context, show)) for e in validator.iter_errors(context))
+        return [reason for _, reason in found[:MAX_REASONS]]
+    finally:
+        _ROOT.reset(token)
+
+
+def _reason(error: ValidationError, context: Mapping[str, Any], show: Callable[[Any], str]) -> str:
+    where = ".".join(str(part) for part in error.absolute_path) or "the request context"
+    if error.validator in ("const", "constant"):
+        expected: Any = error.validator_value
+        if _is_data_ref(expected):
+            pointer = expected["$data"]
+            resolved = resolve_pointer(context, pointer)
+            if resolved is _UNRESOLVED:
+                return f"{where}: {pointer} resolves to nothing in the context, so nothing equals it"
+            return f"{where}: {show(error.instance)} is not {pointer} ({show(resolved)})"
+        return f"{where}: {show(error.instance)} is not {show(expected)}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    # jsonschema's messages quote the instance: keep them, but render a long one through show.
+    if len(error.message) <= 200:
+        return f"{where}: {error.message}"
+    return f"{where}: {show(error.instance)} fails {error.validator}"

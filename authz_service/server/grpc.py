@@ -6,11 +6,13 @@ ResponseBuilder -> CheckResponse bytes. Everything that decides lives in decide.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,9 +23,13 @@ from authz_service.envoy import to_http_request
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.observe import Metrics, log_decision, log_internal_error
 
+log = logging.getLogger(__name__)
+
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
 _INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+_DEADLINE_EXCEEDED = Decision(Outcome.UNAVAILABLE, Reason.DEADLINE_EXCEEDED)
+_UNDECODABLE = Decision(Outcome.INVALID_REQUEST, Reason.UNDECODABLE_REQUEST)
 _EMPTY_REQUEST = HttpRequest()
 
 
@@ -34,16 +40,31 @@ class AuthorizationServicer:
         self._engine = engine  # read once per Check: a reload swaps it between checks, never during one
         self._metrics = metrics
 
-    async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> bytes:
-        """The answer, already serialized (see ResponseBuilder.encode)."""
+    async def Check(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """The answer, already serialized (see ResponseBuilder.encode).
+
+        The request arrives as bytes and is decoded here, not by grpc: a CheckRequest that does
+        not decode (invalid UTF-8 in a string field, a truncated message) is then a 400 answer
+        with a logged reason, where grpc's own deserializer would have ended the call UNKNOWN.
+        """
         started = time.perf_counter()
         engine = self._engine()
         http = _EMPTY_REQUEST
         try:
-            http = to_http_request(request)
-            decision = await engine.authorizer.check(http)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # The caller has given up (Envoy answered 503 at its timeout): under overload,
+                # computing it would only take time from checks someone still waits for.
+                decision = _DEADLINE_EXCEEDED
+            else:
+                try:
+                    request = external_auth_pb2.CheckRequest.FromString(raw)
+                except DecodeError:
+                    log.warning("undecodable CheckRequest", extra={"fields": {"bytes": len(raw)}})
+                    decision = _UNDECODABLE
+                else:
+                    http = to_http_request(request)
+                    decision = await engine.authorizer.check(http)
             response = engine.responses.encode(decision)
         except Exception as err:  # fail closed, keep serving
             log_internal_error(err)
@@ -56,7 +77,11 @@ class AuthorizationServicer:
 
 
 def create_server(
-    servicer: AuthorizationServicer, health_servicer: health.aio.HealthServicer, *, reuse_port: bool
+    servicer: AuthorizationServicer,
+    health_servicer: health.aio.HealthServicer,
+    *,
+    reuse_port: bool,
+    max_concurrent_checks: int | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with Check, health and reflection registered (not yet bound)."""
     server = grpc.aio.server(
@@ -67,13 +92,17 @@ def create_server(
             # can exceed that. Queue more (memory is bounded by the message cap) rather than drop.
             ("grpc.server.max_pending_requests", 10_000),
             ("grpc.server.max_pending_requests_hard_limit", 10_000),
-        ]
+        ],
+        # Bounded queueing: past this many checks in flight grpc answers RESOURCE_EXHAUSTED at
+        # once, which Envoy turns into its status_on_error (503): a fast, retryable no, never an
+        # allow, and the checks already admitted keep their latency.
+        maximum_concurrent_rpcs=max_concurrent_checks,
     )
     # Registered by hand rather than with the generated add_..._to_server: the same method path,
     # but no response_serializer, because Check returns bytes it has already encoded.
     check: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
         servicer.Check,
-        request_deserializer=external_auth_pb2.CheckRequest.FromString,
+        request_deserializer=None,  # bytes: Check decodes them itself (see its docstring)
         response_serializer=None,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, {"Check": check}),))

@@ -32,6 +32,7 @@ FORWARD_AUTH = "/forward_auth"
 PROTOCOL = "http"
 _INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
 _NO_URI = Decision(Outcome.INVALID_REQUEST, Reason.NO_ORIGINAL_URI)
+_OVERLOADED = Decision(Outcome.UNAVAILABLE, Reason.OVERLOADED)
 _EMPTY_REQUEST = HttpRequest()
 SHUTDOWN_TIMEOUT = 10.0
 
@@ -101,6 +102,7 @@ class HttpAuthServer:
         *,
         reuse_port: bool = False,
         shutdown_grace: float = SHUTDOWN_TIMEOUT,
+        max_concurrent_checks: int = 2048,
     ) -> None:
         host, _, port = address.rpartition(":")
         self._host = host.strip("[]")
@@ -110,6 +112,8 @@ class HttpAuthServer:
         self._ready = ready
         self._reuse_port = reuse_port
         self._shutdown_grace = shutdown_grace
+        self._max_concurrent = max_concurrent_checks
+        self._in_flight = 0
         self._runner: web.ServerRunner | None = None
         self.port: int | None = None
 
@@ -150,19 +154,26 @@ class HttpAuthServer:
         started = time.perf_counter()
         engine = self._engine()
         http = _EMPTY_REQUEST
+        self._in_flight += 1
         try:
-            headers = _headers(request.headers)
-            original = convert(request, headers, _peer(request))
-            if original is None:
-                decision = _NO_URI
+            if self._in_flight > self._max_concurrent:
+                # Bounded queueing: a fast 503 rather than a wait behind thousands of checks.
+                decision = _OVERLOADED
             else:
-                http = original
-                decision = await engine.authorizer.check(http)
+                headers = _headers(request.headers)
+                original = convert(request, headers, _peer(request))
+                if original is None:
+                    decision = _NO_URI
+                else:
+                    http = original
+                    decision = await engine.authorizer.check(http)
             answer = engine.http_answers.answer(decision)
         except Exception as err:  # fail closed, keep serving
             log_internal_error(err)
             decision = _INTERNAL_ERROR
             answer = engine.http_answers.answer(decision)
+        finally:
+            self._in_flight -= 1
         elapsed = time.perf_counter() - started
         self._metrics.observe(decision, elapsed, PROTOCOL)
         log_decision(http, decision, elapsed, engine.config.logging.decisions, PROTOCOL)

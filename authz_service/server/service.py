@@ -20,13 +20,16 @@ from prometheus_client import CollectorRegistry
 
 from authz_service import loop
 from authz_service.config.model import Config
-from authz_service.config.validate import load_config
 from authz_service.engine import Engine, build_engine
-from authz_service.errors import ConfigError
 from authz_service.observe import Metrics, log_internal_error
 from authz_service.server.admin import AdminServer
+from authz_service.server.api import ResourceApi
 from authz_service.server.grpc import HEALTH_SERVICES, AuthorizationServicer, bind, create_server
 from authz_service.server.http import HttpAuthServer
+from authz_service.server.sync import ConfigSync, StoreMetrics, load_store, status_file, write_status
+from authz_service.store import open_store
+from authz_service.store.base import ResourceStore, Snapshot
+from authz_service.store.resources import compose, read_config_file
 from authz_service.tokens.cache import CacheFactory
 from authz_service.upstream import UpstreamClient
 
@@ -55,14 +58,50 @@ class AuthzService:
         self.metrics = Metrics(registry or CollectorRegistry())
         self.client = UpstreamClient(on_call=self.metrics.upstream_call)
         self.caches = CacheFactory(config.cache, on_event=self.metrics.cache_event)
-        self.engine = build_engine(config, self.client, self.caches, on_cache_event=self.caches.stats.count)
+        self.engine = build_engine(
+            config,
+            self.client,
+            self.caches,
+            on_cache_event=self.caches.stats.count,
+            on_skipped_key=self.metrics.jwks_skipped_key,
+        )
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.admin: AdminServer | None = None
         self.http: HttpAuthServer | None = None
         self.port: int | None = None
+        self.sync: ConfigSync | None = None  # the config file and resource store, when serving from a file
+        self._watchers: list[asyncio.Task[None]] = []
+        self._report_path: Path | None = None
         # Ready once the config is loaded and every JWKS had its first fetch attempt; not while draining.
         self.ready = False
+
+    @classmethod
+    async def from_file(
+        cls, path: str, *, registry: CollectorRegistry | None = None, report: Path | None = None
+    ) -> AuthzService:
+        """A service for the config file at `path` plus its resource store (`api.store`), loaded now:
+        ConfigError when they are invalid together, StoreError when the store stays unreachable.
+        Once started it watches both (and serves the resource API when `api.token` is set).
+        `report`: where a supervised worker reports the store version it decides with."""
+        file = await asyncio.to_thread(read_config_file, path)
+        config = file.config
+        store: ResourceStore | None = None
+        snapshot: Snapshot | None = None
+        if config.api.store is not None:
+            store = open_store(config.api.store)
+            await store.open()
+            try:
+                snapshot = await load_store(store)
+                config = await asyncio.to_thread(compose, file, snapshot.resources)
+            except BaseException:
+                await store.close()
+                raise
+        service = cls(config, registry)
+        metrics = StoreMetrics(service.metrics.registry) if store is not None else None
+        service._report_path = report
+        service.sync = ConfigSync(file, store, snapshot, service.reload, metrics, on_change=service._report)
+        return service
 
     @property
     def config(self) -> Config:
@@ -72,6 +111,10 @@ class AuthzService:
         """The engine new checks start on."""
         return self.engine
 
+    async def _engine_now(self) -> Engine:
+        """The current engine, for test-policy (awaitable: a supervisor builds its own on demand)."""
+        return self.engine
+
     async def start(self, *, reuse_port: bool = False, worker: WorkerSlot | None = None) -> int:
         """Bind, serve, and report SERVING; returns the bound port.
 
@@ -79,7 +122,10 @@ class AuthzService:
         its own port (worker_base_port + index), and the supervisor serves the admin endpoints.
         """
         server = create_server(
-            AuthorizationServicer(self.current_engine, self.metrics), self.health, reuse_port=reuse_port
+            AuthorizationServicer(self.current_engine, self.metrics),
+            self.health,
+            reuse_port=reuse_port,
+            max_concurrent_checks=self.config.server.max_concurrent_checks,
         )
         for name in HEALTH_SERVICES:
             # grpc's HealthServicer reports "" as SERVING by default; not before keys are warm.
@@ -102,14 +148,29 @@ class AuthzService:
                 lambda: self.ready,
                 reuse_port=reuse_port,
                 shutdown_grace=settings.shutdown_grace,
+                max_concurrent_checks=settings.max_concurrent_checks,
             )
             await self.http.start()
         if settings.admin_address is not None and worker is None:
+            api = None
+            token = self.config.api.token
+            if token is not None and self.sync is not None and self.sync.store is not None:
+                api = ResourceApi(token, self.sync, self.config.api.max_body_bytes, self._engine_now)
             self.admin = AdminServer(
-                settings.admin_address, self.metrics.registry, lambda: self.ready, self.refresh_gauges
+                settings.admin_address,
+                self.metrics.registry,
+                lambda: self.ready,
+                self.refresh_gauges,
+                api=api,
+                details=self.sync.status if self.sync is not None else None,
             )
             await self.admin.start()
         await self.engine.warm_up()
+        if self.sync is not None:
+            self._report()
+            self._watchers.append(asyncio.ensure_future(self.sync.watch_file()))
+            if self.sync.store is not None:
+                self._watchers.append(asyncio.ensure_future(self.sync.watch_store()))
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
@@ -119,18 +180,29 @@ class AuthzService:
         )
         return port
 
-    async def reload(self, config: Config) -> None:
-        """Swap in a new config atomically; checks in flight finish on the engine they started with."""
+    async def reload(self, config: Config, source: str = "file") -> None:
+        """Swap in a new config atomically; checks in flight finish on the engine they started with.
+        `source` says what changed it (file, sighup, watch, store, api), for the log."""
         old = self.engine
-        for section in ("server", "cache"):
+        for section in ("server", "cache", "api"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("config section %r changed: it takes effect only after a restart", section)
-        config = dataclasses.replace(config, server=old.config.server, cache=old.config.cache)
-        engine = build_engine(config, self.client, self.caches, previous=old, on_cache_event=self.caches.stats.count)
+        config = dataclasses.replace(config, server=old.config.server, cache=old.config.cache, api=old.config.api)
+        engine = build_engine(
+            config,
+            self.client,
+            self.caches,
+            previous=old,
+            on_cache_event=self.caches.stats.count,
+            on_skipped_key=self.metrics.jwks_skipped_key,
+        )
         await engine.warm_up()
         self.engine = engine
         kept = [ident for ident, built in engine.built.items() if old.built.get(ident) is built]
-        log.info("config reloaded", extra={"fields": {"summary": config.summary(), "kept_introspectors": kept}})
+        log.info(
+            "config reloaded",
+            extra={"fields": {"summary": config.summary(), "kept_introspectors": kept, "source": source}},
+        )
 
     async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
         """NOT_SERVING, keep answering for drain_delay (Envoy's health checks move traffic away),
@@ -152,6 +224,25 @@ class AuthzService:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
+        await self.close_store()
+
+    async def close_store(self) -> None:
+        """Stop watching the config file and the store; release the store."""
+        for task in self._watchers:
+            task.cancel()
+        self._watchers.clear()
+        if self._report_path is not None:
+            self._report_path.unlink(missing_ok=True)
+        if self.sync is not None and self.sync.store is not None:
+            await self.sync.store.close()
+
+    def _report(self) -> None:
+        """A supervised worker tells the supervisor which store version it decides with."""
+        if self._report_path is not None and self.sync is not None:
+            try:
+                write_status(self._report_path, self.sync)
+            except OSError as err:
+                log.warning("cannot write the worker's store report: %s", err.strerror)
 
     def refresh_gauges(self) -> None:
         """Gauges that are read, not counted (JWKS staleness), just before a scrape."""
@@ -164,13 +255,31 @@ class AuthzService:
 
 
 async def serve(config: Config, path: str | None = None, *, worker: WorkerSlot | None = None) -> None:
-    """Run one process until SIGTERM (or SIGINT), then drain and return. SIGHUP reloads `path`."""
-    service = AuthzService(config)
-    await service.start(reuse_port=worker is not None, worker=worker)
+    """Run one process until SIGTERM (or SIGINT), then drain and return.
+
+    With `path`, the service decides with the config file plus its resource store, watches both,
+    and reads the file again on SIGHUP (see `AuthzService.from_file` for what it raises).
+    """
+    if path is not None:
+        report = status_file(worker.metrics_dir, os.getpid()) if worker is not None else None
+        service = await AuthzService.from_file(path, report=report)
+    else:
+        service = AuthzService(config)
+    config = service.config
+    try:
+        await service.start(reuse_port=worker is not None, worker=worker)
+    except BaseException:
+        await service.close_store()
+        raise
     stop = asyncio.Event()
     running = asyncio.get_running_loop()
     running.add_signal_handler(signal.SIGTERM, stop.set)
     background: list[asyncio.Task[None]] = []
+    sync = service.sync
+    if sync is not None and sync.store is not None:
+        # The supervisor wrote to the store: look now rather than at the next poll. Installed before
+        # the ready marker exists: the supervisor signals only ready workers.
+        running.add_signal_handler(signal.SIGUSR1, sync.store.announce)
     marker = None
     if worker is None:
         running.add_signal_handler(signal.SIGINT, stop.set)
@@ -181,10 +290,11 @@ async def serve(config: Config, path: str | None = None, *, worker: WorkerSlot |
         marker.touch()
         background.append(asyncio.ensure_future(_refresh_gauges_forever(service)))
     reloads: set[asyncio.Task[None]] = set()
-    if path is not None:
+    if sync is not None:
 
         def on_hup() -> None:
-            task = asyncio.ensure_future(_reload_from(service, path))
+            assert sync is not None
+            task = asyncio.ensure_future(_reload_from(sync))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -205,17 +315,9 @@ async def _refresh_gauges_forever(service: AuthzService, every: float = 5.0) -> 
         await asyncio.sleep(every)
 
 
-async def _reload_from(service: AuthzService, path: str) -> None:
+async def _reload_from(sync: ConfigSync) -> None:
     """SIGHUP: read and validate the file off the loop; a bad config is logged and the old one kept."""
     try:
-        config = await asyncio.get_running_loop().run_in_executor(None, load_config, path)
-    except ConfigError as err:
-        log.error(
-            "config reload rejected; keeping the running config",
-            extra={"fields": {"problems": [str(p) for p in err.problems]}},
-        )
-        return
-    try:
-        await service.reload(config)
+        await sync.reload_file("sighup")
     except Exception as err:
         log_internal_error(err)

@@ -20,8 +20,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 
 from prometheus_client import CollectorRegistry, multiprocess
@@ -30,13 +32,23 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from authz_service import loop
 from authz_service.config.model import Config
 from authz_service.config.validate import load_config
+from authz_service.engine import Engine, build_engine
+from authz_service.errors import ConfigError
 from authz_service.logs import setup_logging
 from authz_service.server.admin import AdminServer
+from authz_service.server.api import ResourceApi
 from authz_service.server.service import MULTIPROC_ENV, WorkerSlot, ready_marker, serve
+from authz_service.server.sync import ConfigSync, load_store, read_status, status_file
+from authz_service.store import open_store
+from authz_service.store.base import Key, Resource, ResourceStore, StoreError
+from authz_service.store.resources import ConfigFile, compose, read_config_file
+from authz_service.tokens.cache import CacheFactory
+from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)  # seconds before restarting a worker that keeps dying
+APPLY_WAIT = 2.0  # seconds an API write waits for every worker to decide with it
 
 
 def _worker_main(path: str, index: int, log_level: str | None) -> None:
@@ -44,7 +56,14 @@ def _worker_main(path: str, index: int, log_level: str | None) -> None:
     config = load_config(path)
     setup_logging(log_level or config.logging.level)
     log.info("worker starting", extra={"fields": {"worker": index}})
-    loop.run(serve(config, path, worker=WorkerSlot(index, os.environ[MULTIPROC_ENV])))
+    try:
+        loop.run(serve(config, path, worker=WorkerSlot(index, os.environ[MULTIPROC_ENV])))
+    except (ConfigError, StoreError) as err:
+        # The file or the store changed since the supervisor checked them: say why, and let the
+        # supervisor restart this worker (with back-off) until they are usable again.
+        problems = [str(p) for p in err.problems] if isinstance(err, ConfigError) else [err.message]
+        log.error("worker cannot start", extra={"fields": {"worker": index, "problems": problems}})
+        sys.exit(1)
 
 
 class Supervisor:
@@ -59,6 +78,8 @@ class Supervisor:
         self._workers: dict[int, BaseProcess] = {}
         self._failures: dict[int, int] = {}
         self._stopping = False
+        self._tasks: set[asyncio.Future[bool]] = set()
+        self.sync: ConfigSync | None = None  # the config file (and store) the resource API validates against
 
     def ready(self) -> bool:
         return (
@@ -77,24 +98,41 @@ class Supervisor:
         self._workers[index] = process
         log.info("worker started", extra={"fields": {"worker": index, "pid": process.pid}})
 
+    def signal_workers(self, sig: signal.Signals) -> None:
+        """Send `sig` to every ready worker (one still starting has no handler yet: it would die)."""
+        for pid in self.live_workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def _signal_all(self, sig: signal.Signals) -> None:
         for process in self._workers.values():
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, sig)
 
     async def run(self) -> int:
+        """Until SIGTERM/SIGINT. Raises ConfigError or StoreError (before any worker starts) when the
+        config file with the store's resources is not valid, or the store stays unreachable."""
         loop = asyncio.get_running_loop()
+        store = await self._open_resources()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         for index in range(self.config.server.workers):
             self._start(index)
         admin = None
+        tester: SupervisorEngine | None = None
+        watch = asyncio.ensure_future(self.sync.watch_file()) if self.sync is not None else None
         if self.config.server.admin_address is not None:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
-            admin = AdminServer(self.config.server.admin_address, registry, self.ready)
+            api = None
+            if self.config.api.token is not None and self.sync is not None and store is not None:
+                backend = SupervisorBackend(self, self.sync)
+                tester = SupervisorEngine(self.sync)
+                api = ResourceApi(self.config.api.token, backend, self.config.api.max_body_bytes, tester)
+            details = self.store_status if store is not None else None
+            admin = AdminServer(self.config.server.admin_address, registry, self.ready, api=api, details=details)
             await admin.start()
         while not stop.is_set():
             self._reap_and_restart()
@@ -114,7 +152,64 @@ class Supervisor:
             process.join(1)
         if admin is not None:
             await admin.stop()
+        if tester is not None:
+            await tester.close()
+        if watch is not None:
+            watch.cancel()
+        if store is not None:
+            await store.close()
         return 0
+
+    async def _open_resources(self) -> ResourceStore | None:
+        """The config file and the store, checked together as the workers will load them."""
+        file = await asyncio.to_thread(read_config_file, self.path)
+        store = None
+        snapshot = None
+        if file.config.api.store is not None:
+            store = open_store(file.config.api.store)
+            await store.open()
+            try:
+                snapshot = await load_store(store)
+                await asyncio.to_thread(compose, file, snapshot.resources)
+            except BaseException:
+                await store.close()
+                raise
+        self.sync = ConfigSync(file, store, snapshot, apply=None)
+        return store
+
+    def _on_hup(self) -> None:
+        self._signal_all(signal.SIGHUP)
+        if self.sync is not None:
+            task = asyncio.ensure_future(self.sync.reload_file("sighup"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def live_workers(self) -> list[int]:
+        """The pids of the workers that are up (ready), the ones an API write waits for."""
+        return [
+            p.pid
+            for p in self._workers.values()
+            if p.pid is not None and p.is_alive() and ready_marker(self.metrics_dir, p.pid).exists()
+        ]
+
+    def worker_reports(self) -> dict[int, dict[str, object] | None]:
+        return {pid: read_status(status_file(self.metrics_dir, pid)) for pid in self.live_workers()}
+
+    def store_status(self) -> dict[str, object]:
+        """/readyz: the store as the workers see it (each polls it; the supervisor only writes)."""
+        reports = self.worker_reports()
+        reachable = all(r is not None and r.get("store_up") for r in reports.values())
+        store: dict[str, object] = {
+            "backend": self.sync.store.backend if self.sync is not None and self.sync.store is not None else None,
+            "reachable": reachable,
+            "workers": [
+                {"pid": pid, "version": (r or {}).get("version"), "reachable": bool((r or {}).get("store_up"))}
+                for pid, r in reports.items()
+            ],
+        }
+        if not reachable:
+            store["note"] = "deciding with the resources last loaded"
+        return {"store": store}
 
     def _reap_and_restart(self) -> None:
         for index, process in list(self._workers.items()):
@@ -124,6 +219,7 @@ class Supervisor:
             pid = process.pid or 0
             multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             ready_marker(self.metrics_dir, pid).unlink(missing_ok=True)
+            status_file(self.metrics_dir, pid).unlink(missing_ok=True)
             failures = self._failures.get(index, 0)
             log.error(
                 "worker exited; restarting it",
@@ -137,6 +233,79 @@ class Supervisor:
     def _restart_if_running(self, index: int) -> None:
         if not self._stopping and index not in self._workers:
             self._start(index)
+
+
+class SupervisorEngine:
+    """test-policy in a supervisor, which decides nothing itself: an engine built as the workers
+    build theirs, from the config file and the store as they are now, kept while they do not
+    change. It has its own IdP client and caches, so it verifies tokens exactly as a worker does."""
+
+    def __init__(self, sync: ConfigSync) -> None:
+        self._sync = sync
+        self._engine: Engine | None = None
+        self._client: UpstreamClient | None = None
+        self._caches: CacheFactory | None = None
+
+    async def __call__(self) -> Engine:
+        store = self._sync.store
+        resources = (await store.load()).resources if store is not None else {}
+        config = await asyncio.to_thread(self._sync.compose, resources)
+        if self._engine is None or self._engine.config != config:
+            if self._client is None or self._caches is None:
+                self._client, self._caches = UpstreamClient(), CacheFactory(config.cache)
+            self._engine = build_engine(config, self._client, self._caches, previous=self._engine)
+        return self._engine
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        if self._caches is not None:
+            await self._caches.close()
+
+
+class SupervisorBackend:
+    """The resource API in a supervisor, which has no engine: it validates against the file and
+    the store like a worker would, writes, then waits for every worker to decide with the write."""
+
+    def __init__(self, supervisor: Supervisor, sync: ConfigSync) -> None:
+        self._supervisor = supervisor
+        self._sync = sync
+
+    @property
+    def file(self) -> ConfigFile:
+        return self._sync.file
+
+    @property
+    def store(self) -> ResourceStore | None:
+        return self._sync.store
+
+    def compose(self, resources: Mapping[Key, Resource]) -> Config:
+        return self._sync.compose(resources)
+
+    async def applied(self) -> tuple[int, str] | None:
+        store = self._sync.store
+        assert store is not None
+        self._supervisor.signal_workers(signal.SIGUSR1)  # look now, not at the next poll
+        deadline = time.monotonic() + APPLY_WAIT
+        behind: list[int] = []
+        while True:
+            try:
+                current = await store.version()
+            except StoreError as err:
+                return 503, f"the store cannot be read back ({err.message})"
+            reports = self._supervisor.worker_reports()
+            behind = [pid for pid, r in reports.items() if r is None or r.get("version") != current]
+            # Polled: the workers are other processes; their reports are files.
+            if not behind or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        if behind:
+            return (
+                504,
+                f"{len(behind)} of {len(reports)} worker(s) did not decide with it within {APPLY_WAIT:g} s "
+                "(they will once they load it; see their log)",
+            )
+        return None
 
 
 def run_supervised(path: str, config: Config, log_level: str | None) -> int:

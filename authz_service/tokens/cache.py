@@ -1,4 +1,4 @@
-"""The token-result cache: aiocache's API over a bounded memory backend or Redis.
+"""The token-result cache: aiocache's API over a bounded memory backend, or aiocache's Redis backend.
 
 Keys are SHA-256 of the token, never the token. Values are the introspection result only (JSON
 for Redis). A cache that fails (Redis down, slow) is a miss, never an error: the IdP is asked.
@@ -12,17 +12,11 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import unquote, urlsplit
-
-from aiocache.base import BaseCache
-from aiocache.serializers import BaseSerializer
+from typing import Any, Protocol
 
 from authz_service.config.model import CacheConfig
 
 log = logging.getLogger(__name__)
-
-REDIS_OPERATION_TIMEOUT = 0.25  # seconds; a slower cache is treated as a miss
 
 
 def token_key(token: str) -> str:
@@ -30,64 +24,67 @@ def token_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class CompactJsonSerializer(BaseSerializer):  # type: ignore[misc]
-    """Values as compact JSON text: ~250 bytes for a typical introspection answer, where the
-    parsed dict with its own key and value strings costs ~1,100 in memory."""
+class CacheBackend(Protocol):
+    """The part of aiocache's cache API the token cache uses (BaseCache implements it)."""
 
-    DEFAULT_ENCODING = "utf-8"
+    async def get(self, key: str, default: Any = None, namespace: str | None = None) -> Any: ...
 
-    def dumps(self, value: Any) -> str:
-        return json.dumps(value, separators=(",", ":"))
+    async def set(self, key: str, value: Any, ttl: float | None = None, namespace: str | None = None) -> Any: ...
 
-    def loads(self, value: str | bytes | None) -> Any:
-        return None if value is None else json.loads(value)
+    async def close(self) -> Any: ...
 
 
-class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class BoundedMemoryCache:
     """An in-process LRU with per-entry TTL on a monotonic clock, holding at most max_entries.
 
-    aiocache's own SimpleMemoryCache is unbounded (a flood of unique tokens would grow it
-    without limit) and schedules a timer per key; this one evicts the least recently used entry.
+    It speaks aiocache's get/set API (so TokenCache treats it like the Redis backend) without
+    being built on aiocache: importing aiocache imports redis-py, ~7 MB of RSS a memory-only
+    service would carry for nothing. aiocache's own SimpleMemoryCache is unbounded (a flood of
+    unique tokens would grow it without limit) and schedules a timer per key. Values are kept
+    as compact JSON text (~60 bytes for a negative answer, against ~300 for the dict).
     """
 
     NAME = "bounded-memory"
 
-    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic, **kwargs: Any) -> None:
-        super().__init__(serializer=CompactJsonSerializer(), timeout=None, **kwargs)
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries = max_entries
         self._clock = clock
-        self._data: OrderedDict[str, tuple[float | None, Any]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float | None, str]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
 
-    async def _get(self, key: str, encoding: str | None = "utf-8", _conn: Any = None) -> Any:
-        entry = self._data.get(key)
+    async def get(self, key: str, default: Any = None, namespace: str | None = None) -> Any:
+        full = (namespace or "") + key
+        entry = self._data.get(full)
         if entry is None:
-            return None
-        expires, value = entry
+            return default
+        expires, text = entry
         if expires is not None and self._clock() >= expires:
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return value
+            del self._data[full]
+            return default
+        self._data.move_to_end(full)
+        return json.loads(text)
 
-    async def _set(
-        self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
-    ) -> bool:
-        self._data[key] = (self._clock() + ttl if ttl else None, value)
-        self._data.move_to_end(key)
+    async def set(self, key: str, value: Any, ttl: float | None = None, namespace: str | None = None) -> bool:
+        full = (namespace or "") + key
+        self._data[full] = (self._clock() + ttl if ttl else None, _dumps(value))
+        self._data.move_to_end(full)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
         return True
 
-    async def _delete(self, key: str, _conn: Any = None) -> int:
-        return 1 if self._data.pop(key, None) is not None else 0
+    async def delete(self, key: str, namespace: str | None = None) -> int:
+        return 1 if self._data.pop((namespace or "") + key, None) is not None else 0
 
-    async def _exists(self, key: str, _conn: Any = None) -> bool:
-        return await self._get(key) is not None
+    async def exists(self, key: str, namespace: str | None = None) -> bool:
+        return await self.get(key, namespace=namespace) is not None
 
-    async def _clear(self, namespace: str | None = None, _conn: Any = None) -> bool:
+    async def clear(self, namespace: str | None = None) -> bool:
         if namespace:
             for key in [k for k in self._data if k.startswith(namespace)]:
                 del self._data[key]
@@ -95,36 +92,8 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
             self._data.clear()
         return True
 
-
-def redis_backend(url: str) -> BaseCache:
-    """aiocache's Redis backend for a redis:// or rediss:// URL (JSON values)."""
-    from aiocache import RedisCache
-
-    class _RedisCache(RedisCache):  # type: ignore[misc]
-        # aiocache 0.12 calls SETEX/PSETEX and close(), which redis-py >= 5 deprecates;
-        # SET with EX/PX and aclose() are the same commands without the warnings.
-        async def _set(
-            self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
-        ) -> Any:
-            if _cas_token is not None or ttl is None:
-                return await super()._set(key, value, ttl, _cas_token, _conn)
-            return await self.client.set(key, value, px=max(1, int(ttl * 1000)))
-
-        async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
-            await self.client.aclose()
-
-    parts = urlsplit(url)
-    db = parts.path.lstrip("/") or "0"
-    return _RedisCache(
-        endpoint=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=int(db),
-        password=unquote(parts.password) if parts.password else None,
-        ssl=parts.scheme == "rediss",
-        serializer=CompactJsonSerializer(),
-        timeout=REDIS_OPERATION_TIMEOUT,
-        create_connection_timeout=REDIS_OPERATION_TIMEOUT,
-    )
+    async def close(self) -> None:
+        """Nothing to release (aiocache's API has it)."""
 
 
 class CacheStats:
@@ -141,11 +110,20 @@ class CacheStats:
 
 
 class TokenCache:
-    """One introspector's per-token results, namespaced so introspectors never collide."""
+    """One introspector's per-token results, namespaced so introspectors never collide.
 
-    def __init__(self, backend: BaseCache, name: str, namespace: str | None, stats: CacheStats) -> None:
+    `keeps_active`: whether active answers are stored here too. In Redis they are (other workers
+    and replicas reuse them); in memory they are not, because the verified-token cache in front of
+    the introspector already holds each of them, shaped, for exactly as long (one token held once,
+    issue #15): the memory cache keeps the negative answers, which the verified cache never holds.
+    """
+
+    def __init__(
+        self, backend: CacheBackend, name: str, namespace: str | None, stats: CacheStats, *, keeps_active: bool = True
+    ) -> None:
         self.backend = backend
         self.name = name
+        self.keeps_active = keeps_active
         self._namespace = namespace
         self._stats = stats
 
@@ -173,7 +151,7 @@ class CacheFactory:
     def __init__(self, config: CacheConfig, on_event: Callable[[str, str], None] | None = None) -> None:
         self.config = config
         self.stats = CacheStats(on_event)
-        self._redis: BaseCache | None = None
+        self._redis: CacheBackend | None = None
 
     def token_cache(self, name: str, fingerprint: str) -> TokenCache:
         """The cache of introspector `name`; `fingerprint` changes when its endpoint does."""
@@ -181,10 +159,12 @@ class CacheFactory:
         if self.config.backend == "redis":
             assert self.config.url is not None  # guaranteed by config validation
             if self._redis is None:
+                from authz_service.tokens.redis_cache import redis_backend  # aiocache and redis-py: only here
+
                 self._redis = redis_backend(self.config.url)
             return TokenCache(self._redis, name, namespace, self.stats)
         # Each introspector has its own memory cache: no namespace, so keys stay 64 characters.
-        return TokenCache(BoundedMemoryCache(self.config.max_entries), name, None, self.stats)
+        return TokenCache(BoundedMemoryCache(self.config.max_entries), name, None, self.stats, keeps_active=False)
 
     async def close(self) -> None:
         if self._redis is not None:

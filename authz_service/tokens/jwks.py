@@ -24,7 +24,7 @@ from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
 from authz_service.tokens.base import IdpClient
 from authz_service.tokens.discovery import FixedJwksUri, JwksLocation
-from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, VerificationKey, load_jwk
+from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, SkippedKey, VerificationKey, read_jwk
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,20 @@ class KeySet:
         return tuple(k for k in candidates if alg in k.verifiers)
 
 
-def parse_jwks(document: Any) -> list[VerificationKey]:
-    """The usable signing keys of a JWKS document; raise UpstreamUnavailable if there are none."""
+def parse_jwks(document: Any, on_skipped: Callable[[SkippedKey], None] | None = None) -> list[VerificationKey]:
+    """The usable signing keys of a JWKS document; raise UpstreamUnavailable if there are none.
+
+    Every entry not used is handed to `on_skipped` with its reason (before the raise, too: a key
+    set whose only key is unusable is exactly when the operator needs to know why)."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise UpstreamUnavailable("jwks", "invalid_document")
-    keys = [key for raw in document["keys"] if isinstance(raw, dict) and (key := load_jwk(raw)) is not None]
+    keys: list[VerificationKey] = []
+    for raw in document["keys"]:
+        verdict = read_jwk(raw) if isinstance(raw, dict) else SkippedKey(None, "malformed")
+        if isinstance(verdict, VerificationKey):
+            keys.append(verdict)
+        elif on_skipped is not None:
+            on_skipped(verdict)
     if not keys:
         # Replacing good keys with an empty set would turn an IdP mistake into an outage of ours.
         raise UpstreamUnavailable("jwks", "no_usable_keys")
@@ -95,6 +104,8 @@ class JwksKeySource:
         unknown_kid_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        name: str = "",
+        on_skipped_key: Callable[[str], None] | None = None,
     ) -> None:
         self.location = FixedJwksUri(location) if isinstance(location, str) else location
         self._client = client
@@ -111,6 +122,10 @@ class JwksKeySource:
         self.fetch_attempts = 0
         self.stale_answers = 0
         self.generation = 0  # bumped whenever the key set changes (rotation)
+        self.name = name  # the introspector's id, for logs
+        # Called with the reason of every unusable key of every fetched document (a metric).
+        self._on_skipped_key = on_skipped_key
+        self.skipped: frozenset[SkippedKey] = frozenset()  # the unusable keys of the last document
 
     @property
     def keyset(self) -> KeySet | None:
@@ -207,7 +222,11 @@ class JwksKeySource:
         try:
             uri = await self.location.jwks_uri()
             document = await self._client.get_json("jwks", uri, timeout=self._timeout)
-            keys = parse_jwks(document)
+            skipped: list[SkippedKey] = []
+            try:
+                keys = parse_jwks(document, skipped.append)
+            finally:
+                self._report_skipped(skipped)
         except UpstreamUnavailable:
             # Retry in the background soon, but not on every request.
             self._next_background = self._clock() + min(self._unknown_kid_interval, max(self._ttl * 0.2, 0.1))
@@ -219,3 +238,18 @@ class JwksKeySource:
         self._keyset = keyset
         self._next_background = started + self._ttl * REFRESH_AHEAD
         return keyset
+
+    def _report_skipped(self, skipped: list[SkippedKey]) -> None:
+        """Count every unusable key of a fetched document; log them when they differ from the last fetch's."""
+        problems = [key for key in skipped if not key.expected]
+        if self._on_skipped_key is not None:
+            for key in problems:
+                self._on_skipped_key(key.reason)
+        unusable = frozenset(problems)
+        for key in sorted(unusable - self.skipped, key=lambda k: (k.kid or "", k.reason)):
+            # The kid and a reason label only: never the key material.
+            log.warning(
+                "JWKS key skipped",
+                extra={"fields": {"introspector": self.name, "kid": key.kid, "reason": key.reason}},
+            )
+        self.skipped = unusable

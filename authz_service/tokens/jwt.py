@@ -22,9 +22,18 @@ from authz_service.config.model import JwtIntrospectorConfig
 from authz_service.errors import TokenRejected
 from authz_service.model import Identity, Reason
 from authz_service.tokens.base import Credential
-from authz_service.tokens.keys import MAX_KID_LENGTH, VerificationKey, hmac_key, load_static_key
+from authz_service.tokens.keys import (
+    MAX_KID_LENGTH,
+    VERIFIABLE_ALGORITHMS,
+    VerificationKey,
+    hmac_key,
+    load_static_key,
+)
 
 MAX_TOKEN_BYTES = 8192
+# 9999-12-31T23:59:59Z: a NumericDate past it is not a date but a way to say "never" (an `exp` 26
+# digits long), so `exp`, `nbf` and `iat` beyond it make the claims malformed.
+MAX_NUMERIC_DATE = 253_402_300_799
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _SIGNATURE = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -91,6 +100,10 @@ def parse_jwt(token: str) -> ParsedJwt:
     if "crit" in header:
         # We implement no JWS extensions, so any critical one must make us refuse (RFC 7515 4.1.11).
         raise TokenRejected(Reason.UNSUPPORTED_CRIT)
+    if "b64" in header:
+        # RFC 7797 unencoded payloads: never supported, whatever its value. Without `crit` (which
+        # RFC 7797 requires) a verifier that ignores it would check another payload than the signer meant.
+        raise TokenRejected(Reason.MALFORMED)
     if "kid" in header and (not isinstance(header["kid"], str) or len(header["kid"]) > MAX_KID_LENGTH):
         raise TokenRejected(Reason.MALFORMED)
     signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
@@ -100,6 +113,11 @@ def parse_jwt(token: str) -> ParsedJwt:
 def _is_number(value: Any) -> bool:
     # strictjson already refuses NaN/Infinity; isfinite also covers floats like 1e400.
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_numeric_date(value: Any) -> bool:
+    """A JSON number usable as a NumericDate: finite and not past the year 9999."""
+    return _is_number(value) and value <= MAX_NUMERIC_DATE
 
 
 def user_id_of(claims: Mapping[str, Any], *fallbacks: str) -> str | None:
@@ -118,13 +136,14 @@ def check_claims(
     audiences: frozenset[str] | None,
     leeway: float,
     now: float,
+    max_lifetime: float | None = None,
 ) -> None:
     """Registered-claim checks from config; raise TokenRejected naming the first failure."""
     exp: float = claims.get("exp")  # type: ignore[assignment]  # checked on the next line
-    if not _is_number(exp):
+    if not is_numeric_date(exp):
         raise TokenRejected(Reason.BAD_CLAIMS)
     for name in ("nbf", "iat"):
-        if name in claims and not _is_number(claims[name]):
+        if name in claims and not is_numeric_date(claims[name]):
             raise TokenRejected(Reason.BAD_CLAIMS)
     for name in ("sub", "box_user", "jti"):
         if name in claims and not isinstance(claims[name], str):
@@ -137,6 +156,12 @@ def check_claims(
         raise TokenRejected(Reason.NOT_YET_VALID)
     if "iat" in claims and claims["iat"] > now + leeway:
         raise TokenRejected(Reason.ISSUED_IN_FUTURE)
+    # As Envoy's jwt_authn max_lifetime: the lifetime the issuer gave the token (exp - iat), or
+    # without iat what is left of it (exp - now, our clock allowed `leeway` of skew).
+    if max_lifetime is not None and (
+        exp - claims["iat"] > max_lifetime if "iat" in claims else exp - now > max_lifetime + leeway
+    ):
+        raise TokenRejected(Reason.LIFETIME_TOO_LONG)
     if audiences is not None:
         aud = claims.get("aud")
         if isinstance(aud, str):
@@ -227,10 +252,21 @@ class JwtIntrospector:
             # Only reachable through a bound source (the router routes by iss): refuse before any
             # key lookup, so a foreign token's kid never makes us refetch our JWKS.
             raise TokenRejected(Reason.UNTRUSTED_ISSUER)
+        if token.alg not in VERIFIABLE_ALGORITHMS:
+            # `none`, `None`, a JWE algorithm, a typo: no key could ever verify it, so no key source
+            # is asked (a JWKS source would otherwise fetch for its unknown kid).
+            raise TokenRejected(Reason.BAD_ALGORITHM)
         keys = await self.key_source.keys_for(token.kid, token.alg)
         if not any(key.verify(token.alg, token.signing_input, token.signature) for key in keys):
             raise TokenRejected(Reason.BAD_SIGNATURE)
         config = self.config
         claims = token.claims
-        check_claims(claims, issuer=config.iss, audiences=config.audiences, leeway=config.leeway, now=self._clock())
+        check_claims(
+            claims,
+            issuer=config.iss,
+            audiences=config.audiences,
+            leeway=config.leeway,
+            now=self._clock(),
+            max_lifetime=config.max_lifetime,
+        )
         return Identity(user_id_of(claims), claims, self.id, "jwt", float(claims["exp"]))

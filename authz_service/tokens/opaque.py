@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,14 +17,10 @@ from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
 from authz_service.tokens.base import Credential, IdpClient
 from authz_service.tokens.cache import TokenCache, token_key
-from authz_service.tokens.jwt import user_id_of
+from authz_service.tokens.jwt import is_numeric_date, user_id_of
 
 NEGATIVE_TTL = 10.0  # seconds an inactive answer is remembered (bounded by cache_ttl)
 _INACTIVE: Mapping[str, Any] = {"active": False}
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class OpaqueIntrospector:
@@ -55,7 +50,8 @@ class OpaqueIntrospector:
             # Missing or not the JSON literal true: an IdP we do not understand is an outage, not an allow.
             raise UpstreamUnavailable("introspection", "invalid_answer")
         for name in ("exp", "nbf", "iat"):
-            if name in answer and not _number(answer[name]):
+            # A number past the year 9999 is not a date ("never expires"): an answer we do not understand.
+            if name in answer and not is_numeric_date(answer[name]):
                 raise UpstreamUnavailable("introspection", "invalid_answer")
         return answer
 
@@ -123,7 +119,8 @@ class CachedIntrospector:
         # `until` travels with the answer (through Redis too), so no process reuses it past the
         # cache_ttl counted from the one introspection call.
         entry = {"result": result, "until": now + max(ttl, 0.0)}
-        if ttl >= 0.01:  # Redis cannot hold an entry for less than a millisecond or so
+        # Redis cannot hold an entry for less than a millisecond or so.
+        if ttl >= 0.01 and (self.cache.keeps_active or result.get("active") is not True):
             await self.cache.set(key, entry, ttl)
         return entry
 

@@ -69,6 +69,9 @@ class CredentialFinder:
         self._reads_cookies = any(s.cookie is not None for s in self._sources)
         # Every query parameter that may carry a token: removed from what the upstream sees.
         self.token_params: tuple[str, ...] = tuple(dict.fromkeys(p for s in self._sources for p in s.params))
+        # Every header that may carry a token (besides authorization and cookie): redacted wherever
+        # a request is shown (test-policy, explain).
+        self.token_headers: tuple[str, ...] = tuple(dict.fromkeys(h.name for s in self._sources for h in s.headers))
 
     def find(self, request: HttpRequest) -> Credential | None:
         """The request's credential, None if it has none; raise on ambiguous or broken ones."""

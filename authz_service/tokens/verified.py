@@ -9,9 +9,10 @@ and any change of that introspector's key set (a rotation) invalidates every ent
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,14 +34,35 @@ class Routed(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Verified:
-    """One verified token: who it is, and how long that may be believed."""
+class Shaper(Protocol):
+    """Shapes a verified identity for reuse (engine.IdentityShaper), and can undo that."""
 
-    identity: Identity
-    deadline: float  # epoch seconds after which the entry is dead
+    def __call__(self, identity: Identity) -> Identity:
+        """The identity as it is kept and answered: headers built, claims trimmed."""
+        ...
+
+    def unshaped(self, identity: Identity) -> Identity | None:
+        """The identity with its full claims again, from what shaping kept; None if it cannot be."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What made a cached identity, shared by all its entries: the introspector and its key
+    generation (a rotation invalidates them), and the shaper (a reload that changes it reshapes them)."""
+
     introspector: Introspector
     generation: int
+    shaper: Shaper
+
+
+@dataclass(frozen=True, slots=True)
+class Verified(Identity):
+    """A verified identity as the cache keeps it: the identity itself (one object per token, ~100
+    bytes, rather than an entry object around an identity) plus until when it may be believed."""
+
+    deadline: float = 0.0  # epoch seconds after which the entry is dead
+    stamp: Stamp | None = None
 
 
 def token_digest(token: str) -> bytes:
@@ -56,16 +78,21 @@ class VerifiedTokens:
     def __init__(
         self,
         inner: Routed,
-        shape: Callable[[Identity], Identity],
+        shape: Shaper,
         max_entries: int,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str], None] | None = None,
+        entries: dict[bytes, Verified] | None = None,
     ) -> None:
         self._inner = inner
         self._shape = shape  # headers built and claims trimmed once per verification, not per hit
         self.max_entries = max_entries
         self._clock = clock
-        self._data: OrderedDict[bytes, Verified] = OrderedDict()
+        # Shared with the cache of the engine this one replaces: entries of introspectors a reload
+        # kept stay valid (see _get), and are reshaped when the response config or policies changed.
+        self._data: dict[bytes, Verified] = {} if entries is None else entries
+        self._stamps: dict[tuple[str, int], Stamp] = {}
+        self._inflight: dict[tuple[bytes, str | None], asyncio.Future[Identity]] = {}
         self._on_event = on_event or (lambda cache, event: None)
         self.hits = 0
         self.misses = 0
@@ -78,19 +105,73 @@ class VerifiedTokens:
         digest = token_digest(credential.token)
         entry = self._get(digest)
         # A token bound to one introspector (its cookie) is never vouched for by another.
-        if entry is not None and credential.introspector in (None, entry.identity.introspector):
-            return entry.identity
+        if entry is not None and credential.introspector in (None, entry.introspector):
+            stamp = entry.stamp
+            assert stamp is not None  # every entry is stamped when it is put
+            if stamp.shaper is self._shape:
+                return entry
+            full = stamp.shaper.unshaped(entry)
+            if full is not None:
+                reshaped = self._shape(full)
+                new_stamp = self._stamp_for(stamp.introspector, stamp.generation)
+                kept = self._data[digest] = self._kept(reshaped, entry.deadline, new_stamp)
+                return kept
+        # Concurrent misses for one token share one verification, cache entry included: a check
+        # that arrives between an IdP answer and its entry must not ask again (single flight).
+        key = (digest, credential.introspector)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._verify(digest, credential))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # Shield: one waiter being cancelled (Envoy gave up) must not cancel the shared verification.
+        return await asyncio.shield(task)
+
+    async def _verify(self, digest: bytes, credential: Credential) -> Identity:
         identity = self._shape(await self._inner.introspect(credential))
         introspector = self._inner.members[identity.introspector]
         deadline = introspector.trusted_until(identity)
         if deadline > self._clock():
-            self._put(digest, Verified(identity, deadline, introspector, introspector.key_generation))
+            # The kept form is what this and every later check gets: the same object each time.
+            kept = self._kept(identity, deadline, self._stamp_for(introspector, introspector.key_generation))
+            self._put(digest, kept)
+            return kept
         return identity
+
+    @staticmethod
+    def _kept(identity: Identity, deadline: float, stamp: Stamp) -> Verified:
+        # Without what only the deadline needed (exp, the answer's life): fewer objects an entry.
+        return Verified(
+            identity.user_id,
+            identity.claims,
+            identity.introspector,
+            identity.kind,
+            None,
+            None,
+            identity.headers,
+            deadline,
+            stamp,
+        )
+
+    def _stamp_for(self, introspector: Introspector, generation: int) -> Stamp:
+        key = (introspector.id, generation)
+        stamp = self._stamps.get(key)
+        if stamp is None or stamp.introspector is not introspector or stamp.shaper is not self._shape:
+            stamp = self._stamps[key] = Stamp(introspector, generation, self._shape)
+        return stamp
+
+    def carried_over(self) -> dict[bytes, Verified]:
+        """The entries, for the cache of the engine that replaces this one on reload."""
+        return self._data
 
     def _get(self, key: bytes) -> Verified | None:
         entry = self._data.get(key)
         if entry is not None and (
-            self._clock() >= entry.deadline or entry.generation != entry.introspector.key_generation
+            self._clock() >= entry.deadline
+            or entry.stamp is None
+            or entry.stamp.generation != entry.stamp.introspector.key_generation
+            # Made by an introspector a reload replaced or removed (entries outlive reloads).
+            or self._inner.members.get(entry.introspector) is not entry.stamp.introspector
         ):
             del self._data[key]
             entry = None
@@ -98,13 +179,21 @@ class VerifiedTokens:
             self.misses += 1
             self._on_event(self.NAME, "miss")
             return None
-        self._data.move_to_end(key)
+        # Least recently used first: a plain dict keeps insertion order, and re-inserting moves an
+        # entry to the end (an OrderedDict's extra links cost ~50 bytes an entry at 100k entries).
+        del self._data[key]
+        self._data[key] = entry
         self.hits += 1
         self._on_event(self.NAME, "hit")
         return entry
 
     def _put(self, key: bytes, entry: Verified) -> None:
-        self._data[key] = entry
-        self._data.move_to_end(key)
-        if len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        data = self._data
+        data.pop(key, None)
+        data[key] = entry
+        if len(data) > self.max_entries:
+            # Evict the least recently used 1/64 at once: finding a dict's first entry scans past the
+            # slots earlier deletions left, so one scan per many inserts keeps eviction O(1) amortized.
+            excess = len(data) - self.max_entries + max(self.max_entries // 64, 1) - 1
+            for stale in list(itertools.islice(data, excess)):
+                del data[stale]

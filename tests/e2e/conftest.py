@@ -4,11 +4,9 @@ subprocess, the dev identity provider and an echo upstream. Nothing is mocked.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,15 +17,27 @@ import aiohttp
 import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import ENVOY_YAML, Envoy, StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import free_port, jwks_introspector, opaque_introspector
+from tests.conftest import free_port, jwks_introspector, opaque_introspector, run_service
+from tests.harness import HealthClient
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
+# Long enough for Envoy's health checks (1 s interval, 2 failures) to see NOT_SERVING before the exit.
+ENVOY_DRAIN_DELAY = 4.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e is `e2e` and `slow`, also in a module that forgets its pytestmark."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
 
 
 async def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -45,17 +55,16 @@ async def wait_until(condition: Callable[[], Any], timeout: float, what: str, in
         await asyncio.sleep(interval)
 
 
-async def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
+async def stop_process(process: asyncio.subprocess.Process, timeout: float = STOP_TIMEOUT) -> int:
     """SIGTERM, wait without blocking the loop, SIGKILL on timeout; returns the exit code."""
-    if process.poll() is None:
+    if process.returncode is None:
         process.send_signal(signal.SIGTERM)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while process.poll() is None and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if process.poll() is None:
-        process.kill()
-    return process.wait(5)
+    try:
+        return await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        return await asyncio.wait_for(process.wait(), 5)
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -70,7 +79,7 @@ def tail(path: Path, lines: int = 30) -> str:
 class AuthzProcess:
     """`python -m authz_service --config FILE` running as a subprocess."""
 
-    process: subprocess.Popen[bytes]
+    process: asyncio.subprocess.Process
     port: int
     log: Path
 
@@ -113,12 +122,12 @@ def envoy_config(authz_port: int, upstream_port: int, listener_port: int, admin_
     )
 
 
-async def _wait_serving(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+async def _wait_serving(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub = HealthClient(channel)
 
         async def serving() -> bool:
-            assert process.poll() is None, f"authz-service exited during start-up:\n{tail(log)}"
+            assert process.returncode is None, f"authz-service exited during start-up:\n{tail(log)}"
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
             except grpc.aio.AioRpcError:
@@ -135,25 +144,27 @@ async def echo() -> AsyncIterator[EchoUpstream]:
 
 
 @pytest.fixture
-async def authz(idp: DevIdentityProvider, tmp_path: Path) -> AsyncIterator[AuthzProcess]:
-    """The service as a subprocess, trusting the IdP's JWKS and its introspection endpoint."""
+async def authz(
+    idp: DevIdentityProvider, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[AuthzProcess]:
+    """The service as a subprocess, trusting the IdP's JWKS and its introspection endpoint.
+
+    No drain on SIGTERM unless a test asks for one (ENVOY_DRAIN_DELAY costs every stop that much):
+    `@pytest.mark.parametrize("authz", [ENVOY_DRAIN_DELAY], indirect=True)`.
+    """
+    drain_delay = float(getattr(request, "param", 0.0))
     port = free_port()
     config = {
-        # drain_delay: long enough for Envoy's health checks (1 s interval, 2 failures) to see NOT_SERVING.
-        "server": {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": 4},
-        "introspectors": [jwks_introspector(idp), opaque_introspector(idp)],
+        "server": {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": drain_delay},
+        # `access_token` in the query is a token source too (WebSocket and download links).
+        "introspectors": [jwks_introspector(idp, from_params=["access_token"]), opaque_introspector(idp)],
+        # Any verified token, as with no policies; named, so the access log can show which allowed.
+        "policies": [{"id": "signed-in", "engine": "allow", "introspectors": ["idp", "opaque"]}],
     }
     path = tmp_path / "authz.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "authz.log"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "authz_service", "--config", str(path), "--log-level", "info"],
-            stdin=subprocess.DEVNULL,
-            stdout=stderr,
-            stderr=stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    process = await run_service(path, log)
     try:
         await _wait_serving(port, process, log)
         yield AuthzProcess(process, port, log)

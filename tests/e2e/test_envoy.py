@@ -5,14 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import signal
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.e2e.conftest import AuthzProcess, EnvoyProcess, tail, wait_until
+from tests.e2e.conftest import ENVOY_DRAIN_DELAY, AuthzProcess, EnvoyProcess, tail, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -20,7 +22,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def decode_claims(value: str) -> dict[str, Any]:
-    return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    return cast(dict[str, Any], json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))))
 
 
 def forge(token: str, **claims: Any) -> str:
@@ -99,7 +101,7 @@ async def test_idp_down_with_nothing_cached_is_503(
     assert echo.requests == []
 
 
-async def test_access_log_shows_the_user_id_from_dynamic_metadata(
+async def test_access_log_shows_the_user_id_and_policy_from_dynamic_metadata(
     envoy: EnvoyProcess, idp: DevIdentityProvider, session: aiohttp.ClientSession
 ) -> None:
     async with session.get(envoy.url + "/logged", headers=bearer(idp.mint({"sub": "carol"}))) as response:
@@ -114,7 +116,10 @@ async def test_access_log_shows_the_user_id_from_dynamic_metadata(
     found = await wait_until(entries, 10, "the access log lines")
     allowed, denied = found["/logged"], found["/denied"]
     assert (allowed["status"], allowed["user_id"], allowed["introspector"]) == (200, "carol", "idp")
-    assert allowed["method"] == "GET" and allowed["upstream"]
+    assert allowed["policy"] == "signed-in"  # dynamic_metadata.policy: the policy that allowed
+    assert denied["policy"] is None
+    assert allowed["method"] == "GET"
+    assert allowed["upstream"]
     assert (denied["status"], denied["user_id"]) == (401, None)
     assert "UAEX" in denied["flags"]  # unauthorized by the external authorization service
 
@@ -130,6 +135,7 @@ async def test_context_extensions_route_is_checked_and_allowed(
     assert echo.headers_named("x-user-id") == ["dave"]
 
 
+@pytest.mark.parametrize("authz", [ENVOY_DRAIN_DELAY], ids=["drain"], indirect=True)  # the one test that drains
 async def test_envoy_health_checks_see_the_service_drain_on_sigterm(
     envoy: EnvoyProcess,
     authz: AuthzProcess,
@@ -151,7 +157,7 @@ async def test_envoy_health_checks_see_the_service_drain_on_sigterm(
     flags = await wait_until(failing, 8, "envoy to mark the authz host as failing health checks")
     assert "/failed_active_hc" in flags
     # Still running (draining): Envoy saw NOT_SERVING answers, not a refused connection.
-    assert authz.process.poll() is None
+    assert authz.process.returncode is None
     _, stats = await envoy.admin(session, "/stats?filter=cluster.authz.health_check")
     counters = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)
     # Envoy marked the host unhealthy on NOT_SERVING answers (as observed: at the first one),
@@ -163,7 +169,7 @@ async def test_envoy_health_checks_see_the_service_drain_on_sigterm(
         assert response.status == 503
     assert len(echo.requests) == 1
 
-    await wait_until(lambda: authz.process.poll() is not None, 15, "authz-service to exit")
+    await wait_until(lambda: authz.process.returncode is not None, 15, "authz-service to exit")
     assert authz.process.returncode == 0, tail(authz.log)
 
 
@@ -205,9 +211,14 @@ async def test_a_full_run_never_logs_a_token_or_secret(
         "s3cr3t-claim-value",
         "alice@example.com",
     ]
+
+    def decisions() -> list[dict[str, Any]]:
+        complete = authz.log.read_text().split("\n")[:-1]  # not a line still being written
+        return [json.loads(line) for line in complete if '"decision"' in line and line.startswith("{")]
+
+    # The log is not empty: one line per decision (written by the service's log thread, so waited for).
+    await wait_until(lambda: len(decisions()) >= len(requests), 10, "one decision line per request")
     log = authz.log.read_text()
-    decisions = [json.loads(line) for line in log.splitlines() if '"decision"' in line and line.startswith("{")]
-    assert len(decisions) >= len(requests)  # the log is not empty: one line per decision
     for token in used:
         for part in (token, *token.split(".")[1:]):  # neither the token nor its payload or signature
             assert part not in log, f"a token part leaked into the log:\n{tail(authz.log)}"
@@ -226,4 +237,25 @@ def test_shipped_envoy_configs_validate_with_the_real_binary() -> None:
         [envoy_binary(), "--mode", "validate", "-c", str(shipped)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "configuration" in result.stdout and "OK" in result.stdout
+    assert "configuration" in result.stdout
+    assert "OK" in result.stdout
+
+
+async def test_a_query_token_is_removed_before_the_upstream(
+    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    token = idp.mint({"sub": "link-user"})
+    async with session.get(envoy.url + f"/files/a.pdf?inline=1&access_token={token}") as response:
+        assert response.status == 200
+        seen = await response.json()
+    assert seen["headers"]["x-user-id"] == ["link-user"]
+    assert token not in json.dumps(seen)
+    assert seen["path"] == "/files/a.pdf?inline=1"
+    # With a Bearer header too, the header's token decides and the parameter is still removed.
+    other = idp.mint({"sub": "from-query"})
+    headers = {"Authorization": f"Bearer {idp.mint({'sub': 'from-header'})}"}
+    async with session.get(envoy.url + f"/files/b?access_token={other}", headers=headers) as response:
+        assert response.status == 200
+        seen = await response.json()
+    assert seen["headers"]["x-user-id"] == ["from-header"]
+    assert other not in json.dumps(seen)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.certs import make_pki
-from tests.conftest import free_port, jwks_introspector
+from tests.conftest import free_port, jwks_introspector, run_service
 from tests.e2e.conftest import envoy_config, launch_envoy, stop_process
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MTLS_CLUSTER = Path(__file__).resolve().parents[2] / "envoy" / "authz-cluster-mtls.yaml"
 
@@ -38,14 +38,7 @@ async def test_envoy_reaches_the_service_over_mutual_tls(
             }
         )
     )
-    log = tmp_path / "authz.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "authz_service", "--config", str(service_config)],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    process = await run_service(service_config, tmp_path / "authz.log")
     try:
         config = envoy_config(port, echo.port, free_port(), free_port())
         cluster = yaml.safe_load(MTLS_CLUSTER.read_text())

@@ -18,6 +18,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from authz_service._pb.envoy.config.core.v3 import base_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
@@ -37,7 +38,7 @@ from authz_service.engine import build_engine
 from authz_service.server import grpc as server_module
 from authz_service.server.grpc import AUTHORIZATION_SERVICE
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
-from tests.harness import Answer, Harness, check_request
+from tests.harness import Answer, Harness, HealthClient, check_request
 
 HS_ISS = "https://hs.hostile.example"
 HS_SECRET = "hostile-suite-hmac-secret-0123456789"
@@ -146,7 +147,7 @@ async def assert_healthy(service: Harness, token: str, path: str = "/") -> None:
     """The server still allows a valid token and reports SERVING for both health service names."""
     answer = await ask(service, path, token=token)
     assert answer.allowed, answer.response
-    stub = health_pb2_grpc.HealthStub(service.channel)
+    stub = HealthClient(service.channel)
     for name in ("", AUTHORIZATION_SERVICE):
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
@@ -305,7 +306,7 @@ async def test_deeply_nested_json_is_401_never_503(idp: DevIdentityProvider, sta
     await assert_healthy(service, idp.mint())
 
 
-SIGNED_DEEP = {
+SIGNED_DEEP: dict[str, Callable[[DevIdentityProvider], str]] = {
     "2000 levels of [": lambda idp: hs_signed('{"alg": "HS256"}', payload_with({"deep": nested(2000)})),
     "600 levels of [": lambda idp: hs_signed('{"alg": "HS256"}', payload_with({"deep": nested(600)})),
     "450 levels of [": lambda idp: hs_signed('{"alg": "HS256"}', payload_with({"deep": nested(450)})),
@@ -435,7 +436,8 @@ async def test_embedded_and_remote_keys_are_never_used(idp: DevIdentityProvider,
 async def test_any_crit_is_rejected(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     assert_denied(await ask(service, token=idp.mint(headers={"crit": ["exp"]})), 401, "unsupported_crit")
-    for crit in (["exp"], ["b64"], [], "b64", None, {}, 1, False, ["b64", "b64"], ["x" * 100]):
+    crits: tuple[object, ...] = (["exp"], ["b64"], [], "b64", None, {}, 1, False, ["b64", "b64"], ["x" * 100])
+    for crit in crits:
         # Correctly signed (raw header, PyJWT would refuse some of these values): only crit is held against it.
         token = hs_mint(header={"alg": "HS256", "crit": crit})
         assert_denied(await ask(service, token=token), 401, "unsupported_crit", case=crit)
@@ -510,7 +512,7 @@ async def test_wrong_typed_claims_are_401(idp: DevIdentityProvider, start_servic
         assert_denied(await ask(service, token=token), 401, case=name)
     # The JWKS introspector too (signed by the IdP itself).
     now = time.time()
-    for name, claims in {
+    wrong_claims: dict[str, dict[str, Any]] = {
         "exp as string": {"exp": str(int(now) + 60)},
         "exp as bool": {"exp": True},
         "exp as list": {"exp": [int(now) + 60]},
@@ -519,7 +521,8 @@ async def test_wrong_typed_claims_are_401(idp: DevIdentityProvider, start_servic
         "nbf as string": {"nbf": "0"},
         "aud as number": {"aud": 1},
         "aud as object": {"aud": {"x": "authz-service"}},
-    }.items():
+    }
+    for name, claims in wrong_claims.items():
         assert_denied(await ask(service, token=idp.mint(claims)), 401, case=("jwks", name))
     await assert_healthy(service, hs_mint())
 
@@ -562,7 +565,8 @@ async def test_control_characters_never_reach_a_header(idp: DevIdentityProvider,
         answer = await ask(service, token=idp.mint({"sub": "ok-user", "email": value, "tenant": {"name": value}}))
         assert answer.allowed, value
         assert answer.headers["x-user-id"] == "ok-user"
-        assert "x-user-email" not in answer.headers and "x-user-email" in answer.removed, value
+        assert "x-user-email" not in answer.headers, value
+        assert "x-user-email" in answer.removed, value
         assert answer.claims()["email"] == value  # the claims header is base64url: the value survives intact
         assert not CONTROL.search(answer.headers.get("x-tenant", "")), value
     for value in NON_ASCII:
@@ -582,12 +586,15 @@ async def test_opaque_results_with_control_characters(idp: DevIdentityProvider, 
         token = idp.issue_opaque({"sub": None, "username": value})
         assert_denied(await ask(service, token=token), 401, "bad_claims", case=("username", value))
         answer = await ask(service, token=idp.issue_opaque({"sub": "opaque-user", "email": value}))
-        assert answer.allowed and "x-user-email" in answer.removed, value
+        assert answer.allowed, value
+        assert "x-user-email" in answer.removed, value
     # An introspection result is not bounded by the 8 KiB token limit: big values stay out of headers.
     answer = await ask(service, token=idp.issue_opaque({"sub": "opaque-user", "email": "e" * 20000}))
-    assert answer.allowed and "x-user-email" not in answer.headers
+    assert answer.allowed
+    assert "x-user-email" not in answer.headers
     answer = await ask(service, token=idp.issue_opaque({"sub": "u" * 20000}))
-    assert not answer.allowed and answer.http_status == 401
+    assert not answer.allowed
+    assert answer.http_status == 401
     await assert_healthy(service, idp.issue_opaque())
 
 
@@ -681,7 +688,8 @@ async def test_hostile_cookie_headers(idp: DevIdentityProvider, start_service: S
     }
     for name, cookie in found.items():
         answer = await ask(service, headers={"cookie": cookie})
-        assert answer.allowed and answer.headers["x-user-id"] == "cookie-user", name
+        assert answer.allowed, name
+        assert answer.headers["x-user-id"] == "cookie-user", name
     assert_denied(await ask(service, headers={"cookie": "ASPXAUTH=attacker; ASPXAUTH=" + token}), 401, "inactive")
     await assert_healthy(service, idp.mint())
 
@@ -708,7 +716,8 @@ def _never_allowed(name: str, result: tuple[grpc.StatusCode, pb.CheckResponse | 
     if response is None:
         assert code != grpc.StatusCode.OK, name
         return
-    assert response.status.code != 0 and not response.HasField("ok_response"), (name, response.status)
+    assert response.status.code != 0, (name, response.status)
+    assert not response.HasField("ok_response"), (name, response.status)
     assert response.denied_response.status.code in (400, 401, 403, 503), name
 
 
@@ -744,7 +753,9 @@ async def test_malformed_and_huge_check_requests(idp: DevIdentityProvider, start
     for name, request in big.items():
         result = await _send_raw(service, request.SerializeToString())
         _never_allowed(name, result)
-        assert result[0] == grpc.StatusCode.OK and result[1] is not None and result[1].status.code == 16, name
+        assert result[0] == grpc.StatusCode.OK, name
+        assert result[1] is not None, name
+        assert result[1].status.code == 16, name
     oversized = check_request(token=token, headers={"x-big": "v" * 5 * 1024 * 1024}).SerializeToString()
     code, response = await _send_raw(service, oversized)
     assert (code, response) == (grpc.StatusCode.RESOURCE_EXHAUSTED, None)  # over gRPC's 4 MiB, never decoded
@@ -785,12 +796,14 @@ async def test_raw_header_map_requests(idp: DevIdentityProvider, start_service: 
     }
     for name, (entries, status) in cases.items():
         code, response = await _send_raw(service, _header_map_request(entries).SerializeToString())
-        assert code == grpc.StatusCode.OK and response is not None, name
+        assert code == grpc.StatusCode.OK, name
+        assert response is not None, name
         answer = Answer.of(response)
         assert_denied(answer, status, case=name)
     plain = _header_map_request([("Authorization", f"Bearer {token}".encode())])
     code, response = await _send_raw(service, plain.SerializeToString())
-    assert response is not None and Answer.of(response).allowed  # the encoding itself works
+    assert response is not None
+    assert Answer.of(response).allowed
     await assert_healthy(service, token)
 
 

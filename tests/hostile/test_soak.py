@@ -24,8 +24,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -36,10 +34,12 @@ import grpc
 import pytest
 import yaml
 
-from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import StartService, free_port, opaque_introspector, wait_serving
-from tests.harness import Answer, check_request
+from tests.conftest import StartService, exit_code, free_port, opaque_introspector, run_service, wait_serving
+from tests.harness import Answer, AuthorizationClient, check_request
+
+pytestmark = pytest.mark.slow  # tens of thousands of checks, most through service subprocesses
 
 ISS = "https://soak.example"
 SECRET = "soak-suite-hmac-secret-0123456789abcdef"
@@ -83,7 +83,7 @@ HS_INTROSPECTOR = {"id": "hs", "type": "jwt", "jwt": {"iss": ISS, "secret": SECR
 class ServiceProcess:
     """`authz-service --config FILE` in a subprocess, with its gRPC and admin ports."""
 
-    def __init__(self, process: subprocess.Popen[bytes], grpc_port: int, admin_port: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, grpc_port: int, admin_port: int) -> None:
         self.process = process
         self.grpc_port = grpc_port
         self.admin_port = admin_port
@@ -96,10 +96,12 @@ class ServiceProcess:
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The Prometheus samples of /metrics, keyed by (name, sorted labels)."""
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as reply:
-                assert reply.status == 200
-                text = await reply.text()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as reply,
+        ):
+            assert reply.status == 200
+            text = await reply.text()
         samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         for line in text.splitlines():
             match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
@@ -126,10 +128,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awai
         }
         path = tmp_path / f"config-{grpc_port}.yaml"
         path.write_text(yaml.safe_dump(config))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "authz_service", "--config", str(path), "--log-level", "warning"],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        process = await run_service(path, tmp_path / f"service-{grpc_port}.log", log_level="warning")
         service = ServiceProcess(process, grpc_port, admin_port)
         started.append(service)
         await wait_serving(grpc_port, process, deadline=30.0)
@@ -137,9 +136,10 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awai
 
     yield start
     for service in started:
-        service.process.send_signal(signal.SIGTERM)
+        if service.process.returncode is None:
+            service.process.send_signal(signal.SIGTERM)
     for service in started:
-        assert service.process.wait(20) == 0  # drains and exits 0: the soak did not wedge it
+        assert await exit_code(service.process, 20) == 0  # drains and exits 0: the soak did not wedge it
 
 
 # --------------------------------------------------------------------------- load
@@ -156,7 +156,7 @@ class Tally:
 
 
 async def run_round(
-    stub: pb_grpc.AuthorizationStub,
+    stub: AuthorizationClient,
     indices: range,
     request_for: Callable[[int], Any],
     verify: Callable[[int, Answer], str | None],
@@ -224,7 +224,7 @@ async def test_20k_unique_jwts_memory_levels_off(spawn: Callable[[dict[str, Any]
     rss = [service.rss()]
     deadline = time.monotonic() + 40
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-        stub = pb_grpc.AuthorizationStub(channel)
+        stub = AuthorizationClient(channel)
         for r in range(rounds):
             indices = range(r * per_round, (r + 1) * per_round)
             await run_round(stub, indices, requests.__getitem__, verify, tally, deadline)
@@ -240,7 +240,7 @@ async def test_20k_unique_jwts_memory_levels_off(spawn: Callable[[dict[str, Any]
     ok, report = levels_off(rss[1:])
     assert ok, report
     metrics = await service.metrics()
-    allowed = metrics[("authz_checks_total", (("decision", "allow"), ("reason", "allowed")))]
+    allowed = metrics[("authz_checks_total", (("decision", "allow"), ("protocol", "grpc"), ("reason", "allowed")))]
     assert allowed == tally.sent, (allowed, tally.sent)
 
 
@@ -264,7 +264,7 @@ async def test_5k_unique_opaque_tokens_cache_stays_bounded(
     rss = [service.rss()]
     deadline = time.monotonic() + 30
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-        stub = pb_grpc.AuthorizationStub(channel)
+        stub = AuthorizationClient(channel)
         for r in range(rounds):
             await run_round(
                 stub,
@@ -295,7 +295,8 @@ async def test_5k_unique_opaque_tokens_cache_stays_bounded(
     def events(samples: dict[Any, float], event: str, cache: str = "opaque") -> float:
         return samples.get(("authz_cache_events_total", (("cache", cache), ("event", event))), 0.0)
 
-    assert events(before, "miss") == sent and events(before, "hit") == 0
+    assert events(before, "miss") == sent
+    assert events(before, "hit") == 0
     # The newest is answered by the verified-token cache in front of the token cache; the oldest
     # had fallen out of both bounded LRUs and is a miss in each.
     assert events(after, "hit", "verified") - events(before, "hit", "verified") == 1
@@ -305,6 +306,17 @@ async def test_5k_unique_opaque_tokens_cache_stays_bounded(
 
 
 # --------------------------------------------------------------------------- (c) nothing lost under concurrency
+
+
+def allowed_as(user: str, *, sub_claim: bool = False) -> Callable[[Answer], bool]:
+    """Expect an allow for exactly this user (with sub_claim: also the sub in x-auth-claims)."""
+
+    def expect(answer: Answer) -> bool:
+        if not answer.allowed or answer.headers["x-user-id"] != user:
+            return False
+        return not sub_claim or answer.claims()["sub"] == user
+
+    return expect
 
 
 async def test_2000_concurrent_mixed_checks_each_get_their_own_answer(
@@ -335,22 +347,21 @@ async def test_2000_concurrent_mixed_checks_each_get_their_own_answer(
         "two-values",
         "inactive",
     ]
-    cases: list[tuple[str, Any, Callable[[Answer], bool]]] = []
+    cases: list[tuple[str, pb.CheckRequest, Callable[[Answer], bool]]] = []
     for i in range(2000):
         kind = kinds[i % len(kinds)]
         user = f"soak-user-{i}"
+        expect: Callable[[Answer], bool]
         if kind == "allow":
             request = check_request(f"/api/{i}", token=mint(claims_for(i)), headers={"x-expect": f"allow-{i}"})
-            expect = lambda a, u=user: (  # noqa: E731
-                a.allowed and a.headers["x-user-id"] == u and a.claims()["sub"] == u
-            )
+            expect = allowed_as(user, sub_claim=True)
         elif kind == "allow-shared":
             request = check_request(f"/api/{i}", token=shared, headers={"x-expect": f"allow-{i}"})
             expect = lambda a: a.allowed and a.headers["x-user-id"] == "soak-user--1"  # noqa: E731
         elif kind == "opaque":
             token = idp.issue_opaque({"sub": f"opaque-{i}"})
             request = check_request(f"/api/{i}", token=token, headers={"x-expect": "allow"})
-            expect = lambda a, u=f"opaque-{i}": a.allowed and a.headers["x-user-id"] == u  # noqa: E731
+            expect = allowed_as(f"opaque-{i}")
         elif kind == "forbidden":
             request = check_request(f"/admin/{i}", token=mint(claims_for(i)))
             expect = lambda a: (a.code, a.http_status, a.response.status.message) == (7, 403, "forbidden")  # noqa: E731

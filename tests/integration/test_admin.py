@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import aiohttp
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.observe import redact
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
+from tests.harness import Harness
 
 
 async def _get(port: int, path: str) -> tuple[int, str]:
@@ -20,10 +22,22 @@ async def _get(port: int, path: str) -> tuple[int, str]:
 
 def _metric(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _admin_port(service: Harness) -> int:
+    admin = service.service.admin
+    assert admin is not None, "no admin server"
+    assert admin.port is not None, "admin server not started"
+    return admin.port
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields a decision log line carries (logged as `extra={"fields": ...}`)."""
+    fields: dict[str, Any] = record.__dict__["fields"]
+    return fields
 
 
 async def test_healthz_readyz_and_draining(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -33,7 +47,7 @@ async def test_healthz_readyz_and_draining(idp: DevIdentityProvider, start_servi
             "introspectors": [jwks_introspector(idp)],
         }
     )
-    port = service.service.admin.port  # type: ignore[union-attr]
+    port = _admin_port(service)
     assert await _get(port, "/healthz") == (200, '{"status": "alive"}')
     assert (await _get(port, "/readyz"))[0] == 200
     assert idp.hits["jwks"] == 1  # ready only after the first JWKS fetch was attempted
@@ -57,7 +71,7 @@ async def test_metrics_count_decisions_caches_and_upstream_calls(
     assert (await service.check(token=idp.mint())).allowed
     assert (await service.check()).http_status == 401
     assert (await service.check(token=idp.mint({"exp": 1}))).http_status == 401
-    _, text = await _get(service.service.admin.port, "/metrics")  # type: ignore[union-attr]
+    _, text = await _get(_admin_port(service), "/metrics")
     assert _metric(text, "authz_checks_total", decision="allow", reason="allowed") == 4
     assert _metric(text, "authz_checks_total", decision="unauthenticated", reason="missing_token") == 1
     assert _metric(text, "authz_checks_total", decision="unauthenticated", reason="expired") == 1
@@ -79,14 +93,19 @@ async def test_one_redacted_log_line_per_decision(
     await service.check("/orders", headers={"x-request-id": "req-42"})
     records = [r for r in caplog.records if r.name == "authz_service.decision"]
     assert len(records) == 2
-    first, second = (r.fields for r in records)  # type: ignore[attr-defined]
-    assert first["decision"] == "allow" and first["user_id"] == "alice" and first["introspector"] == "idp"
-    assert first["path"] == "/orders" and first["request_id"].startswith("sha256:")
+    first, second = (_fields(r) for r in records)
+    assert first["decision"] == "allow"
+    assert first["user_id"] == "alice"
+    assert first["introspector"] == "idp"
+    assert first["path"] == "/orders"
+    assert first["request_id"].startswith("sha256:")
     assert first["latency_ms"] >= 0
-    assert second["decision"] == "unauthenticated" and second["reason"] == "missing_token"
+    assert second["decision"] == "unauthenticated"
+    assert second["reason"] == "missing_token"
     assert second["request_id"] == "req-42"
-    text = caplog.text + json.dumps([r.fields for r in records])  # type: ignore[attr-defined]
-    assert token not in text and "alice@example.com" not in text
+    text = caplog.text + json.dumps([_fields(r) for r in records])
+    assert token not in text
+    assert "alice@example.com" not in text
 
 
 async def test_decision_logs_can_be_turned_off(
@@ -117,6 +136,6 @@ async def test_verified_jwt_cache_is_in_the_metrics(idp: DevIdentityProvider, st
     token = idp.mint()
     for _ in range(4):
         assert (await service.check(token=token)).allowed
-    _, text = await _get(service.service.admin.port, "/metrics")  # type: ignore[union-attr]
+    _, text = await _get(_admin_port(service), "/metrics")
     assert _metric(text, "authz_cache_events_total", cache="verified", event="miss") == 1
     assert _metric(text, "authz_cache_events_total", cache="verified", event="hit") == 3

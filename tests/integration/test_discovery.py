@@ -33,7 +33,8 @@ async def test_keys_come_from_the_discovered_jwks_uri(idp: DevIdentityProvider, 
 async def test_a_trailing_slash_in_iss_is_not_doubled(start_service: StartService) -> None:
     # Auth0-style issuers end in "/": the document is at <iss without the slash>/.well-known/...
     port = free_port()
-    async with DevIdentityProvider(issuer=f"http://127.0.0.1:{port}/", port=port) as idp:
+    made = await asyncio.to_thread(DevIdentityProvider, f"http://127.0.0.1:{port}/", "127.0.0.1", port)
+    async with made as idp:
         service = await start_service({"introspectors": [discovering(idp)]})
         assert (await service.check(token=idp.mint())).allowed
         assert idp.hits["discovery"] == 1

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import StartService, jwks_introspector
+from tests.conftest import StartService, jwks_introspector, new_idp
 
 LONG_SECRET = "s3cr3t-" * 10
 
@@ -36,12 +36,14 @@ def _claims(idp: DevIdentityProvider, **extra: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA", "PS256"])
 async def test_jwks_key_source_allows_each_algorithm(
-    idp: DevIdentityProvider, start_service: StartService, alg: str
+    idp: DevIdentityProvider, start_service: StartService, alg: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if alg == "PS256":
         # A JWK that names its alg is used for that alg only: publish the RSA key without one.
         idp_jwks = idp.jwks
-        idp.jwks = lambda: {"keys": [{k: v for k, v in j.items() if k != "alg"} for j in idp_jwks()["keys"]]}  # type: ignore[method-assign]
+        monkeypatch.setattr(
+            idp, "jwks", lambda: {"keys": [{k: v for k, v in j.items() if k != "alg"} for j in idp_jwks()["keys"]]}
+        )
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     # curl -H "Authorization: Bearer $TOKEN" http://api.example.com/
     answer = await service.check(token=idp.mint({"sub": "alice"}, alg=alg))
@@ -55,17 +57,18 @@ async def test_hmac_secret_key_source(start_service: StartService) -> None:
     service = await start_service(
         {"introspectors": [{"id": "hs", "type": "jwt", "jwt": {"iss": "https://hs.example", "secret": LONG_SECRET}}]}
     )
-    provider = DevIdentityProvider(issuer="https://hs.example")
+    provider = await new_idp(issuer="https://hs.example")
     provider.hmac_secret = LONG_SECRET
     for alg in ("HS256", "HS384", "HS512"):
         answer = await service.check(token=provider.mint({"aud": None}, alg=alg))
         assert answer.allowed, (alg, answer.body)
-    wrong = DevIdentityProvider(issuer="https://hs.example")
+    wrong = await new_idp(issuer="https://hs.example")
     answer = await service.check(token=wrong.mint(alg="HS256"))
-    assert answer.http_status == 401 and answer.response.status.message == "bad_signature"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "bad_signature"
 
 
-def _pem(public_key: Any) -> str:
+def _pem(public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey) -> str:
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
@@ -102,7 +105,8 @@ async def test_static_keys_rsa_ec_okp_and_oct(start_service: StartService) -> No
         assert answer.headers["x-user-id"] == "bob"
     # The RSA key is configured for RS512 only: the same key signing RS256 is an alg not configured.
     answer = await service.check(token=pyjwt.encode(claims, rsa_key, algorithm="RS256"))
-    assert answer.http_status == 401 and answer.response.status.message == "bad_algorithm"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "bad_algorithm"
 
 
 # --------------------------------------------------------------------------- rejections
@@ -110,7 +114,7 @@ async def test_static_keys_rsa_ec_okp_and_oct(start_service: StartService) -> No
 
 async def test_each_rejection_reason_is_a_401(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, jwt={"leeway": 5})]})
-    other = DevIdentityProvider(issuer=idp.issuer)  # same issuer, other keys
+    other = await new_idp(issuer=idp.issuer)  # same issuer, other keys
     good = idp.mint()
     head, payload, sig = good.split(".")
     tampered_claims = json.loads(base64.urlsafe_b64decode(payload + "==")) | {"sub": "admin"}
@@ -146,7 +150,8 @@ async def test_each_rejection_reason_is_a_401(idp: DevIdentityProvider, start_se
         challenge = answer.headers["www-authenticate"]
         assert challenge.startswith('Bearer realm="authz-service", error="invalid_token", error_description="'), name
         assert answer.body["error"] == "invalid_token", name
-        assert token not in json.dumps(answer.body) and token[:40] not in challenge, name
+        assert token not in json.dumps(answer.body), name
+        assert token[:40] not in challenge, name
 
 
 async def test_duplicate_claims_are_rejected(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -155,7 +160,8 @@ async def test_duplicate_claims_are_rejected(idp: DevIdentityProvider, start_ser
     raw = '{"iss": ' + json.dumps(idp.issuer) + ', "sub": "user-1", "sub": "admin", "exp": 9999999999}'
     payload = _b64(raw.encode())
     answer = await service.check(token=f"{header}.{payload}.{_b64(b'x' * 256)}")
-    assert answer.http_status == 401 and answer.response.status.message == "malformed"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "malformed"
 
 
 async def test_missing_token_and_other_schemes(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -204,18 +210,22 @@ async def test_allow_answer_headers_and_user_id(idp: DevIdentityProvider, start_
     assert answer.metadata["user_id"] == "box-1"
 
     answer = await service.check(token=idp.mint({"sub": "sub-2", "email": "evil\r\nx-user-id: admin"}))
-    assert answer.allowed and answer.headers["x-user-id"] == "sub-2"
-    assert "x-user-email" not in answer.headers and "x-user-email" in answer.removed
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "sub-2"
+    assert "x-user-email" not in answer.headers
+    assert "x-user-email" in answer.removed
 
     answer = await service.check(token=idp.mint({"sub": "admin\r\nx-injected: 1"}))
-    assert answer.http_status == 401 and answer.response.status.message == "bad_claims"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "bad_claims"
 
 
 async def test_no_user_id_claim(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     answer = await service.check(token=idp.mint({"sub": None}))
     assert answer.allowed
-    assert "x-user-id" not in answer.headers and "x-user-id" in answer.removed
+    assert "x-user-id" not in answer.headers
+    assert "x-user-id" in answer.removed
     assert "user_id" not in answer.metadata
 
 
@@ -236,13 +246,14 @@ async def test_rotation_refetches_once_and_drops_old_keys(
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     old_token = idp.mint()
     assert (await service.check(token=old_token)).allowed
-    idp.rotate("RS256")
+    await asyncio.to_thread(idp.rotate, "RS256")  # a new RSA key: generated off the loop
     new_token = idp.mint()
     assert (await service.check(token=new_token)).allowed
     assert idp.hits["jwks"] == 2
     # The old key is gone from the JWKS now that we refetched it: its tokens no longer verify.
     answer = await service.check(token=old_token)
-    assert answer.http_status == 401 and answer.response.status.message == "unknown_key"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "unknown_key"
 
 
 async def test_unknown_kid_refetch_is_rate_limited(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -270,6 +281,7 @@ async def test_cold_start_with_idp_down_is_503_then_recovers(
     assert (await service.check(token=idp.mint())).allowed
 
 
+@pytest.mark.slow  # waits out the JWKS cache_ttl on the wall clock (clock-driven: tests/unit/test_jwks.py)
 async def test_expired_keys_and_idp_down_is_503_unless_max_stale(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
@@ -281,7 +293,9 @@ async def test_expired_keys_and_idp_down_is_503_unless_max_stale(
     answer = await lenient.check(token=idp.mint())
     assert answer.allowed
     source = lenient.service.engine.built["idp"].jwks
-    assert source is not None and source.stale_answers >= 1 and source.staleness() > 0
+    assert source is not None
+    assert source.stale_answers >= 1
+    assert source.staleness() > 0
 
 
 @pytest.mark.parametrize("mode", ["down", "html", "notjson", "redirect", "huge", "empty", "garbage_keys"])
@@ -315,6 +329,7 @@ async def test_concurrent_cold_checks_make_one_fetch(idp: DevIdentityProvider, s
     assert idp.hits["jwks"] - before == 1
 
 
+@pytest.mark.slow  # waits out the JWKS cache_ttl on the wall clock (clock-driven: tests/unit/test_jwks.py)
 async def test_background_refresh_before_expiry(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, cache_ttl=1)]})
     await asyncio.sleep(0.85)  # past 80% of the TTL

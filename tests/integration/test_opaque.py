@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.tokens.cache import BoundedMemoryCache
 from authz_service.tokens.opaque import CachedIntrospector
-from tests.conftest import StartService, jwks_introspector, opaque_introspector
+from tests.conftest import StartService, jwks_introspector, new_idp, opaque_introspector, sleep_past
+from tests.harness import Harness
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -30,23 +33,32 @@ async def _flush(config: dict[str, Any]) -> None:
         await client.aclose()
 
 
+OpaqueService = Callable[..., Awaitable[Harness]]
+
+
 @pytest.fixture
-async def opaque_service(idp: DevIdentityProvider, start_service: StartService, cache_config: dict[str, Any]) -> Any:
+async def opaque_service(
+    idp: DevIdentityProvider, start_service: StartService, cache_config: dict[str, Any]
+) -> OpaqueService:
+    """Start a service with one opaque introspector (keyword overrides) and this test's token cache."""
     await _flush(cache_config)
 
-    async def start(**overrides: Any) -> Any:
+    async def start(**overrides: Any) -> Harness:
         return await start_service({"cache": cache_config, "introspectors": [opaque_introspector(idp, **overrides)]})
 
     return start
 
 
-async def test_active_token_allowed_with_result_as_claims(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_active_token_allowed_with_result_as_claims(
+    idp: DevIdentityProvider, opaque_service: OpaqueService
+) -> None:
     service = await opaque_service()
     token = idp.issue_opaque({"sub": "pat-1", "scope": "read"})
     answer = await service.check(token=token)
     assert answer.allowed, answer.body
     assert answer.headers["x-user-id"] == "pat-1"
-    assert answer.claims()["scope"] == "read" and answer.claims()["active"] is True
+    assert answer.claims()["scope"] == "read"
+    assert answer.claims()["active"] is True
     assert answer.metadata == {"user_id": "pat-1", "introspector": "opaque"}
     sent = idp.last_introspection
     assert sent is not None
@@ -55,13 +67,14 @@ async def test_active_token_allowed_with_result_as_claims(idp: DevIdentityProvid
     assert sent["headers"]["Accept"] == "application/json"
 
 
-async def test_username_when_no_sub(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_username_when_no_sub(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     answer = await service.check(token=idp.issue_opaque({"sub": None, "username": "jdoe"}))
-    assert answer.allowed and answer.headers["x-user-id"] == "jdoe"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "jdoe"
 
 
-async def test_inactive_and_unknown_tokens_are_401(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_inactive_and_unknown_tokens_are_401(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     revoked = idp.issue_opaque()
     idp.revoke(revoked)
@@ -79,7 +92,9 @@ async def test_wrong_client_credentials_are_503(idp: DevIdentityProvider, start_
     assert answer.http_status == 503  # the IdP refused us: our misconfiguration, never the client's allow
 
 
-async def test_result_is_cached(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_result_is_cached(
+    idp: DevIdentityProvider, opaque_service: OpaqueService, start_service: StartService, cache_config: dict[str, Any]
+) -> None:
     service = await opaque_service()
     token = idp.issue_opaque()
     for _ in range(10):
@@ -87,26 +102,43 @@ async def test_result_is_cached(idp: DevIdentityProvider, opaque_service: Any) -
     assert idp.hits["introspect"] == 1
     counts = service.service.caches.stats.counts
     # Repeats are answered by the in-process verified-token cache, in front of the token cache.
-    assert counts[("verified", "hit")] == 9 and counts[("opaque", "miss")] == 1
-    # Without that entry (another worker or replica; here, after a reload, which starts a new
-    # verified-token cache and keeps the introspector's token cache) the answer comes from the
-    # token cache, and the IdP is not asked.
+    assert counts[("verified", "hit")] == 9
+    assert counts[("opaque", "miss")] == 1
+    # A reload keeps the verified-token cache: still no second introspection.
     await service.service.reload(service.service.config)
     assert (await service.check(token=token)).allowed
-    assert counts[("opaque", "hit")] == 1 and idp.hits["introspect"] == 1
+    assert idp.hits["introspect"] == 1
+    # Another worker or replica on the same cache config (a second service here):
+    other = await start_service({"cache": cache_config, "introspectors": [opaque_introspector(idp)]})
+    assert (await other.check(token=token)).allowed
+    other_counts = other.service.caches.stats.counts
+    if cache_config["backend"] == "redis":
+        # ... finds the answer in Redis and does not ask the IdP.
+        assert other_counts[("opaque", "hit")] == 1
+        assert idp.hits["introspect"] == 1
+    else:
+        # ... has its own memory: the answer is held once, in the verified cache of the process
+        # that asked for it (issue #15), so the other process asks for itself.
+        assert other_counts[("opaque", "miss")] == 1
+        assert idp.hits["introspect"] == 2
 
 
-async def test_cache_bounded_by_token_exp(idp: DevIdentityProvider, opaque_service: Any) -> None:
+@pytest.mark.slow  # waits out a TTL on the wall clock (clock-driven: tests/unit/test_opaque.py)
+async def test_cache_bounded_by_token_exp(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service(cache_ttl=300)
     token = idp.issue_opaque(ttl=1)
+    expires = idp.introspect(token)["exp"]  # exactly 1 s after issue (no longer cut to the whole second)
     assert (await service.check(token=token)).allowed
-    await asyncio.sleep(1.2)
+    await sleep_past(expires)
     answer = await service.check(token=token)
     assert answer.http_status == 401
     assert idp.hits["introspect"] == 2  # the entry died with the token; the IdP was asked again
 
 
-async def test_cache_bounded_by_cache_ttl_so_revocation_is_seen(idp: DevIdentityProvider, opaque_service: Any) -> None:
+@pytest.mark.slow  # waits out a TTL on the wall clock (clock-driven: tests/unit/test_opaque.py)
+async def test_cache_bounded_by_cache_ttl_so_revocation_is_seen(
+    idp: DevIdentityProvider, opaque_service: OpaqueService
+) -> None:
     service = await opaque_service(cache_ttl=1)
     token = idp.issue_opaque(ttl=300)
     assert (await service.check(token=token)).allowed
@@ -114,10 +146,11 @@ async def test_cache_bounded_by_cache_ttl_so_revocation_is_seen(idp: DevIdentity
     assert (await service.check(token=token)).allowed  # still cached: revocation latency <= cache_ttl
     await asyncio.sleep(1.1)
     answer = await service.check(token=token)
-    assert answer.http_status == 401 and answer.response.status.message == "inactive"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "inactive"
 
 
-async def test_outage_with_and_without_cache(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_outage_with_and_without_cache(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     cached = idp.issue_opaque()
     fresh = idp.issue_opaque()
@@ -129,7 +162,7 @@ async def test_outage_with_and_without_cache(idp: DevIdentityProvider, opaque_se
     assert answer.body["error"] == "temporarily_unavailable"
 
 
-async def test_slow_idp_hits_the_timeout(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_slow_idp_hits_the_timeout(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service(timeout=0.3)
     idp.delay = 5
     started = time.monotonic()
@@ -138,7 +171,7 @@ async def test_slow_idp_hits_the_timeout(idp: DevIdentityProvider, opaque_servic
     assert time.monotonic() - started < 1.5  # well inside Envoy's deadline
 
 
-async def test_single_flight_for_concurrent_checks(idp: DevIdentityProvider, opaque_service: Any) -> None:
+async def test_single_flight_for_concurrent_checks(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     token = idp.issue_opaque()
     idp.delay = 0.2
@@ -171,7 +204,8 @@ async def test_expired_or_not_yet_valid_results_are_401(idp: DevIdentityProvider
     idp.introspect_mode = "ok"
     future = idp.issue_opaque({"nbf": now + 600})
     answer = await service.check(token=future)
-    assert answer.http_status == 401 and answer.response.status.message == "not_yet_valid"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "not_yet_valid"
 
 
 async def test_cookie_source(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -179,29 +213,35 @@ async def test_cookie_source(idp: DevIdentityProvider, start_service: StartServi
     token = idp.issue_opaque({"sub": "cookie-user"})
     # curl -H "Cookie: theme=dark; ASPXAUTH=$TOKEN" http://api.example.com/
     answer = await service.check(headers={"cookie": f"theme=dark; ASPXAUTH={token}"})
-    assert answer.allowed and answer.headers["x-user-id"] == "cookie-user"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "cookie-user"
     answer = await service.check(headers={"cookie": "theme=dark"})
-    assert answer.http_status == 401 and answer.response.status.message == "missing_token"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "missing_token"
 
 
 async def test_jwt_and_opaque_side_by_side(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp), opaque_introspector(idp)]})
     answer = await service.check(token=idp.mint({"sub": "jwt-user"}))
-    assert answer.allowed and answer.metadata["introspector"] == "idp"
+    assert answer.allowed
+    assert answer.metadata["introspector"] == "idp"
     answer = await service.check(token=idp.issue_opaque({"sub": "opaque-user"}))
-    assert answer.allowed and answer.metadata["introspector"] == "opaque"
+    assert answer.allowed
+    assert answer.metadata["introspector"] == "opaque"
     assert idp.hits["introspect"] == 1
     # A JWT no jwt introspector claims goes to the opaque introspectors, which do not know it.
-    foreign = DevIdentityProvider(issuer="https://elsewhere.example").mint()
+    foreign = (await new_idp(issuer="https://elsewhere.example")).mint()
     answer = await service.check(token=foreign)
-    assert answer.http_status == 401 and idp.hits["introspect"] == 2
+    assert answer.http_status == 401
+    assert idp.hits["introspect"] == 2
     # A JWT our jwt introspector claims but that fails verification is never sent anywhere.
     answer = await service.check(token=idp.mint({"exp": int(time.time()) - 3600}))
-    assert answer.response.status.message == "expired" and idp.hits["introspect"] == 2
+    assert answer.response.status.message == "expired"
+    assert idp.hits["introspect"] == 2
 
 
 async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:
-    async with DevIdentityProvider() as second:
+    async with await new_idp() as second:
         service = await start_service(
             {
                 "introspectors": [
@@ -211,19 +251,31 @@ async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, st
             }
         )
         answer = await service.check(token=second.issue_opaque({"sub": "from-second"}))
-        assert answer.allowed and answer.metadata["introspector"] == "second"
-        assert idp.hits["introspect"] == 1 and second.hits["introspect"] == 1
+        assert answer.allowed
+        assert answer.metadata["introspector"] == "second"
+        assert idp.hits["introspect"] == 1
+        assert second.hits["introspect"] == 1
         await idp.go_offline()
         # The first cannot answer and the second says inactive: we cannot know, so 503.
         assert (await service.check(token="unknown-token")).http_status == 503
 
 
+@pytest.mark.slow  # 300 introspections, ~2 s in debug mode
 async def test_unique_token_flood_keeps_cache_bounded(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"cache": {"max_entries": 50}, "introspectors": [opaque_introspector(idp)]})
     tokens = [idp.issue_opaque() for _ in range(300)]
     for token in tokens:
         assert (await service.check(token=token)).allowed
+    # Each token is held once, in the verified-token cache, bounded by max_entries; the memory
+    # token cache keeps only negative answers.
+    assert len(service.service.engine.verified) == 50
     introspector = service.service.engine.introspectors["opaque"]
     assert isinstance(introspector, CachedIntrospector)
-    backend = introspector.cache.backend
-    assert len(backend) == 50
+    memory = introspector.cache.backend
+    assert isinstance(memory, BoundedMemoryCache)
+    assert len(memory) == 0
+    revoked = tokens[-1]
+    idp.revoke(revoked)
+    assert (await service.check(token=revoked)).allowed  # still verified: revocation latency is cache_ttl
+    assert (await service.check(token=idp.issue_opaque() + "x")).http_status == 401
+    assert len(memory) == 1  # the negative answer

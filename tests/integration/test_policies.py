@@ -44,7 +44,8 @@ async def test_aidbox_tutorial_policy_same_inputs_same_decisions(
     stranger = idp.mint({"sub": "user-3"})  # valid token, not in the user store
     # curl -H "Authorization: Bearer $PRACTITIONER" http://api.example.com/Patient/pt-1
     answer = await service.check("/Patient/pt-1", token=practitioner)
-    assert answer.allowed and answer.headers["x-user-id"] == "user-1"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "user-1"
     for path, method, token in [
         ("/Patient/pt-1", "POST", practitioner),  # right user, wrong method
         ("/Encounter/e-1", "GET", practitioner),  # right user, wrong resource
@@ -69,7 +70,8 @@ async def test_box_user_selects_the_user_resource(idp: DevIdentityProvider, star
         }
     )
     answer = await service.check("/Patient/1", token=idp.mint({"sub": "user-2", "box_user": "user-1"}))
-    assert answer.allowed and answer.headers["x-user-id"] == "user-1"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "user-1"
 
 
 async def test_anonymous_public_path(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -87,15 +89,18 @@ async def test_anonymous_public_path(idp: DevIdentityProvider, start_service: St
     assert answer.headers == {}
     # Every identity header is removed, so the client's own x-user-id never reaches upstream.
     assert sorted(answer.removed) == ["x-auth-claims", "x-user-email", "x-user-id"]
-    assert answer.metadata == {}
+    # No user, no introspector: the metadata names only the policy that allowed.
+    assert answer.metadata == {"policy": "public"}
     assert (await service.check("/private")).http_status == 401
     assert (await service.check("/public/x", method="DELETE")).http_status == 401
     # An invalid token is never downgraded to anonymous, even where anonymous would be allowed.
     answer = await service.check("/public/health", token=idp.mint({"exp": 1}))
-    assert answer.http_status == 401 and answer.response.status.message == "expired"
+    assert answer.http_status == 401
+    assert answer.response.status.message == "expired"
     # A valid token on the public path is allowed as itself, with its headers.
     answer = await service.check("/public/health", token=idp.mint({"sub": "alice"}))
-    assert answer.allowed and answer.headers["x-user-id"] == "alice"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "alice"
 
 
 async def test_json_schema_policy_with_data_pointer(idp: DevIdentityProvider, start_service: StartService) -> None:
@@ -181,7 +186,7 @@ async def test_policies_are_or_ed(idp: DevIdentityProvider, start_service: Start
         ({"id": "p", "engine": "matcho", "matcho": {"uri": "#(unclosed"}}, "policy 'p': matcho.uri"),
         ({"id": "p", "engine": "matcho", "matcho": {"uri": {"$typo": 1}}}, "policy 'p': matcho.uri"),
         ({"id": "p", "engine": "json-schema", "schema": {"type": "nope"}}, "policy 'p': schema.type"),
-        ({"id": "p", "engine": "sql", "sql": {}}, "policy 'p': engine must be matcho, json-schema or allow"),
+        ({"id": "p", "engine": "sql", "sql": {}}, "policy 'p': engine must be matcho, json-schema, allow or complex"),
         ({"id": "p", "engine": "matcho"}, "policy 'p': matcho is required"),
         ({"id": "p", "engine": "allow", "introspectors": ["nobody"]}, "policy 'p': introspectors must list"),
         ({"id": "p", "resourceType": "User", "engine": "allow"}, "policy 'p': resourceType must be AccessPolicy"),

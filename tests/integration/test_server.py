@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -16,18 +15,22 @@ from envoy_data_plane.envoy.service.auth.v3 import (
     CheckRequest,
     CheckResponse,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.model import Identity
+from authz_service.tokens.base import Credential
 from tests.conftest import StartService, jwks_introspector
+from tests.harness import Answer, HealthClient, watched_status
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 
 
 async def test_health_check_and_watch(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
-    stub = health_pb2_grpc.HealthStub(service.channel)
+    stub = HealthClient(service.channel)
     for name in ("", SERVICE):
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
@@ -36,25 +39,30 @@ async def test_health_check_and_watch(idp: DevIdentityProvider, start_service: S
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
     watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
-    first = await watch.read()
-    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    assert await watched_status(watch) == health_pb2.HealthCheckResponse.SERVING
     # Draining flips every service to NOT_SERVING, and watchers are told.
     await service.service.health.enter_graceful_shutdown()
-    second = await asyncio.wait_for(watch.read(), 5)
-    assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await watched_status(watch, 5) == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
 
 
 async def test_reflection_lists_the_services(idp: DevIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
-    stub = reflection_pb2_grpc.ServerReflectionStub(service.channel)
-    call = stub.ServerReflectionInfo()
+    # The method grpcurl calls (the typed ServerReflectionStub only takes a sync channel).
+    reflect = service.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    call = reflect()
     await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
     reply = await call.read()
+    assert isinstance(reply, reflection_pb2.ServerReflectionResponse), reply
     names = {s.name for s in reply.list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health"} <= names
     await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE))
     reply = await call.read()
+    assert isinstance(reply, reflection_pb2.ServerReflectionResponse), reply
     assert reply.file_descriptor_response.file_descriptor_proto  # grpcurl can describe Check
     await call.done_writing()
 
@@ -108,24 +116,36 @@ async def test_envoy_data_plane_wire_compatibility(idp: DevIdentityProvider, sta
 
 
 async def test_unexpected_error_denies_and_server_keeps_serving(
-    idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+    idp: DevIdentityProvider,
+    start_service: StartService,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     introspector = service.service.engine.introspectors["idp"]
-    original = introspector.introspect
 
-    async def explode(token: Any) -> Any:
+    async def explode(credential: Credential) -> Identity:
         raise RuntimeError("boom " + "SECRET-IN-MESSAGE")
 
-    introspector.introspect = explode  # type: ignore[method-assign]
+    monkeypatch.setattr(introspector, "introspect", explode)  # a bug deep inside: Check must still answer
     token = idp.mint()
     answer = await service.check(token=token)
     assert (answer.code, answer.http_status) == (14, 503)
     assert answer.response.status.message == "internal_error"
     logged = caplog.text
-    assert "RuntimeError" in logged and "SECRET-IN-MESSAGE" not in logged and token not in logged
-    introspector.introspect = original  # type: ignore[method-assign]
+    assert "RuntimeError" in logged
+    assert "SECRET-IN-MESSAGE" not in logged
+    assert token not in logged
+    monkeypatch.undo()
     assert (await service.check(token=token)).allowed
+
+
+def _with_bad_utf8_method() -> bytes:
+    """A CheckRequest whose attributes.request.http.method is the bytes 0xff 0xfe (not UTF-8)."""
+    http = b"\x12\x02\xff\xfe"  # HttpRequest.method = field 2, length-delimited
+    request = b"\x12" + bytes([len(http)]) + http  # Request.http = field 2
+    attributes = b"\x22" + bytes([len(request)]) + request  # AttributeContext.request = field 4
+    return b"\x0a" + bytes([len(attributes)]) + attributes  # CheckRequest.attributes = field 1
 
 
 async def test_garbage_request_bytes_are_rejected_cleanly(
@@ -135,8 +155,11 @@ async def test_garbage_request_bytes_are_rejected_cleanly(
     check = service.channel.unary_unary(
         "/envoy.service.auth.v3.Authorization/Check", request_serializer=_identity, response_deserializer=_identity
     )
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await check(b"\xff\xff\xff\xff not a protobuf")
-    # grpc answers UNKNOWN for an undecodable request; Envoy turns any error into a deny.
-    assert err.value.code() != grpc.StatusCode.OK
+    # A message that does not decode, and one whose string field holds invalid UTF-8 (http.method,
+    # field 2 of HttpRequest: bytes 0xff 0xfe). Both are a 400 answer, not a failed call.
+    for raw in (b"\xff\xff\xff\xff not a protobuf", _with_bad_utf8_method()):
+        answer = Answer.of(pb.CheckResponse.FromString(await check(raw)))
+        assert answer.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert answer.http_status == 400
+        assert answer.response.status.message == "undecodable_request"
     assert (await service.check(token=idp.mint())).allowed  # still serving

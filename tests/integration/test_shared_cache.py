@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 
-from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
-from tests.conftest import Spawned, StartService, free_port, opaque_introspector
-from tests.harness import Answer, check_request
+from tests.conftest import Spawn, StartService, free_port, opaque_introspector
+from tests.harness import Answer, AuthorizationClient, check_request
 
 
 async def _check(port: int, token: str) -> Answer:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return Answer.of(await pb_grpc.AuthorizationStub(channel).Check(check_request(token=token), timeout=10))
+        return Answer.of(await AuthorizationClient(channel).Check(check_request(token=token), timeout=10))
 
 
+@pytest.mark.slow  # two service subprocesses
 async def test_two_processes_share_results_through_redis(
-    idp: DevIdentityProvider, redis_url: str, spawn: Callable[..., Awaitable[Spawned]]
+    idp: DevIdentityProvider, redis_url: str, spawn: Spawn
 ) -> None:
     config = {"cache": {"backend": "redis", "url": redis_url}, "introspectors": [opaque_introspector(idp)]}
     first, second = (await spawn(config)).port, (await spawn(config)).port
     token = idp.issue_opaque({"sub": "shared"})
     answer = await _check(first, token)
-    assert answer.allowed and answer.headers["x-user-id"] == "shared"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "shared"
     answer = await _check(second, token)
-    assert answer.allowed and answer.headers["x-user-id"] == "shared"
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "shared"
     assert idp.hits["introspect"] == 1  # the second process found the first one's result in Redis
 
     import redis.asyncio as redis
@@ -51,7 +53,10 @@ async def test_redis_down_falls_back_to_the_idp(idp: DevIdentityProvider, start_
     assert service.service.caches.stats.counts[("opaque", "error")] >= 2
 
 
-async def test_memory_levels_off_under_20k_unique_tokens() -> None:
+@pytest.mark.slow  # 20,000 cache writes under tracemalloc
+async def test_memory_levels_off_under_20k_unique_tokens(loop_may_block: None) -> None:
+    # The memory cache never awaits anything real, so this loop holds the event loop for its whole run:
+    # on purpose, since only the cache is measured and no server shares the loop.
     backend = BoundedMemoryCache(max_entries=2000)
     cache = TokenCache(backend, "opaque", "authz:v2:opaque:x:", CacheStats())
     result = {"active": True, "sub": "user-1", "scope": "openid profile", "exp": 4102444800}

@@ -7,13 +7,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
 from tests.certs import Pki, make_pki
 from tests.conftest import StartService, jwks_introspector
-from tests.harness import Answer, check_request
+from tests.harness import Answer, AuthorizationClient, check_request
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ async def _check(port: int, credentials: grpc.ChannelCredentials | None, token: 
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
     async with channel:
-        return Answer.of(await pb_grpc.AuthorizationStub(channel).Check(check_request(token=token), timeout=5))
+        return Answer.of(await AuthorizationClient(channel).Check(check_request(token=token), timeout=5))
 
 
 async def test_tls_listener(idp: DevIdentityProvider, start_service: StartService, pki: Pki) -> None:
@@ -90,4 +89,5 @@ def test_tls_config_problems_are_named(pki: Pki, tmp_path: Path) -> None:
     assert "server: tls.key is not an unencrypted PEM private key" in problems
     assert any(p.startswith("server: tls.client_ca cannot be read") for p in problems)
     config = parse_config(f"server:\n  tls: {{cert: {pki.server_cert}, key: {pki.server_key}}}\n", {})
-    assert config.server.tls is not None and "PRIVATE" not in repr(config.server.tls)
+    assert config.server.tls is not None
+    assert "PRIVATE" not in repr(config.server.tls)

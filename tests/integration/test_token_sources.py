@@ -13,7 +13,7 @@ import pytest
 from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
-from tests.conftest import StartService, jwks_introspector, opaque_introspector
+from tests.conftest import StartService, jwks_introspector, new_idp, opaque_introspector
 
 
 def _iap(idp: DevIdentityProvider) -> dict[str, Any]:
@@ -59,7 +59,7 @@ async def test_two_values_of_a_token_parameter_are_400(idp: DevIdentityProvider,
 async def test_a_source_is_bound_to_its_introspector(idp: DevIdentityProvider, start_service: StartService) -> None:
     # The IAP header belongs to `iap`; a valid token of the other issuer sent there is refused
     # (its iss is not iap's), never handed to the introspector that claims that iss.
-    other = DevIdentityProvider(issuer="https://other.example")
+    other = await new_idp("https://other.example")
     async with other:
         config = {
             "introspectors": [
@@ -75,7 +75,7 @@ async def test_a_source_is_bound_to_its_introspector(idp: DevIdentityProvider, s
 
 
 async def test_sources_are_read_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:
-    second = DevIdentityProvider(issuer="https://second.example")
+    second = await new_idp("https://second.example")
     async with second:
         config = {
             "introspectors": [

@@ -14,15 +14,8 @@ import redis.asyncio
 from aiocache.base import BaseCache
 
 from authz_service.config.model import CacheConfig
-from authz_service.tokens.cache import (
-    REDIS_OPERATION_TIMEOUT,
-    BoundedMemoryCache,
-    CacheFactory,
-    CacheStats,
-    CompactJsonSerializer,
-    TokenCache,
-    token_key,
-)
+from authz_service.tokens.cache import BoundedMemoryCache, CacheFactory, CacheStats, TokenCache, token_key
+from authz_service.tokens.redis_cache import REDIS_OPERATION_TIMEOUT, CompactJsonSerializer
 from tests.unit.fakes import CannedIdp, FakeClock
 
 ANSWER = {"active": True, "sub": "user-1", "exp": 1_800_000_300}
@@ -221,3 +214,20 @@ async def test_unreachable_redis_is_a_fast_miss(closed_port: int) -> None:
     assert time.monotonic() - started < 4 * REDIS_OPERATION_TIMEOUT
     assert factory.stats.counts[("ext", "error")] == 2
     await factory.close()
+
+
+def test_a_memory_only_service_never_imports_redis() -> None:
+    # aiocache imports redis-py (~7 MB of RSS); the memory backend needs neither.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import authz_service.server.service\n"
+        "from authz_service.tokens.cache import CacheFactory\n"
+        "from authz_service.config.model import CacheConfig\n"
+        "CacheFactory(CacheConfig()).token_cache('a', 'u')\n"
+        "print(sorted(m for m in ('redis', 'aiocache') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

@@ -42,7 +42,10 @@ def ed_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
-def public_pem(private_key: Any) -> str:
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def public_pem(private_key: PrivateKey) -> str:
     return (
         private_key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -50,7 +53,7 @@ def public_pem(private_key: Any) -> str:
     )
 
 
-def private_pem(private_key: Any) -> str:
+def private_pem(private_key: PrivateKey) -> str:
     return private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
@@ -83,8 +86,16 @@ def single_problem(text: str, env: dict[str, str] | None = None) -> str:
     return problems[0]
 
 
-def with_keys(*keys: dict[str, Any]) -> str:
+def with_keys(*keys: object) -> str:
+    """A config whose one jwt introspector, `k`, lists these static keys (anything, for the bad ones)."""
     return dump({"introspectors": [jwt_introspector("k", jwt={"iss": "https://k", "keys": list(keys)})]})
+
+
+def jwt_introspectors(config: Config) -> list[JwtIntrospectorConfig]:
+    """The config's introspectors, each of them asserted to be a jwt one."""
+    found = [i for i in config.introspectors if isinstance(i, JwtIntrospectorConfig)]
+    assert len(found) == len(config.introspectors), config.introspectors
+    return found
 
 
 # --------------------------------------------------------------------------- a full valid config
@@ -184,7 +195,7 @@ def test_full_config_parses_into_expected_objects(full_config_text: str) -> None
     assert config.response.identity_headers == ("x-subject", "x-claims", "x-user-email", "x-user-role")
     assert [i.id for i in config.introspectors] == ["hs", "top-jwks", "nested-jwks", "static"]
     assert all(isinstance(i, JwtIntrospectorConfig) for i in config.introspectors)
-    hs, top, nested, static = config.introspectors
+    hs, top, nested, static = jwt_introspectors(config)
 
     assert hs == JwtIntrospectorConfig(
         id="hs",
@@ -206,7 +217,8 @@ def test_full_config_parses_into_expected_objects(full_config_text: str) -> None
     assert nested.audiences is None
     assert (nested.secret, nested.keys) == (None, ())
 
-    assert static.secret is None and static.jwks_uri is None
+    assert static.secret is None
+    assert static.jwks_uri is None
     assert [(k.kid, k.alg) for k in static.keys] == [
         ("r1", "RS256"),
         (None, "ES256"),
@@ -250,7 +262,7 @@ def test_admin_address_defaults_on_and_null_turns_it_off() -> None:
 
 def test_config_objects_are_frozen(full_config_text: str) -> None:
     config = parse_config(full_config_text, {})
-    intro = config.introspectors[0]
+    intro, _, _, static = jwt_introspectors(config)
     assignments = [
         (config, "server", ServerConfig()),
         (config, "introspectors", ()),
@@ -260,7 +272,7 @@ def test_config_objects_are_frozen(full_config_text: str) -> None:
         (intro, "cache_ttl", 1),
         (intro, "iss", "https://evil"),
         (intro, "secret", b"x"),
-        (config.introspectors[3].keys[0], "kid", "other"),
+        (static.keys[0], "kid", "other"),
     ]
     for obj, name, value in assignments:
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -269,7 +281,7 @@ def test_config_objects_are_frozen(full_config_text: str) -> None:
     assert isinstance(config.introspectors, tuple)
     assert isinstance(config.response.claim_headers, tuple)
     assert isinstance(intro.audiences, frozenset)
-    assert isinstance(config.introspectors[3].keys, tuple)
+    assert isinstance(static.keys, tuple)
     assert isinstance(config.warnings, tuple)
 
 
@@ -278,8 +290,10 @@ def test_summary_is_one_line_with_counts(full_config_text: str) -> None:
     assert "\n" not in summary
     assert "4 introspector(s)" in summary
     assert "2 user(s)" in summary
-    assert "hs (jwt)" in summary and "static (jwt)" in summary
-    assert "redis" in summary and "127.0.0.1:9100" in summary
+    assert "hs (jwt)" in summary
+    assert "static (jwt)" in summary
+    assert "redis" in summary
+    assert "127.0.0.1:9100" in summary
 
 
 def test_load_config_reads_a_file(tmp_path: Path, full_config_text: str) -> None:
@@ -511,7 +525,8 @@ def test_every_problem_is_listed_at_once() -> None:
         "introspector 'ext': colour is not a known field",
         "introspector 'ext': jwt.iss is required",
         "introspector 'ext': jwt.aud must be a string or a non-empty list of strings",
-        "introspector 'ext': jwt needs exactly one key source: jwt.secret, jwks_uri or jwt.keys (found none)",
+        "introspector 'ext': jwt needs exactly one key source: "
+        "jwt.secret, jwks_uri, jwt.keys or discovery: true (found none)",
         "introspector 'dup': id is used by more than one introspector",
         "introspector 'dup': jwt.iss is already claimed by introspector 'dup'",
         "user 'u': resourceType must be User, got 'Patient'",
@@ -526,14 +541,16 @@ def test_every_problem_is_listed_at_once() -> None:
 def test_no_key_source_is_a_problem() -> None:
     raw = jwt_introspector("ext", jwt={"iss": "https://x"})
     assert single_problem(dump({"introspectors": [raw]})) == (
-        "introspector 'ext': jwt needs exactly one key source: jwt.secret, jwks_uri or jwt.keys (found none)"
+        "introspector 'ext': jwt needs exactly one key source: "
+        "jwt.secret, jwks_uri, jwt.keys or discovery: true (found none)"
     )
 
 
 def test_empty_secret_and_empty_keys_do_not_count_as_key_sources() -> None:
     raw = jwt_introspector("ext", jwt={"iss": "https://x", "secret": "", "keys": []})
     problem = single_problem(dump({"introspectors": [raw]}))
-    assert "exactly one key source" in problem and "(found none)" in problem
+    assert "exactly one key source" in problem
+    assert "(found none)" in problem
 
 
 @pytest.mark.parametrize(
@@ -615,7 +632,7 @@ def test_introspectors_must_be_a_list() -> None:
 def test_unknown_introspector_type() -> None:
     raw = {"id": "ext", "type": "saml"}
     assert single_problem(dump({"introspectors": [raw]})) == (
-        "introspector 'ext': type must be jwt or opaque, got 'saml'"
+        "introspector 'ext': type must be jwt, opaque or aspxauth, got 'saml'"
     )
 
 
@@ -840,7 +857,8 @@ def test_bad_static_keys_each_reported_with_field(rsa_key: Any, p256_key: Any, p
         "jwt.keys[13]",
     ], problems
     assert all(p.startswith(prefix) for p in problems)
-    assert "private key" in problems[1] and "private key" in problems[12]
+    assert "private key" in problems[1]
+    assert "private key" in problems[12]
     assert "ES384" in problems[3]
     assert "asymmetric" in problems[4]
 
@@ -857,7 +875,8 @@ def test_static_key_with_non_string_extra_fields_is_a_problem_not_a_crash() -> N
                 - {{kty: OCT, alg: HS256, k: {LONG_SECRET}, 1: one, colour: red}}
         """)
     problems = problems_of(text)
-    assert problems and all(p.startswith("introspector 'k': jwt.keys[0].") for p in problems)
+    assert problems
+    assert all(p.startswith("introspector 'k': jwt.keys[0].") for p in problems)
 
 
 def test_valid_static_keys_are_accepted_in_any_case_of_kty(rsa_key: Any) -> None:
@@ -868,7 +887,7 @@ def test_valid_static_keys_are_accepted_in_any_case_of_kty(rsa_key: Any) -> None
         ),
         {},
     )
-    keys = config.introspectors[0].keys
+    keys = jwt_introspectors(config)[0].keys
     assert [(k.kty, k.alg) for k in keys] == [("RSA", "PS256"), ("OCT", "HS384")]
 
 
@@ -918,7 +937,8 @@ def test_policies_are_compiled_into_the_config() -> None:
     )
     (policy,) = parse_config(text, {}).policies
     assert (policy.id, policy.engine, policy.introspectors) == ("p", "matcho", frozenset({"a"}))
-    assert policy.allows({"uri": "/public"}, "a") and not policy.allows({"uri": "/other"}, "a")
+    assert policy.allows({"uri": "/public"}, "a")
+    assert not policy.allows({"uri": "/other"}, "a")
     assert not policy.allows({"uri": "/public"}, None)
 
 
@@ -954,13 +974,14 @@ def test_short_secret_is_measured_in_bytes_not_characters() -> None:
 def test_short_secret_from_env_warns() -> None:
     raw = jwt_introspector("env", jwt={"iss": "https://x", "secret": "${SECRET}"})
     config = parse_config(dump({"introspectors": [raw]}), {"SECRET": "secret"})
-    assert len(config.warnings) == 1 and "'env'" in config.warnings[0]
+    assert len(config.warnings) == 1
+    assert "'env'" in config.warnings[0]
 
 
 def test_short_oct_static_key_warns_too() -> None:
     # An OCT key's `k` is an HMAC secret just like jwt.secret.
     config = parse_config(with_keys({"kty": "OCT", "alg": "HS256", "k": "short"}), {})
-    assert len(config.introspectors[0].keys) == 1
+    assert len(jwt_introspectors(config)[0].keys) == 1
     assert len(config.warnings) == 1
     assert "'k'" in config.warnings[0]
 

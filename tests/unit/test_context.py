@@ -31,7 +31,9 @@ def test_context_fields_and_empty_values_removed() -> None:
         "request-method": "post",
         "uri": "/fhir/Patient",
         "query-string": "name=x&tag=a&tag=b&empty=",
-        "params": {"name": "x", "tag": ["a", "b"]},
+        # The router's parameters join the query's, as in Aidbox's request object.
+        "params": {"name": "x", "tag": ["a", "b"], "resource/type": "Patient"},
+        "operation": {"id": "FhirCreate"},
         "headers": {"x-trace": "1"},
         "host": "api.local",
         "scheme": "https",
@@ -45,7 +47,9 @@ def test_context_fields_and_empty_values_removed() -> None:
 def test_opaque_identity_is_token_and_anonymous_has_no_identity() -> None:
     request = HttpRequest(method="GET", path="/public")
     opaque = build_context(request, Identity("u", {"active": True, "sub": "u"}, "op", "opaque"), None)
-    assert opaque["token"] == {"active": True, "sub": "u"} and "jwt" not in opaque and "user" not in opaque
+    assert opaque["token"] == {"active": True, "sub": "u"}
+    assert "jwt" not in opaque
+    assert "user" not in opaque
     anonymous = build_context(request, None, None)
     assert not {"jwt", "token", "user", "introspector"} & anonymous.keys()
     assert anonymous == {"request-method": "get", "uri": "/public"}

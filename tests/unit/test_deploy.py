@@ -15,12 +15,12 @@ import re
 import subprocess
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
-from authz_service.config.model import Config, ServerConfig
+from authz_service.config.model import Config, JwtIntrospectorConfig, ServerConfig
 from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import JWKS_PATH
 
@@ -60,7 +60,8 @@ def seconds(value: Any) -> float:
         return float(value)
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(value))
-    assert parts and "".join(n + u for n, u in parts) == str(value), f"not a duration: {value!r}"
+    assert parts, f"not a duration: {value!r}"
+    assert "".join(n + u for n, u in parts) == str(value), f"not a duration: {value!r}"
     return sum(float(n) * units[u] for n, u in parts)
 
 
@@ -79,13 +80,13 @@ def urls_in(text: str) -> list[tuple[str, int, str]]:
 def compose() -> dict[str, Any]:
     docs = load_docs(COMPOSE)
     assert len(docs) == 1
-    return docs[0]  # type: ignore[no-any-return]
+    return cast(dict[str, Any], docs[0])
 
 
 def service(name: str) -> dict[str, Any]:
     services = compose()["services"]
     assert name in services, f"docker-compose.yml has no service {name!r}"
-    return services[name]  # type: ignore[no-any-return]
+    return cast(dict[str, Any], services[name])
 
 
 def compose_argv(svc: dict[str, Any]) -> list[str]:
@@ -131,7 +132,7 @@ def published_ports(svc: dict[str, Any]) -> list[tuple[int, int]]:
 
 @functools.cache
 def envoy_config() -> dict[str, Any]:
-    return yaml.safe_load(ENVOY_YAML.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    return cast(dict[str, Any], yaml.safe_load(ENVOY_YAML.read_text(encoding="utf-8")))
 
 
 def envoy_admin_port(config: dict[str, Any] | None = None) -> int:
@@ -180,7 +181,9 @@ def demo_in_compose() -> Config:
 
 @functools.cache
 def deploy_docs() -> dict[Path, list[Any]]:
-    files = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+    # The Kubernetes and Istio manifests (deploy/nginx and deploy/traefik are proxy configs).
+    manifests = [DEPLOY / "kubernetes", DEPLOY / "istio"]
+    files = sorted(path for folder in manifests for pattern in ("*.yaml", "*.yml") for path in folder.rglob(pattern))
     assert files, "deploy/ holds no YAML"
     return {path: load_docs(path) for path in files}
 
@@ -202,7 +205,7 @@ def the(kind: str, api_prefix: str = "") -> dict[str, Any]:
 
 def container() -> dict[str, Any]:
     [main] = the("Deployment", "apps/")["spec"]["template"]["spec"]["containers"]
-    return main  # type: ignore[no-any-return]
+    return cast(dict[str, Any], main)
 
 
 def container_port(name: str) -> int:
@@ -280,7 +283,9 @@ def test_every_yaml_file_parses_and_names_its_kind() -> None:
     for path, docs in deploy_docs().items():
         assert docs, f"{path} is empty"
         for doc in docs:
-            assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
+            assert isinstance(doc, dict), path
+            assert doc.get("apiVersion"), path
+            assert doc.get("kind"), path
             assert doc.get("metadata", {}).get("name"), f"{path}: a {doc['kind']} without a name"
 
 
@@ -309,6 +314,15 @@ def test_compose_services_read_the_files_they_mount() -> None:
 
     authz_mounts = dict(volume_mounts(service("authz")))
     assert option(compose_argv(service("authz")), "--config") == authz_mounts["./examples/demo.yaml"]
+
+
+def test_compose_authz_can_write_its_resource_store() -> None:
+    """The root filesystem is read-only: demo.yaml's default file store must sit on a tmpfs."""
+    authz = service("authz")
+    assert authz.get("read_only") is True
+    store = re.search(r"path: \$\{AUTHZ_API_STORE:-([^}]+)\}", (ROOT / "examples/demo.yaml").read_text())
+    assert store, "demo.yaml's api.store.path default moved: update this test"
+    assert any(store[1].startswith(mount.rstrip("/") + "/") for mount in authz.get("tmpfs", [])), authz
 
 
 def test_authz_idp_upstream_share_envoys_network_namespace() -> None:
@@ -348,8 +362,11 @@ def test_envoy_rewrite_binds_only_listener_and_admin_to_all_interfaces(tmp_path:
     expression, source, rewritten_path = match.groups()
     assert source == dict(volume_mounts(service("envoy")))["./envoy/envoy.yaml"]
     run = re.search(r"exec envoy .*?-c (\S+)", script)
-    assert run and run.group(1) == rewritten_path, "Envoy must run the rewritten file"
-    pattern, replacement = re.fullmatch(r"s/((?:[^/\\]|\\.)*)/((?:[^/\\]|\\.)*)/", expression).groups()  # type: ignore[union-attr]
+    assert run, "Envoy must run the rewritten file"
+    assert run.group(1) == rewritten_path, "Envoy must run the rewritten file"
+    substitution = re.fullmatch(r"s/((?:[^/\\]|\\.)*)/((?:[^/\\]|\\.)*)/", expression)
+    assert substitution, f"not a sed s/// expression: {expression!r}"
+    pattern, replacement = substitution.groups()
     lines = ENVOY_YAML.read_text(encoding="utf-8").splitlines(keepends=True)
     text = "".join(re.sub(pattern, replacement, line, count=1) for line in lines)
     rewritten = yaml.safe_load(text)
@@ -397,15 +414,17 @@ def test_compose_idp_is_the_one_demo_yaml_trusts() -> None:
     assert idp_argv[:3] == ["python", "-m", "authz_service.devstack.idp"]
     env = service("authz")["environment"]
     [(host, port, _)] = urls_in(env["DEMO_IDP_URL"])
-    assert host == LOOPBACK and port == int(option(idp_argv, "--port"))
+    assert host == LOOPBACK
+    assert port == int(option(idp_argv, "--port"))
     assert option(idp_argv, "--issuer") == env["DEMO_IDP_ISSUER"]
 
     config = demo_in_compose()
-    jwks = [i for i in config.introspectors if getattr(i, "jwks_uri", None)]
-    assert jwks, "demo.yaml has no JWKS introspector"
-    for introspector in jwks:
-        assert introspector.jwks_uri == env["DEMO_IDP_URL"] + JWKS_PATH  # type: ignore[attr-defined]
-        assert introspector.iss == env["DEMO_IDP_ISSUER"]  # type: ignore[attr-defined]
+    discovering = [i for i in config.introspectors if isinstance(i, JwtIntrospectorConfig) and i.discovery]
+    assert discovering, "demo.yaml uses OIDC discovery, as most users will"
+    for introspector in discovering:
+        assert introspector.iss == env["DEMO_IDP_ISSUER"]
+        # The document is under the issuer, which is the IdP container's own address.
+        assert introspector.iss == env["DEMO_IDP_URL"]
 
 
 def test_demo_defaults_and_compose_agree_on_ports() -> None:
@@ -419,9 +438,11 @@ def test_demo_defaults_and_compose_agree_on_ports() -> None:
 def test_every_service_has_a_healthcheck_on_its_own_endpoint() -> None:
     for name, svc in compose()["services"].items():
         check = svc.get("healthcheck")
-        assert check and not check.get("disable"), f"{name} has no healthcheck"
+        assert check, f"{name} has no healthcheck"
+        assert not check.get("disable"), f"{name} has no healthcheck"
         test = check["test"]
-        assert isinstance(test, list) and test[0] == "CMD", f"{name}: use the exec form [CMD, ...]"
+        assert isinstance(test, list), f"{name}: use the exec form [CMD, ...]"
+        assert test[0] == "CMD", f"{name}: use the exec form [CMD, ...]"
 
     # envoy: its admin /ready, with bash (the image has neither curl nor python; sh has no /dev/tcp)
     envoy_test = service("envoy")["healthcheck"]["test"]
@@ -445,7 +466,8 @@ def test_start_order_waits_for_healthy_dependencies() -> None:
     assert "depends_on" not in service("envoy"), "everything else needs envoy's namespace first"
     for name in SHARED_NETNS_SERVICES:
         depends = service(name).get("depends_on")
-        assert isinstance(depends, dict) and "envoy" in depends, f"{name} must wait for envoy"
+        assert isinstance(depends, dict), f"{name} must wait for envoy"
+        assert "envoy" in depends, f"{name} must wait for envoy"
         for target, rule in depends.items():
             assert rule.get("condition") == "service_healthy", f"{name} -> {target}"
             assert "healthcheck" in service(target)
@@ -481,10 +503,12 @@ def test_dockerfile_entrypoint_is_the_console_script() -> None:
 
 def test_dockerfile_base_user_and_install() -> None:
     bases = [args.split()[0] for args in dockerfile("FROM")]
-    assert bases and all(base == "python:3.11-slim" for base in bases)
+    assert bases
+    assert all(base == "python:3.11-slim" for base in bases)
     [user] = dockerfile("USER")
     uid = user.split(":")[0]
-    assert uid.isdigit() and int(uid) != 0, "a numeric non-root uid (runAsNonRoot can check it)"
+    assert uid.isdigit(), "a numeric non-root uid (runAsNonRoot can check it)"
+    assert int(uid) != 0, "a numeric non-root uid (runAsNonRoot can check it)"
     assert any("pip install" in run for run in dockerfile("RUN"))
     assert any("pip wheel" in run or "pip install ." in run for run in dockerfile("RUN")), "installs the build context"
 
@@ -532,7 +556,8 @@ def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
 def test_kubernetes_objects_share_one_namespace() -> None:
     objects = [*k8s_objects("Deployment"), *k8s_objects("Service"), *k8s_objects("ConfigMap", "v1")]
     namespaces = {o["metadata"].get("namespace") for o in objects}
-    assert len(namespaces) == 1 and None not in namespaces
+    assert len(namespaces) == 1
+    assert None not in namespaces
 
 
 def test_service_ports_match_the_container_ports() -> None:
@@ -540,7 +565,7 @@ def test_service_ports_match_the_container_ports() -> None:
     assert svc["metadata"]["name"] == "authz-service"
     assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     by_name = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert set(by_name) == {"grpc", "http-admin"}
+    assert set(by_name) == {"grpc", "http-authz", "http-admin"}
     assert by_name["grpc"].get("appProtocol") == "grpc"
     for name, port in by_name.items():
         target = port.get("targetPort", port["port"])
@@ -561,7 +586,8 @@ def test_configmap_config_loads_and_listens_on_the_container_ports() -> None:
     assert port_of(config.server.admin_address or "") == container_port("http-admin")
     assert host_of(config.server.grpc_address) == "0.0.0.0"
     assert config.cache.backend == "memory"
-    assert config.introspectors and config.policies
+    assert config.introspectors
+    assert config.policies
     assert all(getattr(i, "jwks_uri", None) for i in config.introspectors)
 
 
@@ -639,7 +665,8 @@ def test_authorization_policy_uses_the_provider_for_httpbin() -> None:
     authz_labels = the("Deployment", "apps/")["spec"]["template"]["metadata"]["labels"]
     assert not selector.items() <= authz_labels.items()
     operations = [op["operation"] for rule in spec["rules"] for op in rule.get("to", [])]
-    assert operations and all(op.get("notPaths") for op in operations)
+    assert operations
+    assert all(op.get("notPaths") for op in operations)
     assert not any(op.get("paths") for op in operations)
 
 

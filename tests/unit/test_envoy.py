@@ -26,7 +26,7 @@ from authz_service.envoy import (
     to_http_request,
 )
 from authz_service.errors import TokenRejected
-from authz_service.model import Decision, Identity, Outcome, Reason
+from authz_service.model import Decision, Identity, Outcome, Reason, header_pairs
 from tests.harness import check_request
 
 RESPONSE = ResponseConfig(claim_headers=(("email", "x-user-email"), ("roles", "x-user-roles")))
@@ -137,7 +137,7 @@ def test_claims_encoding_is_canonical() -> None:
 
 def test_identity_headers_carry_user_id_claims_and_claim_headers() -> None:
     claims = {"sub": "user-1", "email": "a@example.com", "roles": ["admin", "ops"]}
-    headers = dict(IdentityHeaders(RESPONSE).build(Identity("user-1", claims, "idp", "jwt")))
+    headers = dict(header_pairs(IdentityHeaders(RESPONSE).build(Identity("user-1", claims, "idp", "jwt"))))
     assert headers["x-user-id"] == "user-1"
     assert decode_claims(headers["x-auth-claims"]) == claims
     assert headers["x-user-email"] == "a@example.com"
@@ -145,13 +145,13 @@ def test_identity_headers_carry_user_id_claims_and_claim_headers() -> None:
 
 
 def test_missing_claim_gets_no_header() -> None:
-    headers = dict(IdentityHeaders(RESPONSE).build(Identity("user-1", {"sub": "user-1"}, "idp", "jwt")))
+    headers = dict(header_pairs(IdentityHeaders(RESPONSE).build(Identity("user-1", {"sub": "user-1"}, "idp", "jwt"))))
     assert set(headers) == {"x-user-id", "x-auth-claims"}
 
 
 def test_unsafe_claim_is_left_out_not_mangled() -> None:
     identity = Identity("user-1", {"sub": "user-1", "email": "a@x\r\nx-user-id: admin"}, "idp", "jwt")
-    headers = dict(IdentityHeaders(RESPONSE).build(identity))
+    headers = dict(header_pairs(IdentityHeaders(RESPONSE).build(identity)))
     assert "x-user-email" not in headers
     assert headers["x-user-id"] == "user-1"
 
@@ -165,14 +165,14 @@ def test_unsafe_user_id_rejects_the_token() -> None:
 
 def test_claims_too_large_for_a_header_are_left_out() -> None:
     identity = Identity("user-1", {"sub": "user-1", "blob": "x" * MAX_HEADER_VALUE}, "idp", "jwt")
-    headers = dict(IdentityHeaders(RESPONSE).build(identity))
+    headers = dict(header_pairs(IdentityHeaders(RESPONSE).build(identity)))
     assert "x-auth-claims" not in headers
     assert headers["x-user-id"] == "user-1"
 
 
 def test_header_names_come_from_config() -> None:
     response = ResponseConfig(user_id_header="x-aidbox-user", claims_header="x-jwt")
-    headers = dict(IdentityHeaders(response).build(Identity("u", {"sub": "u"}, "idp", "jwt")))
+    headers = dict(header_pairs(IdentityHeaders(response).build(Identity("u", {"sub": "u"}, "idp", "jwt"))))
     assert set(headers) == {"x-aidbox-user", "x-jwt"}
 
 

@@ -89,11 +89,27 @@ async def test_minted_tokens_verify_with_served_jwks(
     assert claims["sub"] == "user-1"
     assert claims["scope"] == "read"
     assert claims["iss"] == idp.issuer == idp.url
-    assert claims["exp"] - claims["iat"] == 300
+    assert claims["exp"] == claims["iat"] + 300  # the same float sum mint() computed: exact
     assert claims["jti"]
     assert jwt.get_unverified_header(token)["kid"] == idp.kid(alg)
     # The PEM export is the same key.
     jwt.decode(token, idp.public_pem(alg), algorithms=[alg], audience="authz-service")
+
+
+def test_tokens_live_exactly_ttl_from_issue_not_from_the_whole_second() -> None:
+    """exp is issue time + ttl, with the fraction: int(time.time()) + 1 made a 1 s token that could live 0.01 s."""
+    provider = DevIdentityProvider(issuer="https://idp.example")  # not started: mint() needs no server
+    before = time.time()
+    token = provider.mint(ttl=1)
+    opaque = provider.issue_opaque(ttl=1)
+    after = time.time()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert before <= claims["iat"] <= after
+    assert claims["exp"] == claims["iat"] + 1
+    result = provider.introspect(opaque)
+    assert result["active"] is True
+    assert before <= result["iat"] <= after
+    assert result["exp"] == result["iat"] + 1
 
 
 @pytest.mark.asyncio
@@ -103,9 +119,12 @@ async def test_jwks_document_shape(idp: DevIdentityProvider, http: aiohttp.Clien
         assert resp.headers["Cache-Control"] == "max-age=300"
         keys = {key["kty"]: key for key in (await resp.json())["keys"]}
     assert set(keys) == {"RSA", "EC", "OKP"}
-    assert keys["RSA"]["alg"] == "RS256" and {"n", "e"} <= keys["RSA"].keys()
-    assert keys["EC"]["crv"] == "P-256" and {"x", "y"} <= keys["EC"].keys()
-    assert keys["OKP"]["crv"] == "Ed25519" and "x" in keys["OKP"]
+    assert keys["RSA"]["alg"] == "RS256"
+    assert {"n", "e"} <= keys["RSA"].keys()
+    assert keys["EC"]["crv"] == "P-256"
+    assert {"x", "y"} <= keys["EC"].keys()
+    assert keys["OKP"]["crv"] == "Ed25519"
+    assert "x" in keys["OKP"]
     assert all(key["use"] == "sig" and "d" not in key for key in keys.values())
 
 
@@ -124,9 +143,12 @@ def test_mint_claim_and_header_overrides() -> None:
     provider = DevIdentityProvider(issuer="iss")
     token = provider.mint({"exp": None, "aud": ["a", "b"], "sub": "alice"}, kid=None, headers={"typ": "at+jwt"})
     header = jwt.get_unverified_header(token)
-    assert "kid" not in header and header["typ"] == "at+jwt"
+    assert "kid" not in header
+    assert header["typ"] == "at+jwt"
     claims = jwt.decode(token, options={"verify_signature": False})
-    assert "exp" not in claims and claims["aud"] == ["a", "b"] and claims["sub"] == "alice"
+    assert "exp" not in claims
+    assert claims["aud"] == ["a", "b"]
+    assert claims["sub"] == "alice"
 
     assert jwt.get_unverified_header(provider.mint(kid="nope"))["kid"] == "nope"
     expired = provider.mint(ttl=-60)
@@ -161,7 +183,7 @@ def test_mint_alg_confusion_and_none() -> None:
     unsigned = provider.mint(alg="none")
     assert unsigned.endswith(".")
     assert jwt.get_unverified_header(unsigned)["alg"] == "none"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unsupported alg 'ES512'"):
         provider.mint(alg="ES512")
 
 
@@ -172,7 +194,8 @@ async def test_rotation_drops_old_key_unless_kept(idp: DevIdentityProvider, http
     new_kid = idp.rotate("RS256")
     assert new_kid != old_kid == jwt.get_unverified_header(old_token)["kid"]
     kids = {key["kid"] for key in (await fetch_jwks(http, idp))["keys"]}
-    assert new_kid in kids and old_kid not in kids
+    assert new_kid in kids
+    assert old_kid not in kids
     verify_with_jwks(idp.mint(), await fetch_jwks(http, idp), "RS256", idp)
 
     kept_token = idp.mint(alg="ES256")
@@ -192,8 +215,12 @@ async def test_introspection_lifecycle(idp: DevIdentityProvider, http: aiohttp.C
     token = idp.issue_opaque({"scope": "openid admin", "sub": "bob"})
     status, body = await introspect(http, idp, token)
     assert status == 200
-    assert body["active"] is True and body["sub"] == "bob" and body["scope"] == "openid admin"
-    assert body["client_id"] == "authz-service" and body["iss"] == idp.issuer and body["token_type"] == "Bearer"
+    assert body["active"] is True
+    assert body["sub"] == "bob"
+    assert body["scope"] == "openid admin"
+    assert body["client_id"] == "authz-service"
+    assert body["iss"] == idp.issuer
+    assert body["token_type"] == "Bearer"
     assert idp.last_introspection is not None
     assert idp.last_introspection["form"] == {"token": token, "token_type_hint": "access_token"}
     assert idp.last_introspection["headers"]["Accept"] == "application/json"
@@ -232,13 +259,16 @@ async def test_jwks_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession)
 
     assert (await get("down"))[0] == 503
     status, ctype, body = await get("html")
-    assert (status, ctype) == (200, "text/html") and body.startswith(b"<!doctype html>")
+    assert (status, ctype) == (200, "text/html")
+    assert body.startswith(b"<!doctype html>")
     status, _, body = await get("notjson")
     assert status == 200
     with pytest.raises(json.JSONDecodeError):
         json.loads(body)
     status, _, body = await get("huge")
-    assert status == 200 and len(body) >= 2 * 1024 * 1024 and json.loads(body)["keys"]
+    assert status == 200
+    assert len(body) >= 2 * 1024 * 1024
+    assert json.loads(body)["keys"]
     assert json.loads((await get("empty"))[2]) == {"keys": []}
     assert json.loads((await get("garbage_keys"))[2]) == {"keys": [{"kty": "RSA"}]}
 
@@ -248,7 +278,8 @@ async def test_jwks_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession)
         location = resp.headers["Location"]
     async with http.get(idp.url + location) as resp:
         assert (await resp.json()) == idp.jwks()
-    assert idp.hits["jwks"] == 7 and idp.hits["jwks_redirected"] == 1
+    assert idp.hits["jwks"] == 7
+    assert idp.hits["jwks_redirected"] == 1
 
     idp.jwks_mode = "hang"
     with pytest.raises(asyncio.TimeoutError):
@@ -274,15 +305,20 @@ async def test_introspect_modes(idp: DevIdentityProvider, http: aiohttp.ClientSe
     with pytest.raises(json.JSONDecodeError):
         json.loads((await post("notjson"))[2])
     no_active = json.loads((await post("no_active"))[2])
-    assert "active" not in no_active and no_active["sub"] == "user-1"
+    assert "active" not in no_active
+    assert no_active["sub"] == "user-1"
     assert json.loads((await post("active_string"))[2])["active"] == "true"
     status, _, body = await post("error500")
-    assert status == 500 and json.loads(body) == {"error": "server_error"}
+    assert status == 500
+    assert json.loads(body) == {"error": "server_error"}
     status, _, body = await post("huge")
-    assert status == 200 and len(body) >= 128 * 1024 and json.loads(body)["active"] is True
+    assert status == 200
+    assert len(body) >= 128 * 1024
+    assert json.loads(body)["active"] is True
     status, _, _ = await post("redirect")
     assert status == 302
-    assert idp.hits["introspect"] == 8 and idp.hits["introspect_redirected"] == 0
+    assert idp.hits["introspect"] == 8
+    assert idp.hits["introspect_redirected"] == 0
 
     idp.introspect_mode = "hang"
     with pytest.raises(asyncio.TimeoutError):
@@ -328,7 +364,7 @@ async def test_stop_is_prompt_with_a_hanging_request(idp: DevIdentityProvider) -
     idp.jwks_mode = "hang"
     async with aiohttp.ClientSession() as session:
         pending = asyncio.create_task(session.get(idp.jwks_uri))
-        while not idp.hits["jwks"]:
+        while not idp.hits["jwks"]:  # noqa: ASYNC110  # the IdP has no event to await: poll its counter
             await asyncio.sleep(0.01)
         started = time.monotonic()
         await idp.stop()
@@ -381,7 +417,8 @@ async def test_token_endpoint_mints_for_demo_users() -> None:
         key = pyjwt.PyJWK(next(k for k in idp.jwks()["keys"] if k["kty"] == "EC"))
         claims = pyjwt.decode(answer["access_token"], key, algorithms=["ES256"], audience="authz-service")
         assert (claims["sub"], claims["roles"], claims["email"]) == ("alice", ["admin", "ops"], "a@example.com")
-        assert answer["expires_in"] == 60 and claims["exp"] - claims["iat"] == 60
+        assert answer["expires_in"] == 60
+        assert claims["exp"] == claims["iat"] + 60
         async with session.post(idp.url + "/token", data={"type": "opaque", "sub": "carol"}, headers=auth) as response:
             opaque = (await response.json())["access_token"]
         assert idp.introspect(opaque)["sub"] == "carol"

@@ -86,7 +86,7 @@ def request_with_credentials() -> HttpRequest:
             Outcome.ALLOW,
             Reason.ALLOWED,
             Identity("user-1", {"sub": "user-1", "secret": OPAQUE}, "idp", "jwt"),
-            (("x-user-id", "user-1"),),
+            ("x-user-id", "user-1"),
         ),
         Decision(Outcome.UNAUTHENTICATED, Reason.BAD_SIGNATURE),
         Decision(Outcome.UNAVAILABLE, Reason.IDP_UNAVAILABLE),
@@ -120,6 +120,7 @@ def test_decision_line_fields(caplog: pytest.LogCaptureFixture) -> None:
         "path": "/admin",
         "latency_ms": 2.5,
         "protocol": "grpc",
+        "policy": None,  # a denial: no policy allowed (an allow names the one that did)
     }
 
 

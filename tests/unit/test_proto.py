@@ -11,7 +11,9 @@ import json
 import subprocess
 import sys
 import warnings
+from enum import Enum
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from google.protobuf import json_format, struct_pb2, wrappers_pb2
@@ -144,7 +146,8 @@ def _is_map(field: FieldDescriptor) -> bool:
 @pytest.mark.parametrize("desc", _all_messages(), ids=lambda d: d.full_name)
 def test_message_matches_upstream(desc: Descriptor) -> None:
     edp_cls = edp_pool.url_to_type[_edp_url(desc)]
-    meta = edp_cls._betterproto
+    # betterproto2 keeps a class's field metadata in a private class property, typed for subclasses only.
+    meta: betterproto2.ProtoClassMetadata = cast(Any, edp_cls)._betterproto
     # Every message we vendor is complete: same field names and numbers.
     ours = {f.name: f.number for f in desc.fields}
     theirs = {name: m.number for name, m in meta.meta_by_field_name.items()}
@@ -155,8 +158,11 @@ def test_message_matches_upstream(desc: Descriptor) -> None:
         oneof = field.containing_oneof.name if field.containing_oneof else None
         assert m.group == oneof, field.name
         if _is_map(field):
-            key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            entry = field.message_type
+            assert entry is not None, field.name
+            key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
             assert m.proto_type == "map", field.name
+            assert m.map_meta is not None, field.name
             assert (m.map_meta[0].proto_type, m.map_meta[1].proto_type) == (
                 _PROTO_TYPE[key.type],
                 _PROTO_TYPE[value.type],
@@ -181,7 +187,7 @@ def test_message_matches_upstream(desc: Descriptor) -> None:
     ],
     ids=["StatusCode", "HeaderAppendAction", "SocketAddress.Protocol"],
 )
-def test_enum_matches_upstream(ours, theirs) -> None:
+def test_enum_matches_upstream(ours: Any, theirs: type[Enum]) -> None:
     assert dict(ours.items()) == {e.name: e.value for e in theirs}
 
 
@@ -207,8 +213,8 @@ def _assert_no_unknown_fields(msg: Message, path: str = "") -> None:
             _assert_no_unknown_fields(value, f"{path}.{field.name}")
 
 
-def _edp_struct(d: dict) -> edp_pb.Struct:
-    def value(v):
+def _edp_struct(d: dict[str, Any]) -> edp_pb.Struct:
+    def value(v: Any) -> edp_pb.Value:
         if v is None:
             return edp_pb.Value(null_value=edp_pb.NullValue.NULL_VALUE)
         if isinstance(v, bool):
@@ -224,14 +230,17 @@ def _edp_struct(d: dict) -> edp_pb.Struct:
     return edp_pb.Struct(fields={k: value(v) for k, v in d.items()})
 
 
-def _edp_struct_to_dict(s: edp_pb.Struct) -> dict:
-    def plain(v):
+def _edp_struct_to_dict(s: edp_pb.Struct | None) -> dict[str, Any]:
+    assert s is not None, "no Struct"
+
+    def plain(v: edp_pb.Value) -> Any:
         name, inner = betterproto2.which_one_of(v, "kind")
         if name == "null_value":
             return None
         if name == "struct_value":
             return _edp_struct_to_dict(inner)
         if name == "list_value":
+            assert isinstance(inner, edp_pb.ListValue)
             return [plain(x) for x in inner.values]
         return inner
 
@@ -340,7 +349,8 @@ def test_check_request_from_envoy_data_plane() -> None:
     assert http.path == "/v1/items?limit=10&q=a%20b"
     assert http.host == "api.example.com"
     assert http.scheme == "https"
-    assert http.query == "" and http.fragment == ""
+    assert http.query == ""
+    assert http.fragment == ""
     assert http.size == -1
     assert http.protocol == "HTTP/2"
     assert http.body == '{"x":1}'
@@ -366,6 +376,11 @@ def _header(key: str, value: str, append: bool | None = None) -> base_pb2.Header
     return opt
 
 
+def _edp_header(option: edp_core.HeaderValueOption) -> edp_core.HeaderValue:
+    assert option.header is not None, option
+    return option.header
+
+
 def _edp_parse_response(wire: bytes) -> edp_auth.CheckResponse:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -386,22 +401,28 @@ def test_ok_check_response_to_envoy_data_plane() -> None:
 
     got = _edp_parse_response(resp.SerializeToString())
 
-    assert got.status is not None and got.status.code == 0 and got.status.message == ""
-    name, ok = betterproto2.which_one_of(got, "http_response")
+    assert got.status is not None
+    assert got.status.code == 0
+    assert got.status.message == ""
+    name, _ = betterproto2.which_one_of(got, "http_response")
     assert name == "ok_response"
-    assert [(h.header.key, h.header.value) for h in ok.headers] == [
+    ok = got.ok_response
+    assert ok is not None
+    assert [(_edp_header(h).key, _edp_header(h).value) for h in ok.headers] == [
         ("x-user-id", "user-42"),
         ("x-tenant", "acme"),
     ]
     # append was explicitly set to false: present on the wire, decoded as False (not None).
-    assert ok.headers[0].is_set("append") and ok.headers[0].append is False
+    assert ok.headers[0].is_set("append")
+    assert ok.headers[0].append is False
     assert ok.headers[1].append is None
     assert all(
         h.append_action == edp_core.HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD for h in ok.headers
     )
     assert ok.headers_to_remove == ["authorization", "cookie"]
     assert ok.dynamic_metadata is None
-    assert ok.response_headers_to_add == [] and ok.query_parameters_to_set == []
+    assert ok.response_headers_to_add == []
+    assert ok.query_parameters_to_set == []
     assert _edp_struct_to_dict(got.dynamic_metadata) == {"user_id": "user-42", "introspector": "keycloak"}
 
 
@@ -421,11 +442,17 @@ def test_denied_check_response_to_envoy_data_plane() -> None:
 
     got = _edp_parse_response(resp.SerializeToString())
 
-    assert got.status.code == 16 and got.status.message == "token expired"
-    name, denied = betterproto2.which_one_of(got, "http_response")
+    assert got.status is not None
+    assert got.status.code == 16
+    assert got.status.message == "token expired"
+    name, _ = betterproto2.which_one_of(got, "http_response")
     assert name == "denied_response"
-    assert denied.status.code == edp_type.StatusCode.Unauthorized == 401
-    assert [(h.header.key, h.header.value, h.append) for h in denied.headers] == [
+    denied = got.denied_response
+    assert denied is not None
+    assert denied.status is not None
+    assert denied.status.code == edp_type.StatusCode.Unauthorized
+    assert int(denied.status.code) == 401
+    assert [(_edp_header(h).key, _edp_header(h).value, h.append) for h in denied.headers] == [
         ("www-authenticate", 'Bearer realm="api", error="invalid_token"', False),
         ("content-type", "application/json", False),
     ]
@@ -447,13 +474,15 @@ def test_rarely_used_response_fields_to_envoy_data_plane() -> None:
         query_parameters_to_remove=["access_token"],
     )
     ok.dynamic_metadata.update({"legacy": True})
-    got_ok = _edp_parse_response(external_auth_pb2.CheckResponse(ok_response=ok).SerializeToString())
-    r = got_ok.ok_response.response_headers_to_add[0]
+    got_ok = _edp_parse_response(external_auth_pb2.CheckResponse(ok_response=ok).SerializeToString()).ok_response
+    assert got_ok is not None
+    r = got_ok.response_headers_to_add[0]
+    assert r.header is not None
     assert (r.header.key, r.header.value, r.keep_empty_value) == ("x-empty", "", True)
     assert r.append_action == edp_core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS
-    assert [(q.key, q.value) for q in got_ok.ok_response.query_parameters_to_set] == [("tenant", "acme")]
-    assert got_ok.ok_response.query_parameters_to_remove == ["access_token"]
-    assert _edp_struct_to_dict(got_ok.ok_response.dynamic_metadata) == {"legacy": True}
+    assert [(q.key, q.value) for q in got_ok.query_parameters_to_set] == [("tenant", "acme")]
+    assert got_ok.query_parameters_to_remove == ["access_token"]
+    assert _edp_struct_to_dict(got_ok.dynamic_metadata) == {"legacy": True}
 
     err = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=14),
@@ -462,7 +491,12 @@ def test_rarely_used_response_fields_to_envoy_data_plane() -> None:
         ),
     )
     got_err = _edp_parse_response(err.SerializeToString())
-    name, value = betterproto2.which_one_of(got_err, "http_response")
+    name, _ = betterproto2.which_one_of(got_err, "http_response")
     assert name == "error_response"
-    assert value.status.code == edp_type.StatusCode.ServiceUnavailable and value.body == "down"
-    assert isinstance(got_err.status, edp_rpc.Status) and got_err.status.code == 14
+    value = got_err.error_response
+    assert value is not None
+    assert value.status is not None
+    assert value.status.code == edp_type.StatusCode.ServiceUnavailable
+    assert value.body == "down"
+    assert isinstance(got_err.status, edp_rpc.Status)
+    assert got_err.status.code == 14

@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = {"demo.yaml": ROOT / "examples" / "demo.yaml", "envoy.yaml": ROOT / "envoy" / "envoy.yaml"}
 
@@ -18,6 +20,7 @@ def test_shipped_files_are_the_repository_files() -> None:
         assert packaged.resolve() == original.resolve()
 
 
+@pytest.mark.slow  # builds a wheel
 def test_the_wheel_carries_copies(tmp_path: Path) -> None:
     subprocess.run(
         [

@@ -61,7 +61,7 @@ async def test_get_json_returns_the_parsed_body(idp: CannedIdp, client: Upstream
     assert await client.get_json("jwks", idp.url + "/jwks", timeout=2) == {"keys": [{"kid": "k1"}]}
     [seen] = idp.seen
     assert (seen.method, seen.path) == ("GET", "/jwks")
-    assert seen.headers["Accept"] == "application/json"
+    assert seen.headers["Accept"] == "application/jwk-set+json, application/json"
     assert seen.headers["User-Agent"] == "authz-service"
     assert client.calls[("jwks", "ok")] == 1
     assert recorder.calls == [("jwks", "ok")]

@@ -7,6 +7,7 @@ bound to another introspector.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import math
@@ -34,7 +35,18 @@ class Shaper:
 
     def __call__(self, identity: Identity) -> Identity:
         self.calls += 1
-        return dataclasses.replace(identity, headers=(("x-user-id", identity.user_id or ""),))
+        return dataclasses.replace(identity, headers=("x-user-id", identity.user_id or ""))
+
+    def unshaped(self, identity: Identity) -> Identity | None:
+        # The fake keeps the claims as they were: shaping only added headers.
+        return dataclasses.replace(identity, headers=())
+
+
+class Refusing(Shaper):
+    """A shaper that finds every identity unfit for headers (a control character in the user id)."""
+
+    def __call__(self, identity: Identity) -> Identity:
+        raise TokenRejected(Reason.BAD_CLAIMS)
 
 
 class Setup:
@@ -76,7 +88,7 @@ async def test_second_check_is_served_from_memory() -> None:
 async def test_the_identity_returned_is_the_shaped_one() -> None:
     s = Setup()
     s.ext.vouch("t1", "user-1")
-    assert (await s.check("t1")).headers == (("x-user-id", "user-1"),)
+    assert (await s.check("t1")).headers == ("x-user-id", "user-1")
 
 
 async def test_entry_lives_until_the_introspectors_deadline() -> None:
@@ -130,10 +142,7 @@ async def test_a_shape_rejection_is_not_remembered() -> None:
     s = Setup()
     s.ext.vouch("t1", "user-1")
 
-    def refuse(identity: Identity) -> Identity:
-        raise TokenRejected(Reason.BAD_CLAIMS)
-
-    verified = VerifiedTokens(IntrospectorRouter([s.ext]), refuse, 10, clock=s.clock)
+    verified = VerifiedTokens(IntrospectorRouter([s.ext]), Refusing(), 10, clock=s.clock)
     for _ in range(2):
         with pytest.raises(TokenRejected):
             await verified.introspect(Credential("t1"))
@@ -245,3 +254,46 @@ async def test_jwt_entry_dies_with_a_key_rotation() -> None:
     keys.generation += 1
     await verified.introspect(Credential(t))
     assert (verified.hits, verified.misses) == (0, 2)
+
+
+async def test_entries_outlive_a_reload_and_are_reshaped_by_the_new_shaper() -> None:
+    s = Setup()
+    s.ext.vouch("t1", "user-1")
+    s.ext.deadline = EPOCH + 60
+    first = await s.check("t1")
+    # A reload: a new cache over the same entries, the same introspector, another shaper.
+    reshaper = Shaper()
+    after = VerifiedTokens(
+        IntrospectorRouter([s.ext, s.other]), reshaper, 100, clock=s.clock, entries=s.verified.carried_over()
+    )
+    second = await after.introspect(Credential("t1"))
+    assert len(s.ext.calls) == 1  # not asked again
+    assert reshaper.calls == 1  # reshaped once, from the kept entry
+    assert second.headers == first.headers
+    third = await after.introspect(Credential("t1"))
+    assert third is second  # and kept reshaped
+    assert reshaper.calls == 1
+
+
+async def test_entries_of_a_replaced_introspector_die_at_the_reload() -> None:
+    s = Setup()
+    s.ext.vouch("t1", "user-1")
+    s.ext.deadline = EPOCH + 60
+    await s.check("t1")
+    replacement = FakeIntrospector("ext")  # same id, new object: its config changed
+    replacement.vouch("t1", "user-1")
+    replacement.deadline = EPOCH + 60
+    after = VerifiedTokens(
+        IntrospectorRouter([replacement]), s.shape, 100, clock=s.clock, entries=s.verified.carried_over()
+    )
+    await after.introspect(Credential("t1"))
+    assert len(replacement.calls) == 1
+
+
+async def test_concurrent_misses_share_one_verification() -> None:
+    s = Setup()
+    s.ext.vouch("t1", "user-1")
+    s.ext.deadline = EPOCH + 60
+    answers = await asyncio.gather(*(s.check("t1") for _ in range(10)))
+    assert len(s.ext.calls) == 1
+    assert all(answer is answers[0] for answer in answers)

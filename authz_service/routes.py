@@ -1,0 +1,167 @@
+"""What Aidbox's router reads from a FHIR-style path: route parameters and the operation.
+
+Aidbox's request object merges the query with the parameters its router extracts from the URL
+(`params.resource/type`, `params.resource/id`) and names the operation (`operation.id`:
+`FhirRead`, `FhirSearch`, ...). Policies written for Aidbox depend on both, so the context builds
+them the same way. The grammar (docs/policies.md has it with examples):
+
+    [/Organization/<org id>]  [/fhir]  /<Type>[/<id>[/_history[/<vid>]]]   (or /<Type>/_history)
+                                       /<Type>[/<id>]/$<operation>
+                                       /<Type>/<id>/<CompartmentType>
+                                       /$<operation>    /                   (system level)
+    POST /rpc                                                                   (Aidbox's RPC: `rpc`)
+
+Names: `/fhir/...` routes are FHIR operations (`FhirRead`); the same route without `/fhir` is
+Aidbox's own API (`Read`), as Aidbox names them. A route-parameter name is reserved: a query
+parameter of that name never reaches `params`, whether or not this path yields it, so a client
+can never supply `resource/type` or `resource/id` itself.
+
+A path is read as a FHIR server reads it: a trailing slash and repeated slashes do not count
+(`/fhir/Patient/` is the search, `/fhir/Patient//pt-1/` the read; Envoy's `merge_slashes`
+gives the upstream the same path). A route shape with a method it does not take
+(`POST /fhir/Patient/pt-1`) is no route at all: no params, no operation.
+
+Also here: FHIR references in Aidbox's format (`parse_reference`), which matcho's `$reference`
+and the Role and User resources use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+RESOURCE_TYPE = "resource/type"
+RESOURCE_ID = "resource/id"
+RESOURCE_VERSION = "resource/version"
+ORGANIZATION_ID = "organization/id"
+OPERATION_NAME = "operation/name"
+ROUTE_PARAMS = frozenset({RESOURCE_TYPE, RESOURCE_ID, RESOURCE_VERSION, ORGANIZATION_ID, OPERATION_NAME})
+
+_TYPE = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
+_ID = re.compile(r"(?!\.+$)[A-Za-z0-9\-.]{1,64}")  # FHIR's id, but never `.` or `..`
+_OPERATION = re.compile(r"\$[A-Za-z][A-Za-z0-9\-_.]{0,63}")
+
+# (segments shape, method) -> interaction, for the shapes that are not type-level searches.
+_INSTANCE = {"get": "Read", "head": "Read", "put": "Update", "patch": "Patch", "delete": "Delete"}
+_TYPE_LEVEL = {"get": "Search", "head": "Search", "post": "Create", "put": "ConditionalUpdate",
+               "patch": "ConditionalPatch", "delete": "ConditionalDelete"}  # fmt: skip
+
+
+class Route(NamedTuple):
+    """The route parameters of a path and the operation id, when the path is a FHIR-style route."""
+
+    params: Mapping[str, str]
+    operation: str | None
+
+
+_NONE = Route(MappingProxyType({}), None)
+_RPC = Route(MappingProxyType({}), "rpc")
+
+
+def route(method: str, path: str) -> Route:
+    """The route of `path` (no query) for a lower-case method; no params and no operation if it is
+    not a FHIR-style route."""
+    if not path.startswith("/"):
+        return _NONE
+    # A FHIR server ignores empty segments (`/fhir/Patient/`, `//`): so do we.
+    parts = (
+        [segment for segment in path.split("/") if segment]
+        if "//" in path or path.endswith("/")
+        else path.split("/")[1:]
+    )
+    if len(parts) > 7:
+        return _NONE
+    params: dict[str, str] = {}
+    if len(parts) >= 3 and parts[0] == "Organization" and _ID.fullmatch(parts[1]) and parts[2] == "fhir":
+        params[ORGANIZATION_ID] = parts[1]
+        parts = parts[2:]
+    if parts == ["rpc"] and not params:
+        # Aidbox's RPC endpoint (the method is in the body or `_m`): the Operation `rpc`.
+        return _RPC if method == "post" else _NONE
+    prefix = ""
+    if parts and parts[0] == "fhir":
+        prefix = "Fhir"
+        parts = parts[1:]
+    if not parts:
+        # The base: a POST is a transaction (or batch) bundle.
+        return Route(params, prefix + "Transaction") if method == "post" else _NONE
+    if len(parts) == 1 and _OPERATION.fullmatch(parts[0]):
+        params[OPERATION_NAME] = parts[0]
+        return Route(params, prefix + "Operation")
+    if not _TYPE.fullmatch(parts[0]):
+        return _NONE
+    params[RESOURCE_TYPE] = parts[0]
+    rest = parts[1:]
+    interaction: str | None = None
+    if not rest:
+        interaction = _TYPE_LEVEL.get(method)
+    elif rest == ["_history"] and method == "get":
+        interaction = "History"
+    elif rest == ["_search"] and method == "post":
+        interaction = "Search"
+    elif len(rest) == 1 and _OPERATION.fullmatch(rest[0]):
+        params[OPERATION_NAME] = rest[0]
+        interaction = "Operation"
+    elif _ID.fullmatch(rest[0]) and rest[0] not in ("_history", "_search"):
+        params[RESOURCE_ID] = rest[0]
+        tail = rest[1:]
+        if not tail:
+            interaction = _INSTANCE.get(method)
+        elif tail == ["_history"] and method == "get":
+            interaction = "History"
+        elif len(tail) == 2 and tail[0] == "_history" and _ID.fullmatch(tail[1]) and method == "get":
+            params[RESOURCE_VERSION] = tail[1]
+            interaction = "Vread"
+        elif len(tail) == 1 and _OPERATION.fullmatch(tail[0]):
+            params[OPERATION_NAME] = tail[0]
+            interaction = "Operation"
+        elif len(tail) == 1 and _TYPE.fullmatch(tail[0]) and method == "get":
+            interaction = "CompartmentSearch"  # /Patient/pt-1/Observation: the compartment's type and id
+        else:
+            return _NONE
+    else:
+        return _NONE
+    # A shape the method does not take (POST /fhir/Patient/pt-1) is no route: no params either.
+    return _NONE if interaction is None else Route(params, prefix + interaction)
+
+
+_REFERENCE = re.compile(r"([A-Z][A-Za-z0-9]{0,63})/((?!\.+$)[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+
+
+def parse_reference(value: Any) -> dict[str, Any] | None:
+    """A FHIR reference in Aidbox's format: `"Patient/pt-1"` or `{reference: "Patient/pt-1", ...}`
+    becomes `{resourceType: Patient, id: pt-1, ...}` (a map already in that form stays as it is).
+    Only relative references parse: an absolute URL names a resource on some server, possibly
+    another one, and a contained `#ref` none at all."""
+    if isinstance(value, str):
+        found = _REFERENCE.fullmatch(value)
+        return {"resourceType": found[1], "id": found[2]} if found else None
+    if not isinstance(value, Mapping):
+        return None
+    reference = value.get("reference")
+    if reference is None:
+        has_form = isinstance(value.get("resourceType"), str) and isinstance(value.get("id"), str)
+        return dict(value) if has_form else None
+    parsed = parse_reference(reference) if isinstance(reference, str) else None
+    if parsed is None:
+        return None
+    return {**{key: item for key, item in value.items() if key != "reference"}, **parsed}
+
+
+def with_aidbox_references(value: Any) -> Any:
+    """`value` with every FHIR reference map (`{reference: "Practitioner/pr-1"}`) also given the
+    `resourceType` and `id` Aidbox stores it with, at any depth, so a policy reading
+    `.role.0.links.practitioner.id` finds what Aidbox would. `reference` itself is kept."""
+    if isinstance(value, Mapping):
+        result = {key: with_aidbox_references(item) for key, item in value.items()}
+        reference = result.get("reference")
+        if isinstance(reference, str) and "id" not in result and "resourceType" not in result:
+            parsed = parse_reference(reference)
+            if parsed is not None:
+                result.update(parsed)
+        return result
+    if isinstance(value, list):
+        return [with_aidbox_references(item) for item in value]
+    return value

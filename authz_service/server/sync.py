@@ -1,0 +1,368 @@
+"""Keeps one process's effective config in step with its config file and its resource store.
+
+The effective config is the config file plus the store's resources (store/resources.py). Three
+things change it, all through `ConfigSync`, one at a time (an asyncio.Lock), each validated whole
+before anything is swapped (a rejected change is logged and the running config kept):
+- the store: polled every `poll_interval` (and woken by the Redis channel, or by the supervisor's
+  SIGUSR1 after it wrote), loaded again when its version changed;
+- the config file: SIGHUP, and a poll of its inode, times and size every second (a Kubernetes
+  ConfigMap update swaps a symlink; an editor renames or rewrites), read once it has settled;
+- a write through the resource API in this process, which applies it before answering.
+A store that cannot be reached changes nothing: the process keeps deciding with what it has,
+and says so in /readyz and `authz_resource_store_up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from authz_service.config.model import Config
+from authz_service.errors import ConfigError
+from authz_service.store.base import Key, Resource, ResourceStore, Snapshot, StoreError, key_text
+from authz_service.store.resources import ConfigFile, compose, read_config_file, shadowed
+
+log = logging.getLogger(__name__)
+
+FILE_POLL_INTERVAL = 1.0  # seconds between stats of the config file
+FILE_SETTLE = 0.2  # seconds a changed file must stay unchanged before it is read
+STARTUP_STORE_WAIT = 5.0  # seconds start-up waits for an unreachable store before giving up
+
+Apply = Callable[[Config, str], Awaitable[None]]
+"""Swap in a config (the service's reload); the second argument names the source of the change."""
+
+
+class StoreMetrics:
+    """The resource store as Prometheus sees it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "authz_resource_store_up",
+            "1 when the resource store answered the last poll, 0 while it cannot be reached",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.generation = Gauge(
+            "authz_resource_store_generation",
+            "The store's change counter in the config this process decides with (redis backend)",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.resources = Gauge(
+            "authz_resource_store_resources",
+            "Resources from the store in the config this process decides with",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.reloads = Counter(
+            "authz_config_reloads",
+            "Changes of the effective config by source (file, sighup, store, api) and outcome (applied, rejected)",
+            ["source", "outcome"],
+            registry=registry,
+        )
+
+
+async def load_store(store: ResourceStore, wait: float = STARTUP_STORE_WAIT) -> Snapshot:
+    """The store's content at start-up, waiting up to `wait` seconds for it to be reachable."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await store.load()
+        except StoreError as err:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("resource store unreachable; retrying", extra={"fields": {"error": err.message}})
+            await asyncio.sleep(0.5)
+
+
+class ConfigSync:
+    """The config file, the store, and the snapshot this process decides with; see the module docstring."""
+
+    def __init__(
+        self,
+        file: ConfigFile,
+        store: ResourceStore | None,
+        snapshot: Snapshot | None,
+        apply: Apply | None,
+        metrics: StoreMetrics | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.file = file
+        self.store = store
+        self.snapshot = snapshot  # what the running config was composed from
+        self._apply = apply  # None: only keep the file current (the supervisor, which has no engine)
+        self._metrics = metrics
+        self._on_change = on_change  # after every apply and store up/down change (a worker's report)
+        self.lock = asyncio.Lock()
+        self.store_error: str | None = None  # why the last poll failed; None while reachable
+        self._seen: str | None = snapshot.version if snapshot else None  # last version applied or rejected
+        self._last_rejection: tuple[str, ...] = ()
+        if metrics is not None and snapshot is not None:
+            self._count_applied(snapshot)
+            metrics.up.set(1)
+
+    @property
+    def applied_version(self) -> str | None:
+        return self.snapshot.version if self.snapshot else None
+
+    @property
+    def store_up(self) -> bool:
+        return self.store_error is None
+
+    # -- the store -----------------------------------------------------------------------------
+
+    async def refresh(self, source: str = "store") -> bool:
+        """Load the store and apply it if it changed; whether this process now decides with what
+        the store held when this was called (StoreError if it cannot be reached)."""
+        if self.store is None:
+            return True
+        async with self.lock:
+            try:
+                snapshot = await self.store.load()
+            except StoreError as err:
+                self._down(err)
+                raise
+            except ConfigError as err:
+                self._up()
+                self._rejected(source, err, "resource store content rejected; keeping the running config")
+                return False
+            self._up()
+            if snapshot.version == self.applied_version:
+                return True
+            if snapshot.version == self._seen:
+                return False  # rejected already, and logged
+            self._seen = snapshot.version
+            try:
+                config = await asyncio.to_thread(compose, self.file, snapshot.resources)
+            except ConfigError as err:
+                self._rejected(source, err, "resource store content rejected; keeping the running config")
+                return False
+            self._warn_shadowed(snapshot.resources)
+            await self._swap(config, source)
+            self.snapshot = snapshot
+            if self._metrics is not None:
+                self._count_applied(snapshot)
+            self._changed()
+            return True
+
+    async def watch_store(self) -> None:
+        """Forever: wait for an announcement or the poll interval, compare versions, refresh."""
+        if self.store is None:
+            return
+        while True:
+            await self.store.wait_for_change(self.store.poll_interval)
+            try:
+                version = await self.store.version()
+            except StoreError as err:
+                self._down(err)
+                continue
+            self._up()
+            if version not in (self.applied_version, self._seen):
+                try:
+                    await self.refresh()
+                except StoreError:
+                    continue  # recorded by refresh: the next poll tries again
+                except Exception as err:  # a failed apply must never end the watch
+                    log.error("applying the resource store failed: %s", type(err).__name__)
+
+    def _down(self, err: StoreError) -> None:
+        if self.store_error is None:
+            log.error(
+                "resource store unreachable; deciding with the resources last loaded",
+                extra={"fields": {"error": err.message}},
+            )
+        changed = self.store_error != err.message
+        self.store_error = err.message
+        if self._metrics is not None:
+            self._metrics.up.set(0)
+        if changed:
+            self._changed()
+
+    def _up(self) -> None:
+        if self.store_error is not None:
+            log.info("resource store reachable again")
+            self.store_error = None
+            self._changed()
+        if self._metrics is not None:
+            self._metrics.up.set(1)
+
+    def _count_applied(self, snapshot: Snapshot) -> None:
+        assert self._metrics is not None
+        self._metrics.resources.set(len(snapshot.resources))
+        if snapshot.generation is not None:
+            self._metrics.generation.set(snapshot.generation)
+
+    # -- the config file -----------------------------------------------------------------------
+
+    async def reload_file(self, source: str = "sighup") -> bool:
+        """Read the config file again and apply it with the store's resources; a bad file is logged
+        and the running config kept. A `watch` reload of unchanged text does nothing."""
+        path = self.file.path
+        if path is None:
+            return False
+        async with self.lock:
+            try:
+                file = await asyncio.to_thread(read_config_file, path)
+            except ConfigError as err:
+                self._rejected(source, err, "config reload rejected; keeping the running config")
+                return False
+            if source == "watch" and file.digest == self.file.digest:
+                return False
+            snapshot = await self._latest()
+            resources = snapshot.resources if snapshot else {}
+            try:
+                config = await asyncio.to_thread(compose, file, resources)
+            except ConfigError as err:
+                self._rejected(source, err, "config reload rejected; keeping the running config")
+                return False
+            self.file = file
+            self._warn_shadowed(resources)
+            await self._swap(config, source)
+            if snapshot is not self.snapshot and snapshot is not None:
+                self.snapshot = snapshot
+                if self._metrics is not None:
+                    self._count_applied(snapshot)
+                self._changed()
+            self._seen = self.applied_version  # store content rejected with the old file gets another look
+            return True
+
+    async def _latest(self) -> Snapshot | None:
+        """The store's content now (the file is checked with it); what was applied if it cannot be read."""
+        if self.store is None:
+            return None
+        try:
+            return await self.store.load()
+        except (StoreError, ConfigError):
+            return self.snapshot  # the store watch reports it; the file change need not wait for it
+
+    async def watch_file(self, interval: float = FILE_POLL_INTERVAL) -> None:
+        """Forever: stat the config file; once a change has settled, reload it."""
+        path = self.file.path
+        if path is None:
+            return
+        stamp = await asyncio.to_thread(_stamp, path)
+        missing_logged = False
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(_stamp, path)
+            if now == stamp:
+                continue
+            for _ in range(25):  # a writer still writing: wait until two stats agree (bounded)
+                await asyncio.sleep(FILE_SETTLE)
+                again = await asyncio.to_thread(_stamp, path)
+                if again == now:
+                    break
+                now = again
+            stamp = now
+            if now is None:
+                if not missing_logged:
+                    log.warning("config file is gone; keeping the running config", extra={"fields": {"path": path}})
+                    missing_logged = True
+                continue
+            missing_logged = False
+            if now[-1] == 0:
+                log.warning("config file is empty; keeping the running config", extra={"fields": {"path": path}})
+                continue
+            try:
+                await self.reload_file("watch")
+            except Exception as err:  # a reload must never end the watch
+                log.error("config reload failed: %s", type(err).__name__)
+
+    async def applied(self) -> tuple[int, str] | None:
+        """After a write through the API: apply the store's content now. None when this process
+        decides with it, else (HTTP status, why not); the write itself is persisted."""
+        try:
+            ok = await self.refresh("api")
+        except StoreError as err:
+            return 503, f"this process could not load it back ({err.message})"
+        return None if ok else (500, "this process rejected the store's content (see its log)")
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def compose(self, resources: Mapping[Key, Resource]) -> Config:
+        """The effective config with these store resources (ConfigError listing every problem)."""
+        return compose(self.file, resources)
+
+    def status(self) -> dict[str, Any]:
+        """The store as /readyz reports it."""
+        if self.store is None:
+            return {}
+        store: dict[str, Any] = {
+            "backend": self.store.backend,
+            "reachable": self.store_up,
+            "version": self.applied_version,
+            "resources": len(self.snapshot.resources) if self.snapshot else 0,
+        }
+        if self.store_error is not None:
+            store["error"] = self.store_error
+            store["note"] = "deciding with the resources last loaded"
+        return {"store": store}
+
+    async def _swap(self, config: Config, source: str) -> None:
+        if self._apply is not None:
+            await self._apply(config, source)
+        if self._metrics is not None:
+            self._metrics.reloads.labels(source, "applied").inc()
+        self._last_rejection = ()
+
+    def _rejected(self, source: str, err: ConfigError, message: str) -> None:
+        if self._metrics is not None:
+            self._metrics.reloads.labels(source, "rejected").inc()
+        problems = tuple(str(p) for p in err.problems)
+        if source == "store" and problems == self._last_rejection:
+            return  # the same content polled again: logged once
+        self._last_rejection = problems
+        log.error(message, extra={"fields": {"source": source, "problems": list(problems)}})
+
+    def _warn_shadowed(self, resources: Mapping[Key, Resource]) -> None:
+        hidden = shadowed(self.file, resources)
+        if hidden:
+            log.warning(
+                "store resources with ids the config file defines are ignored (the file wins)",
+                extra={"fields": {"resources": [key_text(k) for k in hidden]}},
+            )
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+
+def _stamp(path: str) -> tuple[int, int, int, int, int] | None:
+    """What changes when the file does, following symlinks (a ConfigMap's `..data` swap)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+# -- workers report to the supervisor --------------------------------------------------------------
+
+
+def status_file(directory: str, pid: int) -> Path:
+    """Where a supervised worker reports the store version it decides with."""
+    return Path(directory) / f"store-{pid}.json"
+
+
+def write_status(path: Path, sync: ConfigSync) -> None:
+    """Report atomically (temp file and rename): the supervisor never reads half a report."""
+    report = {"version": sync.applied_version, "store_up": sync.store_up, "error": sync.store_error}
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report))
+    os.replace(temporary, path)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None

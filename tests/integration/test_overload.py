@@ -1,0 +1,103 @@
+"""Overload: bounded queueing with fast 503s, never an allow, and no work for callers who left."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import grpc
+
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.model import Reason
+from authz_service.server.grpc import AuthorizationServicer
+from tests.conftest import StartService, jwks_introspector
+from tests.harness import Answer, check_request
+
+
+async def test_grpc_sheds_past_max_concurrent_checks_and_recovers(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    await idp.go_offline()  # no keys yet: every check waits for the one JWKS fetch below
+    service = await start_service(
+        {
+            "server": {"grpc_address": "127.0.0.1:0", "admin_address": None, "max_concurrent_checks": 3},
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
+    idp.delay = 0.5
+    await idp.go_online()
+    token = idp.mint()
+
+    async def one() -> Any:
+        started = time.monotonic()
+        try:
+            return await service.check(token=token), time.monotonic() - started
+        except grpc.aio.AioRpcError as err:
+            return err.code(), time.monotonic() - started
+
+    results = await asyncio.gather(*(one() for _ in range(10)))
+    allowed = [elapsed for outcome, elapsed in results if isinstance(outcome, Answer) and outcome.allowed]
+    shed = [elapsed for outcome, elapsed in results if outcome == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(allowed) == 3  # admitted: they waited for the keys
+    assert len(shed) == 7  # the rest: a fast no (Envoy answers it with status_on_error, a 503)
+    assert max(shed) < 0.4
+    assert len(allowed) + len(shed) == len(results)  # nothing was allowed that was not checked
+    # Load gone: everything is answered again at once.
+    assert all([(await service.check(token=token)).allowed for _ in range(10)])
+
+
+async def test_http_sheds_past_max_concurrent_checks_with_a_503(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    await idp.go_offline()
+    service = await start_service(
+        {
+            "server": {
+                "grpc_address": "127.0.0.1:0",
+                "admin_address": None,
+                "http_address": "127.0.0.1:0",
+                "max_concurrent_checks": 3,
+            },
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
+    idp.delay = 0.5
+    await idp.go_online()
+    assert service.service.http is not None
+    url = f"http://127.0.0.1:{service.service.http.port}/ext_authz/x"
+    headers = {"Authorization": f"Bearer {idp.mint()}"}
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> tuple[int, str]:
+            async with session.get(url, headers=headers) as response:
+                return response.status, (await response.text())
+
+        results = await asyncio.gather(*(one() for _ in range(10)))
+        assert sorted(status for status, _ in results) == [200] * 3 + [503] * 7
+        assert all("too many checks in flight" in body for status, body in results if status == 503)
+        statuses = [await one() for _ in range(5)]
+        assert [status for status, _ in statuses] == [200] * 5
+
+
+class _GoneCaller:
+    """The one thing Check asks of its context: how long the caller still waits (it has left)."""
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+
+async def test_a_check_whose_caller_has_left_is_not_computed(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp)]})
+    servicer = AuthorizationServicer(service.service.current_engine, service.service.metrics)
+    verified = service.service.engine.verified
+    before = (verified.hits, verified.misses)
+    raw = check_request("/x", token=idp.mint()).SerializeToString()
+    answer = Answer.of(pb.CheckResponse.FromString(await servicer.Check(raw, _GoneCaller())))  # type: ignore[arg-type]
+    assert answer.http_status == 503
+    assert answer.response.status.message == Reason.DEADLINE_EXCEEDED.label
+    assert (verified.hits, verified.misses) == before  # not even a cache lookup

@@ -1,0 +1,851 @@
+"""The resource API on a real service started from a config file: Aidbox's workflow, answers,
+validation, persistence, the config file watched, and `authz-service apply`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+
+from authz_service.config.validate import parse_config
+from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.errors import ConfigError
+from authz_service.store.file import FileStore
+from tests.api_harness import API_TOKEN, LONG_SECRET, ApiService, config_with_api, start_api_service
+from tests.conftest import Spawn, free_port, jwks_introspector, opaque_introspector
+from tests.harness import Answer, AuthorizationClient, check_request
+
+ROOT = Path(__file__).resolve().parents[2]
+StartApi = Callable[..., Awaitable[ApiService]]
+
+FILE_INTROSPECTOR = {
+    "id": "from-file",
+    "type": "jwt",
+    "jwt": {"iss": "https://file.example.com", "secret": LONG_SECRET},
+}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[StartApi]:
+    """Start services from config dicts (written to a file, store in tmp_path/store); stopped after."""
+    started: list[ApiService] = []
+
+    async def start(config: Mapping[str, Any] | None = None, path: Path | None = None) -> ApiService:
+        if config is None and path is None:
+            config = config_with_api({"backend": "file", "path": str(tmp_path / "store")})
+        service = await start_api_service(path or tmp_path / f"config-{len(started)}.yaml", config)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.close()
+
+
+def file_store(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    return config_with_api({"backend": "file", "path": str(tmp_path / "store")}, **sections)
+
+
+def hs256(idp: DevIdentityProvider, secret: str, **claims: Any) -> str:
+    """A JWT signed with an HMAC secret of any length (the tutorial's is short)."""
+    return idp.mint({"aud": None, **claims}, alg="HS256", key=secret, kid=None)
+
+
+async def minted(idp: DevIdentityProvider, claims: Mapping[str, Any] | None = None) -> str:
+    """An RS256 token, signed off the loop (an RSA signature on a busy 2-core machine can take a while)."""
+    return await asyncio.to_thread(idp.mint, claims)
+
+
+def doc_requests() -> list[tuple[str, str, dict[str, str], str]]:
+    """The ```http blocks of docs/resources.md: (method, path, headers, body)."""
+    text = (ROOT / "docs" / "resources.md").read_text()
+    requests = []
+    for block in re.findall(r"```http\n(.*?)```", text, re.S):
+        head, _, body = block.partition("\n\n")
+        request_line, *header_lines = head.splitlines()
+        method, path = request_line.split()
+        headers = dict(line.split(": ", 1) for line in header_lines)
+        requests.append((method, path, headers, body))
+    return requests
+
+
+# --------------------------------------------------------------------------- the seed guide
+
+
+async def test_the_seed_guide_requests_in_the_docs_work_verbatim(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    service = await api()
+    token = hs256(idp, "very-secret", iss="https://auth.example.com", sub="basic")
+    assert (await service.check("/Patient", token=token)).http_status == 401  # nobody trusts that issuer yet
+
+    requests = doc_requests()
+    assert [(m, p) for m, p, _, _ in requests] == [
+        ("PUT", "/TokenIntrospector/external-auth-server"),
+        ("PUT", "/AccessPolicy/external-auth-server"),
+        ("PUT", "/User/basic"),
+    ]
+    for method, path, headers, body in requests:
+        reply = await service.request(method, path, body, headers=headers)
+        assert reply.status == 201, (path, reply.body)
+        assert reply.headers["Location"] == path
+        sent = yaml.safe_load(body)
+        sent.get("jwt", {}).pop("secret", None)
+        assert reply.body == sent  # as stored, in JSON, without the secret
+
+    answer = await service.check("/Patient", token=token)
+    assert answer.allowed
+    assert answer.headers["x-user-id"] == "basic"
+    # The policy checks the issuer; the store has the files; the secret never came back.
+    assert (await service.check("/Patient", token=hs256(idp, "wrong-secret", iss="https://auth.example.com"))).code
+    assert sorted(p.name for p in (tmp_path / "store").glob("*.yaml")) == [
+        "AccessPolicy.external-auth-server.yaml",
+        "TokenIntrospector.external-auth-server.yaml",
+        "User.basic.yaml",
+    ]
+    got = await service.request("GET", "/TokenIntrospector/external-auth-server")
+    assert got.body["jwt"] == {"iss": "https://auth.example.com"}
+
+
+# --------------------------------------------------------------------------- access
+
+
+async def test_the_api_needs_the_token(api: StartApi) -> None:
+    service = await api()
+    for token in (None, "wrong", API_TOKEN + "x", API_TOKEN[:-1]):
+        reply = await service.request("GET", "/AccessPolicy", token=token)
+        assert reply.status == 401
+        assert reply.body["issue"][0]["code"] == "login"
+        expected = 'Bearer realm="authz-service"' + (', error="invalid_token"' if token else "")
+        assert reply.headers["WWW-Authenticate"] == expected
+    basic = await service.request("GET", "/AccessPolicy", token=None, headers={"Authorization": f"Basic {API_TOKEN}"})
+    assert basic.status == 401
+    put = await service.request("PUT", "/AccessPolicy/p", "engine: allow\n", token="wrong")
+    assert put.status == 401
+    assert (await service.request("GET", "/AccessPolicy/p")).status == 404  # nothing was written
+    assert (await service.request("GET", "/healthz", token=None)).status == 200
+    assert (await service.request("GET", "/AccessPolicy")).status == 200
+
+
+async def test_without_a_token_the_api_is_404_and_the_store_is_read(
+    api: StartApi, tmp_path: Path, idp: DevIdentityProvider
+) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "AccessPolicy.only-public.yaml").write_text("engine: matcho\nmatcho: {uri: '#^/public'}\n")
+    service = await api(
+        config_with_api(
+            {"backend": "file", "path": str(tmp_path / "store")}, token=None, introspectors=[jwks_introspector(idp)]
+        )
+    )
+    for method in ("GET", "PUT", "DELETE"):
+        assert (await service.request(method, "/AccessPolicy/only-public", "engine: allow\n")).status == 404
+    assert (await service.request("PUT", "/", "[]")).status == 404
+    assert (await service.check("/private", token=await minted(idp))).http_status == 403  # the store's policy applies
+    assert (await service.check("/public/x", token=await minted(idp))).allowed
+
+
+# --------------------------------------------------------------------------- CRUD
+
+
+async def test_put_get_list_delete(api: StartApi, tmp_path: Path) -> None:
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR]))
+    policy = {"resourceType": "AccessPolicy", "id": "p1", "engine": "matcho", "matcho": {"uri": "#^/a"}}
+    created = await service.request("PUT", "/AccessPolicy/p1", policy)
+    assert (created.status, created.body, created.headers["Location"]) == (201, policy, "/AccessPolicy/p1")
+    replaced = await service.request("PUT", "/AccessPolicy/p1", "engine: matcho\nmatcho: {uri: '#^/b'}\n")
+    assert replaced.status == 200
+    assert "Location" not in replaced.headers
+    assert replaced.body == {"resourceType": "AccessPolicy", "id": "p1", "engine": "matcho", "matcho": {"uri": "#^/b"}}
+    assert (await service.request("GET", "/AccessPolicy/p1")).body == replaced.body
+
+    await service.request(
+        "PUT",
+        "/TokenIntrospector/api-one",
+        {"type": "jwt", "jwt": {"iss": "https://api.example.com", "secret": LONG_SECRET}},
+    )
+    listed = await service.request("GET", "/TokenIntrospector")
+    assert listed.status == 200
+    assert listed.body == {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": 2,
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "TokenIntrospector",
+                    "id": "from-file",
+                    "type": "jwt",
+                    "jwt": {"iss": "https://file.example.com"},
+                }
+            },
+            {
+                "resource": {
+                    "resourceType": "TokenIntrospector",
+                    "id": "api-one",
+                    "type": "jwt",
+                    "jwt": {"iss": "https://api.example.com"},
+                }
+            },
+        ],
+    }
+    assert (await service.request("GET", "/TokenIntrospector/from-file")).body["jwt"] == {
+        "iss": "https://file.example.com"
+    }
+
+    deleted = await service.request("DELETE", "/AccessPolicy/p1")
+    assert (deleted.status, deleted.body) == (200, replaced.body)
+    assert (await service.request("GET", "/AccessPolicy/p1")).status == 404
+    again = await service.request("DELETE", "/AccessPolicy/p1")
+    assert (again.status, again.diagnostics) == (404, ["AccessPolicy/p1 does not exist"])
+    assert (await service.request("GET", "/AccessPolicy")).body["total"] == 0
+
+
+async def test_roles_are_resources_too(api: StartApi) -> None:
+    service = await api()
+    assert (await service.request("PUT", "/User/u1", "name: Ann\n")).status == 201
+    role = await service.request("PUT", "/Role/r1", "name: admin\nuser: {reference: User/u1}\n")
+    assert role.status == 201
+    assert role.body == {"resourceType": "Role", "id": "r1", "name": "admin", "user": {"reference": "User/u1"}}
+    assert (await service.request("GET", "/Role")).body["total"] == 1
+    invalid = await service.request("PUT", "/Role/r2", "user: {id: u1}\n")
+    assert (invalid.status, invalid.diagnostics) == (422, ["role 'r2': name is required"])
+    assert (await service.request("DELETE", "/Role/r1")).status == 200
+    assert (await service.request("GET", "/Role/r1")).status == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("POST", "/AccessPolicy/p", 405, "GET, PUT, DELETE"),
+        ("PATCH", "/AccessPolicy/p", 405, "GET, PUT, DELETE"),
+        ("DELETE", "/AccessPolicy", 405, "GET"),
+        ("POST", "/AccessPolicy", 405, "GET"),
+        ("GET", "/", 405, "PUT"),
+        ("GET", "/Patient/p", 404, None),
+        ("GET", "/Patient", 404, None),
+        ("GET", "/accesspolicy/p", 404, None),
+    ],
+)
+async def test_methods_and_types_the_api_does_not_serve(
+    api: StartApi, method: str, path: str, status: int, allow: str | None
+) -> None:
+    service = await api()
+    reply = await service.request(method, path, "engine: allow\n")
+    assert reply.status == status
+    assert reply.body["resourceType"] == "OperationOutcome"
+    assert reply.headers.get("Allow") == allow
+
+
+async def test_a_body_that_contradicts_the_url_is_422_and_meta_is_ignored(api: StartApi) -> None:
+    service = await api()
+    wrong_id = await service.request("PUT", "/AccessPolicy/p", "id: q\nengine: allow\n")
+    assert (wrong_id.status, wrong_id.diagnostics) == (422, ["the body: id 'q' contradicts 'p' in the URL"])
+    wrong_type = await service.request("PUT", "/AccessPolicy/p", "resourceType: User\nengine: allow\n")
+    assert wrong_type.status == 422
+    assert wrong_type.diagnostics == ["the body: resourceType 'User' contradicts AccessPolicy in the URL"]
+    not_a_mapping = await service.request("PUT", "/AccessPolicy/p", "- engine: allow\n")
+    assert (not_a_mapping.status, not_a_mapping.diagnostics) == (
+        422,
+        ["the body: must be a AccessPolicy resource (a mapping)"],
+    )
+    with_meta = await service.request("PUT", "/AccessPolicy/p", {"engine": "allow", "meta": {"versionId": "3"}})
+    assert with_meta.status == 201
+    assert with_meta.body == {"resourceType": "AccessPolicy", "id": "p", "engine": "allow"}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def bad_regex_problem(ident: str) -> str:
+    """What check-config says about a policy whose regex `(` does not compile."""
+    return check_config_problems({"policies": [{"id": ident, "engine": "matcho", "matcho": {"uri": "#("}}]})[0]
+
+
+def check_config_problems(config: Mapping[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(dict(config)), {})
+    return [str(p) for p in caught.value.problems]
+
+
+async def test_invalid_resources_are_422_with_the_check_config_texts_and_change_nothing(
+    api: StartApi, tmp_path: Path
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR]))
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("AccessPolicy", "bad-regex", {"engine": "matcho", "matcho": {"uri": "#("}}),
+        ("AccessPolicy", "unknown-engine", {"engine": "rego", "rule": "x"}),
+        ("AccessPolicy", "scoped", {"engine": "allow", "introspectors": ["nope"]}),
+        (
+            "TokenIntrospector",
+            "two-sources",
+            {"type": "jwt", "jwt": {"iss": "https://x", "secret": "s" * 40}, "jwks_uri": "https://x/jwks"},
+        ),
+        (
+            "TokenIntrospector",
+            "ttl",
+            {"type": "opaque", "cache_ttl": 0, "introspection_endpoint": {"url": "http://x/i"}},
+        ),
+        (
+            "TokenIntrospector",
+            "same-iss",
+            {"type": "jwt", "jwt": {"iss": "https://file.example.com", "secret": "s" * 40}},
+        ),
+    ]
+    for kind, ident, body in cases:
+        reply = await service.request("PUT", f"/{kind}/{ident}", body)
+        section = {"AccessPolicy": "policies", "TokenIntrospector": "introspectors"}[kind]
+        resource = {"id": ident, "resourceType": kind, **body}
+        expected = check_config_problems(
+            {
+                "introspectors": [FILE_INTROSPECTOR],
+                section: [*([FILE_INTROSPECTOR] if section == "introspectors" else []), resource],
+            }
+        )
+        assert reply.status == 422, (ident, reply.body)
+        assert reply.diagnostics == expected
+        assert all(issue["code"] == "invalid" and issue["severity"] == "error" for issue in reply.body["issue"])
+    assert (await service.request("GET", "/AccessPolicy")).body["total"] == 0
+    assert not list((tmp_path / "store").glob("*.yaml"))
+
+
+async def test_a_delete_that_breaks_another_resource_is_422(api: StartApi) -> None:
+    service = await api()
+    intro = {"type": "jwt", "jwt": {"iss": "https://i.example.com", "secret": LONG_SECRET}}
+    assert (await service.request("PUT", "/TokenIntrospector/i", intro)).status == 201
+    assert (await service.request("PUT", "/AccessPolicy/p", {"engine": "allow", "introspectors": ["i"]})).status == 201
+    reply = await service.request("DELETE", "/TokenIntrospector/i")
+    assert reply.status == 422
+    assert reply.diagnostics == ["policy 'p': introspectors must list configured introspector ids, unknown: ['i']"]
+    assert (await service.request("GET", "/TokenIntrospector/i")).status == 200
+
+
+async def test_malformed_bodies_are_400(api: StartApi) -> None:
+    service = await api()
+    yaml_reply = await service.request("PUT", "/AccessPolicy/p", "engine: [allow\n")
+    assert yaml_reply.status == 400
+    assert yaml_reply.body["issue"][0]["code"] == "structure"
+    assert yaml_reply.diagnostics[0].startswith("the body is not valid YAML at line 2")
+    for text in ('{"engine": "allow"', '{"a": NaN}', "\xff"):
+        reply = await service.request("PUT", "/AccessPolicy/p", text.encode("latin-1"), content_type="application/json")
+        assert reply.status == 400, text
+        assert reply.diagnostics[0].startswith("the body is not valid JSON")
+    not_utf8 = await service.request("PUT", "/AccessPolicy/p", b"engine: \xff\n")
+    assert (not_utf8.status, not_utf8.diagnostics) == (400, ["the body is not UTF-8 text"])
+    duplicate = await service.request(
+        "PUT", "/AccessPolicy/p", '{"engine": "allow", "engine": "matcho"}', content_type="application/json"
+    )
+    assert (duplicate.status, duplicate.diagnostics) == (
+        422,
+        ["the body has the key 'engine' twice in one object; keep one"],
+    )
+    dated = await service.request("PUT", "/User/u", "born: 2001-02-03\n")
+    assert (dated.status, dated.diagnostics) == (
+        422,
+        ["the body: born is a YAML date, not JSON data (quote it to make it a string)"],
+    )
+    assert (await service.request("PUT", "/AccessPolicy/p", "x", content_type="multipart/form-data")).status == 415
+    assert (await service.request("GET", "/AccessPolicy")).body["total"] == 0
+
+
+async def test_resources_from_the_config_file_are_read_only(api: StartApi, tmp_path: Path) -> None:
+    file_policy = {"id": "file-policy", "engine": "allow"}
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR], policies=[file_policy]))
+    path = service.path
+    for method, url in (
+        ("PUT", "/TokenIntrospector/from-file"),
+        ("DELETE", "/TokenIntrospector/from-file"),
+        ("PUT", "/AccessPolicy/file-policy"),
+    ):
+        reply = await service.request(method, url, "engine: allow\n")
+        assert reply.status == 409
+        assert reply.body["issue"][0]["code"] == "conflict"
+        assert reply.diagnostics == [f"{url[1:]} is defined in the config file {path}: change it there"]
+    bulk = await service.request(
+        "PUT",
+        "/",
+        [{"resourceType": "User", "id": "u"}, {"resourceType": "AccessPolicy", "id": "file-policy", "engine": "allow"}],
+    )
+    assert bulk.status == 409
+    assert (await service.request("GET", "/User/u")).status == 404  # all or nothing
+    assert (await service.request("GET", "/AccessPolicy/file-policy")).body == {
+        "resourceType": "AccessPolicy",
+        **file_policy,
+    }
+
+
+# --------------------------------------------------------------------------- bulk
+
+
+async def test_bulk_put_applies_all_or_none(api: StartApi, idp: DevIdentityProvider, tmp_path: Path) -> None:
+    service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "User", "id": "alice", "name": "Alice"},
+        {"resourceType": "AccessPolicy", "id": "public", "engine": "matcho", "matcho": {"uri": "#^/public"}},
+        {"resourceType": "AccessPolicy", "id": "broken", "engine": "matcho", "matcho": {"uri": "#("}},
+    ]
+    rejected = await service.request("PUT", "/", resources)
+    assert rejected.status == 422
+    assert rejected.diagnostics == [bad_regex_problem("broken")]
+    assert (await service.request("GET", "/User/alice")).status == 404
+    assert (await service.check("/private", token=await minted(idp))).allowed  # still no policies
+
+    applied = await service.request("PUT", "/", "\n".join(["- " + json.dumps(r) for r in resources[:2]]))
+    assert applied.status == 200
+    assert applied.body["issue"] == [
+        {"severity": "information", "code": "informational", "diagnostics": "User/alice: created"},
+        {"severity": "information", "code": "informational", "diagnostics": "AccessPolicy/public: created"},
+    ]
+    assert (await service.check("/private", token=await minted(idp))).http_status == 403
+    assert (await service.check("/public/x", token=await minted(idp))).allowed
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": {**resources[0], "name": "Al"}}, {"resource": resources[1]}],
+    }
+    again = await service.request("PUT", "/", bundle)
+    assert again.diagnostics == ["User/alice: updated", "AccessPolicy/public: unchanged"]
+
+
+@pytest.mark.parametrize(
+    ("body", "diagnostics"),
+    [
+        ({"resourceType": "User", "id": "u"}, ["PUT / takes a list of resources (or a Bundle of them)"]),
+        (["x"], ["entry 0: must be a resource (a mapping)"]),
+        ([{"id": "u"}], ["entry 0: resourceType must be one of TokenIntrospector, AccessPolicy, User, Role, got None"]),
+        ([{"resourceType": "User", "id": "a/b"}], ["entry 0: id may only contain letters, digits, '-' and '.'"]),
+        ([{"resourceType": "User"}], ["entry 0: id must be a non-empty string"]),
+        (
+            [{"resourceType": "User", "id": "u"}, {"resourceType": "User", "id": "u"}],
+            ["entry 1: User/u is in the list twice"],
+        ),
+    ],
+)
+async def test_bulk_lists_are_checked_entry_by_entry(api: StartApi, body: Any, diagnostics: list[str]) -> None:
+    service = await api()
+    reply = await service.request("PUT", "/", body)
+    assert (reply.status, reply.diagnostics) == (422, diagnostics)
+
+
+# --------------------------------------------------------------------------- applying
+
+
+async def test_a_put_decides_at_once_and_unchanged_introspectors_keep_their_keys(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp, {"sub": "bob"})
+    assert (await service.check("/admin", token=token)).allowed
+    assert idp.hits["jwks"] == 1
+    reply = await service.request(
+        "PUT", "/AccessPolicy/no-admin", "engine: matcho\nmatcho: {uri: {$not: '#^/admin'}}\n"
+    )
+    assert reply.status == 201
+    assert (await service.check("/admin", token=token)).http_status == 403  # no wait: decided with before the 201
+    assert (await service.check("/home", token=token)).allowed
+    assert idp.hits["jwks"] == 1  # the introspector was carried over with its keys
+    await service.request("DELETE", "/AccessPolicy/no-admin")
+    assert (await service.check("/admin", token=token)).allowed
+
+
+async def test_checks_in_flight_finish_on_the_engine_they_started_with(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[opaque_introspector(idp)]))
+    token = idp.issue_opaque({"sub": "carol"})
+    idp.delay = 1.0
+    in_flight = asyncio.ensure_future(service.check("/x", token=token))
+    await asyncio.sleep(0.3)
+    assert (await service.request("PUT", "/AccessPolicy/only-y", "engine: matcho\nmatcho: {uri: /y}\n")).status == 201
+    assert (await in_flight).allowed  # started with no policies: authentication only
+    idp.delay = 0.0
+    assert (await service.check("/x", token=token)).http_status == 403
+
+
+async def test_a_restart_loads_the_store(api: StartApi, idp: DevIdentityProvider, tmp_path: Path) -> None:
+    config = file_store(tmp_path, introspectors=[jwks_introspector(idp)])
+    first = await api(config)
+    await first.request("PUT", "/AccessPolicy/public", "engine: matcho\nmatcho: {uri: '#^/public'}\n")
+    await first.close()
+    second = await api(path=first.path)
+    assert (await second.request("GET", "/AccessPolicy/public")).status == 200
+    assert (await second.check("/private", token=await minted(idp))).http_status == 403
+
+
+async def test_sighup_keeps_the_store_resources(api: StartApi, idp: DevIdentityProvider, tmp_path: Path) -> None:
+    service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
+    await service.request("PUT", "/AccessPolicy/public", "engine: matcho\nmatcho: {uri: '#^/public'}\n")
+    sync = service.service.sync
+    assert sync is not None
+    assert await sync.reload_file("sighup")
+    assert [p.id for p in service.service.config.policies] == ["public"]
+
+
+async def test_a_store_file_edited_on_disk_is_applied_and_a_broken_one_is_refused(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    # As a `git pull` or a ConfigMap update would: written next to the service, not through it.
+    (tmp_path / "store" / "AccessPolicy.public.yaml").write_text("engine: matcho\nmatcho: {uri: '#^/public'}\n")
+    await eventually(lambda: service.check("/private", token=token), lambda a: a.http_status == 403, 2.0)
+    caplog.set_level(logging.ERROR, "authz_service")
+    (tmp_path / "store" / "AccessPolicy.broken.yaml").write_text("engine: matcho\nmatcho: {uri: '#('}\n")
+    await eventually(lambda: asyncio.sleep(0), lambda _: any("rejected" in r.getMessage() for r in caplog.records), 3.0)
+    await asyncio.sleep(1.2)  # more polls: the same rejection is not logged again
+    rejections = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejections) == 1
+    assert rejections[0].__dict__["fields"]["problems"] == [bad_regex_problem("broken")]
+    assert (await service.check("/private", token=token)).http_status == 403
+    assert (await service.check("/public/a", token=token)).allowed
+    # While the store holds a file that cannot be read, nothing is written (and the answer names it).
+    (tmp_path / "store" / "User.broken.yaml").write_text("name: a\nname: b\n")
+    blocked = await service.request("PUT", "/User/u", "name: U\n")
+    assert blocked.status == 503
+    assert blocked.diagnostics == [
+        "the store's content cannot be read, so nothing is written: store file User.broken.yaml: "
+        "has the key 'name' twice in one mapping (line 1 and line 2); keep one"
+    ]
+    assert (await service.request("GET", "/User")).status == 503
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], within: float, every: float = 0.05
+) -> float:
+    """Seconds until probe() satisfies ok(), failing after `within` seconds."""
+    started = time.monotonic()
+    while True:
+        value = await probe()
+        if ok(value):
+            return time.monotonic() - started
+        assert time.monotonic() - started < within, f"not within {within} s: {value!r}"
+        await asyncio.sleep(every)
+
+
+# --------------------------------------------------------------------------- the config file, watched
+
+
+async def test_a_rewritten_config_file_is_applied_and_a_bad_one_refused(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = file_store(tmp_path, introspectors=[jwks_introspector(idp)])
+    service = await api(config)
+    await service.request("PUT", "/User/u", "name: U\n")
+    token = await minted(idp)
+    assert (await service.check("/private", token=token)).allowed
+    service.path.write_text(
+        yaml.safe_dump({**config, "policies": [{"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public"}}]})
+    )
+    took = await eventually(lambda: service.check("/private", token=token), lambda a: a.http_status == 403, 5.0)
+    assert took < 5.0
+    assert "u" in service.service.config.users  # the store's resources stay
+
+    caplog.set_level(logging.ERROR, "authz_service")
+    service.path.write_text(service.path.read_text() + "policies: []\n")  # a duplicate key
+    await eventually(
+        lambda: asyncio.sleep(0), lambda _: any("config reload rejected" in r.getMessage() for r in caplog.records), 5.0
+    )
+    record = next(r for r in caplog.records if "config reload rejected" in r.getMessage())
+    assert record.__dict__["fields"]["problems"][0].startswith("config: has the key 'policies' twice")
+    assert (await service.check("/private", token=token)).http_status == 403  # the running config stays
+    # The file now defines what the API may not write.
+    assert (await service.request("PUT", "/AccessPolicy/public", "engine: allow\n")).status == 409
+
+
+async def test_a_configmap_update_of_the_config_file_is_applied(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    """The kubelet's layout: config.yaml -> ..data/config.yaml, ..data -> a timestamped directory,
+    and an update swaps ..data (a rename of a symlink) to a new directory."""
+    mount = tmp_path / "configmap"
+    mount.mkdir()
+    config = file_store(tmp_path, introspectors=[jwks_introspector(idp)])
+
+    def publish(content: dict[str, Any], generation: int) -> None:
+        data = mount / f"..2026_11_29_00_00_0{generation}.0000"
+        data.mkdir()
+        (data / "config.yaml").write_text(yaml.safe_dump(content))
+        (mount / "..data_tmp").symlink_to(data.name)
+        os.replace(mount / "..data_tmp", mount / "..data")
+        if not (mount / "config.yaml").is_symlink():
+            (mount / "config.yaml").symlink_to("..data/config.yaml")
+
+    publish(config, 1)
+    service = await api(path=mount / "config.yaml")
+    token = await minted(idp)
+    assert (await service.check("/private", token=token)).allowed
+    publish({**config, "policies": [{"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public"}}]}, 2)
+    await eventually(lambda: service.check("/private", token=token), lambda a: a.http_status == 403, 5.0)
+
+
+# --------------------------------------------------------------------------- readiness, metrics
+
+
+async def test_readyz_and_metrics_describe_the_store(api: StartApi) -> None:
+    service = await api()
+    await service.request("PUT", "/User/u", "name: U\n")
+    ready = await service.request("GET", "/readyz", token=None)
+    assert ready.status == 200
+    assert ready.body["status"] == "ready"
+    store = ready.body["store"]
+    assert (store["backend"], store["reachable"], store["resources"]) == ("file", True, 1)
+    metrics = (await service.request("GET", "/metrics", token=None)).body
+    assert "authz_resource_store_up 1.0" in metrics
+    assert "authz_resource_store_resources 1.0" in metrics
+    assert 'authz_config_reloads_total{outcome="applied",source="api"} 1.0' in metrics
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+async def run_cli(*args: str, env: Mapping[str, str] | None = None, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """`python -m authz_service ARGS` without blocking the loop (the service under test runs on it)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHZ_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "authz_service",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**base, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+APPLY_LIST = """\
+- resourceType: TokenIntrospector
+  id: external-auth-server
+  type: jwt
+  jwt: {iss: https://auth.example.com, secret: very-secret}
+- resourceType: User
+  id: basic
+"""
+APPLY_STREAM = """\
+resourceType: AccessPolicy
+id: external-auth-server
+engine: json-schema
+schema: {required: [jwt]}
+---
+- {resourceType: User, id: basic}
+- {resourceType: Role, id: basic-reader, name: reader, user: {id: basic}}
+"""
+APPLY_CONFIG_STYLE = """\
+server: {grpc_address: 127.0.0.1:9001}
+policies:
+  - id: external-auth-server
+    engine: json-schema
+    schema: {required: [jwt]}
+users:
+  - id: basic
+"""
+
+
+@pytest.mark.slow  # a Python subprocess per command
+async def test_apply_sends_a_file_as_one_bulk_put(api: StartApi, tmp_path: Path) -> None:
+    service = await api()
+    listed = tmp_path / "list.yaml"
+    listed.write_text(APPLY_LIST)
+    code, out, err = await run_cli("apply", "-f", str(listed), "--url", service.url, "--token", API_TOKEN)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"applied: {service.url} answered HTTP 200\n"
+        "  TokenIntrospector/external-auth-server: created\n"
+        "  User/basic: created\n"
+    )
+    stream = tmp_path / "stream.yaml"
+    stream.write_text(APPLY_STREAM)
+    code, out, _ = await run_cli("apply", "-f", str(stream), "--url", service.url, env={"AUTHZ_API_TOKEN": API_TOKEN})
+    assert code == 0
+    assert out.splitlines()[1:] == [
+        "  AccessPolicy/external-auth-server: created",
+        "  User/basic: unchanged",
+        "  Role/basic-reader: created",
+    ]
+    config_style = tmp_path / "config.yaml"
+    config_style.write_text(APPLY_CONFIG_STYLE)
+    code, out, err = await run_cli("apply", "-f", str(config_style), "--url", service.url, "--token", API_TOKEN)
+    assert code == 0
+    assert "note: ignoring server in document 1: only resources are applied" in err
+    assert out.splitlines()[1:] == ["  AccessPolicy/external-auth-server: unchanged", "  User/basic: unchanged"]
+    code, out, _ = await run_cli("apply", "-f", "-", "--url", service.url, "--token", API_TOKEN, stdin=b"[]\n")
+    assert (code, out.splitlines()[1:]) == (0, ["  nothing to apply"])
+
+
+@pytest.mark.slow  # a Python subprocess per command
+async def test_apply_prints_rejections_and_usage_errors(api: StartApi, tmp_path: Path) -> None:
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "- {resourceType: AccessPolicy, id: p, engine: matcho, matcho: {uri: '#('}}\n- {resourceType: User, id: u}\n"
+    )
+    code, out, err = await run_cli("apply", "-f", str(bad), "--url", service.url, "--token", API_TOKEN)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"rejected: {service.url} answered HTTP 422",
+        "  error: " + bad_regex_problem("p"),
+    ]
+    conflict = tmp_path / "conflict.yaml"
+    conflict.write_text("- {resourceType: TokenIntrospector, id: from-file, type: jwt}\n")
+    code, _, err = await run_cli("apply", "-f", str(conflict), "--url", service.url, "--token", API_TOKEN)
+    assert code == 1
+    assert "HTTP 409" in err
+    code, _, err = await run_cli("apply", "-f", str(bad), "--url", service.url, "--token", "wrong")
+    assert code == 1
+    assert "HTTP 401" in err
+
+    duplicate = tmp_path / "dup.yaml"
+    duplicate.write_text("- resourceType: User\n  id: a\n  id: b\n")
+    env_ref = tmp_path / "env.yaml"
+    env_ref.write_text("- {resourceType: User, id: u, email: '${EMAIL}'}\n")
+    usage: list[tuple[list[str], dict[str, str], str]] = [
+        (["apply", "-f", str(bad), "--url", service.url], {}, "no --token and no $AUTHZ_API_TOKEN"),
+        (["apply", "-f", str(bad), "--token", "t"], {}, "no --url"),
+        (["apply", "-f", str(bad), "--url", "ftp://x", "--token", "t"], {}, "--url must be"),
+        (["apply", "-f", str(tmp_path / "missing.yaml"), "--url", service.url, "--token", "t"], {}, "cannot read"),
+        (["apply", "-f", str(duplicate), "--url", service.url, "--token", "t"], {}, "has the key 'id' twice"),
+        (["apply", "--url", service.url, "--token", "t"], {}, "the following arguments are required: -f/--file"),
+    ]
+    for args, env, message in usage:
+        code, _, err = await run_cli(*args, env=env)
+        assert code == 2, args
+        assert message in err, err
+        assert "Traceback" not in err
+    code, _, err = await run_cli("apply", "-f", str(env_ref), "--url", service.url, "--token", API_TOKEN)
+    assert code == 0
+    assert "the service does not expand ${VAR}" in err
+    assert (await service.request("GET", "/User/u")).body["email"] == "${EMAIL}"
+    code, _, err = await run_cli("apply", "-f", str(bad), "--url", "http://127.0.0.1:1", "--token", "t")
+    assert code == 1
+    assert "cannot reach http://127.0.0.1:1" in err
+
+
+@pytest.mark.slow  # Python subprocesses
+async def test_check_config_and_start_up_load_a_file_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "AccessPolicy.public.yaml").write_text("engine: matcho\nmatcho: {uri: '#^/public'}\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**file_store(tmp_path), "introspectors": [FILE_INTROSPECTOR]}))
+    code, out, _ = await run_cli("check-config", str(config))
+    assert code == 0
+    assert out.splitlines() == [
+        "config OK: 1 introspector(s) [from-file (jwt)], 1 policy(ies), 0 user(s), 0 role(s), "
+        "cache memory, grpc 127.0.0.1:0",
+        f"with 1 resource(s) from the file store {store}",
+    ]
+    (store / "AccessPolicy.broken.yaml").write_text("engine: matcho\nengine: matcho\n")
+    for args in (["check-config", str(config)], ["--config", str(config)]):
+        code, _, err = await run_cli(*args)
+        assert code == 2, args
+        assert "store file AccessPolicy.broken.yaml: has the key 'engine' twice" in err
+        assert "Traceback" not in err
+
+
+@pytest.mark.slow  # waits out the start-up grace for an unreachable store
+async def test_a_store_that_cannot_be_reached_stops_the_start(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(config_with_api({"backend": "redis", "url": "redis://127.0.0.1:1/0"})))
+    started = time.monotonic()
+    code, _, err = await run_cli("--config", str(config))
+    assert code == 1
+    assert "cannot start: the redis store redis://127.0.0.1:1/0 is unreachable" in err
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in err
+
+
+def test_api_config_is_checked() -> None:
+    problems = check_config_problems(
+        {"server": {"admin_address": None}, "api": {"token": "has space", "store": {"backend": "s3"}}}
+    )
+    assert problems == [
+        "api: token must be 1 to 1024 visible ASCII characters (it is sent as a Bearer token)",
+        "api: token needs server.admin_address: the resource API is served on the admin listener",
+        "api: store.backend must be file or redis, got 's3'",
+    ]
+    assert check_config_problems({"api": {"token": API_TOKEN}}) == [
+        "api: store is required when token is set (where resources written through the API persist)"
+    ]
+    assert check_config_problems({"api": {"store": {"backend": "redis", "url": "http://x"}, "max_body_bytes": 1}}) == [
+        "api: store.url must be a redis:// or rediss:// URL",
+        "api: max_body_bytes must be between 1024 and 67108864, got 1",
+    ]
+    warned = parse_config(yaml.safe_dump({"api": {"token": "short", "store": {"path": "/x"}}}), {})
+    assert warned.warnings == ("api: token is shorter than 16 characters; use a long random token",)
+
+
+def _free_pair() -> int:
+    """A port P with P and P+1 free (worker_base_port for two workers)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    pytest.fail("no two consecutive free ports")
+
+
+@pytest.mark.slow  # a supervisor and two worker processes
+async def test_with_workers_a_2xx_means_every_worker_decides_with_it(
+    spawn: Spawn, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    base, admin = _free_pair(), free_port()
+    config = {"introspectors": [jwks_introspector(idp)], **file_store(tmp_path)}
+    config.pop("server")
+    await spawn(config, server={"workers": 2, "worker_base_port": base, "admin_address": f"127.0.0.1:{admin}"})
+    url = f"http://127.0.0.1:{admin}"
+    token = await minted(idp)
+    headers = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "text/yaml"}
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> Any:
+            try:
+                async with session.get(url + "/readyz") as response:
+                    return response.status, await response.json()
+            except aiohttp.ClientError:
+                return None, None
+
+        await eventually(ready, lambda r: r[0] == 200 and len(r[1]["store"]["workers"]) == 2, 30.0)
+
+        async def workers_answer(path: str) -> list[int]:
+            return [(await check_port(port, path, token)).http_status for port in (base, base + 1)]
+
+        assert await workers_answer("/private") == [200, 200]
+        for round_ in range(3):
+            body = f"engine: matcho\nmatcho: {{uri: '#^/public-{round_}'}}\n"
+            async with session.put(url + "/AccessPolicy/public", data=body, headers=headers) as response:
+                assert response.status == (201 if round_ == 0 else 200), await response.text()
+            # No waiting: the supervisor answered once both workers reported the new content.
+            assert await workers_answer(f"/public-{round_}/x") == [200, 200]
+            assert await workers_answer(f"/public-{round_ - 1}/x") == [403, 403]
+        _, body = await ready()
+        assert body["store"]["reachable"] is True
+        assert {w["version"] for w in body["store"]["workers"]} == {
+            (await FileStore(tmp_path / "store").load()).version
+        }
+        async with session.put(url + "/AccessPolicy/bad", data="engine: nope\n", headers=headers) as invalid:
+            assert invalid.status == 422
+
+
+async def check_port(port: int, path: str, token: str) -> Answer:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return Answer.of(await AuthorizationClient(channel).Check(check_request(path, token=token), timeout=10))
