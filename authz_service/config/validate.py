@@ -62,15 +62,19 @@ class _Common(NamedTuple):
     from_params: tuple[str, ...]
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate a config file; raise ConfigError listing every problem."""
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """A config file's text; ConfigError when it cannot be read or is not UTF-8."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError([Problem("config", "", f"cannot read {path}: {err.strerror}")]) from err
     except UnicodeDecodeError as err:
         raise ConfigError([Problem("config", "", f"{path} is not UTF-8 text (byte {err.start})")]) from err
-    return parse_config(text, env)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file; raise ConfigError listing every problem."""
+    return parse_config(read_config_text(path), env)
 
 
 def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:

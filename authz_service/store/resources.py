@@ -16,14 +16,12 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from authz_service.config import yamlload
 from authz_service.config.fields import expand_env
 from authz_service.config.model import Config
-from authz_service.config.validate import parse_config, validate_config
-from authz_service.errors import ConfigError, Problem
+from authz_service.config.validate import parse_config, read_config_text, validate_config
 from authz_service.store.base import KINDS, Key, Resource
 
 
@@ -52,13 +50,7 @@ class ConfigFile:
 
 def read_config_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> ConfigFile:
     """Read and validate the config file (ConfigError listing every problem, as `load_config`)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([Problem("config", "", f"cannot read {path}: {err.strerror}")]) from err
-    except UnicodeDecodeError as err:
-        raise ConfigError([Problem("config", "", f"{path} is not UTF-8 text (byte {err.start})")]) from err
-    return config_file(text, env, str(path))
+    return config_file(read_config_text(path), env, str(path))
 
 
 def config_file(text: str, env: Mapping[str, str] | None = None, path: str | None = None) -> ConfigFile:

@@ -13,34 +13,13 @@ import pytest
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.api_harness import ApiService, config_with_api, start_api_service
 from tests.conftest import jwks_introspector
+from tests.unit import test_aidbox_examples as aidbox
 
 StartApi = Callable[..., Awaitable[ApiService]]
 
-# Aidbox, "Restricting access to patient data" (tutorials/security-access-control-tutorials/
-# restricting-access-to-patient-data.md), the AccessPolicy as the tutorial PUTs it.
-PATIENT_COMPARTMENT = json.loads("""
-{
-    "resourceType": "AccessPolicy",
-    "id": "allow-to-get-patient-compartment",
-    "engine": "json-schema",
-    "schema": {
-        "type": "object",
-        "properties": {
-            "uri": {
-              "type": "string",
-              "pattern": "^/fhir/Patient/"
-            },
-            "params": {
-                "type": "object",
-                "required": ["resource/id"],
-                "properties": {
-                    "resource/id": {"constant": {"$data": "#/jwt/pid"}}
-                }
-            }
-        }
-    }
-}
-""")
+# Aidbox, "Restricting access to patient data": the AccessPolicy as the tutorial PUTs it (verbatim
+# in the catalogue of Aidbox's examples).
+PATIENT_COMPARTMENT = json.loads(aidbox.PATIENT_COMPARTMENT)
 
 # Aidbox, "AccessPolicy examples" 6 (accesspolicy-examples.md): CRUD on Patient and Practitioner.
 CRUD_ON_PATIENT: dict[str, Any] = {
