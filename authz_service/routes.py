@@ -63,7 +63,9 @@ _RPC = Route(MappingProxyType({}), "rpc")
 def route(method: str, path: str) -> Route:
     """The route of `path` (no query) for a lower-case method; no params and no operation if it is
     not a FHIR-style route."""
-    if not path.startswith("/"):
+    first = path[1:2]
+    # Most paths of a non-FHIR API end here: a route starts with a type, fhir, Organization, rpc or $.
+    if not path.startswith("/") or not ("A" <= first <= "Z" or first in "fr$/" or path == "/"):
         return _NONE
     # A FHIR server ignores empty segments (`/fhir/Patient/`, `//`): so do we.
     parts = (
