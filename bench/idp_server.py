@@ -3,8 +3,8 @@ the token material the benchmark needs.
 
 `python -m authz_service.devstack.idp` serves JWKS and introspection, but its keys and opaque tokens live
 inside that process, so nothing outside it can mint a token it accepts. This wrapper runs the same
-DevIdentityProvider, mints every token the scenarios use, issues the opaque tokens, writes them
-to files, and then serves until SIGTERM (in its own process, so its CPU is not the load
+DevIdentityProvider, mints every token the scenarios use, issues the opaque tokens (the pool's,
+each for a user of its own), writes them to files, and then serves until SIGTERM (in its own process, so its CPU is not the load
 generator's or the service's).
 
     python bench/idp_server.py --out DIR [--opaque N] [--ttl S]
@@ -18,13 +18,21 @@ import asyncio
 import json
 import signal
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from authz_service.devstack.idp import DevIdentityProvider
+
+
+def pool_claims(number: int) -> dict[str, Any]:
+    """The introspection answer of pooled token `number`: a user of its own, with a UUID-shaped id
+    as Keycloak and most IdPs issue (the other members are the dev IdP's, the same for all)."""
+    return {"sub": str(uuid.UUID(int=number + 1, version=4))}
 
 
 async def serve(out: Path, opaque: int, ttl: int) -> None:
@@ -42,12 +50,16 @@ async def serve(out: Path, opaque: int, ttl: int) -> None:
             # The IdP's kid, signed by another P-256 key: a well-formed token whose signature fails.
             "es256_bad_signature": idp.mint(alg="ES256", ttl=ttl, key=stranger),
             "hs256_reader": idp.mint({"roles": ["reader"], "email": "user-1@example.com"}, alg="HS256", ttl=ttl),
+            # Expired an hour ago (far beyond any leeway): refused however fast the service must be.
+            "es256_expired": idp.mint(alg="ES256", ttl=-3600),
             "opaque": idp.issue_opaque(ttl=ttl),
         }
         pool = out / "opaque-tokens.txt"
         with pool.open("w") as handle:
-            for _ in range(opaque):
-                handle.write(idp.issue_opaque(ttl=ttl) + "\n")
+            for number in range(opaque):
+                # Each pooled token belongs to its own user, as in a real cache of many users:
+                # every cached entry then holds its own user id, claims and ready-made headers.
+                handle.write(idp.issue_opaque(pool_claims(number), ttl=ttl) + "\n")
         material = {
             "issuer": idp.issuer,
             "jwks_uri": idp.jwks_uri,

@@ -1,5 +1,6 @@
-"""Load generators, each bounded by a duration: h2load (gRPC Check over h2c), wrk (HTTP through
-Envoy) and bench/grpc_load.py (a distinct token on every Check, which h2load cannot send)."""
+"""Load generators, each bounded by a duration: h2load (gRPC Check over h2c, HTTP/1.1 with --h1,
+open-loop with --rps), wrk (HTTP through Envoy) and bench/grpc_load.py (a distinct token on
+every Check, which h2load cannot send)."""
 
 from __future__ import annotations
 
@@ -58,32 +59,104 @@ class LoadResult:
     p99_ms: float = float("nan")
 
 
-def h2load(port: int, body: Path, connections: int, duration: float | str, log_file: Path | None = None) -> LoadResult:
-    """h2load against Check over h2c for `duration` (seconds, or e.g. "500ms"); percentiles need log_file."""
-    argv = ["h2load", "-c", str(connections), "-m", "1", "-t", "1", "-D", str(duration)]
-    argv += ["-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body)]
+@dataclasses.dataclass(frozen=True)
+class H2Result(LoadResult):
+    """h2load's summary, and with --log-file every request's (start µs since epoch, status, µs)."""
+
+    started: int = 0  # requests h2load began (open-loop: the offered load)
+    failed: int = 0  # failed + errored + timed out
+    statuses: dict[str, int] = dataclasses.field(default_factory=dict)  # "2xx" -> count
+    log: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # h2load's "finished in"
+
+    def status_share(self, prefix: str) -> float:
+        """Share of the logged answers whose HTTP status starts with prefix ("5", "503")."""
+        if not self.log:
+            return float("nan")
+        return sum(1 for _, status, _ in self.log if str(status).startswith(prefix)) / len(self.log)
+
+
+GRPC_HEADERS: Final = ("content-type: application/grpc", "te: trailers")
+_SECONDS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def h2load_run(
+    url: str,
+    *,
+    connections: int,
+    duration: float | str,
+    streams: int = 1,
+    h1: bool = False,
+    body: Path | None = None,
+    headers: Sequence[str] = (),
+    log_file: Path | None = None,
+    rps: float | None = None,
+    strict: bool = True,
+) -> H2Result:
+    """One bounded h2load run (`duration` seconds, or e.g. "500ms"): -c connections x -m streams.
+
+    h1: HTTP/1.1 keep-alive (`--h1`) instead of h2c. rps: open-loop, that many requests per second
+    per connection (h2load --rps). log_file: every request's latency, for p50/p99. strict: any
+    failed request or any non-2xx answer raises (a load that measured errors is no measurement).
+    """
+    argv = ["h2load", "-c", str(connections), "-m", str(streams), "-t", "1", "-D", str(duration)]
+    if h1:
+        argv.append("--h1")
+    if rps is not None:
+        argv.append(f"--rps={max(rps, 0.1):.1f}")
+    for header in headers:
+        argv += ["-H", header]
+    if body is not None:
+        argv += ["-d", str(body)]
     if log_file is not None:
         argv.append(f"--log-file={log_file}")
-    argv.append(f"http://{HOST}:{port}{CHECK_PATH}")
-    done = run_cmd(argv, timeout=(duration if isinstance(duration, (int, float)) else 30) + 30)
+    argv.append(url)
+    bound = duration if isinstance(duration, (int, float)) else 30
+    done = run_cmd(argv, timeout=bound + 30)
     out = done.stdout
-    rate = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
+    finished = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
     counts = re.search(
-        r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+        out,
     )
-    codes = re.search(r"status codes: (\d+) 2xx", out)
-    if not rate or not counts:
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not finished or not counts:
         raise RuntimeError(f"h2load failed (exit {done.returncode}):\n{out[-1500:]}\n{done.stderr[-800:]}")
-    answered = int(counts.group(2))
-    failed = int(counts.group(4)) + int(counts.group(5))
-    if failed or (int(codes.group(1)) if codes else 0) != answered:
-        raise RuntimeError(f"h2load saw failures:\n{out[-1500:]}")
-    if log_file is None:
-        return LoadResult(float(rate.group(1)), answered)
-    micros = [
-        float(parts[2]) for parts in (line.split("\t") for line in log_file.read_text().splitlines()) if len(parts) >= 3
-    ]
-    return LoadResult(float(rate.group(1)), answered, percentile(micros, 0.50) / 1000, percentile(micros, 0.99) / 1000)
+    answered = int(counts.group(3))
+    failed = int(counts.group(5)) + int(counts.group(6)) + int(counts.group(7))
+    statuses = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, codes.groups()), strict=True)) if codes else {}
+    if strict and (failed or statuses.get("2xx", 0) != answered):
+        raise RuntimeError(f"h2load saw failures or non-2xx answers:\n{out[-1500:]}")
+    log: list[tuple[int, int, int]] = []
+    if log_file is not None:
+        for line in log_file.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                log.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    micros = [float(latency) for _, _, latency in log]
+    return H2Result(
+        rate=float(finished.group(3)),
+        done=answered,
+        p50_ms=percentile(micros, 0.50) / 1000,
+        p99_ms=percentile(micros, 0.99) / 1000,
+        started=int(counts.group(2)),
+        failed=failed,
+        statuses=statuses,
+        log=log,
+        seconds=float(finished.group(1)) * _SECONDS.get(finished.group(2), 1.0),
+    )
+
+
+def h2load(port: int, body: Path, connections: int, duration: float | str, log_file: Path | None = None) -> LoadResult:
+    """h2load against Check over h2c, one stream per connection; percentiles need log_file."""
+    return h2load_run(
+        f"http://{HOST}:{port}{CHECK_PATH}",
+        connections=connections,
+        duration=duration,
+        body=body,
+        headers=GRPC_HEADERS,
+        log_file=log_file,
+    )
 
 
 _WRK_UNITS: Final = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}

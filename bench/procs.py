@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -267,6 +268,7 @@ class Server:
     serving_s: float
     processes: int = 1
     admin_port: int | None = None
+    http_port: int | None = None  # server.http_address (HTTP mode), when the scenario turned it on
     worker_ports: list[int] = dataclasses.field(default_factory=list)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the service's config as written
 
@@ -284,16 +286,34 @@ HARNESS_WHY: Final = (
 )
 
 
-def start_authz(name: str, config: dict[str, Any], workdir: Path) -> Server:
+def wait_http_ready(port: int, proc: Proc, timeout: float = START_TIMEOUT) -> None:
+    """Until the HTTP-mode listener answers GET /readyz with 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.tail()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as reply:
+            if reply.status == 200:
+                return
+        time.sleep(0.01)
+    raise RuntimeError(f"{proc.name}: HTTP /readyz not 200 after {timeout:g} s:\n{proc.tail()}")
+
+
+def start_authz(name: str, config: dict[str, Any], workdir: Path, *, http: bool = False) -> Server:
     """Write the scenario's config, check it with `check-config`, start the service, wait for SERVING.
 
-    Only the HARNESS_SETTINGS are added (and worker_base_port when workers > 1): every other
-    setting is the scenario's or the service's default. With workers > 1 the workers also listen
-    on worker_base_port + i, and SERVING means every worker's own port answers SERVING (a health
-    check on the shared port reaches just one of them).
+    Only the HARNESS_SETTINGS are added (and worker_base_port when workers > 1; and, with http,
+    server.http_address on a free port, which the scenario must list as its reason to differ):
+    every other setting is the scenario's or the service's default. With workers > 1 the workers
+    also listen on worker_base_port + i, and SERVING means every worker's own port answers SERVING
+    (a health check on the shared port reaches just one of them). With http, the HTTP listener's
+    /readyz must answer 200 as well.
     """
     port, admin_port = free_port(), free_port()
     server = config.setdefault("server", {})
+    http_port = free_port() if http else None
+    if http_port is not None:
+        server["http_address"] = f"{HOST}:{http_port}"
     server.update(
         {
             "grpc_address": f"{HOST}:{port}",
@@ -316,12 +336,17 @@ def start_authz(name: str, config: dict[str, Any], workdir: Path) -> Server:
     proc = start(f"authz-{name}", [PY, "-m", "authz_service", "--config", str(path)], workdir)
     try:
         if workers == 1:
-            return Server(proc, port, wait_serving(port, proc), 1, admin_port, config=config)
+            serving = wait_serving(port, proc)
+            if http_port is not None:
+                wait_http_ready(http_port, proc)
+            return Server(proc, port, serving, 1, admin_port, http_port, config=config)
         base = int(server["worker_base_port"])
         ports = [base + i for i in range(workers)]
         serving = max(wait_serving(worker_port, proc) for worker_port in ports)
         serving = max(serving, wait_serving(port, proc))
-        return Server(proc, port, serving, workers, admin_port, ports, config)
+        if http_port is not None:
+            wait_http_ready(http_port, proc)
+        return Server(proc, port, serving, workers, admin_port, http_port, ports, config)
     except BaseException:
         proc.stop()
         raise
@@ -333,6 +358,16 @@ def start_noop(workdir: Path, name: str = "noop") -> Server:
     try:
         port = int(proc.ready_line(START_TIMEOUT)["port"])
         return Server(proc, port, wait_serving(port, proc))
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def start_noop_http(workdir: Path, name: str = "noop-http") -> tuple[Proc, int]:
+    """bench/noop_http_server.py, the HTTP floor: the process and its port."""
+    proc = start(name, [PY, str(BENCH / "noop_http_server.py"), "--port", "0"], workdir)
+    try:
+        return proc, int(proc.ready_line(START_TIMEOUT)["port"])
     except BaseException:
         proc.stop()
         raise

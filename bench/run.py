@@ -1,19 +1,22 @@
 """authz-service benchmark: one command, loopback only, every load bounded.
 
-    python bench/run.py                 # full run (~10 min)
-    python bench/run.py --quick         # smoke run (~2 min)
+    python bench/run.py                 # full run (~13 min)
+    python bench/run.py --quick         # smoke run (~4 min)
     python bench/run.py --scenarios noop,es256-jwks,es256-w2
     python bench/run.py --list
 
-It starts the dev identity provider (bench/idp_server.py), a no-op grpc.aio Check server
-(bench/noop_server.py, the floor), one authz-service process per scenario on the shipped
-defaults plus the scenario's own settings, and for the Envoy scenarios a real Envoy (the dev
-stack's launcher, authz_service.devstack.envoy) plus the echo upstream. Every scenario's answer
-is checked with a real gRPC (or HTTP) client before it is measured. Results: a markdown table on
-stdout and in bench/results/latest.md. See docs/performance.md.
+It starts the dev identity provider (bench/idp_server.py), the floors (a no-op grpc.aio Check
+server, bench/noop_server.py, and a no-op aiohttp server, bench/noop_http_server.py), one
+authz-service process per scenario on the shipped defaults plus the scenario's own settings, and
+for the Envoy scenarios a real Envoy (the dev stack's launcher, authz_service.devstack.envoy)
+plus the echo upstream. Every scenario's answer is checked with a real gRPC (or HTTP) client
+before it is measured. Results: a markdown table on stdout and in bench/results/latest.md, and
+the concurrency sweep's plots next to it (bench/results/*.png). See docs/performance.md.
 
-The parts: procs.py (processes, meters), load.py (h2load, wrk, grpc_load.py), scenarios.py,
-report.py; this file is the command line and the progress line.
+The parts: procs.py (processes, meters), load.py (h2load, wrk, grpc_load.py), scenarios.py
+(the scenarios' shared machinery and most scenarios), overload.py (5x overload) with
+overload_probe.py, sweep.py (concurrency sweep) and plots.py, micro_decision_log.py,
+catalog.py (names, bounds, order), report.py; this file is the command line and the progress line.
 """
 
 from __future__ import annotations
@@ -58,10 +61,12 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import TextIO  # noqa: E402
 
+import plots  # noqa: E402
+from catalog import SCENARIOS, plan, time_limit  # noqa: E402
 from load import ensure_tools  # noqa: E402
 from procs import stop_all  # noqa: E402
 from report import background_busy, brief, busy_text, machine_info, report  # noqa: E402
-from scenarios import FULL, QUICK, SCENARIOS, Bench, plan  # noqa: E402
+from scenarios import FULL, QUICK, Bench  # noqa: E402
 
 RESULTS = BENCH / "results"
 
@@ -136,10 +141,29 @@ class Progress:
                 self.stream.flush()
 
 
+def draw_plots(bench: Bench, info: dict[str, str], out: Path, profile: str) -> None:
+    """The sweep's PNGs next to the report (a quick run's prefixed `quick-`, so a smoke run never
+    replaces the pictures docs/performance.md shows); their paths, or why none, in bench.extra."""
+    points = bench.extra.get("sweep")
+    if not points:
+        return
+    missing = plots.available()
+    if missing:
+        bench.extra["plots_missing"] = missing
+        print(f"bench: no plots: {missing}", file=sys.stderr)
+        return
+    title = (
+        f"{info.get('cpus (nproc)', '?')} vCPU {info.get('cpu model', '')}, {profile} run, {time.strftime('%Y-%m-%d')}, "
+        f"commit {info.get('commit', '?')}\nload generator, servers and Envoy on the same cores"
+    )
+    prefix = "quick-" if profile == "quick" else ""
+    bench.extra["plots"] = plots.write(points, out.parent, prefix, title)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~2 min)")
-    parser.add_argument("--scenarios", help="comma-separated subset (noop is always measured)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (~4 min)")
+    parser.add_argument("--scenarios", help="comma-separated subset (the floors are always measured)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md", help="where to write the markdown")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, bodies)")
@@ -174,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:
             progress.begin(name)
             scenario_started = time.monotonic()
-            row = bench.run_one(name)
+            row = bench.run_one(name, SCENARIOS[name], time_limit(name, profile))
             progress.end(brief(row), time.monotonic() - scenario_started)
         progress.close()
         bench.finish_ratios()
         stop_all()
         info["background CPU load after the run"] = busy_text(background_busy(1.0))
-        text = report(bench, info, profile, time.monotonic() - started)
+        draw_plots(bench, info, args.out, profile.name)
+        text = report(bench, info, profile, time.monotonic() - started, args.out.parent)
     except KeyboardInterrupt:
         progress.close()
         print("\nbench: interrupted", file=sys.stderr)

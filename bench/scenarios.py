@@ -20,23 +20,27 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from checkreq import CHECK_PATH, check_request, frame
-from load import grpc_load, h2load, wrk
+from checkreq import CHECK_PATH, check_request, frame, http_check_headers, http_check_path
+from load import grpc_load, h2load, h2load_run, wrk
 from procs import (
     BENCH,
     HARNESS_SETTINGS,
     HOST,
+    PY,
+    ROOT,
     CpuMeter,
     Proc,
     Server,
     Skip,
     free_port,
     rss_bytes,
+    run_cmd,
     start_authz,
     start_echo,
     start_envoy,
     start_idp,
     start_noop,
+    start_noop_http,
     tree_pids,
 )
 
@@ -46,6 +50,7 @@ from authz_service.config.validate import validate_config
 from authz_service.devstack.envoy import ENVOY_YAML, load_config, on_loopback
 
 JWT_AUTHN_YAML: Final = BENCH / "envoy-jwt-authn.yaml"
+ENVOY_HTTP_YAML: Final = ROOT / "envoy" / "envoy-http.yaml"  # the shipped HTTP-mode front proxy
 AUDIENCE: Final = "authz-service"
 FILL_ENTRIES: Final = 100_000
 RSS_SCENARIO: Final = "rss-100k"
@@ -63,8 +68,12 @@ class Profile:
     envoy_s: int  # wrk -d through Envoy
     fill_timeout_s: int  # bound on filling the cache with 100k entries
     scenario_timeout_s: int  # wall clock bound on any one scenario (fill scenario: + fill_timeout_s)
-    noop_rounds: int  # the no-op floor is measured this many times, spread over the run
+    noop_rounds: int  # the no-op floors are measured this many times, spread over the run
     fill_entries: int  # distinct tokens put in the opaque cache for the RSS measurement
+    sweep_s: int  # h2load -D at each point of the concurrency sweep
+    overload_baseline_s: int  # the overload probe's run before the load
+    overload_s: int  # the 5x open-loop load
+    overload_recover_s: int  # the probe's run after the load (the recovery window)
 
 
 # quick: a smoke run; the RSS fill is 10k entries, extrapolated linearly to 100k (and said so).
@@ -79,6 +88,10 @@ QUICK: Final = Profile(
     scenario_timeout_s=60,
     noop_rounds=2,
     fill_entries=10_000,
+    sweep_s=1,
+    overload_baseline_s=1,
+    overload_s=4,
+    overload_recover_s=7,
 )
 FULL: Final = Profile(
     "full",
@@ -91,6 +104,10 @@ FULL: Final = Profile(
     scenario_timeout_s=120,
     noop_rounds=3,
     fill_entries=FILL_ENTRIES,
+    sweep_s=3,
+    overload_baseline_s=2,
+    overload_s=10,
+    overload_recover_s=10,
 )
 
 
@@ -119,6 +136,9 @@ class Row:
     status: str = "ok"
     # Settings that differ from the service's defaults beyond HARNESS_SETTINGS; None: no service ran.
     deviations: dict[str, str] | None = None
+    # The floor its ratio is to, filled in at the end: "grpc" (the no-op grpc.aio server), "http"
+    # (the no-op aiohttp server); "" when the scenario sets its own ratio or has none.
+    floor: str = "grpc"
 
 
 # --------------------------------------------------------------------------- defaults
@@ -127,6 +147,8 @@ class Row:
 def _shown(section: str, name: str, value: Any, raw: Mapping[str, Any]) -> str:
     if name.endswith("_port"):
         return "<free port>"
+    if name.endswith("_address") and isinstance(value, str) and value.startswith(f"{HOST}:"):
+        return f"{HOST}:<free port>"
     written = raw.get(section, {}).get(name, value) if isinstance(raw.get(section), Mapping) else value
     return str(written).lower() if isinstance(written, bool) else str(written)
 
@@ -192,6 +214,29 @@ def _http(url: str, token: str | None) -> tuple[int, dict[str, Any]]:
         return err.code, {}
 
 
+def http_answer(url: str, headers: list[str]) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request with `name: value` headers: status, headers (lower-case names), body."""
+    pairs = dict(line.split(": ", 1) for line in headers)
+    request = urllib.request.Request(url, headers=pairs)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return int(reply.status), {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+
+def verify_http_check(url: str, allow: list[str], denials: Mapping[str, list[str]]) -> str:
+    """HTTP mode answers: `allow` headers get 200 with x-user-id user-1; each denial 401."""
+    status, headers, body = http_answer(url, allow)
+    if status != 200 or headers.get("x-user-id") != "user-1":
+        raise RuntimeError(f"wrong answer: expected 200 with x-user-id user-1, got {status} {body[:200]!r}")
+    for what, denied in denials.items():
+        status, headers, body = http_answer(url, denied)
+        if status != 401 or "x-user-id" in headers:
+            raise RuntimeError(f"wrong answer for {what}: expected 401, got {status} {body[:200]!r}")
+    return "allow 200 (x-user-id user-1); 401 for " + " and ".join(denials)
+
+
 # --------------------------------------------------------------------------- the run's state
 
 
@@ -209,6 +254,8 @@ class Bench:
         self.uncached_used = 0
         self.idp: Proc | None = None
         self.noop: Server | None = None
+        self.noop_http: tuple[Proc, int] | None = None  # the HTTP floor: process, port
+        self.noop_http_rates: list[float] = []
 
     def start_idp(self, opaque: int) -> None:
         self.idp, self.material = start_idp(self.work, opaque)
@@ -275,9 +322,9 @@ class Bench:
 
     # -- starting the service -----------------------------------------------------------------
 
-    def start_service(self, row: Row, config: dict[str, Any], why: str | None = None) -> Server:
+    def start_service(self, row: Row, config: dict[str, Any], why: str | None = None, *, http: bool = False) -> Server:
         """start_authz, recorded in the row; a config off the defaults must come with a reason."""
-        server = start_authz(row.scenario, config, self.work)
+        server = start_authz(row.scenario, config, self.work, http=http)
         row.deviations = deviations(server.config)
         if row.deviations and not why:
             server.proc.stop()
@@ -306,6 +353,31 @@ class Bench:
         lat = h2load(server.port, body, 1, self.p.latency_s, log_file=self.work / f"{row.scenario}.lat.tsv")
         row.p50_ms, row.p99_ms = lat.p50_ms, lat.p99_ms
         row.body_bytes = body.stat().st_size
+
+    def measure_http(self, row: Row, pid: int, url: str, headers: list[str]) -> None:
+        """h2load --h1 (HTTP/1.1 keep-alive) at 16 connections for checks/s and CPU, at 1 for p50/p99."""
+        h2load_run(url, connections=16, duration=f"{self.p.warmup_ms}ms", h1=True, headers=headers)
+        with CpuMeter(pid) as cpu:
+            result = h2load_run(url, connections=16, duration=self.p.throughput_s, h1=True, headers=headers)
+        row.rate = result.rate
+        row.cpu_pct = cpu.percent
+        row.cpu_us = 1e6 * cpu.seconds / max(1, result.done)
+        row.rss_mb = rss_bytes(tree_pids(pid)) / 2**20
+        lat = h2load_run(
+            url,
+            connections=1,
+            duration=self.p.latency_s,
+            h1=True,
+            headers=headers,
+            log_file=self.work / f"{row.scenario}.lat.tsv",
+        )
+        row.p50_ms, row.p99_ms = lat.p50_ms, lat.p99_ms
+
+    def start_noop_http(self) -> tuple[Proc, int]:
+        """The HTTP floor, started once and kept for the run."""
+        if self.noop_http is None:
+            self.noop_http = start_noop_http(self.work)
+        return self.noop_http
 
     def authz_scenario(
         self,
@@ -406,6 +478,88 @@ class Bench:
         row = Row("hs256-matcho", "JWT HS256 + 2 matcho policies (2nd one allows)")
         return self.authz_scenario(row, self.cfg_matcho(), self.token("hs256_reader"))
 
+    # -- HTTP mode (server.http_address) --------------------------------------------------------
+
+    def s_noop_http(self) -> Row:
+        """The HTTP floor: bench/noop_http_server.py, the same requests as the HTTP scenarios."""
+        round_ = len(self.noop_http_rates) + 1
+        row = Row(
+            "noop-http" if round_ == 1 else f"noop-http #{round_}",
+            "no-op aiohttp server on uvloop, HTTP/1.1 (the HTTP floor)",
+            floor="http",
+        )
+        if round_ > 1:
+            row.what = "no-op aiohttp again (the HTTP floor is the mean of all its rounds)"
+        proc, port = self.start_noop_http()
+        url = f"http://{HOST}:{port}{http_check_path('forward_auth')}"
+        headers = http_check_headers(self.token("es256"), "forward_auth")
+        status, _, _ = http_answer(url, headers)
+        if status != 200:
+            raise RuntimeError(f"the no-op HTTP server answered {status}")
+        row.verified = "OK (200)"
+        self.measure_http(row, proc.pid, url, headers)
+        assert row.rate is not None
+        self.noop_http_rates.append(row.rate)
+        return row
+
+    def _http_mode(self, row: Row, mode: str) -> Row:
+        """The service at its defaults plus server.http_address, an ES256 JWT (keys from JWKS,
+        one token repeated: the verified-token cache), measured like the HTTP floor."""
+        why = "server.http_address set: HTTP mode (off by default) is what this scenario measures"
+        server = self.start_service(row, self.cfg_jwks(), why, http=True)
+        try:
+            url = f"http://{HOST}:{server.http_port}{http_check_path(mode)}"
+            headers = http_check_headers(self.token("es256"), mode)
+            row.verified = verify_http_check(
+                url,
+                headers,
+                {
+                    "a bad signature": http_check_headers(self.token("es256_bad_signature"), mode),
+                    "no token": http_check_headers(None, mode),
+                },
+            )
+            self.measure_http(row, server.proc.pid, url, headers)
+            row.notes.append(f"h2load --h1 to {http_check_path(mode)}, {len(headers)} request headers")
+        finally:
+            server.proc.stop()
+        return row
+
+    def s_http_forward_auth(self) -> Row:
+        row = Row(
+            "http-forward-auth-es256",
+            "HTTP mode, /forward_auth (nginx, Traefik), JWT ES256 via JWKS, one token repeated",
+            floor="http",
+        )
+        return self._http_mode(row, "forward_auth")
+
+    def s_http_ext_authz(self) -> Row:
+        row = Row(
+            "http-ext-authz-es256",
+            "HTTP mode, /ext_authz/<path> (Envoy http_service), JWT ES256 via JWKS, one token repeated",
+            floor="http",
+        )
+        return self._http_mode(row, "ext_authz")
+
+    # -- the decision log's cost on the loop --------------------------------------------------
+
+    def s_decision_log(self) -> Row:
+        """bench/micro_decision_log.py: log_decision's cost per Check with the writer thread running."""
+        row = Row("decision-log", "decision log line per Check, writer thread running (microbenchmark)", floor="")
+        rounds = 3 if self.p.name == "quick" else 7
+        done = run_cmd([PY, str(BENCH / "micro_decision_log.py"), "--rounds", str(rounds)], timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"micro_decision_log.py failed:\n{done.stderr[-1500:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        self.extra["decision_log"] = result
+        row.verified = f"{result['lines_written']:,} lines written, {result['dropped']} dropped"
+        row.notes.append(
+            f"on the loop: {result['call_us']:.2f} µs CPU per call (log_decision builds a tuple and enqueues it); "
+            f"writer thread: {result['writer_us']:.2f} µs CPU per line (format + write to /dev/null); "
+            f"at most {result['total_us']:.2f} µs per Check if all the writer's GIL time came out of the loop's; "
+            f"medians of {rounds} rounds of {result['calls_per_round']:,} calls"
+        )
+        return row
+
     def s_opaque_uncached(self) -> Row:
         """Every Check carries a token never seen before: one introspection call to the IdP each.
 
@@ -475,7 +629,11 @@ class Bench:
     def s_rss_100k(self) -> Row:
         """Fill the opaque cache with distinct tokens (the uncached path) and read VmRSS."""
         entries = self.p.fill_entries
-        row = Row(RSS_SCENARIO, f"RSS with {entries // 1000}k cached opaque entries (filled via the uncached path)")
+        row = Row(
+            RSS_SCENARIO,
+            f"RSS with {entries // 1000}k cached opaque entries, each a user of its own (filled via the uncached path)",
+            floor="",
+        )
         pool = Path(self.material["opaque_pool"])
         config, why = self.cfg_opaque(), None
         if Config().cache.max_entries < FILL_ENTRIES:
@@ -518,6 +676,8 @@ class Bench:
                 f"re-check of the last 1000: {check.ok} allow, {hits:.0f} cache hits; {misses:,.0f} misses in all"
             )
             self.extra["rss_filled"] = filled
+            self.extra["rss_per_entry"] = per_entry
+            self.extra["rss_before_mb"] = before / 2**20
             if filled >= FILL_ENTRIES:
                 self.extra["rss_100k_mb"] = row.rss_mb
             else:
@@ -525,7 +685,9 @@ class Bench:
                 self.extra["rss_100k_mb"] = estimate
                 self.extra["rss_100k_estimated"] = True
                 row.notes.append(
-                    f"at {FILL_ENTRIES:,} entries: ~{estimate:.0f} MB (linear extrapolation; the full run fills 100k)"
+                    f"at {FILL_ENTRIES:,} entries: ~{estimate:.0f} MB by linear extrapolation, an overstatement "
+                    "(fixed costs of the allocator and the dicts' growth weigh more at 10k); only the full run's "
+                    "100k fill counts"
                 )
         finally:
             server.proc.stop()
@@ -545,7 +707,7 @@ class Bench:
 
     # -- through Envoy (authz_service.devstack.envoy, the demo's and the e2e tests' launcher) --
 
-    def _verify_envoy(self, url: str) -> str:
+    def verify_envoy(self, url: str) -> str:
         status, echo = _http(url, self.token("es256"))
         user = echo.get("headers", {}).get("x-user-id")
         if status != 200 or user != ["user-1"]:
@@ -591,7 +753,7 @@ class Bench:
         return self._envoy_ext_authz("envoy-ext-authz-w2", 2)
 
     def _envoy_ext_authz(self, name: str, workers: int) -> Row:
-        row = Row(name, "wrk -> Envoy (shipped envoy.yaml) -> ext_authz (ES256 JWKS) -> echo")
+        row = Row(name, "wrk -> Envoy (shipped envoy.yaml) -> ext_authz (ES256 JWKS) -> echo", floor="")
         why = None
         if workers > 1:
             why = (
@@ -614,7 +776,7 @@ class Bench:
             envoy = start_envoy(name, config, self.work, {"authz": len(authz_ports)})
             procs.append(envoy)
             url = f"http://{HOST}:{listener}/api/Patient/pt-1"
-            row.verified = self._verify_envoy(url)
+            row.verified = self.verify_envoy(url)
             self._envoy_measure(
                 row, url, authz.proc.pid, {"envoy": envoy.pid, "authz": authz.proc.pid, "echo": echo.pid}
             )
@@ -625,24 +787,64 @@ class Bench:
                 proc.stop()
         return row
 
+    def s_envoy_http_ext_authz(self) -> Row:
+        """wrk -> Envoy (shipped envoy-http.yaml, http_service) -> the service's HTTP mode -> echo."""
+        name = "envoy-http-ext-authz"
+        row = Row(
+            name,
+            "wrk -> Envoy (shipped envoy-http.yaml) -> HTTP ext_authz (ES256 JWKS) -> echo",
+            floor="",
+        )
+        why = "server.http_address set: Envoy's http_service asks the service's HTTP mode"
+        echo, echo_port = start_echo(self.work, f"echo-{name}")
+        procs: list[Proc] = [echo]
+        try:
+            authz = self.start_service(row, self.cfg_jwks(), why, http=True)
+            procs.append(authz.proc)
+            assert authz.http_port is not None
+            listener = free_port()
+            config = on_loopback(
+                load_config(ENVOY_HTTP_YAML),
+                listener=listener,
+                admin=free_port(),
+                clusters={"authz_http": authz.http_port, "upstream": echo_port},
+            )
+            envoy = start_envoy(name, config, self.work, {"authz_http": 1})
+            procs.append(envoy)
+            url = f"http://{HOST}:{listener}/api/Patient/pt-1"
+            row.verified = self.verify_envoy(url)
+            self._envoy_measure(
+                row, url, authz.proc.pid, {"envoy": envoy.pid, "authz": authz.proc.pid, "echo": echo.pid}
+            )
+            row.notes.insert(0, "CPU%/RSS: authz-service")
+            self.extra[name] = row.rate
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+        return row
+
+    def jwt_authn_config(self, listener: int, echo_port: int) -> dict[str, Any]:
+        """bench/envoy-jwt-authn.yaml on loopback, with the IdP's issuer and JWKS inline."""
+        config = on_loopback(
+            load_config(JWT_AUTHN_YAML), listener=listener, admin=free_port(), clusters={"upstream": echo_port}
+        )
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        (jwt_filter,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn"]
+        provider = jwt_filter["typed_config"]["providers"]["idp"]
+        provider["issuer"] = self.material["issuer"]
+        provider["local_jwks"] = {"inline_string": json.dumps(self.material["jwks"])}
+        return config
+
     def s_envoy_jwt_authn(self) -> Row:
-        row = Row("envoy-jwt-authn", "wrk -> Envoy jwt_authn (same ES256 key, local_jwks) -> echo")
+        row = Row("envoy-jwt-authn", "wrk -> Envoy jwt_authn (same ES256 key, local_jwks) -> echo", floor="")
         echo, echo_port = start_echo(self.work, "echo-envoy-jwt-authn")
         procs: list[Proc] = [echo]
         try:
             listener = free_port()
-            config = on_loopback(
-                load_config(JWT_AUTHN_YAML), listener=listener, admin=free_port(), clusters={"upstream": echo_port}
-            )
-            hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            (jwt_filter,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn"]
-            provider = jwt_filter["typed_config"]["providers"]["idp"]
-            provider["issuer"] = self.material["issuer"]
-            provider["local_jwks"] = {"inline_string": json.dumps(self.material["jwks"])}
-            envoy = start_envoy("envoy-jwt-authn", config, self.work, {})
+            envoy = start_envoy("envoy-jwt-authn", self.jwt_authn_config(listener, echo_port), self.work, {})
             procs.append(envoy)
             url = f"http://{HOST}:{listener}/api/Patient/pt-1"
-            row.verified = self._verify_envoy(url)
+            row.verified = self.verify_envoy(url)
             self._envoy_measure(row, url, envoy.pid, {"envoy": envoy.pid, "echo": echo.pid})
             row.notes.insert(0, "CPU%/RSS: Envoy")
             self.extra["envoy-jwt-authn"] = row.rate
@@ -654,20 +856,22 @@ class Bench:
     def _envoy_ratio(self) -> None:
         native = self.extra.get("envoy-jwt-authn")
         w1, w2 = self.extra.get("envoy-ext-authz"), self.extra.get("envoy-ext-authz-w2")
+        http = self.extra.get("envoy-http-ext-authz")
         if w1 and w2:
             self.extra["envoy_w2_over_w1"] = w2 / w1
         if native:
             if w1:
                 self.extra["envoy_ratio"] = w1 / native
+            if http:
+                self.extra["envoy_http_ratio"] = http / native
             for row in self.rows:
-                if row.scenario.startswith("envoy-ext-authz") and row.rate:
+                if row.scenario.startswith("envoy-") and row.scenario != "envoy-jwt-authn" and row.rate:
                     row.ratio, row.ratio_note = row.rate / native, "vs Envoy jwt_authn"
 
     # -- running --------------------------------------------------------------------------------
 
-    def run_one(self, name: str) -> Row:
-        """Run one scenario within its wall-clock bound; a failure or a skip becomes its row."""
-        limit = self.p.scenario_timeout_s + (self.p.fill_timeout_s if name == RSS_SCENARIO else 0)
+    def run_one(self, name: str, scenario: Callable[[Bench], Row], limit: int) -> Row:
+        """Run one scenario within its wall-clock bound (seconds); a failure or a skip becomes its row."""
 
         def on_alarm(signum: int, frame: object) -> None:
             raise ScenarioTimeout(f"timed out after {limit} s")
@@ -675,7 +879,7 @@ class Bench:
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.alarm(limit)
         try:
-            row = SCENARIOS[name](self)
+            row = scenario(self)
         except Skip as err:
             row = Row(name, "", status=str(err))
         except Exception as err:
@@ -691,46 +895,15 @@ class Bench:
         return row
 
     def finish_ratios(self) -> None:
-        """Each h2load row's ratio to the mean no-op floor."""
-        if not self.noop_rates:
-            return
-        floor = statistics.mean(self.noop_rates)
-        self.extra["noop_floor"] = floor
+        """Each row's ratio to the mean of its floor's rounds (gRPC no-op or HTTP no-op)."""
+        floors = {"grpc": self.noop_rates, "http": self.noop_http_rates}
+        for kind, rates in floors.items():
+            if rates:
+                self.extra[f"{kind}_floor"] = statistics.mean(rates)
+        self.extra["noop_floor"] = self.extra.get("grpc_floor")
         for row in self.rows:
-            if row.rate is not None and row.ratio is None and not row.scenario.startswith(("rss-", "envoy-")):
+            floor = self.extra.get(f"{row.floor}_floor") if row.floor else None
+            if row.rate is not None and row.ratio is None and floor:
                 row.ratio = row.rate / floor
-
-
-SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
-    "noop": Bench.s_noop,
-    "hs256": Bench.s_hs256,
-    "rs256-jwks": Bench.s_rs256_jwks,
-    "es256-jwks": Bench.s_es256_jwks,
-    "es256-decisions-off": Bench.s_es256_decisions_off,
-    "es256-w2": Bench.s_es256_w2,
-    "rs256-static": Bench.s_rs256_static,
-    "es256-static": Bench.s_es256_static,
-    "opaque-cached": Bench.s_opaque_cached,
-    "opaque-uncached": Bench.s_opaque_uncached,
-    "deny-bad-signature": Bench.s_deny_bad_signature,
-    "deny-missing-token": Bench.s_deny_missing_token,
-    "hs256-matcho": Bench.s_hs256_matcho,
-    "envoy-ext-authz": Bench.s_envoy_ext_authz,
-    "envoy-ext-authz-w2": Bench.s_envoy_ext_authz_w2,
-    "envoy-jwt-authn": Bench.s_envoy_jwt_authn,
-    RSS_SCENARIO: Bench.s_rss_100k,
-}
-
-
-def plan(names: list[str], profile: Profile) -> list[str]:
-    """The order to run: the no-op floor first and again later (VM speed drifts); ratios use the mean."""
-    rest = [n for n in names if n != "noop"]
-    order = ["noop"]
-    if rest and profile.noop_rounds > 1:
-        chunks = profile.noop_rounds - 1
-        size = -(-len(rest) // chunks)
-        for i in range(chunks):
-            order += [*rest[i * size : (i + 1) * size], "noop"]
-    else:
-        order += rest
-    return order
+                if row.floor == "http":
+                    row.ratio_note = "vs no-op aiohttp"
