@@ -76,6 +76,15 @@ class AuthorizationServicer:
         return response
 
 
+MIN_PENDING = 1024
+
+
+def pending_bound(max_concurrent_checks: int | None) -> int:
+    """The bound of grpc core's queue of calls not yet taken by Python: max_concurrent_checks, and
+    at least MIN_PENDING (grpc's own default is 1,000)."""
+    return max(MIN_PENDING, max_concurrent_checks or 0)
+
+
 def create_server(
     servicer: AuthorizationServicer,
     health_servicer: health.aio.HealthServicer,
@@ -84,14 +93,17 @@ def create_server(
     max_concurrent_checks: int | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with Check, health and reflection registered (not yet bound)."""
+    pending = pending_bound(max_concurrent_checks)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            # grpc cancels requests past 1,000 pending on a server; a burst from one Envoy
-            # can exceed that. Queue more (memory is bounded by the message cap) rather than drop.
-            ("grpc.server.max_pending_requests", 10_000),
-            ("grpc.server.max_pending_requests_hard_limit", 10_000),
+            # The queue in grpc core ahead of Python (calls the busy loop has not taken yet). Past
+            # it grpc cancels new calls at once (Envoy: status_on_error, a 503). Long enough for a
+            # burst of max_concurrent_checks on one connection; short enough that a check admitted
+            # under 5x overload waits about half a second, not until Envoy's 3 s timeout.
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending),
         ],
         # Bounded queueing: past this many checks in flight grpc answers RESOURCE_EXHAUSTED at
         # once, which Envoy turns into its status_on_error (503): a fast, retryable no, never an
