@@ -12,7 +12,7 @@ import grpc
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.model import Reason
-from authz_service.server.grpc import AuthorizationServicer
+from authz_service.server.grpc import MIN_PENDING, AuthorizationServicer, pending_bound
 from tests.conftest import StartService, jwks_introspector
 from tests.harness import Answer, check_request
 
@@ -101,3 +101,11 @@ async def test_a_check_whose_caller_has_left_is_not_computed(
     assert answer.http_status == 503
     assert answer.response.status.message == Reason.DEADLINE_EXCEEDED.label
     assert (verified.hits, verified.misses) == before  # not even a cache lookup
+
+
+def test_grpc_cores_pending_queue_is_bounded_like_the_checks_in_flight() -> None:
+    # The queue ahead of Python: as long as max_concurrent_checks (a burst of that many fits), never
+    # shorter than grpc's own 1,000, never the 10,000 that let admitted checks wait out Envoy's 3 s.
+    assert pending_bound(None) == MIN_PENDING == 1024
+    assert pending_bound(3) == MIN_PENDING
+    assert pending_bound(2048) == 2048
