@@ -766,26 +766,39 @@ class Bench:
             authz = self.start_service(row, self.cfg_jwks(workers), why)
             procs.append(authz.proc)
             authz_ports = authz.worker_ports or [authz.port]
-            listener = free_port()
-            config = on_loopback(
-                load_config(ENVOY_YAML),
-                listener=listener,
-                admin=free_port(),
-                clusters={"authz": authz_ports, "upstream": echo_port},
-            )
-            envoy = start_envoy(name, config, self.work, {"authz": len(authz_ports)})
-            procs.append(envoy)
-            url = f"http://{HOST}:{listener}/api/Patient/pt-1"
-            row.verified = self.verify_envoy(url)
-            self._envoy_measure(
-                row, url, authz.proc.pid, {"envoy": envoy.pid, "authz": authz.proc.pid, "echo": echo.pid}
-            )
-            row.notes.insert(0, "CPU%/RSS: authz-service")
-            self.extra[name] = row.rate
+            self._through_envoy(row, ENVOY_YAML, "authz", authz_ports, authz.proc, echo, echo_port, procs)
         finally:
             for proc in reversed(procs):
                 proc.stop()
         return row
+
+    def _through_envoy(
+        self,
+        row: Row,
+        envoy_yaml: Path,
+        cluster: str,
+        ports: list[int],
+        authz: Proc,
+        echo: Proc,
+        echo_port: int,
+        procs: list[Proc],
+    ) -> None:
+        """Start the shipped Envoy config on loopback in front of the service (its `cluster` on
+        `ports`) and the echo upstream, verify it, measure it; the Envoy joins `procs`."""
+        listener = free_port()
+        config = on_loopback(
+            load_config(envoy_yaml),
+            listener=listener,
+            admin=free_port(),
+            clusters={cluster: ports, "upstream": echo_port},
+        )
+        envoy = start_envoy(row.scenario, config, self.work, {cluster: len(ports)})
+        procs.append(envoy)
+        url = f"http://{HOST}:{listener}/api/Patient/pt-1"
+        row.verified = self.verify_envoy(url)
+        self._envoy_measure(row, url, authz.pid, {"envoy": envoy.pid, "authz": authz.pid, "echo": echo.pid})
+        row.notes.insert(0, "CPU%/RSS: authz-service")
+        self.extra[row.scenario] = row.rate
 
     def s_envoy_http_ext_authz(self) -> Row:
         """wrk -> Envoy (shipped envoy-http.yaml, http_service) -> the service's HTTP mode -> echo."""
@@ -802,22 +815,9 @@ class Bench:
             authz = self.start_service(row, self.cfg_jwks(), why, http=True)
             procs.append(authz.proc)
             assert authz.http_port is not None
-            listener = free_port()
-            config = on_loopback(
-                load_config(ENVOY_HTTP_YAML),
-                listener=listener,
-                admin=free_port(),
-                clusters={"authz_http": authz.http_port, "upstream": echo_port},
+            self._through_envoy(
+                row, ENVOY_HTTP_YAML, "authz_http", [authz.http_port], authz.proc, echo, echo_port, procs
             )
-            envoy = start_envoy(name, config, self.work, {"authz_http": 1})
-            procs.append(envoy)
-            url = f"http://{HOST}:{listener}/api/Patient/pt-1"
-            row.verified = self.verify_envoy(url)
-            self._envoy_measure(
-                row, url, authz.proc.pid, {"envoy": envoy.pid, "authz": authz.proc.pid, "echo": echo.pid}
-            )
-            row.notes.insert(0, "CPU%/RSS: authz-service")
-            self.extra[name] = row.rate
         finally:
             for proc in reversed(procs):
                 proc.stop()
