@@ -39,8 +39,10 @@ ORGANIZATION_ID = "organization/id"
 OPERATION_NAME = "operation/name"
 ROUTE_PARAMS = frozenset({RESOURCE_TYPE, RESOURCE_ID, RESOURCE_VERSION, ORGANIZATION_ID, OPERATION_NAME})
 
-_TYPE = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
-_ID = re.compile(r"(?!\.+$)[A-Za-z0-9\-.]{1,64}")  # FHIR's id, but never `.` or `..`
+_TYPE_PATTERN = r"[A-Z][A-Za-z0-9]{0,63}"
+_ID_PATTERN = r"(?!\.+(?:/|$))[A-Za-z0-9\-.]{1,64}"  # FHIR's id, but never `.` or `..` (as a segment)
+_TYPE = re.compile(_TYPE_PATTERN)
+_ID = re.compile(_ID_PATTERN)
 _OPERATION = re.compile(r"\$[A-Za-z][A-Za-z0-9\-_.]{0,63}")
 
 # (segments shape, method) -> interaction, for the shapes that are not type-level searches.
@@ -129,7 +131,7 @@ def route(method: str, path: str) -> Route:
     return _NONE if interaction is None else Route(params, prefix + interaction)
 
 
-_REFERENCE = re.compile(r"([A-Z][A-Za-z0-9]{0,63})/((?!\.+$)[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+_REFERENCE = re.compile(f"({_TYPE_PATTERN})/({_ID_PATTERN})(?:/_history/{_ID_PATTERN})?")
 
 
 def parse_reference(value: Any) -> dict[str, Any] | None:

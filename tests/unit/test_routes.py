@@ -6,6 +6,7 @@ without its query. Route parameters are reserved: only the path may set them.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -22,7 +23,9 @@ from authz_service.routes import (
     RESOURCE_VERSION,
     ROUTE_PARAMS,
     Route,
+    parse_reference,
     route,
+    with_aidbox_references,
 )
 
 TYPE = RESOURCE_TYPE
@@ -323,3 +326,36 @@ def test_route_never_raises_and_takes_params_from_path_segments(method: str, pat
     assert found.operation is None or found.operation in OPERATION_IDS
     segments = path.split("/")
     assert all(value in segments for value in found.params.values())
+
+
+# --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("Patient/pt-1", {"resourceType": "Patient", "id": "pt-1"}),
+        ("Patient/pt-1/_history/2", {"resourceType": "Patient", "id": "pt-1"}),
+        ({"reference": "Patient/pt-1", "display": "Ann"}, {"resourceType": "Patient", "id": "pt-1", "display": "Ann"}),
+        ({"resourceType": "Patient", "id": "pt-1"}, {"resourceType": "Patient", "id": "pt-1"}),
+        # Only relative references: another server's resource, a contained one, or a climbing id is none.
+        ("https://other.example/fhir/Patient/pt-1", None),
+        ("#contained", None),
+        ("Patient/..", None),
+        ("Patient/../_history/1", None),
+        ("patient/pt-1", None),
+        ({"reference": 42}, None),
+        ({"id": "pt-1"}, None),
+        (7, None),
+    ],
+)
+def test_references_read_in_aidbox_format(value: Any, parsed: dict[str, Any] | None) -> None:
+    assert parse_reference(value) == parsed
+
+
+def test_resources_keep_their_references_and_gain_aidbox_format() -> None:
+    role = {"user": {"reference": "User/u1"}, "links": [{"reference": "https://x/Practitioner/p"}, {"id": "kept"}]}
+    assert with_aidbox_references(role) == {
+        "user": {"reference": "User/u1", "resourceType": "User", "id": "u1"},
+        "links": [{"reference": "https://x/Practitioner/p"}, {"id": "kept"}],
+    }
