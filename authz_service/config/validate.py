@@ -38,7 +38,7 @@ from authz_service.config.model import (
 )
 from authz_service.context import strip_empty
 from authz_service.errors import ConfigError, PolicyError, Problem
-from authz_service.policy import ENGINES, unknown_engine
+from authz_service.policy import ENGINES, RULE_FIELDS, unknown_engine
 from authz_service.routes import with_aidbox_references
 from authz_service.tokens.keys import HMAC_MIN_BYTES, KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
 
@@ -104,10 +104,6 @@ def validate_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None
     if problems:
         raise ConfigError(problems)
     return config
-
-
-# Every engine's rule fields, Aidbox's included: not "unknown" next to an engine we cannot run.
-_RULE_FIELDS = frozenset({"matcho", "schema", "and", "or", "sql", "rpc"})
 
 
 def validate_policies(raw: Any, introspector_ids: Iterable[str]) -> tuple[PolicyConfig, ...]:
@@ -552,7 +548,7 @@ class _Validator:
             if kind is None:
                 if engine is not None:
                     f.problem("engine", unknown_engine(engine))
-                    f.seen.update(_RULE_FIELDS)  # one problem (the engine), not one more per rule field
+                    f.seen.update(RULE_FIELDS)  # one problem (the engine), not one more per rule field
             else:
                 f.seen.update(kind.fields)
                 rule = kind.rule(raw)

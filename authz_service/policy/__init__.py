@@ -74,6 +74,12 @@ _NOT_HERE = {
 }
 
 
+# Every rule field an AccessPolicy may carry: ours, and those of Aidbox's engines we cannot run
+# (`sql`; the rpc engines' `rpc`), so a policy naming such an engine gets one problem, not one more
+# for its rule field.
+RULE_FIELDS = frozenset(name for engine in ENGINES.values() for name in engine.fields) | {"sql", "rpc"}
+
+
 def unknown_engine(engine: object) -> str:
     """The config error for an `engine:` value that is not in ENGINES."""
     message = f"must be {engine_names()}, got {engine!r}"
