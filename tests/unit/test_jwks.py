@@ -386,13 +386,6 @@ async def canned() -> AsyncIterator[CannedIdp]:
         yield server
 
 
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[UpstreamClient]:
-    upstream = UpstreamClient()
-    yield upstream
-    await upstream.close()
-
-
 async def test_verifies_a_token_with_keys_fetched_over_http(canned: CannedIdp, client: UpstreamClient) -> None:
     canned.answer(jwks(K1))
     iss = "https://idp.example"

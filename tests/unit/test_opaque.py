@@ -35,13 +35,6 @@ async def idp() -> AsyncIterator[CannedIdp]:
         yield server
 
 
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[UpstreamClient]:
-    upstream = UpstreamClient()
-    yield upstream
-    await upstream.close()
-
-
 def opaque_config(idp: CannedIdp, **overrides: Any) -> OpaqueIntrospectorConfig:
     """A `type: opaque` TokenIntrospector, validated as the service validates it."""
     endpoint = {"url": idp.url + "/introspect", "authorization": BASIC}

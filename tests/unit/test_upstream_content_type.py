@@ -35,13 +35,6 @@ async def idp() -> AsyncIterator[CannedIdp]:
         yield server
 
 
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[UpstreamClient]:
-    upstream = UpstreamClient()
-    yield upstream
-    await upstream.close()
-
-
 class RawHttp:
     """A one-answer HTTP/1.1 server written by hand: aiohttp always adds a Content-Type, this one need not."""
 
