@@ -243,17 +243,22 @@ class SupervisorEngine:
     def __init__(self, sync: ConfigSync) -> None:
         self._sync = sync
         self._engine: Engine | None = None
+        self._built_from: tuple[str, str | None] | None = None  # (file digest, store version)
         self._client: UpstreamClient | None = None
         self._caches: CacheFactory | None = None
 
     async def __call__(self) -> Engine:
         store = self._sync.store
-        resources = (await store.load()).resources if store is not None else {}
-        config = await asyncio.to_thread(self._sync.compose, resources)
-        if self._engine is None or self._engine.config != config:
+        # The store's version is one cheap read; load, validate and compile only when it or the
+        # file changed since the engine was built.
+        source = (self._sync.file.digest, await store.version() if store is not None else None)
+        if self._engine is None or source != self._built_from:
+            snapshot = await store.load() if store is not None else None
+            config = await asyncio.to_thread(self._sync.compose, snapshot.resources if snapshot else {})
             if self._client is None or self._caches is None:
                 self._client, self._caches = UpstreamClient(), CacheFactory(config.cache)
             self._engine = build_engine(config, self._client, self._caches, previous=self._engine)
+            self._built_from = (source[0], snapshot.version if snapshot else None)
         return self._engine
 
     async def close(self) -> None:

@@ -829,6 +829,14 @@ async def test_with_workers_a_2xx_means_every_worker_decides_with_it(
         async def workers_answer(path: str) -> list[int]:
             return [(await check_port(port, path, token)).http_status for port in (base, base + 1)]
 
+        async def supervisor_decides(path: str) -> tuple[str, str | None]:
+            body = {"request": {"path": path, "headers": {"authorization": f"Bearer {token}"}}}
+            test_headers = {"Authorization": f"Bearer {API_TOKEN}"}
+            async with session.post(url + "/auth/test-policy", json=body, headers=test_headers) as response:
+                assert response.status == 200, await response.text()
+                answer = await response.json()
+            return answer["decision"], answer["policy"]
+
         assert await workers_answer("/private") == [200, 200]
         for round_ in range(3):
             body = f"engine: matcho\nmatcho: {{uri: '#^/public-{round_}'}}\n"
@@ -837,6 +845,10 @@ async def test_with_workers_a_2xx_means_every_worker_decides_with_it(
             # No waiting: the supervisor answered once both workers reported the new content.
             assert await workers_answer(f"/public-{round_}/x") == [200, 200]
             assert await workers_answer(f"/public-{round_ - 1}/x") == [403, 403]
+            # test-policy on the supervisor (its own engine, rebuilt when the store changes) decides
+            # what the workers decide, token verified against the same IdP.
+            assert await supervisor_decides(f"/public-{round_}/x") == ("allow", "public")
+            assert await supervisor_decides(f"/public-{round_ - 1}/x") == ("forbidden", None)
         _, body = await ready()
         assert body["store"]["reachable"] is True
         assert {w["version"] for w in body["store"]["workers"]} == {
