@@ -1,4 +1,4 @@
-"""Verified tokens, remembered: SHA-256 of the token -> the identity it was shaped into.
+"""Verified tokens, remembered: the token's SHA-256 (its first 128 bits) -> the identity it was shaped into.
 
 Signature checks cost 30-250 µs per token; a hit here costs a hash and a dict lookup. It wraps
 the router as CachedIntrospector wraps an opaque introspector: the introspectors know nothing
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from authz_service.lru import trim_oldest
 from authz_service.model import Identity
 from authz_service.tokens.base import Credential, Introspector
 
@@ -58,16 +58,22 @@ class Stamp:
 
 @dataclass(frozen=True, slots=True)
 class Verified(Identity):
-    """A verified identity as the cache keeps it: the identity itself (one object per token, ~100
-    bytes, rather than an entry object around an identity) plus until when it may be believed."""
+    """A verified identity as the cache keeps it: the identity itself (one object per token, 96
+    bytes, rather than an entry object around an identity) and what made it. Its `answer_until`
+    is the entry's deadline (epoch seconds after which it is dead): until when this answer may be
+    reused is exactly what that field means, and a slot of its own would cost 16 bytes an entry."""
 
-    deadline: float = 0.0  # epoch seconds after which the entry is dead
     stamp: Stamp | None = None
 
 
-def token_digest(token: str) -> bytes:
-    """The cache key of a token: its SHA-256 (never the token itself)."""
-    return hashlib.sha256(token.encode()).digest()
+def token_digest(token: str) -> int:
+    """The cache key of a token: the first 128 bits of its SHA-256, as an int (never the token).
+
+    128 bits, because finding a token whose key equals another user's is a second preimage of
+    SHA-256 truncated to 128 bits (2^128 work); colliding two tokens of one's own gains nothing.
+    An int, because at 100,000 entries its 48-byte block against the full digest's 80-byte bytes
+    block is 3.2 MB (docs/performance.md); the shift costs ~0.1 µs a Check."""
+    return int.from_bytes(hashlib.sha256(token.encode()).digest(), "big") >> 128
 
 
 class VerifiedTokens:
@@ -82,7 +88,7 @@ class VerifiedTokens:
         max_entries: int,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str], None] | None = None,
-        entries: dict[bytes, Verified] | None = None,
+        entries: dict[int, Verified] | None = None,
     ) -> None:
         self._inner = inner
         self._shape = shape  # headers built and claims trimmed once per verification, not per hit
@@ -90,9 +96,9 @@ class VerifiedTokens:
         self._clock = clock
         # Shared with the cache of the engine this one replaces: entries of introspectors a reload
         # kept stay valid (see _get), and are reshaped when the response config or policies changed.
-        self._data: dict[bytes, Verified] = {} if entries is None else entries
+        self._data: dict[int, Verified] = {} if entries is None else entries
         self._stamps: dict[tuple[str, int], Stamp] = {}
-        self._inflight: dict[tuple[bytes, str | None], asyncio.Future[Identity]] = {}
+        self._inflight: dict[tuple[int, str | None], asyncio.Future[Identity]] = {}
         self._on_event = on_event or (lambda cache, event: None)
         self.hits = 0
         self.misses = 0
@@ -114,7 +120,7 @@ class VerifiedTokens:
             if full is not None:
                 reshaped = self._shape(full)
                 new_stamp = self._stamp_for(stamp.introspector, stamp.generation)
-                kept = self._data[digest] = self._kept(reshaped, entry.deadline, new_stamp)
+                kept = self._data[digest] = self._kept(reshaped, entry.answer_until, new_stamp)
                 return kept
         # Concurrent misses for one token share one verification, cache entry included: a check
         # that arrives between an IdP answer and its entry must not ask again (single flight).
@@ -127,7 +133,7 @@ class VerifiedTokens:
         # Shield: one waiter being cancelled (Envoy gave up) must not cancel the shared verification.
         return await asyncio.shield(task)
 
-    async def _verify(self, digest: bytes, credential: Credential) -> Identity:
+    async def _verify(self, digest: int, credential: Credential) -> Identity:
         identity = self._shape(await self._inner.introspect(credential))
         introspector = self._inner.members[identity.introspector]
         deadline = introspector.trusted_until(identity)
@@ -139,7 +145,7 @@ class VerifiedTokens:
         return identity
 
     @staticmethod
-    def _kept(identity: Identity, deadline: float, stamp: Stamp) -> Verified:
+    def _kept(identity: Identity, deadline: float | None, stamp: Stamp) -> Verified:
         # Without what only the deadline needed (exp, the answer's life): fewer objects an entry.
         return Verified(
             identity.user_id,
@@ -147,9 +153,8 @@ class VerifiedTokens:
             identity.introspector,
             identity.kind,
             None,
-            None,
-            identity.headers,
             deadline,
+            identity.headers,
             stamp,
         )
 
@@ -160,14 +165,15 @@ class VerifiedTokens:
             stamp = self._stamps[key] = Stamp(introspector, generation, self._shape)
         return stamp
 
-    def carried_over(self) -> dict[bytes, Verified]:
+    def carried_over(self) -> dict[int, Verified]:
         """The entries, for the cache of the engine that replaces this one on reload."""
         return self._data
 
-    def _get(self, key: bytes) -> Verified | None:
+    def _get(self, key: int) -> Verified | None:
         entry = self._data.get(key)
         if entry is not None and (
-            self._clock() >= entry.deadline
+            entry.answer_until is None
+            or self._clock() >= entry.answer_until
             or entry.stamp is None
             or entry.stamp.generation != entry.stamp.introspector.key_generation
             # Made by an introspector a reload replaced or removed (entries outlive reloads).
@@ -179,21 +185,15 @@ class VerifiedTokens:
             self.misses += 1
             self._on_event(self.NAME, "miss")
             return None
-        # Least recently used first: a plain dict keeps insertion order, and re-inserting moves an
-        # entry to the end (an OrderedDict's extra links cost ~50 bytes an entry at 100k entries).
+        # Least recently used first (authz_service.lru): re-inserting moves the entry to the end.
         del self._data[key]
         self._data[key] = entry
         self.hits += 1
         self._on_event(self.NAME, "hit")
         return entry
 
-    def _put(self, key: bytes, entry: Verified) -> None:
+    def _put(self, key: int, entry: Verified) -> None:
         data = self._data
         data.pop(key, None)
         data[key] = entry
-        if len(data) > self.max_entries:
-            # Evict the least recently used 1/64 at once: finding a dict's first entry scans past the
-            # slots earlier deletions left, so one scan per many inserts keeps eviction O(1) amortized.
-            excess = len(data) - self.max_entries + max(self.max_entries // 64, 1) - 1
-            for stale in list(itertools.islice(data, excess)):
-                del data[stale]
+        trim_oldest(data, self.max_entries)

@@ -238,6 +238,42 @@ def test_allow_answers_are_stable() -> None:
     assert builder.encode(decision) == builder.encode(decision)
 
 
+def test_remembered_allows_are_bounded_and_the_least_recently_used_go_first() -> None:
+    builder = ResponseBuilder(RESPONSE, memo_entries=64)
+    headers = IdentityHeaders(RESPONSE)
+
+    def decision(n: int) -> Decision:
+        identity = Identity(f"user-{n}", {"sub": f"user-{n}"}, "idp", "jwt")
+        return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, headers.build(identity))
+
+    first = builder.encode(decision(0))
+    for n in range(1, 64):
+        builder.encode(decision(n))
+        assert builder.encode(decision(0)) is first  # used again: moved to the newest end
+    builder.encode(decision(64))  # one over the bound: the oldest 1/64 (user-1) goes
+    assert builder.encode(decision(0)) is first
+    assert len(builder._allowed) <= 64
+    for n in range(65, 1000):
+        builder.encode(decision(n))
+    assert len(builder._allowed) <= 64
+    user_id = header_options(pb.CheckResponse.FromString(builder.encode(decision(0))).ok_response.headers)["x-user-id"]
+    assert user_id.header.value == "user-0"
+
+
+def test_remembered_http_answers_are_bounded_too() -> None:
+    answers = HttpAnswers(RESPONSE, memo_entries=64)
+    headers = IdentityHeaders(RESPONSE)
+    kept = Identity("user-0", {"sub": "user-0"}, "idp", "jwt")
+    kept_decision = Decision(Outcome.ALLOW, Reason.ALLOWED, kept, headers.build(kept))
+    first = answers.answer(kept_decision)
+    for n in range(1, 1000):
+        identity = Identity(f"user-{n}", {"sub": f"user-{n}"}, "idp", "jwt")
+        answer = answers.answer(Decision(Outcome.ALLOW, Reason.ALLOWED, identity, headers.build(identity)))
+        assert dict(answer.headers)["x-user-id"] == f"user-{n}"
+        assert answers.answer(kept_decision) is first  # used on every round: never the oldest
+        assert len(answers._allowed) <= 64
+
+
 # --------------------------------------------------------------------------- deny: the one table
 
 
