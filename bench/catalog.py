@@ -38,7 +38,7 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
 }
 
 # The floors: measured first and again between the other scenarios (the VM's speed drifts);
-# ratios use the mean of their rounds. The HTTP floor only when an HTTP scenario needs it.
+# ratios use the median of their rounds. The HTTP floor only when an HTTP scenario needs it.
 FLOORS: Final = ("noop", "noop-http")
 HTTP_FLOOR_USERS: Final = frozenset({"noop-http", "http-forward-auth-es256", "http-ext-authz-es256"})
 

@@ -191,13 +191,13 @@ def report(bench: Bench, info: dict[str, str], profile: Profile, wall: float, ou
     floor = bench.extra.get("grpc_floor")
     lines += [
         "",
-        f"No-op gRPC floor: {_f(floor, ',.0f')} checks/s (mean of {len(bench.noop_rates)} measurement(s): "
+        f"No-op gRPC floor: {_f(floor, ',.0f')} checks/s (median of {len(bench.noop_rates)} measurement(s): "
         f"{', '.join(f'{r:,.0f}' for r in bench.noop_rates)}).",
     ]
     http_floor = bench.extra.get("http_floor")
     if http_floor:
         lines.append(
-            f"No-op HTTP floor: {http_floor:,.0f} checks/s (mean of {len(bench.noop_http_rates)}: "
+            f"No-op HTTP floor: {http_floor:,.0f} checks/s (median of {len(bench.noop_http_rates)}: "
             f"{', '.join(f'{r:,.0f}' for r in bench.noop_http_rates)}); "
             f"{http_floor / floor:.1f} x the gRPC floor."
             if floor

@@ -414,7 +414,7 @@ class Bench:
         row.verified = verify_check(server.port, request, (0, None))
         self.measure_h2(row, server, self.body_file("noop", request))
         if round_ > 1:
-            row.what = "no-op again (the floor is the mean of all no-op rounds)"
+            row.what = "no-op again (the floor is the median of all no-op rounds)"
         assert row.rate is not None
         self.noop_rates.append(row.rate)
         return row
@@ -489,7 +489,7 @@ class Bench:
             floor="http",
         )
         if round_ > 1:
-            row.what = "no-op aiohttp again (the HTTP floor is the mean of all its rounds)"
+            row.what = "no-op aiohttp again (the HTTP floor is the median of all its rounds)"
         proc, port = self.start_noop_http()
         url = f"http://{HOST}:{port}{http_check_path('forward_auth')}"
         headers = http_check_headers(self.token("es256"), "forward_auth")
@@ -895,11 +895,12 @@ class Bench:
         return row
 
     def finish_ratios(self) -> None:
-        """Each row's ratio to the mean of its floor's rounds (gRPC no-op or HTTP no-op)."""
+        """Each row's ratio to the median of its floor's rounds (gRPC no-op or HTTP no-op): one slow or
+        fast round among three (this machine's noise is +-15%) must not move every ratio."""
         floors = {"grpc": self.noop_rates, "http": self.noop_http_rates}
         for kind, rates in floors.items():
             if rates:
-                self.extra[f"{kind}_floor"] = statistics.mean(rates)
+                self.extra[f"{kind}_floor"] = statistics.median(rates)
         self.extra["noop_floor"] = self.extra.get("grpc_floor")
         for row in self.rows:
             floor = self.extra.get(f"{row.floor}_floor") if row.floor else None
