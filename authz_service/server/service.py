@@ -35,8 +35,6 @@ from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
 
 def ready_marker(directory: str, pid: int) -> Path:
     """The file a supervised worker creates once it is SERVING (the supervisor's readiness)."""

@@ -35,9 +35,10 @@ from authz_service.config.validate import load_config
 from authz_service.engine import Engine, build_engine
 from authz_service.errors import ConfigError
 from authz_service.logs import setup_logging
+from authz_service.observe import MULTIPROC_ENV
 from authz_service.server.admin import AdminServer
 from authz_service.server.api import ResourceApi
-from authz_service.server.service import MULTIPROC_ENV, WorkerSlot, ready_marker, serve
+from authz_service.server.service import WorkerSlot, ready_marker, serve
 from authz_service.server.sync import ConfigSync, load_store, read_status, status_file
 from authz_service.store import open_store
 from authz_service.store.base import Key, Resource, ResourceStore, StoreError

@@ -89,6 +89,12 @@ async def test_workers_share_the_port_and_are_supervised(idp: DevIdentityProvide
         if line.startswith("authz_checks_total{") and 'decision="allow"' in line
     )
     assert total == 23  # counted across both processes
+    latencies = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('authz_check_duration_seconds_count{protocol="grpc"}')
+    )
+    assert latencies == 23  # workers count through prometheus-client's files, not in their own memory
 
     # A worker that dies is replaced; the service keeps answering meanwhile.
     victim = sorted(workers)[0]

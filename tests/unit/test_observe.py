@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from authz_service.logs import JsonFormatter
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
@@ -177,9 +178,14 @@ def test_internal_error_stack_is_bounded(caplog: pytest.LogCaptureFixture) -> No
 # --------------------------------------------------------------------------- metrics
 
 
-def test_checks_are_counted_by_decision_reason_and_protocol() -> None:
+# in_files: counted through prometheus-client's values (supervised workers) or in plain numbers.
+BOTH_WAYS = pytest.mark.parametrize("in_files", [False, True], ids=["plain", "prometheus-client"])
+
+
+@BOTH_WAYS
+def test_checks_are_counted_by_decision_reason_and_protocol(in_files: bool) -> None:
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, in_files=in_files)
     metrics.observe(Decision(Outcome.UNAUTHENTICATED, Reason.EXPIRED), 0.002)
     metrics.observe(Decision(Outcome.UNAUTHENTICATED, Reason.EXPIRED), 0.004)
     metrics.observe(Decision(Outcome.ALLOW, Reason.ALLOWED), 0.001)
@@ -195,9 +201,10 @@ def test_checks_are_counted_by_decision_reason_and_protocol() -> None:
     assert registry.get_sample_value("authz_check_duration_seconds_count", {"protocol": "http"}) == 1
 
 
-def test_cache_and_upstream_events_are_counted() -> None:
+@BOTH_WAYS
+def test_cache_and_upstream_events_are_counted(in_files: bool) -> None:
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, in_files=in_files)
     metrics.cache_event("verified", "hit")
     metrics.cache_event("verified", "hit")
     metrics.cache_event("ext", "miss")
@@ -205,6 +212,32 @@ def test_cache_and_upstream_events_are_counted() -> None:
     assert registry.get_sample_value("authz_cache_events_total", {"cache": "verified", "event": "hit"}) == 2
     assert registry.get_sample_value("authz_cache_events_total", {"cache": "ext", "event": "miss"}) == 1
     assert registry.get_sample_value("authz_upstream_calls_total", {"endpoint": "jwks", "outcome": "timeout"}) == 1
+
+
+def _exposition(metrics: Metrics) -> list[str]:
+    # Without the _created samples: prometheus-client's own values carry their creation time.
+    text = generate_latest(metrics.registry).decode()
+    return [line for line in text.splitlines() if "_created" not in line]
+
+
+def test_plain_counts_expose_exactly_what_prometheus_client_would() -> None:
+    plain, files = Metrics(CollectorRegistry(), in_files=False), Metrics(CollectorRegistry(), in_files=True)
+    decisions = [Decision(outcome, reason) for outcome, reason in zip(Outcome, Reason, strict=False)]
+    # On a bucket bound, between bounds, past the last bound, and zero.
+    seconds = [0.0, 0.0005, 0.0007, 0.002, 0.0999, 5.0, 7.5, 1e-9]
+    for n, (decision, latency) in enumerate(itertools.product(decisions, seconds)):
+        for metrics in (plain, files):
+            metrics.observe(decision, latency, protocol=("grpc", "http")[n % 2])
+            metrics.cache_event(("verified", "opaque")[n % 2], ("hit", "miss", "error")[n % 3])
+    assert _exposition(plain) == _exposition(files)
+    assert plain.registry.get_sample_value("authz_check_duration_seconds_bucket", {"protocol": "grpc", "le": "+Inf"})
+
+
+def test_plain_counts_cannot_be_registered_twice() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, in_files=False)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Metrics(registry, in_files=False)
 
 
 def test_each_metrics_owns_its_registry() -> None:
