@@ -398,7 +398,8 @@ def _targets(bench: Bench) -> list[str]:
             else f" ({filled:,} entries)"
         )
         + (
-            f"; {per_entry:,.0f} B per entry over {bench.extra.get('rss_before_mb', 0):.1f} MB before the fill"
+            f"; {per_entry:,.0f} B per entry over {bench.extra.get('rss_before_mb', 0):.1f} MB before the fill, "
+            f"after every token was asked again ({bench.extra.get('rss_filled_mb', 0):.1f} MB right after the fill)"
             if per_entry is not None
             else ""
         ),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from authz_service.lru import trim_oldest
+from authz_service.lru import Lru
 from authz_service.model import Identity
 from authz_service.tokens.base import Credential, Introspector
 
@@ -88,15 +88,15 @@ class VerifiedTokens:
         max_entries: int,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str], None] | None = None,
-        entries: dict[int, Verified] | None = None,
+        entries: Lru[int, Verified] | None = None,
     ) -> None:
         self._inner = inner
         self._shape = shape  # headers built and claims trimmed once per verification, not per hit
-        self.max_entries = max_entries
         self._clock = clock
         # Shared with the cache of the engine this one replaces: entries of introspectors a reload
         # kept stay valid (see _get), and are reshaped when the response config or policies changed.
-        self._data: dict[int, Verified] = {} if entries is None else entries
+        self._data: Lru[int, Verified] = Lru(max_entries) if entries is None else entries
+        self._data.max_entries = max_entries
         self._stamps: dict[tuple[str, int], Stamp] = {}
         self._inflight: dict[tuple[int, str | None], asyncio.Future[Identity]] = {}
         self._on_event = on_event or (lambda cache, event: None)
@@ -120,7 +120,8 @@ class VerifiedTokens:
             if full is not None:
                 reshaped = self._shape(full)
                 new_stamp = self._stamp_for(stamp.introspector, stamp.generation)
-                kept = self._data[digest] = self._kept(reshaped, entry.answer_until, new_stamp)
+                kept = self._kept(reshaped, entry.answer_until, new_stamp)
+                self._data.replace(digest, kept)
                 return kept
         # Concurrent misses for one token share one verification, cache entry included: a check
         # that arrives between an IdP answer and its entry must not ask again (single flight).
@@ -140,7 +141,7 @@ class VerifiedTokens:
         if deadline > self._clock():
             # The kept form is what this and every later check gets: the same object each time.
             kept = self._kept(identity, deadline, self._stamp_for(introspector, introspector.key_generation))
-            self._put(digest, kept)
+            self._data.put(digest, kept)
             return kept
         return identity
 
@@ -165,12 +166,17 @@ class VerifiedTokens:
             stamp = self._stamps[key] = Stamp(introspector, generation, self._shape)
         return stamp
 
-    def carried_over(self) -> dict[int, Verified]:
+    @property
+    def max_entries(self) -> int:
+        """The bound (cache.max_entries)."""
+        return self._data.max_entries
+
+    def carried_over(self) -> Lru[int, Verified]:
         """The entries, for the cache of the engine that replaces this one on reload."""
         return self._data
 
     def _get(self, key: int) -> Verified | None:
-        entry = self._data.get(key)
+        entry = self._data.peek(key)
         if entry is not None and (
             entry.answer_until is None
             or self._clock() >= entry.answer_until
@@ -179,21 +185,13 @@ class VerifiedTokens:
             # Made by an introspector a reload replaced or removed (entries outlive reloads).
             or self._inner.members.get(entry.introspector) is not entry.stamp.introspector
         ):
-            del self._data[key]
+            self._data.discard(key)
             entry = None
         if entry is None:
             self.misses += 1
             self._on_event(self.NAME, "miss")
             return None
-        # Least recently used first (authz_service.lru): re-inserting moves the entry to the end.
-        del self._data[key]
-        self._data[key] = entry
+        self._data.touch(key)  # now the most recently used
         self.hits += 1
         self._on_event(self.NAME, "hit")
         return entry
-
-    def _put(self, key: int, entry: Verified) -> None:
-        data = self._data
-        data.pop(key, None)
-        data[key] = entry
-        trim_oldest(data, self.max_entries)

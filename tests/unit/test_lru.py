@@ -1,38 +1,97 @@
-"""lru.trim_oldest: the bound of the plain-dict LRUs (VerifiedTokens, the remembered allows)."""
+"""lru.Lru: the bounded LRU of the verified-token cache and of the remembered answers."""
 
 from __future__ import annotations
 
-from authz_service.lru import trim_oldest
+import sys
+
+from authz_service.lru import MIN_REBUILD_AFTER, Lru
+
+
+def filled(count: int, max_entries: int | None = None) -> Lru[int, str]:
+    lru: Lru[int, str] = Lru(max_entries or count)
+    for n in range(count):
+        lru.put(n, f"v{n}")
+    return lru
 
 
 def test_nothing_goes_while_within_the_bound() -> None:
-    data = {n: n for n in range(64)}
-    trim_oldest(data, 64)
-    assert list(data) == list(range(64))
+    lru = filled(64)
+    assert list(lru) == list(range(64))
 
 
 def test_one_over_the_bound_drops_the_oldest_sixty_fourth() -> None:
-    data = {n: n for n in range(129)}
-    trim_oldest(data, 128)
-    assert list(data) == list(range(2, 129))  # 128 // 64 = 2 oldest at once
-
-
-def test_a_reinserted_key_counts_as_newest() -> None:
-    data = {n: n for n in range(4)}
-    data[0] = data.pop(0)
-    data[4] = 4
-    trim_oldest(data, 4)
-    assert list(data) == [2, 3, 0, 4]
+    lru = filled(128)
+    lru.put(128, "v128")
+    assert list(lru) == list(range(2, 129))  # 128 // 64 = 2 oldest at once
 
 
 def test_a_bound_below_64_drops_one_at_a_time() -> None:
-    data = {n: n for n in range(11)}
-    trim_oldest(data, 10)
-    assert list(data) == list(range(1, 11))
+    lru = filled(10)
+    lru.put(10, "v10")
+    assert list(lru) == list(range(1, 11))
 
 
-def test_far_over_the_bound_comes_back_within_it() -> None:
-    data = {n: n for n in range(1000)}
-    trim_oldest(data, 100)
-    assert len(data) <= 100
-    assert list(data)[-1] == 999
+def test_get_and_touch_make_a_key_the_newest_and_peek_does_not() -> None:
+    lru = filled(4)
+    assert lru.get(0) == "v0"
+    assert list(lru) == [1, 2, 3, 0]
+    assert lru.peek(1) == "v1"
+    assert list(lru) == [1, 2, 3, 0]
+    lru.touch(1)
+    assert list(lru) == [2, 3, 0, 1]
+    lru.put(4, "v4")  # over the bound of 4: the least recently used (2) goes
+    assert list(lru) == [3, 0, 1, 4]
+    assert lru.get(2) is None
+
+
+def test_replace_keeps_the_place_and_discard_forgets() -> None:
+    lru = filled(3)
+    lru.replace(0, "new")
+    assert list(lru) == [0, 1, 2]
+    assert lru.peek(0) == "new"
+    lru.discard(1)
+    lru.discard(99)
+    assert list(lru) == [0, 2]
+    assert len(lru) == 2
+
+
+def test_the_bound_can_change_and_applies_at_the_next_put() -> None:
+    lru = filled(100)
+    lru.max_entries = 10
+    lru.put(100, "v100")
+    assert len(lru) <= 10
+    assert list(lru)[-1] == 100
+
+
+def test_hits_do_not_grow_the_table_beyond_what_insertion_gives() -> None:
+    # 6,000 entries: a dict built by inserting them has 2^14 slots. Every hit pops and re-inserts,
+    # leaving a dead slot; without rebuilding, CPython resizes to 2^15 after ~4,900 hits.
+    lru = filled(6000)
+    built = sys.getsizeof(lru._data)
+    for round_ in range(5):
+        for n in range(6000):
+            assert lru.get(n) == f"v{n}"
+        assert sys.getsizeof(lru._data) <= built, round_
+    assert list(lru) == list(range(6000))  # the rebuilds kept the order
+
+
+def test_evictions_do_not_grow_the_table_either() -> None:
+    lru = filled(6000)
+    built = sys.getsizeof(lru._data)
+    for n in range(6000, 60_000):
+        lru.put(n, f"v{n}")
+        assert len(lru) <= 6000
+    assert sys.getsizeof(lru._data) <= built
+    assert list(lru)[-1] == 59_999
+
+
+def test_a_single_hot_key_is_not_rebuilt_on_every_hit() -> None:
+    lru = filled(1)
+    data = lru._data
+    for _ in range(MIN_REBUILD_AFTER):
+        lru.get(0)
+    assert lru._dead == MIN_REBUILD_AFTER  # no rebuild yet: the threshold has a floor
+    lru.get(0)
+    assert lru._dead == 0
+    assert lru._data is data  # rebuilt in place: whoever holds the map holds the same dict
+    assert lru.peek(0) == "v0"
