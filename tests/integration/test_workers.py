@@ -100,18 +100,21 @@ async def test_workers_share_the_port_and_are_supervised(idp: DevIdentityProvide
     victim = sorted(workers)[0]
     os.kill(victim, signal.SIGKILL)
     # A connection the kernel had already queued on the dead worker's socket is reset; a client
-    # retry lands on the living one (gRPC clients and Envoy retry connection failures).
+    # retry lands on the living one (gRPC clients and Envoy retry connection failures). Until
+    # the kernel has torn the killed process down, its socket still takes connections: on a busy
+    # machine that was seen to last over 250 ms, so the retries get 3 s.
     failures: list[grpc.StatusCode] = []
-    for _ in range(5):
+    allowed = False
+    for _ in range(60):
         try:
             answer = await _check(spawned.port, token)
         except grpc.aio.AioRpcError as err:
             failures.append(err.code())
             await asyncio.sleep(0.05)
             continue
-        assert answer.allowed
+        allowed = answer.allowed
         break
-    assert len(failures) < 5, failures
+    assert allowed, failures
     assert set(failures) <= {grpc.StatusCode.UNAVAILABLE}, failures
     replaced = await _workers(spawned.process.pid, 2)
     assert victim not in replaced
