@@ -248,7 +248,14 @@ def health_serving(channel: grpc.Channel, timeout: float) -> bool:
 def wait_serving(port: int, proc: Proc, timeout: float = START_TIMEOUT) -> float:
     """Seconds from spawning `proc` to its grpc.health.v1 answering SERVING for the Authorization service."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+    # Reconnect every 20-50 ms while the port is not bound yet. grpc's default backoff (1 s, then
+    # 1.6 s, ...) made a start that bound just after an attempt measure ~2.6 s instead of ~1.2 s.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 20),
+        ("grpc.min_reconnect_backoff_ms", 20),
+        ("grpc.max_reconnect_backoff_ms", 50),
+    ]
+    with grpc.insecure_channel(f"{HOST}:{port}", options=options) as channel:
         while time.monotonic() < deadline:
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.tail()}")

@@ -19,7 +19,7 @@ import yaml
 from grpc_health.v1 import health_pb2
 
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.harness import Harness, HealthClient, config_from, start_harness
+from tests.harness import POLLING_CHANNEL, Harness, HealthClient, config_from, start_harness
 
 StartService = Callable[[Mapping[str, Any]], Awaitable[Harness]]
 
@@ -75,7 +75,7 @@ async def wait_serving(port: int, process: asyncio.subprocess.Process, deadline:
     """Poll gRPC health until the service process reports SERVING; fail if it exits or takes too long."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=POLLING_CHANNEL) as channel:
         stub = HealthClient(channel)
         while True:
             assert process.returncode is None, "service exited during start-up"

@@ -21,6 +21,13 @@ from authz_service.config.validate import parse_config
 from authz_service.server.service import AuthzService
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+# For channels that poll a server still starting: reconnect every 20-50 ms. With grpc's default
+# backoff (1 s, then 1.6 s, ...) a server that binds just after the first attempt is seen ~1 s late.
+POLLING_CHANNEL = (
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 50),
+)
 
 
 class AuthorizationClient:

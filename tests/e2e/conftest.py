@@ -23,7 +23,7 @@ from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import ENVOY_YAML, Envoy, StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import free_port, jwks_introspector, opaque_introspector, run_service
-from tests.harness import HealthClient
+from tests.harness import POLLING_CHANNEL, HealthClient
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -123,7 +123,7 @@ def envoy_config(authz_port: int, upstream_port: int, listener_port: int, admin_
 
 
 async def _wait_serving(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=POLLING_CHANNEL) as channel:
         stub = HealthClient(channel)
 
         async def serving() -> bool:
