@@ -10,7 +10,7 @@ the same entries has 2^18: 10.5 MB against 5.2 MB, of which a cache in service (
 and a re-insert) keeps ~7 MB touched (measured by bench/ rss-100k: 146.4 MB after the fill, 153.3
 MB after every token was asked again). So the map rebuilds its dict in place, in order, once
 dead slots number half its length: the table stays the size insertion gives it. A rebuild of
-100,000 entries takes ~7 ms on the loop, once per 50,000 hits or evictions; CPython's own
+100,000 entries takes ~7-11 ms on the loop, once per 50,000 hits or evictions; CPython's own
 resize, which it forestalls, costs as much.
 """
 
