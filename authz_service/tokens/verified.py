@@ -94,7 +94,7 @@ class VerifiedTokens:
         # Shared with the cache of the engine this one replaces: entries of introspectors a reload
         # kept stay valid (see _get), and are reshaped when the response config or policies changed.
         self._data: Lru[int, Verified] = Lru(max_entries) if entries is None else entries
-        self._data.max_entries = max_entries
+        self._data.max_entries = max_entries  # a reload may change the bound of carried entries
         self._stamps: dict[tuple[str, int], Stamp] = {}
         self._inflight: dict[tuple[int, str | None], asyncio.Future[Identity]] = {}
         self._on_event = on_event or (lambda cache, event: None)
@@ -163,11 +163,6 @@ class VerifiedTokens:
         if stamp is None or stamp.introspector is not introspector or stamp.shaper is not self._shape:
             stamp = self._stamps[key] = Stamp(introspector, generation, self._shape)
         return stamp
-
-    @property
-    def max_entries(self) -> int:
-        """The bound (cache.max_entries)."""
-        return self._data.max_entries
 
     def carried_over(self) -> Lru[int, Verified]:
         """The entries, for the cache of the engine that replaces this one on reload."""
