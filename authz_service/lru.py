@@ -52,22 +52,16 @@ class Lru(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         """The value, now the most recently used."""
-        data = self._data
-        value = data.pop(key, None)
+        value = self._data.get(key)
         if value is not None:
-            data[key] = value
-            self._dead += 1
-            if self._dead > self._rebuild_at:
-                self.rebuild()
+            self.touch(key)
         return value
 
     def touch(self, key: K) -> None:
         """Count a key held as just used (after `peek`)."""
         data = self._data
-        data[key] = data.pop(key)
-        self._dead += 1
-        if self._dead > self._rebuild_at:
-            self.rebuild()
+        data[key] = data.pop(key)  # re-inserted: now the newest, its old slot dead
+        self._died(1)
 
     def put(self, key: K, value: V) -> None:
         """Set the value, the most recently used; past the bound the oldest go (1/64 at once)."""
