@@ -71,14 +71,25 @@ def jwks_introspector(provider: DevIdentityProvider, **overrides: Any) -> dict[s
     return resource
 
 
-async def wait_serving(port: int, process: asyncio.subprocess.Process, deadline: float = 20.0) -> None:
-    """Poll gRPC health until the service process reports SERVING; fail if it exits or takes too long."""
+def tail(path: Path, lines: int = 30) -> str:
+    """The end of a log file, for failure messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def wait_serving(
+    port: int, process: asyncio.subprocess.Process, deadline: float = 20.0, log: Path | None = None
+) -> None:
+    """Poll gRPC health until the service process reports SERVING; fail if it exits (quoting the
+    end of its `log`, when given) or takes too long."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=POLLING_CHANNEL) as channel:
         stub = HealthClient(channel)
         while True:
-            assert process.returncode is None, "service exited during start-up"
+            assert process.returncode is None, "service exited during start-up" + (f":\n{tail(log)}" if log else "")
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

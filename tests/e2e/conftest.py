@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import ENVOY_YAML, Envoy, StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import free_port, jwks_introspector, opaque_introspector, run_service
-from tests.harness import POLLING_CHANNEL, HealthClient
+from tests.conftest import free_port, jwks_introspector, opaque_introspector, run_service, wait_serving
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -65,14 +62,6 @@ async def stop_process(process: asyncio.subprocess.Process, timeout: float = STO
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         return await asyncio.wait_for(process.wait(), 5)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    """The end of a log file, for failure messages."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -122,21 +111,6 @@ def envoy_config(authz_port: int, upstream_port: int, listener_port: int, admin_
     )
 
 
-async def _wait_serving(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=POLLING_CHANNEL) as channel:
-        stub = HealthClient(channel)
-
-        async def serving() -> bool:
-            assert process.returncode is None, f"authz-service exited during start-up:\n{tail(log)}"
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
-            except grpc.aio.AioRpcError:
-                return False
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-        await wait_until(serving, START_TIMEOUT, "authz-service to report SERVING")
-
-
 @pytest.fixture
 async def echo() -> AsyncIterator[EchoUpstream]:
     async with EchoUpstream() as upstream:
@@ -166,7 +140,7 @@ async def authz(
     log = tmp_path / "authz.log"
     process = await run_service(path, log)
     try:
-        await _wait_serving(port, process, log)
+        await wait_serving(port, process, START_TIMEOUT, log)
         yield AuthzProcess(process, port, log)
     finally:
         await stop_process(process)

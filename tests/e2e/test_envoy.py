@@ -12,7 +12,8 @@ import pytest
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.e2e.conftest import ENVOY_DRAIN_DELAY, AuthzProcess, EnvoyProcess, tail, wait_until
+from tests.conftest import tail
+from tests.e2e.conftest import ENVOY_DRAIN_DELAY, AuthzProcess, EnvoyProcess, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

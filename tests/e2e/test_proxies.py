@@ -20,8 +20,8 @@ from authz_service.devstack import nginx as nginx_launcher
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import Envoy, StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import free_port, jwks_introspector, run_service
-from tests.e2e.conftest import START_TIMEOUT, stop_process, tail, wait_until
+from tests.conftest import free_port, jwks_introspector, run_service, tail
+from tests.e2e.conftest import START_TIMEOUT, stop_process, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
