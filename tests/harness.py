@@ -29,6 +29,12 @@ POLLING_CHANNEL = (
     ("grpc.max_reconnect_backoff_ms", 50),
 )
 
+# For a channel that must open its own TCP connection. By default grpc shares subchannels (and so
+# one HTTP/2 connection) between all channels of a process to the same address: "a new channel per
+# call" to a port that workers share would all ride one connection to one worker, and when that
+# worker dies every such channel fails at once until grpc's reconnect backoff (1 s) has passed.
+FRESH_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
 
 class AuthorizationClient:
     """The Authorization stub, typed (the generated one is not): `Check` on the path Envoy calls."""

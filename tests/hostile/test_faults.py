@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2
 
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import Spawn, StartService, free_port, jwks_introspector, new_idp, opaque_introspector
-from tests.harness import Answer, AuthorizationClient, Harness, HealthClient, check_request
+from tests.harness import FRESH_CONNECTION, Answer, AuthorizationClient, Harness, HealthClient, check_request
 
 pytestmark = pytest.mark.slow  # seconds of load each, real Redis and service processes
 
@@ -274,7 +274,7 @@ def _pid_listening_on(port: int, pids: set[int]) -> int | None:
 async def _serves(port: int, token: str) -> bool:
     """Whether a Check on this port is answered and allowed (a fresh connection, a short timeout)."""
     with contextlib.suppress(grpc.aio.AioRpcError):
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FRESH_CONNECTION) as channel:
             return Answer.of(await AuthorizationClient(channel).Check(check_request(token=token), timeout=2)).allowed
     return False
 
@@ -327,7 +327,7 @@ async def test_a_worker_sigkilled_under_load_is_restarted_and_the_other_is_unaff
 
         async def to_shared_port(i: int) -> None:
             try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{spawned.port}") as fresh:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{spawned.port}", options=FRESH_CONNECTION) as fresh:
                     answer = Answer.of(await AuthorizationClient(fresh).Check(check_request(token=valid), timeout=10))
             except grpc.aio.AioRpcError as err:
                 shared_failures[err.code()] += 1

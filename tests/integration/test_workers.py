@@ -15,7 +15,7 @@ import yaml
 
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import Spawn, exit_code, free_port, jwks_introspector
-from tests.harness import Answer, AuthorizationClient, check_request
+from tests.harness import FRESH_CONNECTION, Answer, AuthorizationClient, check_request
 
 pytestmark = pytest.mark.slow  # a supervisor and its worker processes
 
@@ -44,7 +44,8 @@ def _cmdline(pid: int) -> bytes:
 
 
 async def _check(port: int, token: str, path: str = "/") -> Answer:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    """One Check on its own connection (on the shared port the kernel picks the worker)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FRESH_CONNECTION) as channel:
         return Answer.of(await AuthorizationClient(channel).Check(check_request(path, token=token), timeout=10))
 
 
@@ -99,10 +100,9 @@ async def test_workers_share_the_port_and_are_supervised(idp: DevIdentityProvide
     # A worker that dies is replaced; the service keeps answering meanwhile.
     victim = sorted(workers)[0]
     os.kill(victim, signal.SIGKILL)
-    # A connection the kernel had already queued on the dead worker's socket is reset; a client
-    # retry lands on the living one (gRPC clients and Envoy retry connection failures). Until
-    # the kernel has torn the killed process down, its socket still takes connections: on a busy
-    # machine that was seen to last over 250 ms, so the retries get 3 s.
+    # A connection the kernel had already queued on the dead worker's socket is reset; a retry on a
+    # new connection lands on the living one (gRPC clients and Envoy retry connection failures).
+    # The retries get 3 s, a bound for a busy machine, not an expected wait.
     failures: list[grpc.StatusCode] = []
     allowed = False
     for _ in range(60):
