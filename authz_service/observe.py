@@ -324,6 +324,7 @@ _writer: DecisionWriter | None = None
 # The C string encoder json.dumps itself uses (ensure_ascii=False): ~0.1 µs a string.
 _quote: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 _second_prefix: tuple[int, str] = (-1, "")
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # the timestamp's tail, by milliseconds
 
 
 def _render(created: float, level: int, request: HttpRequest, decision: Decision, seconds: float, protocol: str) -> str:
@@ -338,10 +339,10 @@ def _render(created: float, level: int, request: HttpRequest, decision: Decision
     introspector = _quote(identity.introspector) if identity else "null"
     user = identity.user_id if identity else None
     return (
-        f'{{"ts": "{_second_prefix[1]}.{int((created - second) * 1000):03d}Z", '
+        f'{{"ts": "{_second_prefix[1]}{_MILLIS[int((created - second) * 1000)]}", '
         f'"level": "{_LEVEL_NAMES.get(level, "info")}", "logger": "authz_service.decision", "msg": "decision", '
         f'"request_id": {_quote(redact.identifier(request.request_id))}, '
-        f'"decision": "{decision.outcome.value}", "reason": "{decision.reason.label}", '
+        f'"decision": "{decision.outcome._value_}", "reason": "{decision.reason.label}", '
         f'"introspector": {introspector}, '
         f'"user_id": {_quote(redact.user_id(user)) if user is not None else "null"}, '
         f'"method": {_quote(request.method)}, "path": {_quote(redact.path(request.path))}, '

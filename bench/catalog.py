@@ -25,6 +25,7 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
     "deny-missing-token": Bench.s_deny_missing_token,
     "hs256-matcho": Bench.s_hs256_matcho,
     "http-forward-auth-es256": Bench.s_http_forward_auth,
+    "http-forward-auth-decisions-off": Bench.s_http_forward_auth_decisions_off,
     "http-ext-authz-es256": Bench.s_http_ext_authz,
     "envoy-ext-authz": Bench.s_envoy_ext_authz,
     "envoy-ext-authz-w2": Bench.s_envoy_ext_authz_w2,
@@ -40,7 +41,9 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
 # The floors: measured first and again between the other scenarios (the VM's speed drifts);
 # ratios use the median of their rounds. The HTTP floor only when an HTTP scenario needs it.
 FLOORS: Final = ("noop", "noop-http")
-HTTP_FLOOR_USERS: Final = frozenset({"noop-http", "http-forward-auth-es256", "http-ext-authz-es256"})
+HTTP_FLOOR_USERS: Final = frozenset(
+    {"noop-http", "http-forward-auth-es256", "http-forward-auth-decisions-off", "http-ext-authz-es256"}
+)
 
 
 def time_limit(name: str, profile: Profile) -> int:

@@ -502,11 +502,15 @@ class Bench:
         self.noop_http_rates.append(row.rate)
         return row
 
-    def _http_mode(self, row: Row, mode: str) -> Row:
+    def _http_mode(self, row: Row, mode: str, *, decisions: bool = True) -> Row:
         """The service at its defaults plus server.http_address, an ES256 JWT (keys from JWKS,
         one token repeated: the verified-token cache), measured like the HTTP floor."""
         why = "server.http_address set: HTTP mode (off by default) is what this scenario measures"
-        server = self.start_service(row, self.cfg_jwks(), why, http=True)
+        config = self.cfg_jwks()
+        if not decisions:
+            config["logging"] = {"decisions": "off"}
+            why += "; decisions off, to show what the decision log line costs in HTTP mode"
+        server = self.start_service(row, config, why, http=True)
         try:
             url = f"http://{HOST}:{server.http_port}{http_check_path(mode)}"
             headers = http_check_headers(self.token("es256"), mode)
@@ -530,7 +534,21 @@ class Bench:
             "HTTP mode, /forward_auth (nginx, Traefik), JWT ES256 via JWKS, one token repeated",
             floor="http",
         )
-        return self._http_mode(row, "forward_auth")
+        self._http_mode(row, "forward_auth")
+        self.extra["http_forward_auth"] = row.rate
+        return row
+
+    def s_http_forward_auth_decisions_off(self) -> Row:
+        row = Row(
+            "http-forward-auth-decisions-off",
+            "http-forward-auth-es256 without the decision log line",
+            floor="http",
+        )
+        self._http_mode(row, "forward_auth", decisions=False)
+        with_log = self.extra.get("http_forward_auth")
+        if with_log and row.rate:
+            row.notes.append(f"{row.rate / with_log:.2f}x http-forward-auth-es256 (decision log at info, the default)")
+        return row
 
     def s_http_ext_authz(self) -> Row:
         row = Row(

@@ -10,7 +10,9 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +79,42 @@ def test_a_full_queue_drops_and_counts_and_never_blocks() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_each_write_is_whole_lines_within_pipe_buf() -> None:
+    # A SOCK_SEQPACKET pair keeps each os.write as one message, so the test sees the writer's chunks.
+    reader, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pipe_buf = 4096
+    requests = [HttpRequest(method="GET", path=f"/é/{'x' * (i * 7 % 250)}", request_id=f"req-{i}") for i in range(300)]
+    # A hostile X-Forwarded-Method is not capped: its line is longer than PIPE_BUF and goes out whole.
+    requests.insert(150, HttpRequest(method="M" * 6000, path="/long", request_id="req-long"))
+    chunks: list[bytes] = []
+
+    def read_all() -> None:  # concurrently: a socket pair queues only a few unread messages
+        while chunk := reader.recv(65536):
+            chunks.append(chunk)
+
+    reading = threading.Thread(target=read_all)
+    reading.start()
+    try:
+        writer = DecisionWriter(writer_end.fileno(), logging.INFO)
+        for request in requests:
+            writer.submit((1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http"))
+        writer.start()
+        writer.stop()
+        assert writer.written == len(requests)
+    finally:
+        writer_end.shutdown(socket.SHUT_WR)  # the reader's recv returns b""
+        reading.join(5)
+        reader.close()
+        writer_end.close()
+    assert len(chunks) > 10  # ~100 KB of lines: many writes
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")  # only whole lines
+        assert len(chunk) <= pipe_buf or chunk.count(b"\n") == 1, len(chunk)  # longer: one line alone
+    lines = b"".join(chunks).decode().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == [r.request_id for r in requests]
+    assert max(len(chunk) for chunk in chunks) > pipe_buf  # the long line was written, in one piece
 
 
 @pytest.mark.slow
