@@ -14,16 +14,18 @@ import socket
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
+from authz_service import observe
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.logs import JsonFormatter
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.observe import DecisionWriter, decision_fields
+from authz_service.observe import DecisionWriter, decision_fields, decision_item, log_decision
 from tests.conftest import free_port, jwks_introspector
 
 REQUEST = HttpRequest(method="GET", path="/orders/7?access_token=SECRET", request_id="req-1")
@@ -48,7 +50,7 @@ def test_lines_have_the_shape_of_every_other_log_line() -> None:
     read, write = os.pipe()
     try:
         writer = DecisionWriter(write, logging.INFO).start()
-        writer.submit((1_800_000_000.25, logging.INFO, REQUEST, ALLOW, 0.0012, "http"))
+        writer.submit(decision_item(1_800_000_000.25, logging.INFO, REQUEST, ALLOW, 0.0012, "http"))
         writer.stop()
         (line,) = _read_lines(read)
     finally:
@@ -68,7 +70,7 @@ def test_a_full_queue_drops_and_counts_and_never_blocks() -> None:
         writer = DecisionWriter(write, logging.INFO, max_queue=10)  # not started: nothing drains
         started = time.perf_counter()
         for _ in range(1000):
-            writer.submit((time.time(), logging.INFO, REQUEST, ALLOW, 0.001, "grpc"))
+            writer.submit(decision_item(time.time(), logging.INFO, REQUEST, ALLOW, 0.001, "grpc"))
         elapsed = time.perf_counter() - started
         assert writer.dropped == 990
         assert elapsed < 0.5  # 1,000 submissions against a writer that never writes
@@ -79,6 +81,28 @@ def test_a_full_queue_drops_and_counts_and_never_blocks() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_a_queued_line_keeps_its_request_strings_not_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A queued line must not keep each request's headers alive until the writer's next batch: a
+    # full queue would hold ~27 MB, and in steady state the loop's allocations would spread over
+    # megabytes instead of reusing the memory it has just freed.
+    writer = DecisionWriter(1, logging.INFO, max_queue=2000)  # not started: the queue keeps every line
+    monkeypatch.setattr(observe, "_writer", writer)
+    token = "eyJ" + "x" * 600
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            headers = {f"x-header-{n}": f"value {n} of request {i}" for n in range(10)}
+            headers["authorization"] = f"Bearer {token}{i}"
+            request = HttpRequest(method="GET", path=f"/orders/{i}", headers=headers, request_id=f"req-{i}")
+            log_decision(request, ALLOW, 0.001, logging.INFO, "http")
+        per_line = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    finally:
+        tracemalloc.stop()
+    assert len(writer._queue) == 1000
+    assert per_line < 600, f"{per_line:.0f} bytes kept per queued line"  # the whole request: ~2,000
 
 
 def test_each_write_is_whole_lines_within_pipe_buf() -> None:
@@ -99,7 +123,7 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     try:
         writer = DecisionWriter(writer_end.fileno(), logging.INFO)
         for request in requests:
-            writer.submit((1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http"))
+            writer.submit(decision_item(1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http"))
         writer.start()
         writer.stop()
         assert writer.written == len(requests)
@@ -208,7 +232,7 @@ def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, u
         Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
         Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque")),
     ):
-        line = _render(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")
+        line = _render(*decision_item(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http"))
         record = logging.LogRecord("authz_service.decision", logging.WARNING, "", 0, "decision", (), None)
         record.created = 1_800_000_000.123
         record.fields = decision_fields(request, decision, 0.0123456, "http")
