@@ -25,7 +25,7 @@ from authz_service import observe
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.logs import JsonFormatter
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.observe import DecisionWriter, decision_fields, decision_item, log_decision
+from authz_service.observe import DecisionWriter, decision_fields, log_decision
 from tests.conftest import free_port, jwks_introspector
 
 REQUEST = HttpRequest(method="GET", path="/orders/7?access_token=SECRET", request_id="req-1")
@@ -50,7 +50,7 @@ def test_lines_have_the_shape_of_every_other_log_line() -> None:
     read, write = os.pipe()
     try:
         writer = DecisionWriter(write, logging.INFO).start()
-        writer.submit(decision_item(1_800_000_000.25, logging.INFO, REQUEST, ALLOW, 0.0012, "http"))
+        writer.submit(1_800_000_000.25, logging.INFO, REQUEST, ALLOW, 0.0012, "http")
         writer.stop()
         (line,) = _read_lines(read)
     finally:
@@ -70,7 +70,7 @@ def test_a_full_queue_drops_and_counts_and_never_blocks() -> None:
         writer = DecisionWriter(write, logging.INFO, max_queue=10)  # not started: nothing drains
         started = time.perf_counter()
         for _ in range(1000):
-            writer.submit(decision_item(time.time(), logging.INFO, REQUEST, ALLOW, 0.001, "grpc"))
+            writer.submit(time.time(), logging.INFO, REQUEST, ALLOW, 0.001, "grpc")
         elapsed = time.perf_counter() - started
         assert writer.dropped == 990
         assert elapsed < 0.5  # 1,000 submissions against a writer that never writes
@@ -123,7 +123,7 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     try:
         writer = DecisionWriter(writer_end.fileno(), logging.INFO)
         for request in requests:
-            writer.submit(decision_item(1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http"))
+            writer.submit(1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http")
         writer.start()
         writer.stop()
         assert writer.written == len(requests)
@@ -232,7 +232,9 @@ def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, u
         Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
         Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque")),
     ):
-        line = _render(*decision_item(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http"))
+        writer = DecisionWriter(1, logging.INFO)  # not started: the line stays queued
+        writer.submit(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")
+        line = _render(*writer._queue[0])
         record = logging.LogRecord("authz_service.decision", logging.WARNING, "", 0, "decision", (), None)
         record.created = 1_800_000_000.123
         record.fields = decision_fields(request, decision, 0.0123456, "http")
