@@ -53,6 +53,12 @@ class redact:
         return value.partition("?")[0][:256]
 
     @staticmethod
+    def method(value: str) -> str:
+        """The request method, capped: nginx and Traefik pass it in X-Forwarded-Method, which a
+        client may fill with anything (the longest registered method has 17 characters)."""
+        return value[:32]
+
+    @staticmethod
     def user_id(value: str | None) -> str | None:
         """User ids are not secrets (they go upstream in a header), but they are capped."""
         return None if value is None else value[:128]
@@ -227,7 +233,7 @@ def decision_fields(request: HttpRequest, decision: Decision, seconds: float, pr
         "reason": decision.reason.label,
         "introspector": identity.introspector if identity else None,
         "user_id": redact.user_id(identity.user_id) if identity else None,
-        "method": request.method,
+        "method": redact.method(request.method),
         "path": redact.path(request.path),
         "latency_ms": round(seconds * 1000, 3),
         "protocol": protocol,
@@ -381,7 +387,7 @@ def _render(
         f'"decision": "{outcome._value_}", "reason": "{reason.label}", '
         f'"introspector": {introspector}, '
         f'"user_id": {_quote(redact.user_id(user)) if user is not None else "null"}, '
-        f'"method": {_quote(method)}, "path": {_quote(redact.path(path))}, '
+        f'"method": {_quote(redact.method(method))}, "path": {_quote(redact.path(path))}, '
         f'"latency_ms": {round(seconds * 1000, 3)!r}, "protocol": {_quote(protocol)}, '
         f'"policy": {_quote(policy) if policy is not None else "null"}}}'
     )

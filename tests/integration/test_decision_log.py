@@ -110,8 +110,9 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     reader, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pipe_buf = 4096
     requests = [HttpRequest(method="GET", path=f"/é/{'x' * (i * 7 % 250)}", request_id=f"req-{i}") for i in range(300)]
-    # A hostile X-Forwarded-Method is not capped: its line is longer than PIPE_BUF and goes out whole.
-    requests.insert(150, HttpRequest(method="M" * 6000, path="/long", request_id="req-long"))
+    # Request values are capped (redact), but an introspector's id comes from the config, uncapped:
+    # a line longer than PIPE_BUF goes out whole, in a write of its own.
+    long_id = Decision(Outcome.ALLOW, Reason.ALLOWED, Identity("alice", {}, "i" * 6000, "jwt"))
     chunks: list[bytes] = []
 
     def read_all() -> None:  # concurrently: a socket pair queues only a few unread messages
@@ -122,8 +123,8 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     reading.start()
     try:
         writer = DecisionWriter(writer_end.fileno(), logging.INFO)
-        for request in requests:
-            writer.submit(1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http")
+        for i, request in enumerate(requests):
+            writer.submit(1_800_000_000.25, logging.INFO, request, long_id if i == 150 else ALLOW, 0.001, "http")
         writer.start()
         writer.stop()
         assert writer.written == len(requests)
@@ -220,6 +221,7 @@ async def test_checks_are_answered_promptly_while_nobody_reads_the_log(
         ("é✓\u2028", "/é/✓\U0001f600", "ü\u2029", "DELETE"),
         ("", "", "", ""),
         ("eyJhbGciOi.x.y", "/x", "x" * 500, "GET"),
+        ("req-2", "/y", "bob", "M\u00e9" * 100),  # a hostile X-Forwarded-Method: capped alike
     ],
 )
 def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, user_id: str, method: str) -> None:

@@ -57,6 +57,8 @@ def test_path_loses_its_query() -> None:
 
 def test_path_is_capped() -> None:
     assert redact.path("/" + "a" * 1000) == "/" + "a" * 255
+    assert redact.method("UPDATEREDIRECTREF") == "UPDATEREDIRECTREF"
+    assert redact.method("M" * 6000) == "M" * 32  # X-Forwarded-Method is whatever a client sends
 
 
 def test_user_id_is_capped_not_hidden() -> None:
