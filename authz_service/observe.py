@@ -246,6 +246,13 @@ def iso_timestamp(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
 
+# What the loop hands the writer for one line (DecisionWriter.submit): the request's id, method and
+# path, not the request (the identity is the cached one). A queued line waits up to ~50 ms for the
+# writer's next batch, and a stalled log reader lets 10,000 of them wait: each request held with its
+# headers dict and header strings was ~2.7 KB (26.6 MB for a full queue), these are ~350 bytes.
+DecisionItem = tuple[float, int, str, str, str, Outcome, Reason, Identity | None, str | None, float, str]
+
+
 class DecisionWriter:
     """Decision lines off the event loop: Check hands a small tuple to a bounded queue, a thread
     formats and writes them in batches. A full queue drops the line and counts it; it never blocks,
@@ -348,14 +355,6 @@ _writer: DecisionWriter | None = None
 _quote: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 _second_prefix: tuple[int, str] = (-1, "")
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # the timestamp's tail, by milliseconds
-
-
-# What the loop hands the writer for one line (DecisionWriter.submit): the request's three strings,
-# not the request (the identity is the cached one). A
-# queued line must keep little alive: holding each request (its headers dict, every header string:
-# ~3 KB) for the ~50 ms until the writer's next batch spread the loop's allocations over megabytes
-# instead of the few kilobytes it reuses at once, and cost HTTP mode ~10 µs a check in cache misses.
-DecisionItem = tuple[float, int, str, str, str, Outcome, Reason, Identity | None, str | None, float, str]
 
 
 def _render(

@@ -439,20 +439,27 @@ class Bench:
         self.authz_scenario(
             row, config, self.token("es256"), why="decisions off, to show what the decision log line costs"
         )
-        w1 = self.extra.get("es256_w1")
-        if w1 and row.rate:
-            row.notes.append(f"{row.rate / w1:.2f}x es256-jwks (decision log at info, the default)")
+        self._note_ratio(row, "es256_w1", "es256-jwks (decision log at info, the default)")
         return row
 
     def s_es256_w2(self) -> Row:
         row = Row("es256-w2", "JWT ES256 via JWKS, workers 2")
         why = "workers 2 (default 1) to measure two serving processes; worker_base_port to health-check each"
         self.authz_scenario(row, self.cfg_jwks(2), self.token("es256"), why=why)
-        w1 = self.extra.get("es256_w1")
-        if w1 and row.rate:
-            row.notes.append(f"{row.rate / w1:.2f}x workers 1 (es256-jwks)")
-            self.extra["w2_over_w1"] = row.rate / w1
+        ratio = self._note_ratio(row, "es256_w1", "workers 1 (es256-jwks)")
+        if ratio is not None:
+            self.extra["w2_over_w1"] = ratio
         return row
+
+    def _note_ratio(self, row: Row, baseline: str, label: str) -> float | None:
+        """The row's checks/s over the rate an earlier scenario of this run kept as `baseline` in
+        `extra`, noted on the row ("1.09x <label>"); None when either is missing."""
+        base = self.extra.get(baseline)
+        if not base or not row.rate:
+            return None
+        ratio: float = row.rate / base
+        row.notes.append(f"{ratio:.2f}x {label}")
+        return ratio
 
     def s_rs256_static(self) -> Row:
         row = Row("rs256-static", "JWT RS256, static PEM key (jwt.keys)")
@@ -545,9 +552,7 @@ class Bench:
             floor="http",
         )
         self._http_mode(row, "forward_auth", decisions=False)
-        with_log = self.extra.get("http_forward_auth")
-        if with_log and row.rate:
-            row.notes.append(f"{row.rate / with_log:.2f}x http-forward-auth-es256 (decision log at info, the default)")
+        self._note_ratio(row, "http_forward_auth", "http-forward-auth-es256 (decision log at info, the default)")
         return row
 
     def s_http_ext_authz(self) -> Row:
