@@ -8,31 +8,39 @@
 # docker-compose.yml also runs the demo IdP and echo upstream from this image by overriding the
 # entrypoint with `python -m authz_service.devstack.idp` / `python -m authz_service.devstack.echo`.
 
-# ---- build: turn the source tree into a wheel, so no source tree or build tooling ships ----
+# ---- build: the locked dependencies and the package into one virtualenv, nothing else ----
 FROM python:3.11-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PROJECT_ENVIRONMENT=/opt/authz-service
+
+# The same uv the ./dev script pins.
+RUN pip install uv==0.13.9
 
 WORKDIR /src
-# Only what the package build reads (pyproject's `readme` is README.md).
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer: exactly uv.lock (versions and hashes), the runtime set only
+# (no extra, no dependency group: the image carries no Envoy and no test tools). --locked fails the
+# build if uv.lock does not match pyproject.toml.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --locked --no-default-groups --no-editable --no-install-project
+# Then the package itself, installed (not linked) into the same environment.
 COPY authz_service ./authz_service
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN uv sync --locked --no-default-groups --no-editable
 
 # ---- runtime ----
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PATH=/opt/authz-service/bin:$PATH
 
-# Installs the package and its dependencies (all ship manylinux wheels: no compiler needed), with
-# no extra: the image carries no Envoy (`authz-service[demo]` is for the demo on a workstation).
-COPY --from=build /wheels /tmp/wheels
-RUN pip install /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels
+# The environment keeps its build path, so its scripts' interpreter lines stay true; its Python is
+# this image's /usr/local/bin/python3 (the same base image as the build stage).
+COPY --from=build /opt/authz-service /opt/authz-service
 
 # A fixed numeric uid/gid, so Kubernetes' `runAsNonRoot` can verify it without a name lookup.
 RUN groupadd --system --gid 10001 authz \

@@ -158,7 +158,7 @@ class RedisStore(ResourceStore):
                 await asyncio.sleep(self.poll_interval)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     def _unreachable(self, err: BaseException) -> StoreError:
         # The type only: redis-py's messages name the host, never the password, but keep it terse.

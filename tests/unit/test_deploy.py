@@ -509,8 +509,13 @@ def test_dockerfile_base_user_and_install() -> None:
     uid = user.split(":")[0]
     assert uid.isdigit(), "a numeric non-root uid (runAsNonRoot can check it)"
     assert int(uid) != 0, "a numeric non-root uid (runAsNonRoot can check it)"
-    assert any("pip install" in run for run in dockerfile("RUN"))
-    assert any("pip wheel" in run or "pip install ." in run for run in dockerfile("RUN")), "installs the build context"
+    syncs = [run for run in dockerfile("RUN") if "uv sync" in run]
+    assert syncs, "the image installs from uv.lock"
+    assert all("--locked" in run for run in syncs), "a lock that disagrees with pyproject.toml fails the build"
+    assert any("--no-install-project" not in run for run in syncs), "installs the build context"
+    assert not [run for run in dockerfile("RUN") if "pip install" in run and "uv==" not in run], "pip only installs uv"
+    uv_pin = re.search(r"UV_VERSION=(\S+)", (ROOT / "dev").read_text()).group(1)  # type: ignore[union-attr]
+    assert any(f"pip install uv=={uv_pin}" in run for run in dockerfile("RUN")), "the uv that ./dev pins"
 
 
 def test_dockerfile_exposes_the_service_ports() -> None:

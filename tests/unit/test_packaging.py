@@ -41,8 +41,10 @@ def test_demo_without_the_extra_exits_2_naming_the_install_command() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_the_container_image_installs_no_extra() -> None:
+def test_the_container_image_installs_no_extra_and_no_group() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
-    assert installs, "the Dockerfile installs the wheel"
-    assert all("[" not in line for line in installs), installs
+    installs = [line for line in dockerfile.splitlines() if "uv sync" in line]
+    assert installs, "the Dockerfile installs from the lock"
+    for line in installs:
+        assert "--no-default-groups" in line, line
+        assert not [flag for flag in ("--extra", "--all-extras", "--group", "--all-groups") if flag in line], line
