@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 from authz_service.config.model import PolicyConfig, RoleConfig
 from authz_service.context import build_context
-from authz_service.errors import MalformedCredentials, TokenRejected, UpstreamUnavailable
+from authz_service.errors import MalformedCredentials, PolicyTimeout, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.observe import log_internal_error
+from authz_service.observe import log_internal_error, log_policy_timeout
 from authz_service.tokens.base import Credential
 from authz_service.tokens.sources import CredentialFinder
 
@@ -37,8 +37,12 @@ class Authorizer:
         policies: Sequence[PolicyConfig] = (),
         users: Mapping[str, Mapping[str, Any]] | None = None,
         roles: Sequence[RoleConfig] = (),
+        *,
+        authentication_only: bool = False,
     ) -> None:
         self._credentials = credentials
+        # Every valid token allowed: only when the config says so (never because policies ran out).
+        self._authentication_only = authentication_only
         self._identities = identities
         self._policies = tuple(policies)
         self._users = users or {}
@@ -64,6 +68,7 @@ class Authorizer:
         test-policy's "try these instead"."""
         other = Authorizer(self._credentials, self._identities, policies)
         other._users, other._roles = self._users, self._roles
+        # Trying policies means deciding by them: an empty trial set allows nothing.
         return other
 
     async def check(self, request: HttpRequest) -> Decision:
@@ -78,6 +83,9 @@ class Authorizer:
             return Decision(Outcome.INVALID_REQUEST, err.reason)
         except UpstreamUnavailable:
             return Decision(Outcome.UNAVAILABLE, Reason.IDP_UNAVAILABLE)
+        except PolicyTimeout as err:
+            log_policy_timeout(err)
+            return Decision(Outcome.FORBIDDEN, Reason.POLICY_TIMEOUT)
         except Exception as err:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
@@ -87,6 +95,9 @@ class Authorizer:
         Never raises; `authz-service explain` uses it for identities it is given."""
         try:
             return self._decide(request, identity)
+        except PolicyTimeout as err:
+            log_policy_timeout(err)
+            return Decision(Outcome.FORBIDDEN, Reason.POLICY_TIMEOUT)
         except Exception as err:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
@@ -104,7 +115,10 @@ class Authorizer:
             if allowing is None:
                 return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity)
             return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers, allowing)
-        return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers)
+        if self._authentication_only:
+            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers)
+        # No policies and no declared authentication-only mode: nothing is allowed (as in Aidbox).
+        return Decision(Outcome.FORBIDDEN, Reason.NO_POLICIES, identity)
 
     def context(self, request: HttpRequest, identity: Identity | None) -> dict[str, Any]:
         """The policy context of a request, with the identity's user and roles (test-policy uses it too)."""

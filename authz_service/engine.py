@@ -120,7 +120,14 @@ def build_engine(
         entries=previous.verified.carried_over() if previous is not None else None,
     )
     credentials = CredentialFinder(config.introspectors)
-    authorizer = Authorizer(credentials, verified, config.policies, config.users, config.roles)
+    authorizer = Authorizer(
+        credentials,
+        verified,
+        config.policies,
+        config.users,
+        config.roles,
+        authentication_only=config.authentication_only,
+    )
     responses = ResponseBuilder(config.response, remove_params=credentials.token_params)
     return Engine(config, authorizer, responses, HttpAnswers(config.response), verified, MappingProxyType(built))
 

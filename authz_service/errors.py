@@ -65,3 +65,13 @@ class UpstreamUnavailable(AuthzError):
         self.endpoint = endpoint
         self.outcome = outcome
         super().__init__(f"{endpoint} endpoint unavailable: {outcome}")
+
+
+class PolicyTimeout(AuthzError):
+    """An AccessPolicy's evaluation ran past its time budget (a regex): the request is denied."""
+
+    def __init__(self, policy: str, what: str) -> None:
+        # `what` names the rule part (`matcho.uri`), never the value it was matched against.
+        self.policy = policy
+        self.what = what
+        super().__init__(f"policy {policy!r}: {what} ran past its time budget")

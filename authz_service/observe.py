@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from authz_service.errors import PolicyTimeout
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 
 log = logging.getLogger("authz_service")
@@ -439,3 +440,10 @@ def log_internal_error(err: BaseException) -> None:
     stack = traceback.extract_tb(err.__traceback__)[-8:]
     frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(stack))
     log.error("internal error in Check: %s at %s", type(err).__name__, frames)
+
+
+def log_policy_timeout(err: PolicyTimeout) -> None:
+    """Log a policy that ran past its time budget: the policy and rule part, never the value."""
+    log.warning(
+        "policy evaluation timed out; request denied", extra={"fields": {"policy": err.policy, "rule": err.what}}
+    )

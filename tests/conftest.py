@@ -19,7 +19,14 @@ import yaml
 from grpc_health.v1 import health_pb2
 
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.harness import POLLING_CHANNEL, Harness, HealthClient, config_from, start_harness
+from tests.harness import (
+    POLLING_CHANNEL,
+    Harness,
+    HealthClient,
+    authentication_only_unless_policies,
+    config_from,
+    start_harness,
+)
 
 StartService = Callable[[Mapping[str, Any]], Awaitable[Harness]]
 
@@ -154,7 +161,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         port = free_port()
         settings = {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": 0, **(server or {})}
         path = tmp_path / f"config-{port}.yaml"
-        path.write_text(yaml.safe_dump({**config, "server": settings}))
+        path.write_text(yaml.safe_dump(authentication_only_unless_policies({**config, "server": settings})))
         log = tmp_path / f"service-{port}.log"
         process = await run_service(path, log)
         processes.append(process)

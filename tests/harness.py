@@ -170,10 +170,19 @@ class Harness:
         await self.service.stop(0)
 
 
+def authentication_only_unless_policies(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A test config without policies declares authentication-only mode (every valid token allowed),
+    unless it says otherwise: most tests are about tokens, and the mode must be declared."""
+    merged = dict(config)
+    if not merged.get("policies"):
+        merged.setdefault("authentication_only", True)
+    return merged
+
+
 def config_from(data: Mapping[str, Any]) -> Config:
     """A validated Config from a dict (listening on an ephemeral loopback port)."""
     merged = {"server": {"grpc_address": "127.0.0.1:0", "admin_address": None}, **data}
-    return parse_config(yaml.safe_dump(merged))
+    return parse_config(yaml.safe_dump(authentication_only_unless_policies(merged)))
 
 
 async def start_harness(config: Config) -> Harness:

@@ -40,6 +40,7 @@ class ServerConfig:
     # Checks in flight per listener and process; more are shed at once with a 503, so a check
     # admitted under overload waits behind at most this many (bounded queueing, bounded p99).
     max_concurrent_checks: int = 2048
+    admin_tls: TlsConfig | None = None  # TLS for the admin listener (resource API, metrics); off by default
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,14 @@ class OpaqueIntrospectorConfig:
     from_headers: tuple[HeaderSource, ...] = ()
     from_params: tuple[str, ...] = ()
     type: str = "opaque"  # or "aspxauth": the same, reading the .ASPXAUTH cookie unless `cookie` says otherwise
+    audiences: frozenset[str] | None = None  # `aud`: the answer's aud must share one (as jwt.aud)
+    # A JWT-shaped token is sent here only when this says so; otherwise an unknown `iss` is a 401
+    # with no network call (a JWT the jwt introspectors do not claim is not an opaque token).
+    accepts_jwt: bool = False
+    # RFC 7662 client authentication (RFC 6749 2.3.1), instead of a hand-written `authorization`.
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    client_auth: str = "client_secret_basic"  # or client_secret_post
 
     @property
     def kind(self) -> str:
@@ -208,12 +217,35 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ApiConfig:
-    """The resource API on the admin listener (`api`): on only when `token` is set."""
+class ApiToken:
+    """One writer of the resource API: its name (logged with every write) and its bearer token."""
 
-    token: str | None = field(default=None, repr=False)
+    name: str
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The resource API on the admin listener (`api`): on only when `token` or `tokens` is set."""
+
+    token: str | None = field(default=None, repr=False)  # one unnamed writer (`api.token`)
     store: StoreConfig | None = None  # also read (and watched) when token is None: resources then are read-only
     max_body_bytes: int = 1_048_576
+    tokens: tuple[ApiToken, ...] = ()  # named writers (`api.tokens: [{name, token}]`)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the resource API is served (some token is configured)."""
+        return self.token is not None or bool(self.tokens)
+
+    @property
+    def writers(self) -> tuple[ApiToken, ...]:
+        """Every accepted token with the name writes are logged under (`api.token` is "api-token")."""
+        unnamed = (ApiToken(UNNAMED_API_WRITER, self.token),) if self.token is not None else ()
+        return (*unnamed, *self.tokens)
+
+
+UNNAMED_API_WRITER = "api-token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +262,11 @@ class Config:
     warnings: tuple[str, ...] = ()
     roles: tuple[RoleConfig, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
+    # Authentication-only (every valid token allowed, as Envoy's jwt_authn) is a declared mode.
+    # Without it, no policies means nothing is allowed: a policy set that becomes empty at run time
+    # (a half-written file, the last API policy deleted, a store that restarted empty) denies more,
+    # never allows more.
+    authentication_only: bool = False
 
     def summary(self) -> str:
         """One line for check-config and the start-up log."""
@@ -238,4 +275,5 @@ class Config:
             f"config OK: {len(self.introspectors)} introspector(s) [{kinds}], "
             f"{len(self.policies)} policy(ies), {len(self.users)} user(s), {len(self.roles)} role(s), "
             f"cache {self.cache.backend}, grpc {self.server.grpc_address}"
+            + (", authentication-only" if self.authentication_only else "")
         )

@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 from authz_service.config import yamlload
 from authz_service.config.fields import Fields, expand_env, header_safe_text
 from authz_service.config.model import (
+    UNNAMED_API_WRITER,
     ApiConfig,
+    ApiToken,
     CacheConfig,
     Config,
     HeaderSource,
@@ -136,9 +138,31 @@ class _Validator:
         policies = self.policies(top.get("policies", list, []), {i.id for i in introspectors})
         logs = self.logging(top.section("logging"))
         api = self.api(top.section("api"), server)
+        authentication_only = bool(top.get("authentication_only", bool, False))
+        if authentication_only and policies:
+            top.problem(
+                "authentication_only",
+                "is true, so every valid token is allowed and policies are never asked: "
+                "remove the policies, or set authentication_only: false",
+            )
         top.reject_unknown()
+        if api.enabled and server.admin_tls is None and not _loopback(server.admin_address):
+            self.warnings.append(
+                f"api: the resource API on {server.admin_address} takes bearer tokens over plain HTTP; "
+                "set server.admin_tls, or bind admin_address to 127.0.0.1 behind a TLS proxy (docs/security.md)"
+            )
         return Config(
-            server, cache, response, introspectors, policies, users, logs, tuple(self.warnings), roles, api=api
+            server,
+            cache,
+            response,
+            introspectors,
+            policies,
+            users,
+            logs,
+            tuple(self.warnings),
+            roles,
+            api=api,
+            authentication_only=authentication_only,
         )
 
     def api(self, f: Fields | None, server: ServerConfig) -> ApiConfig:
@@ -155,12 +179,48 @@ class _Validator:
                 )
             if server.admin_address is None:
                 f.problem("token", "needs server.admin_address: the resource API is served on the admin listener")
+        tokens = self._api_tokens(f, token)
+        if tokens and server.admin_address is None and token is None:
+            f.problem("tokens", "needs server.admin_address: the resource API is served on the admin listener")
         store = self.store(f.nested("store"))
-        if token is not None and store is None and "store" not in f.raw:
+        if (token is not None or tokens) and store is None and "store" not in f.raw:
             f.problem("store", "is required when token is set (where resources written through the API persist)")
         max_body = f.int_in("max_body_bytes", ApiConfig().max_body_bytes, 1024, 64 * 1024 * 1024)
         f.reject_unknown()
-        return ApiConfig(token, store, max_body)
+        return ApiConfig(token, store, max_body, tokens)
+
+    def _api_tokens(self, f: Fields, unnamed: str | None) -> tuple[ApiToken, ...]:
+        """`api.tokens`: [{name, token}], each writer named in the audit log."""
+        result: list[ApiToken] = []
+        seen_names: set[str] = {UNNAMED_API_WRITER} if unnamed is not None else set()
+        seen_tokens: set[str] = {unnamed} if unnamed is not None else set()
+        for i, raw in enumerate(f.get("tokens", list, []) or []):
+            entry = Fields(f.where, raw, f.problems, f"tokens[{i}].") if isinstance(raw, dict) else None
+            if entry is None:
+                f.problem(f"tokens[{i}]", "must be a mapping {name, token}")
+                continue
+            name = entry.get("name", str)
+            secret = entry.get("token", str)
+            entry.reject_unknown()
+            if name is not None and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+                entry.problem("name", "must be 1 to 64 letters, digits or '_.@-' (it names the writer in logs)")
+                name = None
+            elif name is not None and name in seen_names:
+                entry.problem("name", f"{name!r} is used by more than one token")
+            if secret is not None and not re.fullmatch(r"[\x21-\x7e]{1,1024}", secret):
+                entry.problem("token", "must be 1 to 1024 visible ASCII characters (it is sent as a Bearer token)")
+                secret = None
+            elif secret is not None and secret in seen_tokens:
+                entry.problem("token", "is the same as another API token: each writer needs its own")
+            elif secret is not None and len(secret) < MIN_API_TOKEN_CHARS:
+                self.warnings.append(
+                    f"api: tokens[{i}] is shorter than {MIN_API_TOKEN_CHARS} characters; use a long random token"
+                )
+            if name is not None and secret is not None:
+                seen_names.add(name)
+                seen_tokens.add(secret)
+                result.append(ApiToken(name, secret))
+        return tuple(result)
 
     def store(self, f: Fields | None) -> StoreConfig | None:
         if f is None:
@@ -222,6 +282,9 @@ class _Validator:
         grace = f.number_in("shutdown_grace", _SERVER.shutdown_grace, 0, 600)
         max_concurrent = f.int_in("max_concurrent_checks", _SERVER.max_concurrent_checks, 1, 100_000)
         tls = self.tls(f.nested("tls"))
+        admin_tls = self.tls(f.nested("admin_tls"))
+        if admin_tls is not None and admin_tls.client_ca is not None:
+            f.problem("admin_tls.client_ca", "is not supported on the admin listener (its API uses bearer tokens)")
         f.reject_unknown()
         return ServerConfig(
             grpc_address or _SERVER.grpc_address,
@@ -233,6 +296,7 @@ class _Validator:
             tls,
             http_address,
             max_concurrent,
+            admin_tls,
         )
 
     def tls(self, f: Fields | None) -> TlsConfig | None:
@@ -406,15 +470,7 @@ class _Validator:
         if jwt is None:
             return None
         iss = jwt.get("iss", str)
-        aud_raw = jwt.get("aud", (str, list), None)
-        audiences: frozenset[str] | None = None
-        if isinstance(aud_raw, str):
-            audiences = frozenset([aud_raw])
-        elif isinstance(aud_raw, list):
-            if not aud_raw or not all(isinstance(a, str) and a for a in aud_raw):
-                jwt.problem("aud", "must be a string or a non-empty list of strings")
-            else:
-                audiences = frozenset(aud_raw)
+        audiences = _audiences(jwt, jwt.get("aud", (str, list), None))
         leeway = jwt.int_in("leeway", 30, 0, 3600)
         max_lifetime = jwt.get("max_lifetime", int, None)
         if max_lifetime is not None and not 1 <= max_lifetime <= MAX_LIFETIME_LIMIT:
@@ -494,7 +550,20 @@ class _Validator:
         authorization = endpoint.get("authorization", str, None)
         if authorization is not None and not header_safe_text(authorization):
             endpoint.problem("authorization", "must be a single-line header value")
+        client_id = endpoint.get("client_id", str, None)
+        client_secret = endpoint.get("client_secret", str, None)
+        client_auth = endpoint.get("auth_method", str, "client_secret_basic") or "client_secret_basic"
+        if client_auth not in ("client_secret_basic", "client_secret_post"):
+            endpoint.problem("auth_method", f"must be client_secret_basic or client_secret_post, got {client_auth!r}")
+        if client_secret is not None and not client_id:
+            endpoint.problem("client_secret", "needs client_id (RFC 6749 2.3.1: the client authenticates as itself)")
+        if client_id is not None and authorization is not None:
+            endpoint.problem("authorization", "and client_id are two ways to authenticate to the endpoint: keep one")
+        if client_id is not None and (not client_id or not header_safe_text(client_id)):
+            endpoint.problem("client_id", "must be a non-empty single-line string")
         endpoint.reject_unknown()
+        audiences = _audiences(f, f.get("aud", (str, list), None))
+        accepts_jwt = bool(f.get("accepts_jwt", bool, False))
         if url is None:
             return None
         return OpaqueIntrospectorConfig(
@@ -507,6 +576,11 @@ class _Validator:
             common.from_headers,
             common.from_params,
             kind,
+            audiences=audiences,
+            accepts_jwt=accepts_jwt,
+            client_id=client_id,
+            client_secret=client_secret,
+            client_auth=client_auth,
         )
 
     def policies(self, raw_list: list[Any], introspector_ids: set[str]) -> tuple[PolicyConfig, ...]:
@@ -557,6 +631,7 @@ class _Validator:
                 if not kind.missing(raw):
                     try:
                         predicate = kind.compile(rule)
+                        self.warnings.extend(f"{where}: {warning}" for warning in kind.lint(rule))
                     except PolicyError as err:
                         f.problem("", str(err))
                     except RecursionError:
@@ -627,6 +702,25 @@ class _Validator:
             # jsonschema only treats dicts as objects, so a read-only proxy would skip `properties`.
             users[raw["id"]] = with_aidbox_references(strip_empty(raw))
         return MappingProxyType(users)
+
+
+def _audiences(f: Fields, raw: Any) -> frozenset[str] | None:
+    """`aud`: a string or a non-empty list of strings; the token must share one."""
+    if isinstance(raw, str):
+        return frozenset([raw])
+    if isinstance(raw, list):
+        if raw and all(isinstance(a, str) and a for a in raw):
+            return frozenset(raw)
+        f.problem("aud", "must be a string or a non-empty list of strings")
+    return None
+
+
+def _loopback(address: str | None) -> bool:
+    """Whether a listen address is on the loopback interface only."""
+    if address is None:
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def static_key(raw: Mapping[str, Any]) -> StaticKey:

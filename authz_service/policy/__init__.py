@@ -42,6 +42,12 @@ class PolicyEngine:
         compiled: Predicate = importlib.import_module(self.module).compile_rule(rule)
         return compiled
 
+    def lint(self, rule: Mapping[str, Any]) -> list[str]:
+        """Warnings about a compiled rule that loads but may not do what its author means (check-config
+        prints them; `lint_rule` in the engine's module, when it has one)."""
+        lint = getattr(importlib.import_module(self.module), "lint_rule", None)
+        return list(lint(rule)) if lint is not None else []
+
     def explain(self, rule: Mapping[str, Any], context: Mapping[str, Any], show: Callable[[Any], str]) -> list[str]:
         """Why a compiled rule does not match the context ([] when it does); values rendered by `show`."""
         reasons: list[str] = importlib.import_module(self.module).explain_rule(rule, context, show)

@@ -56,11 +56,16 @@ class Setup:
         *policies: PolicyConfig,
         users: Mapping[str, Mapping[str, Any]] | None = None,
         finder: CredentialFinder | None = None,
+        authentication_only: bool = False,
     ) -> None:
         self.idp = FakeIntrospector("idp")
         self.ext = FakeIntrospector("ext")
         self.authorizer = Authorizer(
-            finder or CredentialFinder(), IntrospectorRouter([self.idp, self.ext]), policies, users
+            finder or CredentialFinder(),
+            IntrospectorRouter([self.idp, self.ext]),
+            policies,
+            users,
+            authentication_only=authentication_only,
         )
 
     async def check(self, path: str = "/", token: str | None = None, **headers: str) -> Decision:
@@ -117,14 +122,25 @@ async def test_a_policy_bound_to_an_introspector_never_allows_anonymous() -> Non
 # --------------------------------------------------------------------------- with a token
 
 
-async def test_valid_token_without_policies_is_allowed_with_its_headers() -> None:
+async def test_valid_token_in_authentication_only_mode_is_allowed_with_its_headers() -> None:
     # curl -H "Authorization: Bearer $TOKEN" http://api.example.com/
-    s = Setup()
+    s = Setup(authentication_only=True)
     identity = s.idp.vouch(TOKEN, "user-1", kind="jwt")
     decision = await s.check(token=TOKEN)
     assert (decision.outcome, decision.reason) == (Outcome.ALLOW, Reason.ALLOWED)
     assert decision.identity == identity
     assert decision.headers == identity.headers
+
+
+async def test_no_policies_without_the_declared_mode_allows_nothing() -> None:
+    # An empty policy set (a half-written file, the last API policy deleted) never means "allow all".
+    s = Setup()
+    identity = s.idp.vouch(TOKEN, "user-1", kind="jwt")
+    decision = await s.check(token=TOKEN)
+    assert (decision.outcome, decision.reason) == (Outcome.FORBIDDEN, Reason.NO_POLICIES)
+    assert decision.identity == identity
+    assert decision.headers == ()
+    assert (await s.check()).outcome is Outcome.UNAUTHENTICATED
 
 
 async def test_valid_token_no_policy_matching_is_403() -> None:

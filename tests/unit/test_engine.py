@@ -41,6 +41,8 @@ OPAQUE = {
 
 
 def config(*introspectors: Mapping[str, Any], **rest: Any) -> Config:
+    # Authentication-only unless the test brings policies: these tests are about tokens.
+    rest.setdefault("authentication_only", not rest.get("policies"))
     return validate_config({"introspectors": list(introspectors), **rest}, None)
 
 
