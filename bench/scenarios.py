@@ -273,14 +273,17 @@ class Bench:
     def _jwt(self, **jwt: Any) -> dict[str, Any]:
         return {"iss": self.material["issuer"], "aud": AUDIENCE, **jwt}
 
+    # The token scenarios run authentication-only (every valid token allowed), declared as a user
+    # must declare it; the policy scenarios replace the declaration with their policies.
     def cfg_hs256(self) -> dict[str, Any]:
         return {
-            "introspectors": [{"id": "bench", "type": "jwt", "jwt": self._jwt(secret=self.material["hmac_secret"])}]
+            "authentication_only": True,
+            "introspectors": [{"id": "bench", "type": "jwt", "jwt": self._jwt(secret=self.material["hmac_secret"])}],
         }
 
     def cfg_jwks(self, workers: int = 1) -> dict[str, Any]:
         introspector = {"id": "bench", "type": "jwt", "jwks_uri": self.material["jwks_uri"], "cache_ttl": 3600}
-        config: dict[str, Any] = {"introspectors": [{**introspector, "jwt": self._jwt()}]}
+        config: dict[str, Any] = {"authentication_only": True, "introspectors": [{**introspector, "jwt": self._jwt()}]}
         if workers != 1:
             config["server"] = {"workers": workers}
         return config
@@ -288,7 +291,10 @@ class Bench:
     def cfg_static(self, alg: str) -> dict[str, Any]:
         kty = {"RS256": "RSA", "ES256": "EC"}[alg]
         key = {"kty": kty, "alg": alg, "format": "PEM", "pub": self.material["pem"][alg]}
-        return {"introspectors": [{"id": "bench", "type": "jwt", "jwt": self._jwt(keys=[key])}]}
+        return {
+            "authentication_only": True,
+            "introspectors": [{"id": "bench", "type": "jwt", "jwt": self._jwt(keys=[key])}],
+        }
 
     def cfg_opaque(self) -> dict[str, Any]:
         endpoint = {
@@ -296,11 +302,13 @@ class Bench:
             "authorization": self.material["introspection_authorization"],
         }
         return {
-            "introspectors": [{"id": "bench", "type": "opaque", "cache_ttl": 3600, "introspection_endpoint": endpoint}]
+            "authentication_only": True,
+            "introspectors": [{"id": "bench", "type": "opaque", "cache_ttl": 3600, "introspection_endpoint": endpoint}],
         }
 
     def cfg_matcho(self) -> dict[str, Any]:
         config = self.cfg_hs256()
+        del config["authentication_only"]
         config["policies"] = [
             {
                 "id": "admins",

@@ -35,6 +35,7 @@ async def test_envoy_reaches_the_service_over_mutual_tls(
                     "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca)},
                 },
                 "introspectors": [jwks_introspector(idp)],
+                "authentication_only": True,
             }
         )
     )

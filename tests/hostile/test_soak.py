@@ -37,7 +37,7 @@ import yaml
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import StartService, exit_code, free_port, opaque_introspector, run_service, wait_serving
-from tests.harness import Answer, AuthorizationClient, check_request
+from tests.harness import Answer, AuthorizationClient, authentication_only_unless_policies, check_request
 
 pytestmark = pytest.mark.slow  # tens of thousands of checks, most through service subprocesses
 
@@ -119,7 +119,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Awai
     async def start(config: dict[str, Any]) -> ServiceProcess:
         grpc_port, admin_port = free_port(), free_port()
         config = {
-            **config,
+            **authentication_only_unless_policies(config),
             "server": {
                 "grpc_address": f"127.0.0.1:{grpc_port}",
                 "admin_address": f"127.0.0.1:{admin_port}",

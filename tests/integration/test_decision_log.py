@@ -155,6 +155,7 @@ async def test_checks_are_answered_promptly_while_nobody_reads_the_log(
             "drain_delay": 0,
         },
         "introspectors": [jwks_introspector(idp)],
+        "authentication_only": True,
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

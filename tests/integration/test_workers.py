@@ -124,6 +124,7 @@ async def test_workers_share_the_port_and_are_supervised(idp: DevIdentityProvide
     # SIGHUP reaches every worker: a new policy applies on both workers' own ports.
     config = yaml.safe_load(spawned.path.read_text())
     config["policies"] = [{"id": "nothing-but-public", "engine": "matcho", "matcho": {"uri": "#^/public"}}]
+    config.pop("authentication_only", None)  # policies replace the test's authentication-only mode
     spawned.path.write_text(yaml.safe_dump(config))
     spawned.process.send_signal(signal.SIGHUP)
     end = time.monotonic() + 10
