@@ -34,8 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"authz-service {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file and exit",
+        description="Validate a config file as start-up would (with a file store's resources). Exit 0 and a "
+        "summary (warnings printed), 2 with every problem. --strict: warnings are problems too. --resources: "
+        "also validate a resources file (what `apply` sends) together with the config.",
+    )
     check.add_argument("file")
+    check.add_argument("--strict", action="store_true", help="exit 2 when there is any warning")
+    check.add_argument(
+        "--resources", "-r", metavar="FILE", help="a resources file (as `apply -f` takes) to validate with the config"
+    )
     apply = commands.add_parser(
         "apply",
         help="send a YAML file of resources to a running service's resource API (one bulk PUT /)",
@@ -104,18 +114,80 @@ def _effective_config(path: str, command: str) -> tuple[Config | None, str | Non
     return config, None
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, strict: bool = False, resources_path: str | None = None) -> int:
     """`check-config FILE`: 0 and a summary, or 2 and every problem. A file store (`api.store`)
-    is checked with the file, as start-up would load it; a Redis store is not contacted."""
+    is checked with the file, as start-up would load it; a Redis store is not contacted. With
+    --resources, the resources file is validated with it, as the resource API would take it."""
     config, note = _effective_config(path, "check-config")
     if config is None:
         return 2
+    if resources_path is not None:
+        config = _with_resources(path, resources_path)
+        if config is None:
+            return 2
+        note = f"with the resources of {resources_path}"
+    if not config.introspectors:
+        print(
+            "authz-service: invalid config (1 problem(s)):\n  introspectors: none configured, so no token can "
+            "be verified (add a TokenIntrospector)",
+            file=sys.stderr,
+        )
+        return 2
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if strict and config.warnings:
+        print(f"authz-service: {len(config.warnings)} warning(s), and --strict makes them problems", file=sys.stderr)
+        return 2
     print(config.summary())
     if note is not None:
         print(note)
     return 0
+
+
+def _with_resources(config_path: str, resources_path: str) -> Config | None:
+    """The config file composed with a resources file's resources (as a bulk PUT / would apply them);
+    None after printing every problem."""
+    from authz_service.apply import UsageError, read_resources
+    from authz_service.store.base import KINDS
+    from authz_service.store.resources import compose, read_config_file
+
+    try:
+        text = sys.stdin.read() if resources_path == "-" else Path(resources_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        print(f"authz-service check-config: cannot read {resources_path}: {reason}", file=sys.stderr)
+        return None
+    notes: list[str] = []
+    try:
+        resources = read_resources(text, notes)
+        file = read_config_file(config_path)
+    except UsageError as err:
+        print(f"authz-service check-config: {resources_path}: {err}", file=sys.stderr)
+        return None
+    except ConfigError as err:
+        _print_problems(err)
+        return None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    unknown = sorted({str(r.get("resourceType")) for r in resources} - set(KINDS))
+    if unknown:
+        print(
+            f"authz-service check-config: {resources_path}: unknown resourceType {', '.join(unknown)}", file=sys.stderr
+        )
+        return None
+    clashes = [f"{r['resourceType']}/{r.get('id')}" for r in resources if r.get("id") in file.ids(r["resourceType"])]
+    if clashes:
+        print(
+            f"authz-service check-config: {resources_path}: {', '.join(clashes)} defined by the config file "
+            "(read-only through the API: edit the file instead)",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        return compose(file, {(str(r["resourceType"]), str(r.get("id"))): r for r in resources})
+    except ConfigError as err:
+        _print_problems(err)
+        return None
 
 
 def apply(path: str, url: str | None, token: str | None, timeout: float) -> int:
@@ -187,7 +259,8 @@ def explain(config_path: str | None, request_path: str, as_json: bool, verbose: 
         for problem in err.problems:
             print(f"authz-service explain: {request_path}: {problem}", file=sys.stderr)
         return 2
-    print(json.dumps(answers if len(answers) > 1 else answers[0], indent=2) if as_json else "\n".join(lines))
+    # Always a list, one answer per case: a script reading it need not ask how many cases there were.
+    print(json.dumps(answers, indent=2) if as_json else "\n".join(lines))
     if failures:
         print(f"{failures} of {len(cases)} case(s) did not decide as expected", file=sys.stderr)
     return 1 if failures else 0
@@ -284,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level is not None and args.log_level not in ("debug", "info", "warning", "error"):
         parser.error(f"AUTHZ_LOG_LEVEL must be debug, info, warning or error, got {args.log_level!r}")
     if args.command == "check-config":
-        return check_config(args.file)
+        return check_config(args.file, args.strict, args.resources)
     if args.command == "demo":
         return demo()
     if args.command == "apply":

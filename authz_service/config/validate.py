@@ -86,7 +86,9 @@ def parse_config(text: str, env: Mapping[str, str] | None = None) -> Config:
     except yamlload.YamlError as err:
         raise ConfigError([Problem("config", "", err.message)]) from err
     if raw is None:
-        raw = {}
+        # An empty file (or one of comments only) is never a config anyone meant: a truncated write,
+        # a ConfigMap key that lost its content. Refused at start-up, on reload and by check-config.
+        raise ConfigError([Problem("config", "", "is empty (no settings, no introspectors)")])
     if not isinstance(raw, dict):
         raise ConfigError([Problem("config", "", "must be a mapping at the top level")])
     return validate_config(raw, os.environ if env is None else env)

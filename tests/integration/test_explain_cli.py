@@ -96,6 +96,11 @@ policies:
     assert (bad["decision"], bad["reason"]) == ("unauthenticated", "bad_signature")
     assert token not in result.stdout
     assert forged not in result.stdout
+    # One case is a list of one: the shape never depends on how many cases there were.
+    single = explain("-c", str(config), "-r", "-", "--json", stdin=json.dumps(body[:1]))
+    assert single.returncode == 0, single.stderr
+    [only] = json.loads(single.stdout)
+    assert only["name"] == "good"
 
 
 def test_bad_input_exits_2_naming_it(tmp_path: Path) -> None:

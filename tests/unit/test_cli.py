@@ -171,6 +171,51 @@ def test_check_config_expands_the_process_environment(tmp_path: Path) -> None:
     assert "AUTHZ_TEST_SECRET" in unset.stderr
 
 
+def test_check_config_refuses_an_empty_file_and_a_config_without_introspectors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n", encoding="utf-8")
+    result = run_cli("check-config", str(empty), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "config: is empty" in result.stderr
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("server: {admin_address: null}\n", encoding="utf-8")
+    result = run_cli("check-config", str(bare), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "introspectors: none configured" in result.stderr
+
+
+def test_check_config_strict_turns_warnings_into_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text(GOOD.replace(LONG_SECRET, "secret"), encoding="utf-8")
+    assert run_cli("check-config", str(path), cwd=tmp_path).returncode == 0
+    strict = run_cli("check-config", "--strict", str(path), cwd=tmp_path)
+    assert strict.returncode == 2
+    assert "warning:" in strict.stderr
+    assert "--strict" in strict.stderr
+    assert strict.stdout == ""
+
+
+def test_check_config_validates_a_resources_file_with_the_config(tmp_path: Path, good: Path) -> None:
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(
+        "- {resourceType: AccessPolicy, id: admins, engine: matcho, matcho: {uri: '#^/admin/'}}\n", encoding="utf-8"
+    )
+    ok = run_cli("check-config", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "1 policy(ies)" in ok.stdout
+    assert f"with the resources of {resources}" in ok.stdout
+    resources.write_text("- {resourceType: AccessPolicy, id: broken, engine: matcho}\n", encoding="utf-8")
+    bad = run_cli("check-config", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert bad.returncode == 2
+    assert_clean_failure(bad)
+    assert "policy 'broken': matcho is required for engine matcho" in bad.stderr
+    resources.write_text("- {resourceType: User, id: alice}\n", encoding="utf-8")
+    clash = run_cli("check-config", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert clash.returncode == 2
+    assert "User/alice defined by the config file" in clash.stderr
+
+
 # --------------------------------------------------------------------------- running the service
 
 

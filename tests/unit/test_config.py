@@ -244,8 +244,15 @@ def test_defaults_apply_where_fields_are_omitted(full_config_text: str) -> None:
         assert intro.cookie is None
 
 
-def test_empty_config_is_all_defaults() -> None:
-    config = parse_config("", {})
+def test_an_empty_file_is_refused() -> None:
+    for text in ("", "\n", "# only a comment\n"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text, {})
+        assert [str(p) for p in caught.value.problems] == ["config: is empty (no settings, no introspectors)"]
+
+
+def test_empty_mapping_is_all_defaults() -> None:
+    config = parse_config("{}", {})
     assert config == Config()
     assert config.server == ServerConfig("0.0.0.0:9001", "0.0.0.0:9002", 1)
     assert config.cache == CacheConfig("memory", None, 100_000)
