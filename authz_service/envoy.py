@@ -121,7 +121,9 @@ def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         scheme=http.scheme,
         headers=headers,
         remote_addr=attributes.source.address.socket_address.address,
-        request_id=http.id or headers.get("x-request-id", ""),
+        # Envoy's (and Istio's) x-request-id is what its access log and the upstream see; the stream
+        # id (attributes.request.http.id) means nothing outside this Envoy, so it is only a fallback.
+        request_id=headers.get("x-request-id") or http.id,
         context_extensions=attributes.context_extensions,
     )
 

@@ -74,10 +74,13 @@ def test_check_request_becomes_our_request() -> None:
     assert dict(request.context_extensions) == {"route": "fhir"}
 
 
-def test_request_id_falls_back_to_the_header() -> None:
-    check = check_request("/", headers={"x-request-id": "from-header"})
-    check.attributes.request.http.id = ""
-    assert to_http_request(check).request_id == "from-header"
+def test_request_id_is_the_x_request_id_header_before_the_stream_id() -> None:
+    # The UUID Envoy's access log shows, so a decision line can be joined to it (not the stream id).
+    check = check_request("/", headers={"x-request-id": "a37ddb78-0b1c-4d6e-9f00-5a1b2c3d4e5f"})
+    check.attributes.request.http.id = "15890269275850917356"
+    assert to_http_request(check).request_id == "a37ddb78-0b1c-4d6e-9f00-5a1b2c3d4e5f"
+    del check.attributes.request.http.headers["x-request-id"]
+    assert to_http_request(check).request_id == "15890269275850917356"
 
 
 def raw_header_request(*entries: tuple[str, bytes]) -> pb.CheckRequest:
