@@ -52,6 +52,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry spans (`tracing`): exported to an OTLP/gRPC collector when an endpoint is set."""
+
+    otlp_endpoint: str | None = None  # http://collector:4317 (https:// for TLS); None: no spans
+    service_name: str = "authz-service"
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Which cache backend holds introspection results."""
 
@@ -267,6 +275,7 @@ class Config:
     # (a half-written file, the last API policy deleted, a store that restarted empty) denies more,
     # never allows more.
     authentication_only: bool = False
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def summary(self) -> str:
         """One line for check-config and the start-up log."""

@@ -37,6 +37,7 @@ from authz_service.config.model import (
     StaticKey,
     StoreConfig,
     TlsConfig,
+    TracingConfig,
 )
 from authz_service.context import strip_empty
 from authz_service.errors import ConfigError, PolicyError, Problem
@@ -141,6 +142,7 @@ class _Validator:
         logs = self.logging(top.section("logging"))
         api = self.api(top.section("api"), server)
         authentication_only = bool(top.get("authentication_only", bool, False))
+        tracing = self.tracing(top.section("tracing"))
         if authentication_only and policies:
             top.problem(
                 "authentication_only",
@@ -165,7 +167,20 @@ class _Validator:
             roles,
             api=api,
             authentication_only=authentication_only,
+            tracing=tracing,
         )
+
+    def tracing(self, f: Fields | None) -> TracingConfig:
+        """OpenTelemetry export: an OTLP/gRPC endpoint and the service name spans carry."""
+        if f is None:
+            return TracingConfig()
+        endpoint = f.get("otlp_endpoint", str, None)
+        f.url("otlp_endpoint", endpoint)
+        name = f.get("service_name", str, TracingConfig().service_name) or TracingConfig().service_name
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            f.problem("service_name", "must be 1 to 64 letters, digits or '._-'")
+        f.reject_unknown()
+        return TracingConfig(endpoint, name)
 
     def api(self, f: Fields | None, server: ServerConfig) -> ApiConfig:
         """The resource API: a bearer token, where written resources persist, a body size cap."""

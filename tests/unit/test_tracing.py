@@ -1,0 +1,64 @@
+"""W3C traceparent parsing (the decision log's trace_id and span_id come from it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from authz_service.tracing import Spans, TraceParent, parse_traceparent
+
+VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_valid_traceparent_names_the_trace_and_the_callers_span() -> None:
+    assert parse_traceparent(VALID) == TraceParent("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", True)
+    unsampled = VALID[:-2] + "00"
+    assert parse_traceparent(unsampled) == TraceParent("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        "garbage",
+        VALID.upper(),  # hex is lower case
+        "ff" + VALID[2:],  # version ff is invalid
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",  # all-zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01",  # all-zero span id
+        VALID + "-extra",  # version 00 has exactly four fields
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",  # short trace id
+        VALID + "x" * 600,
+    ],
+)
+def test_an_invalid_traceparent_is_ignored(value: str | None) -> None:
+    assert parse_traceparent(value) is None
+
+
+def test_a_future_version_may_append_fields() -> None:
+    assert parse_traceparent("01" + VALID[2:] + "-what-comes-next") is not None
+
+
+def test_spans_off_record_nothing() -> None:
+    spans = Spans.off()
+    assert not spans.enabled
+    with spans.check("grpc", {"traceparent": VALID}) as span:
+        assert span is None
+    with spans.call("authz.introspect", introspector="idp") as span:
+        assert span is None
+    spans.shutdown()
+
+
+def test_tracing_config_is_validated() -> None:
+    from authz_service.config.validate import validate_config
+    from authz_service.errors import ConfigError
+
+    config = validate_config({"tracing": {"otlp_endpoint": "http://127.0.0.1:4317"}}, None)
+    assert (config.tracing.otlp_endpoint, config.tracing.service_name) == ("http://127.0.0.1:4317", "authz-service")
+    assert validate_config({}, None).tracing.otlp_endpoint is None
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"tracing": {"otlp_endpoint": "collector:4317", "service_name": "a b", "x": 1}}, None)
+    assert [str(p) for p in caught.value.problems] == [
+        "tracing: otlp_endpoint must be an http:// or https:// URL",
+        "tracing: service_name must be 1 to 64 letters, digits or '._-'",
+        "tracing: x is not a known field",
+    ]
