@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from authz_service.config.model import Config, IntrospectorConfig, JwtIntrospectorConfig, ResponseConfig
+from authz_service.config.model import (
+    Config,
+    IntrospectorConfig,
+    JwtIntrospectorConfig,
+    OpaqueIntrospectorConfig,
+    ResponseConfig,
+)
 from authz_service.context import strip_empty
 from authz_service.decide import Authorizer
 from authz_service.envoy import HttpAnswers, IdentityHeaders, ResponseBuilder
@@ -109,7 +115,10 @@ def build_engine(
     `on_skipped_key(introspector, reason)` counts the unusable keys of fetched JWKS documents
     (observe.Metrics.jwks_skipped_key)."""
     built = build_introspectors(config, client, caches, previous.built if previous else None, on_skipped_key)
-    router = IntrospectorRouter([b.introspector for b in built.values()])
+    router = IntrospectorRouter(
+        [b.introspector for b in built.values()],
+        accepts_jwt=[c.id for c in config.introspectors if isinstance(c, OpaqueIntrospectorConfig) and c.accepts_jwt],
+    )
     # Verified identities survive a reload: entries of replaced introspectors are dropped on their
     # next lookup, and entries shaped for another response config or policy set are reshaped.
     verified = VerifiedTokens(

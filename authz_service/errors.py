@@ -59,11 +59,12 @@ class MalformedCredentials(AuthzError):
 class UpstreamUnavailable(AuthzError):
     """An identity provider endpoint could not give a usable answer (answered 503 unless cached)."""
 
-    def __init__(self, endpoint: str, outcome: str) -> None:
+    def __init__(self, endpoint: str, outcome: str, reason: Reason = Reason.IDP_UNAVAILABLE) -> None:
         # endpoint is "jwks", "discovery" or "introspection"; outcome is a short metric label such as
         # "timeout", "connect_error", "http_503", "not_json". Never the URL's secrets or a token.
         self.endpoint = endpoint
         self.outcome = outcome
+        self.reason = reason  # what Check answers with it: an outage, or the IdP refusing our own credentials
         super().__init__(f"{endpoint} endpoint unavailable: {outcome}")
 
 

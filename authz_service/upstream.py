@@ -28,12 +28,20 @@ import aiohttp
 
 from authz_service import strictjson
 from authz_service.errors import UpstreamUnavailable
+from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, IdpErrorAnswer
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_INTROSPECTION_BYTES = 64 * 1024
 # What we ask for (servers that negotiate pick what they have; RFC 7517 8.5 names the JWK Set type).
 _ACCEPT = {"jwks": "application/jwk-set+json, application/json"}
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9!#$&^_.+-]+\+)?json")
+# RFC 6749 5.2 / RFC 7662 2.3 / RFC 6750 3.1 error codes an OAuth endpoint's 400 or 401 may carry.
+# Any other `error` value is read as none: it never becomes a label, a log field or a decision.
+_OAUTH_ERRORS = frozenset(
+    {"invalid_request", "invalid_client", "invalid_token", "unsupported_token_type", "unauthorized_client"}
+)
+_TOKEN_ERRORS = frozenset({"invalid_token", "unsupported_token_type"})
+_OAUTH_ERROR_STATUSES = frozenset({400, 401})
 
 
 def is_json_media_type(content_type: str | None) -> bool:
@@ -111,6 +119,10 @@ class UpstreamClient:
                 ) as response:
                     if response.status != 200:
                         outcome = f"http_{response.status}"
+                        if form is not None and response.status in _OAUTH_ERROR_STATUSES:
+                            error = await _oauth_error(response, max_bytes)
+                            outcome = _oauth_outcome(response.status, error) or outcome
+                            raise IdpErrorAnswer(endpoint, outcome, status=response.status, error=error)
                         raise UpstreamUnavailable(endpoint, outcome)
                     if json_only and not is_json_media_type(response.headers.get("Content-Type")):
                         outcome = "bad_content_type"
@@ -139,3 +151,30 @@ class UpstreamClient:
             self.calls[(endpoint, outcome)] += 1
             if self._on_call is not None:
                 self._on_call(endpoint, outcome)
+
+
+async def _oauth_error(response: aiohttp.ClientResponse, max_bytes: int) -> str | None:
+    """The known RFC 6749 5.2 `error` code of an error answer's JSON body, else None (body capped)."""
+    body = await response.content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        return None
+    try:
+        document = strictjson.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = document.get("error") if isinstance(document, dict) else None
+    return error if isinstance(error, str) and error in _OAUTH_ERRORS else None
+
+
+def _oauth_outcome(status: int, error: str | None) -> str | None:
+    """The label of an OAuth error answer that is not an outage (None: it is one, `http_<status>`).
+
+    401 is the endpoint refusing our client credentials (RFC 7662 2.3, RFC 6749 5.2), as is
+    `invalid_client` on a 400 (servers answer so to credentials sent in the form body); a 400
+    `invalid_token` or `unsupported_token_type` is an answer about the token, not a broken IdP.
+    """
+    if status == 401 or error == "invalid_client":
+        return CLIENT_AUTH_FAILED
+    if error in _TOKEN_ERRORS:
+        return INVALID_TOKEN
+    return None

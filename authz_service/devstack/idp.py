@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
+from urllib.parse import quote_plus, unquote_plus
 
 import jwt
 from aiohttp import web
@@ -37,9 +38,14 @@ _INTROSPECT_MOVED_PATH: Final = "/moved/introspect"
 _DISCOVERY_MOVED_PATH: Final = "/moved/openid-configuration"
 
 _JWKS_MODES: Final = frozenset({"ok", "down", "hang", "html", "notjson", "redirect", "huge", "empty", "garbage_keys"})
-_INTROSPECT_MODES: Final = frozenset(
-    {"ok", "down", "hang", "html", "notjson", "redirect", "huge", "no_active", "active_string", "error500"}
+# The OAuth errors a 400 may carry (RFC 6749 5.2, RFC 7009 2.2.1): modes that answer exactly that.
+_INTROSPECT_ERROR_MODES: Final = frozenset({"invalid_token", "unsupported_token_type", "invalid_request"})
+_INTROSPECT_MODES: Final = (
+    frozenset({"ok", "down", "hang", "html", "notjson", "redirect", "huge", "no_active", "active_string", "error500"})
+    | _INTROSPECT_ERROR_MODES
 )
+# RFC 6749 2.3.1: how a client may authenticate to the introspection endpoint (RFC 7662 2.1).
+CLIENT_AUTH_METHODS: Final = frozenset({"client_secret_basic", "client_secret_post"})
 _HANG_SECONDS: Final = 3600.0
 _HUGE_JWKS_BYTES: Final = 2 * 1024 * 1024
 _HUGE_INTROSPECT_BYTES: Final = 128 * 1024
@@ -186,6 +192,11 @@ class DevIdentityProvider(LocalHttpServer):
         # The Content-Type of introspection answers (RFC 7662 says application/json; tests try others).
         self.introspect_content_type: str = "application/json"
         self.last_introspection: dict[str, Any] | None = None
+        # The client authentication methods the introspection endpoint accepts (RFC 6749 2.3.1);
+        # a request using another one, two at once, or none is refused with 401 invalid_client.
+        self.client_auth_methods: frozenset[str] = CLIENT_AUTH_METHODS
+        self.last_client_auth: str | None = None  # the method the last introspection request used
+        self.publish_kids = True  # False: the JWKS publishes its keys without `kid`
         self._current: dict[str, _SigningKey] = {family: _new_key(family) for family in ("RSA", "EC", "OKP")}
         self._retired: list[_SigningKey] = []
         self._opaque: dict[str, dict[str, Any]] = {}
@@ -225,9 +236,38 @@ class DevIdentityProvider(LocalHttpServer):
 
     @property
     def introspection_authorization(self) -> str:
-        """The Authorization header value the introspection endpoint demands."""
-        raw = f"{self.client_id}:{self.client_secret}".encode()
+        """The Authorization header of client_secret_basic (RFC 6749 2.3.1: id and secret
+        form-urlencoded, then joined with ':' and base64-encoded)."""
+        raw = f"{quote_plus(self.client_id, safe='')}:{quote_plus(self.client_secret, safe='')}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def _client_auth(self, headers: Mapping[str, str], form: Mapping[str, Any]) -> str | None:
+        """The method by which the request authenticated as our client (RFC 6749 2.3.1), or None
+        when it did not: wrong credentials, an unaccepted method, none, or more than one (2.3)."""
+        methods: list[tuple[str, str, str]] = []
+        authorization = headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, encoded = authorization.partition(" ")
+            if scheme.lower() != "basic":
+                return None
+            try:
+                pair = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return None
+            client_id, colon, secret = pair.partition(":")
+            if not colon:
+                return None
+            methods.append(("client_secret_basic", unquote_plus(client_id), unquote_plus(secret)))
+        if "client_id" in form or "client_secret" in form:
+            methods.append(("client_secret_post", str(form.get("client_id", "")), str(form.get("client_secret", ""))))
+        if len(methods) != 1:
+            return None
+        [(method, client_id, secret)] = methods
+        if method not in self.client_auth_methods:
+            return None
+        matches = hmac.compare_digest(client_id.encode(), self.client_id.encode())
+        matches &= hmac.compare_digest(secret.encode(), self.client_secret.encode())
+        return method if matches else None
 
     # -- keys and tokens -------------------------------------------------------------
 
@@ -262,8 +302,13 @@ class DevIdentityProvider(LocalHttpServer):
         return new.kid
 
     def jwks(self) -> dict[str, Any]:
-        """Public JWK set: current keys plus keys kept by rotate(keep_old=True)."""
-        return {"keys": [_public_jwk(key) for key in [*self._current.values(), *self._retired]]}
+        """Public JWK set: current keys plus keys kept by rotate(keep_old=True); without their
+        `kid` when `publish_kids` is off (tokens still name one, as some providers' do)."""
+        keys = [_public_jwk(key) for key in [*self._current.values(), *self._retired]]
+        if not self.publish_kids:
+            for jwk in keys:
+                del jwk["kid"]
+        return {"keys": keys}
 
     def mint(
         self,
@@ -310,10 +355,13 @@ class DevIdentityProvider(LocalHttpServer):
             return _hmac_sign(full_header, payload, key, alg)
         return jwt.encode(payload, signing_key, algorithm=alg, headers=header or None)
 
-    def issue_opaque(self, claims: Mapping[str, Any] | None = None, *, ttl: float = 300) -> str:
-        """Create an opaque token that introspects as active for exactly `ttl` seconds, or until revoked."""
+    def issue_opaque(
+        self, claims: Mapping[str, Any] | None = None, *, ttl: float = 300, token: str | None = None
+    ) -> str:
+        """Create an opaque token that introspects as active for exactly `ttl` seconds, or until revoked
+        (`token`: introspect this string as active instead, e.g. a JWT the endpoint also knows)."""
         now = time.time()  # not truncated, as in mint()
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_urlsafe(32) if token is None else token
         result: dict[str, Any] = {
             "active": True,
             "sub": "user-1",
@@ -363,9 +411,9 @@ class DevIdentityProvider(LocalHttpServer):
         `ttl` seconds (default 3600). It mints whatever it is asked for: a demo tool, never an IdP.
         """
         self.hits["token"] += 1
-        if request.headers.get("Authorization") != self.introspection_authorization:
-            return web.json_response({"error": "invalid_client"}, status=401)
         form = await request.post()
+        if self._client_auth(request.headers, form) is None:
+            return web.json_response({"error": "invalid_client"}, status=401)
         try:
             ttl = max(1, min(int(str(form.get("ttl", "3600"))), 86400))
         except ValueError:
@@ -466,12 +514,18 @@ class DevIdentityProvider(LocalHttpServer):
         if mode not in _INTROSPECT_MODES:
             return _unknown_mode("introspect_mode", mode)
 
-        if request.headers.get("Authorization") != self.introspection_authorization:
+        self.last_client_auth = self._client_auth(request.headers, form)
+        if self.last_client_auth is None:
+            self.hits["introspect_client_refused"] += 1
             return web.json_response(
                 {"error": "invalid_client"},
                 status=401,
                 headers={"WWW-Authenticate": 'Basic realm="introspection"'},
             )
+        if mode in _INTROSPECT_ERROR_MODES:
+            # What some servers answer instead of `active: false` (a JWT to an opaque-only
+            # endpoint, an unknown token type), or for a request they do not understand.
+            return web.json_response({"error": mode}, status=400)
         token = form.get("token")
         if not isinstance(token, str) or not token:
             return web.json_response({"error": "invalid_request"}, status=400)

@@ -10,10 +10,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from authz_service.model import Identity
+from authz_service.errors import UpstreamUnavailable
+from authz_service.model import Identity, Reason
 
 if TYPE_CHECKING:
     from authz_service.tokens.jwt import ParsedJwt
+
+
+# Outcome labels of an OAuth endpoint's error answers (RFC 6749 5.2): neither is an outage.
+CLIENT_AUTH_FAILED = "client_auth_failed"  # 401, or `invalid_client`: the IdP refused *our* credentials
+INVALID_TOKEN = "invalid_token"  # 400 `invalid_token` / `unsupported_token_type`: an answer about the token
+
+
+class IdpErrorAnswer(UpstreamUnavailable):
+    """An OAuth endpoint answered an error status; `error` is its RFC 6749 5.2 code when it is a known one.
+
+    Still an UpstreamUnavailable (503, never cached) unless the introspector reads it otherwise:
+    `INVALID_TOKEN` is an answer about the token (401), `CLIENT_AUTH_FAILED` our misconfiguration.
+    """
+
+    def __init__(self, endpoint: str, outcome: str, *, status: int, error: str | None) -> None:
+        # What Check answers with it (decide.py): the IdP refusing our credentials is not an outage.
+        reason = Reason.INTROSPECTION_CLIENT_AUTH if outcome == CLIENT_AUTH_FAILED else Reason.IDP_UNAVAILABLE
+        super().__init__(endpoint, outcome, reason)
+        self.status = status
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +76,8 @@ class Introspector(Protocol):
 class IdpClient(Protocol):
     """The HTTP client introspectors talk to identity providers with (upstream.UpstreamClient).
 
-    Every failure is raised as UpstreamUnavailable; the answer is strict JSON.
+    Every failure is raised as UpstreamUnavailable (IdpErrorAnswer for an OAuth endpoint's 400 and
+    401 answers, with their `error` code); the answer is strict JSON.
     """
 
     async def get_json(self, endpoint: str, url: str, *, timeout: float, max_bytes: int = ...) -> Any:

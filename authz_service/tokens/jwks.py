@@ -6,9 +6,14 @@ State machine, per introspector:
 - fresh: keys served from memory; past 80% of the TTL a background refresh starts, so no
   request waits on a refetch while the IdP is healthy.
 - expired but within max_stale: the old keys are served (counted) while refreshes retry in
-  the background.
+  the background (at most every min(5 s, ttl/5) after a failure), whether the IdP is down or
+  not: with the IdP up they answer only the requests that arrive while that one refresh runs.
 - a token with an unknown `kid`: one refetch, at most once per `unknown_kid_interval`, so a
-  flood of invented kids costs the IdP one request per interval.
+  flood of invented kids costs the IdP one request per interval. A token whose kid names no
+  published key but that a key *without* kid was tried for (such a key stands in for every kid)
+  and failed, or a token without kid that no key verifies, is the same case once the signature
+  fails: the same rate-limited refetch (`keys_after_bad_signature`), else a rotation would stay
+  invisible (401 bad_signature) until the next refresh.
 """
 
 from __future__ import annotations
@@ -168,7 +173,26 @@ class JwksKeySource:
             raise TokenRejected(Reason.BAD_ALGORITHM)
         raise TokenRejected(Reason.UNKNOWN_KEY)
 
-    async def _refetch_for_unknown_kid(self, keyset: KeySet, kid: str | None) -> KeySet:
+    async def keys_after_bad_signature(
+        self, kid: str | None, alg: str, tried: Sequence[VerificationKey]
+    ) -> Sequence[VerificationKey]:
+        """Keys not yet tried that a rotation may have published, after `tried` failed to verify.
+
+        Only when the token's kid named none of the published keys (a key without kid stood in for
+        it, as it does for every kid, or the token has no kid): that is a rotation we cannot see
+        yet, exactly like an unknown kid, so it gets the same one rate-limited refetch. A token
+        whose kid is published and whose signature fails is a forgery: no fetch.
+        """
+        keyset = self._keyset
+        if keyset is None or (kid is not None and kid in keyset.by_kid):
+            return ()
+        keyset = await self._refetch_for_unknown_kid(keyset, kid, after_bad_signature=True)
+        seen = {key.fingerprint for key in tried}
+        return tuple(key for key in keyset.lookup(kid, alg) if key.fingerprint not in seen)
+
+    async def _refetch_for_unknown_kid(
+        self, keyset: KeySet, kid: str | None, *, after_bad_signature: bool = False
+    ) -> KeySet:
         """The key set a token with an unknown kid is decided on (a rotation may have published it).
 
         Every such request joins the fetch in flight, if there is one. Otherwise one refetch starts,
@@ -176,9 +200,12 @@ class JwksKeySource:
         a burst of valid tokens signed with a just-published key all wait for the same refetch.
         """
         if self._inflight is not None:
-            keyset = await self._fetch()
-            if keyset.knows(kid):
-                return keyset
+            joined = await self._fetch()
+            # A fetch that was already under way may predate the key; after a bad signature only
+            # a new key set (another generation) can help, so its answer alone does not do.
+            if joined.knows(kid) and not (after_bad_signature and joined.identity == keyset.identity):
+                return joined
+            keyset = joined
         now = self._clock()
         if now - self._last_unknown_kid_fetch >= self._unknown_kid_interval:
             self._last_unknown_kid_fetch = now

@@ -163,15 +163,32 @@ def check_claims(
     ):
         raise TokenRejected(Reason.LIFETIME_TOO_LONG)
     if audiences is not None:
-        aud = claims.get("aud")
-        if isinstance(aud, str):
-            presented = {aud}
-        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
-            presented = set(aud)
-        else:
-            raise TokenRejected(Reason.BAD_AUDIENCE)
-        if audiences.isdisjoint(presented):
-            raise TokenRejected(Reason.BAD_AUDIENCE)
+        check_audience(claims, audiences)
+
+
+def check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> None:
+    """`aud` (a string or a list of strings) must name one of `audiences`; else TokenRejected(BAD_AUDIENCE)."""
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        presented = {aud}
+    elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        presented = set(aud)
+    else:
+        raise TokenRejected(Reason.BAD_AUDIENCE)
+    if audiences.isdisjoint(presented):
+        raise TokenRejected(Reason.BAD_AUDIENCE)
+
+
+def refuse_sender_constrained(claims: Mapping[str, Any]) -> None:
+    """A token bound to a key (`cnf`: RFC 9449 DPoP `jkt`, RFC 8705 mTLS `x5t#S256`, RFC 7800) is
+    only as good as the proof of possession that comes with it, and a Bearer request carries none:
+    refuse it (TokenRejected(SENDER_CONSTRAINED)) rather than let a stolen bound token be replayed."""
+    if "cnf" in claims:
+        raise TokenRejected(Reason.SENDER_CONSTRAINED)
+
+
+def _verified(token: ParsedJwt, keys: Sequence[VerificationKey]) -> bool:
+    return any(key.verify(token.alg, token.signing_input, token.signature) for key in keys)
 
 
 class KeySource(Protocol):
@@ -188,6 +205,12 @@ class KeySource(Protocol):
 
     async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
         """Candidate keys for this kid and alg; raise TokenRejected or UpstreamUnavailable."""
+        ...
+
+    async def keys_after_bad_signature(
+        self, kid: str | None, alg: str, tried: Sequence[VerificationKey]
+    ) -> Sequence[VerificationKey]:
+        """Further candidates once `tried` all failed (a rotation the source may not have seen yet); () if none."""
         ...
 
 
@@ -219,6 +242,11 @@ class StaticKeySource:
         if not candidates:
             raise TokenRejected(Reason.UNKNOWN_KEY)
         return candidates
+
+    async def keys_after_bad_signature(
+        self, kid: str | None, alg: str, tried: Sequence[VerificationKey]
+    ) -> Sequence[VerificationKey]:
+        return ()  # configured keys change only with the config
 
 
 class JwtIntrospector:
@@ -257,8 +285,11 @@ class JwtIntrospector:
             # is asked (a JWKS source would otherwise fetch for its unknown kid).
             raise TokenRejected(Reason.BAD_ALGORITHM)
         keys = await self.key_source.keys_for(token.kid, token.alg)
-        if not any(key.verify(token.alg, token.signing_input, token.signature) for key in keys):
-            raise TokenRejected(Reason.BAD_SIGNATURE)
+        if not _verified(token, keys):
+            # Maybe a rotation hidden behind a key without kid: the source may refetch (rate-limited).
+            retry = await self.key_source.keys_after_bad_signature(token.kid, token.alg, keys)
+            if not _verified(token, retry):
+                raise TokenRejected(Reason.BAD_SIGNATURE)
         config = self.config
         claims = token.claims
         check_claims(
@@ -269,4 +300,5 @@ class JwtIntrospector:
             now=self._clock(),
             max_lifetime=config.max_lifetime,
         )
+        refuse_sender_constrained(claims)
         return Identity(user_id_of(claims), claims, self.id, "jwt", float(claims["exp"]))

@@ -4,13 +4,20 @@ Order (SPEC): `Authorization: Bearer` first; then each introspector's own source
 in config order, and within one introspector its `from_headers` (in order), its `from_params` (in
 order), then its `cookie`. A token from an introspector's own source is bound to that
 introspector: no other may vouch for it.
+
+A query parameter carries a token only under its configured name, exactly: that is the name
+Envoy's `query_parameters_to_remove` removes (it compares names undecoded). A parameter another
+reader could take for a token parameter (`access%5Ftoken`, `Access_Token`, ` access_token`, or
+`x=1;access_token=...` to a server that also splits on `;`) would reach the upstream unremoved
+and unverified, so such a request is refused (400 `ambiguous_path`), whichever source its own
+token came from.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from authz_service.config.model import HeaderSource, IntrospectorConfig
 from authz_service.errors import MalformedCredentials, TokenRejected
@@ -58,6 +65,9 @@ class _Sources:
         self.cookie = config.cookie
 
 
+_NO_PARAMS: Mapping[str, list[str]] = {}
+
+
 class CredentialFinder:
     """Finds the one credential of a request; config decides which sources count."""
 
@@ -66,6 +76,8 @@ class CredentialFinder:
             _Sources(c) for c in introspectors if c.cookie is not None or c.from_headers or c.from_params
         )
         self._reads_query = any(s.params for s in self._sources)
+        self._params = frozenset(p for s in self._sources for p in s.params)
+        self._folded_params = frozenset(p.lower() for p in self._params)
         self._reads_cookies = any(s.cookie is not None for s in self._sources)
         # Every query parameter that may carry a token: removed from what the upstream sees.
         self.token_params: tuple[str, ...] = tuple(dict.fromkeys(p for s in self._sources for p in s.params))
@@ -76,6 +88,9 @@ class CredentialFinder:
     def find(self, request: HttpRequest) -> Credential | None:
         """The request's credential, None if it has none; raise on ambiguous or broken ones."""
         headers = request.headers
+        # Read whenever a token may come from the query, so a disguised token parameter is refused
+        # even when the token comes from elsewhere (the module docstring).
+        query = self._query(request.path) if self._reads_query else _NO_PARAMS
         authorization = headers.get("authorization")
         if authorization is not None:
             scheme, _, rest = _single(authorization).strip().partition(" ")
@@ -85,13 +100,34 @@ class CredentialFinder:
             # exactly as Envoy's jwt_authn treats it.
         if not self._sources:
             return None
-        query = _query(request.path) if self._reads_query else {}
         cookies = _parse_cookies(headers.get("cookie", "")) if self._reads_cookies else {}
         for source in self._sources:
             token = _own_token(source, headers, query, cookies)
             if token is not None:
                 return Credential(_checked(token), source.introspector)
         return None
+
+    def _query(self, path: str) -> Mapping[str, list[str]]:
+        """The token parameters' values (percent-decoded), by their exact names; raise when another
+        parameter could be read as one."""
+        _, mark, query = path.partition("?")
+        if not mark:
+            return _NO_PARAMS
+        params: dict[str, list[str]] = {}
+        for piece in query.split("&"):
+            name, _, value = piece.partition("=")
+            if name in self._params:
+                params.setdefault(name, []).append(unquote_plus(value))
+            elif self._disguised(name):
+                raise MalformedCredentials(Reason.AMBIGUOUS_PATH)
+            if ";" in piece and any(self._disguised(part.partition("=")[0]) for part in piece.split(";")[1:]):
+                raise MalformedCredentials(Reason.AMBIGUOUS_PATH)
+        return params
+
+    def _disguised(self, name: str) -> bool:
+        """Whether a parameter name that is not a token parameter's reads as one once decoded,
+        trimmed or lower-cased, as some server may."""
+        return bool(name) and unquote_plus(name).strip().lower() in self._folded_params
 
 
 def _own_token(
@@ -115,12 +151,3 @@ def _own_token(
     if source.cookie is not None and source.cookie in cookies:
         return cookies[source.cookie]
     return None
-
-
-def _query(path: str) -> dict[str, list[str]]:
-    """Query parameters by name (percent-decoded), every value kept."""
-    _, _, query = path.partition("?")
-    params: dict[str, list[str]] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        params.setdefault(name, []).append(value)
-    return params

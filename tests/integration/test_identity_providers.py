@@ -189,7 +189,12 @@ async def test_the_snippet_accepts_the_providers_tokens(emulator: Emulator) -> N
     text = snippets()[provider.name].replace(provider.doc_host, emulator.url)
     introspectors = yaml.safe_load(text)
     config = validate_config(
-        {"server": {"grpc_address": "127.0.0.1:0", "admin_address": None}, "introspectors": introspectors}, ENV
+        {
+            "server": {"grpc_address": "127.0.0.1:0", "admin_address": None},
+            "authentication_only": True,  # every valid token allowed: the snippets are about tokens
+            "introspectors": introspectors,
+        },
+        ENV,
     )
     harness = await start_harness(config)
     try:

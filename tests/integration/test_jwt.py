@@ -124,7 +124,15 @@ async def test_each_rejection_reason_is_a_401(idp: DevIdentityProvider, start_se
         "expired": (idp.mint({"exp": now - 60}), "expired"),
         "not yet valid": (idp.mint({"nbf": now + 600}), "not_yet_valid"),
         "issued in the future": (idp.mint({"iat": now + 600}), "issued_in_future"),
-        "wrong iss": (idp.mint({"iss": "https://evil.example"}), "untrusted_issuer"),
+        "wrong iss": (idp.mint({"iss": "https://evil.example"}), "unknown_issuer"),
+        "bound to a DPoP key": (
+            idp.mint({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}),
+            ("sender_constrained"),
+        ),
+        "bound to a client certificate": (
+            idp.mint({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9"}}),
+            ("sender_constrained"),
+        ),
         "wrong aud": (idp.mint({"aud": "someone-else"}), "bad_audience"),
         "missing aud": (idp.mint({"aud": None}), "bad_audience"),
         "missing exp": (idp.mint({"exp": None}), "bad_claims"),

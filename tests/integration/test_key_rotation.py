@@ -117,6 +117,40 @@ async def test_the_rate_limit_bounds_fetches_not_answers_within_the_interval(
     assert idp.hits["jwks"] == fetches + 1
 
 
+# --------------------------------------------------------------------------- issue 20, item 10b
+
+
+@pytest.mark.parametrize("new_key_has_kid", [False, True])
+async def test_a_key_published_without_kid_does_not_hide_a_rotation(
+    idp: DevIdentityProvider, start_service: StartService, key_clock: FakeClock, new_key_has_kid: bool
+) -> None:
+    # The IdP publishes its key without `kid`; its tokens name one, which matches that key (a key
+    # without kid stands in for every kid). After a rotation a token of the new key fails against
+    # the old kid-less key: that failure must refetch once, as an unknown kid does, not wait
+    # ~240 s for the background refresh with 401 bad_signature meanwhile.
+    idp.publish_kids = False
+    service = await start_service({"introspectors": [jwks_introspector(idp)]})
+    assert (await service.check(token=idp.mint())).allowed
+    await asyncio.to_thread(idp.rotate, "RS256")
+    idp.publish_kids = new_key_has_kid
+    fetches = idp.hits["jwks"]
+    token = idp.mint({"sub": "after-rotation"})
+    answer = await service.check(token=token)
+    assert answer.allowed, answer.response.status.message
+    assert answer.headers["x-user-id"] == "after-rotation"
+    assert idp.hits["jwks"] == fetches + 1
+    # ... and a forgery under the same conditions costs the IdP nothing more inside the interval.
+    forged = await new_idp_token(idp)
+    assert (await service.check(token=forged)).response.status.message == "bad_signature"
+    assert idp.hits["jwks"] == fetches + 1
+
+
+async def new_idp_token(idp: DevIdentityProvider) -> str:
+    """A token naming the IdP's issuer and current kid, signed by another IdP's key."""
+    other = await asyncio.to_thread(DevIdentityProvider, idp.issuer)
+    return other.mint(kid=idp.kid("RS256"))
+
+
 # --------------------------------------------------------------------------- item 2
 
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as redis  # here, not in the fixture: a first import there blocks the loop ~0.7 s
 
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache
@@ -26,8 +27,6 @@ def cache_config(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 async def _flush(config: dict[str, Any]) -> None:
     if config["backend"] == "redis":
-        import redis.asyncio as redis
-
         client = redis.from_url(config["url"])
         await client.flushdb()
         await client.aclose()
@@ -82,14 +81,6 @@ async def test_inactive_and_unknown_tokens_are_401(idp: DevIdentityProvider, opa
         answer = await service.check(token=token)
         assert (answer.code, answer.http_status, answer.response.status.message) == (16, 401, "inactive")
         assert 'error="invalid_token"' in answer.headers["www-authenticate"]
-
-
-async def test_wrong_client_credentials_are_503(idp: DevIdentityProvider, start_service: StartService) -> None:
-    resource = opaque_introspector(idp)
-    resource["introspection_endpoint"]["authorization"] = "Basic d3Jvbmc6d3Jvbmc="
-    service = await start_service({"introspectors": [resource]})
-    answer = await service.check(token=idp.issue_opaque())
-    assert answer.http_status == 503  # the IdP refused us: our misconfiguration, never the client's allow
 
 
 async def test_result_is_cached(
@@ -229,15 +220,95 @@ async def test_jwt_and_opaque_side_by_side(idp: DevIdentityProvider, start_servi
     assert answer.allowed
     assert answer.metadata["introspector"] == "opaque"
     assert idp.hits["introspect"] == 1
-    # A JWT no jwt introspector claims goes to the opaque introspectors, which do not know it.
+    # A JWT no jwt introspector claims is never posted to the opaque introspector (it takes no JWTs).
     foreign = (await new_idp(issuer="https://elsewhere.example")).mint()
     answer = await service.check(token=foreign)
-    assert answer.http_status == 401
-    assert idp.hits["introspect"] == 2
+    assert (answer.http_status, answer.response.status.message) == (401, "unknown_issuer")
+    assert idp.hits["introspect"] == 1
     # A JWT our jwt introspector claims but that fails verification is never sent anywhere.
     answer = await service.check(token=idp.mint({"exp": int(time.time()) - 3600}))
     assert answer.response.status.message == "expired"
-    assert idp.hits["introspect"] == 2
+    assert idp.hits["introspect"] == 1
+
+
+async def test_a_jwt_of_an_unknown_issuer_never_reaches_the_introspection_endpoint(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    # An opaque introspector alone, as a deployment of reference tokens has it: a JWT (here one
+    # the IdP itself would find active) is a 401 decided without a network call.
+    service = await start_service({"introspectors": [opaque_introspector(idp)]})
+    foreign = await new_idp(issuer="https://elsewhere.example")
+    cases = {
+        "another issuer": (foreign.mint(), "unknown_issuer"),
+        "the IdP's own JWT": (idp.issue_opaque(token=idp.mint()), "unknown_issuer"),
+        "no iss": (foreign.mint({"iss": None}), "unknown_issuer"),
+        "JWT-shaped garbage": ("eyJub3QganNvbg.x.y", "malformed"),
+    }
+    for name, (token, reason) in cases.items():
+        answer = await service.check(token=token)
+        assert (answer.http_status, answer.response.status.message) == (401, reason), name
+    assert idp.hits["introspect"] == 0
+    assert (await service.check(token=idp.issue_opaque())).allowed  # opaque tokens still go there
+    assert idp.hits["introspect"] == 1
+
+
+async def test_accepts_jwt_lets_an_introspector_take_jwts_no_issuer_claims(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    takes_jwts = opaque_introspector(idp, id="takes-jwts", accepts_jwt=True)
+    service = await start_service({"introspectors": [opaque_introspector(idp, id="plain"), takes_jwts]})
+    token = idp.issue_opaque({"sub": "jwt-by-introspection"}, token=idp.mint())  # the IdP vouches for it
+    answer = await service.check(token=token)
+    assert answer.allowed, answer.response.status.message
+    assert answer.metadata == {"user_id": "jwt-by-introspection", "introspector": "takes-jwts"}
+    assert idp.hits["introspect"] == 1  # only the introspector that accepts JWTs was asked
+
+
+@pytest.mark.parametrize(("mode", "status"), [("invalid_token", 401), ("unsupported_token_type", 401)])
+async def test_a_400_about_the_token_is_a_401(
+    idp: DevIdentityProvider, start_service: StartService, mode: str, status: int
+) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp)]})
+    token = idp.issue_opaque()
+    idp.introspect_mode = mode
+    for _ in range(2):
+        answer = await service.check(token=token)
+        assert (answer.code, answer.http_status, answer.response.status.message) == (16, status, "inactive")
+    assert idp.hits["introspect"] == 1  # remembered like `active: false` (at most 10 s)
+    assert service.service.client.calls[("introspection", "invalid_token")] == 1
+
+
+async def test_a_400_about_the_request_stays_a_503_and_is_not_cached(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp)]})
+    token = idp.issue_opaque()
+    idp.introspect_mode = "invalid_request"
+    for expected in (1, 2):
+        assert (await service.check(token=token)).http_status == 503
+        assert idp.hits["introspect"] == expected
+    assert service.service.client.calls[("introspection", "http_400")] == 2
+
+
+async def test_aud_of_an_opaque_introspector(idp: DevIdentityProvider, start_service: StartService) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp, aud=["fhir-api", "other-api"])]})
+    accepted: list[Any] = ["fhir-api", ["x", "other-api"]]
+    for aud in accepted:
+        assert (await service.check(token=idp.issue_opaque({"aud": aud}))).allowed, aud
+    refused: list[Any] = ["someone-else", ["x", "y"], None]
+    for aud in refused:
+        answer = await service.check(token=idp.issue_opaque({"aud": aud}))
+        assert (answer.http_status, answer.response.status.message) == (401, "bad_audience"), aud
+
+
+async def test_a_sender_constrained_opaque_token_is_refused_as_a_bearer(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp)]})
+    for cnf in ({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}, {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9"}):
+        answer = await service.check(token=idp.issue_opaque({"cnf": cnf}))
+        assert (answer.http_status, answer.response.status.message) == (401, "sender_constrained")
+        assert 'error="invalid_token"' in answer.headers["www-authenticate"]
 
 
 async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:

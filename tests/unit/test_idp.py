@@ -247,6 +247,58 @@ async def test_introspection_requires_basic_auth_and_token(
         assert resp.status == 405
 
 
+@pytest.mark.asyncio
+async def test_introspection_client_auth_is_checked_as_rfc_6749_says() -> None:
+    # client_secret_basic: base64(urlencode(id) ":" urlencode(secret)); client_secret_post: the form.
+    client_id, secret = "svc:1+ a", "p%s:s+ w"
+    provider = await asyncio.to_thread(DevIdentityProvider, None, "127.0.0.1", 0, client_id, secret)
+    async with provider, aiohttp.ClientSession() as http:
+        token = provider.issue_opaque()
+        encoded = "Basic " + base64.b64encode(b"svc%3A1%2B+a:p%25s%3As%2B+w").decode()
+        assert provider.introspection_authorization == encoded
+        assert (await introspect(http, provider, token))[0] == 200
+        assert provider.last_client_auth == "client_secret_basic"
+        raw = "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()  # not form-urlencoded
+        assert await introspect(http, provider, token, auth=raw) == (401, {"error": "invalid_client"})
+
+        async def post(form: dict[str, str], headers: dict[str, str] | None = None) -> int:
+            async with http.post(provider.introspection_url, data={"token": token, **form}, headers=headers) as resp:
+                return resp.status
+
+        assert await post({"client_id": client_id, "client_secret": secret}) == 200
+        assert provider.last_client_auth == "client_secret_post"
+        assert await post({"client_id": client_id, "client_secret": "wrong"}) == 401
+        assert await post({"client_id": client_id}) == 401
+        # Two methods in one request (RFC 6749 2.3: MUST NOT), even both right: refused.
+        both = {"Authorization": provider.introspection_authorization}
+        assert await post({"client_id": client_id, "client_secret": secret}, both) == 401
+        assert await post({}, {"Authorization": "Bearer " + token}) == 401
+        assert await post({}, {"Authorization": "Basic !!!"}) == 401
+        provider.client_auth_methods = frozenset({"client_secret_post"})
+        assert (await introspect(http, provider, token))[0] == 401  # basic no longer taken
+        assert await post({"client_id": client_id, "client_secret": secret}) == 200
+        assert provider.hits["introspect_client_refused"] == 7
+
+
+@pytest.mark.asyncio
+async def test_introspection_oauth_error_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    token = idp.issue_opaque()
+    for mode in ("invalid_token", "unsupported_token_type", "invalid_request"):
+        idp.introspect_mode = mode
+        assert await introspect(http, idp, token) == (400, {"error": mode})
+    idp.introspect_mode = "invalid_token"
+    assert (await introspect(http, idp, token, auth=None))[0] == 401  # client auth comes first
+
+
+@pytest.mark.asyncio
+async def test_keys_can_be_published_without_kid(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    idp.publish_kids = False
+    keys = (await fetch_jwks(http, idp))["keys"]
+    assert keys
+    assert all("kid" not in key for key in keys)
+    assert jwt.get_unverified_header(idp.mint())["kid"] == idp.kid("RS256")  # tokens still name one
+
+
 # -- failure modes ---------------------------------------------------------------------
 
 

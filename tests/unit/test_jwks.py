@@ -264,6 +264,49 @@ async def test_max_stale_serves_the_last_good_keys_while_the_idp_is_down() -> No
         await s.keys.keys_for("k1", "ES256")
 
 
+async def test_max_stale_with_the_idp_up_answers_from_the_expired_keys_until_one_refresh_lands() -> None:
+    # What max_stale does exactly (docs/identity-providers.md): past cache_ttl the last good keys
+    # keep verifying while a refresh runs in the background, whether the IdP is up or not; with
+    # the IdP up, only the requests during that one refresh see them. Without max_stale the same
+    # request waits for the fetch instead.
+    s = Setup(max_stale=50)
+    await s.kids()
+    s.publish(K2)  # the IdP dropped k1
+    gate = s.idp.hang()
+    s.clock.advance(TTL + 1)
+    assert await s.kids("k1") == ["k1"]  # answered at once from the expired keys
+    assert s.keys.stale_answers == 1
+    await settle()
+    assert s.fetches == 2  # ... while one refresh runs
+    assert await s.kids("k1") == ["k1"]  # still in flight: still the expired keys
+    assert s.fetches == 2
+    gate.open()
+    await settle()
+    assert await s.rejection("k1") is Reason.UNKNOWN_KEY  # the refresh landed: k1 is gone
+    assert await s.kids("k2") == ["k2"]
+    assert s.keys.staleness() == 0
+
+
+async def test_max_stale_retries_a_down_idp_at_most_every_5_seconds() -> None:
+    s = Setup(max_stale=50)
+    await s.kids()
+    s.idp.failure = "connect_error"
+    s.clock.advance(TTL)
+    for _ in range(10):
+        assert await s.kids() == ["k1"]
+        await settle()
+    assert s.fetches == 2  # one background attempt, not one per request
+    s.clock.advance(5)
+    assert await s.kids() == ["k1"]
+    await settle()
+    assert s.fetches == 3
+    s.idp.failure = None
+    s.clock.advance(5)
+    await s.kids()
+    await settle()
+    assert s.keys.staleness() == 0  # back up: fresh keys, no longer stale
+
+
 async def test_staleness_is_zero_while_fresh_or_empty() -> None:
     s = Setup()
     assert s.keys.staleness() == 0
@@ -335,6 +378,96 @@ async def test_an_algorithm_no_key_has_is_a_bad_algorithm() -> None:
 async def test_token_without_kid_is_tried_against_every_key() -> None:
     s = Setup(K1, K2)
     assert await s.kids(None) == ["k1", "k2"]
+
+
+# --------------------------------------------------------------------------- a key without kid
+
+
+class Verifying:
+    """A JwtIntrospector over the fake IdP's keys: signature failures may refetch (rate-limited)."""
+
+    ISS = "https://idp.example"
+
+    def __init__(self, *published: EcSigner) -> None:
+        self.s = Setup(*published)
+        resource = {"id": "idp", "type": "jwt", "jwks_uri": URI, "jwt": {"iss": self.ISS}}
+        [config] = validate_config({"introspectors": [resource]}, None).introspectors
+        assert isinstance(config, JwtIntrospectorConfig)
+        self.token_clock = FakeClock()
+        self.introspector = JwtIntrospector(config, self.s.keys, clock=self.token_clock)
+
+    def token(self, signer: EcSigner, kid: str | None = None) -> str:
+        claims = {"iss": self.ISS, "sub": "user-1", "exp": self.token_clock.now + 600}
+        return signer.sign(claims, kid=kid) if kid is not None else signer.sign(claims)
+
+    async def user(self, token: str) -> str | None:
+        return (await self.introspector.introspect(Credential(token))).user_id
+
+    async def rejection(self, token: str) -> Reason:
+        with pytest.raises(TokenRejected) as caught:
+            await self.introspector.introspect(Credential(token))
+        return caught.value.reason
+
+
+KIDLESS_OLD = EcSigner(None)
+KIDLESS_NEW = EcSigner(None)
+
+
+@pytest.mark.parametrize("new_key", [K2, KIDLESS_NEW], ids=["published-with-kid", "published-without-kid"])
+async def test_a_key_without_kid_does_not_hide_a_rotation(new_key: EcSigner) -> None:
+    # A kid-less key stands in for every kid; a token of a newly published key must not get
+    # bad_signature until the next refresh: the failure refetches once, as an unknown kid does.
+    v = Verifying(KIDLESS_OLD)
+    assert await v.user(v.token(KIDLESS_OLD, kid="k-old")) == "user-1"
+    v.s.publish(new_key)
+    v.s.clock.advance(1)
+    assert await v.user(v.token(new_key, kid="k2")) == "user-1"
+    assert v.s.fetches == 2
+
+
+async def test_a_token_without_kid_after_a_rotation_refetches_once() -> None:
+    v = Verifying(K1)
+    await v.user(v.token(K1))
+    v.s.publish(K2)
+    v.s.clock.advance(1)
+    no_kid = EcSigner(None, K2.private)  # K2's key, its tokens without a kid header
+    assert await v.user(v.token(no_kid)) == "user-1"
+    assert v.s.fetches == 2
+
+
+async def test_bad_signatures_against_a_key_without_kid_share_the_unknown_kid_rate_limit() -> None:
+    v = Verifying(KIDLESS_OLD)
+    await v.user(v.token(KIDLESS_OLD, kid="k-old"))
+    v.s.clock.advance(10)
+    forger = EcSigner(None)
+    assert await v.rejection(v.token(forger, kid="forged-1")) is Reason.BAD_SIGNATURE
+    assert v.s.fetches == 2  # one refetch
+    for i in range(20):  # a flood inside the interval: no more fetches
+        assert await v.rejection(v.token(forger, kid=f"forged-{i}")) is Reason.BAD_SIGNATURE
+    assert v.s.fetches == 2
+    v.s.clock.advance(5)
+    assert await v.rejection(v.token(forger, kid="forged-x")) is Reason.BAD_SIGNATURE
+    assert v.s.fetches == 3
+
+
+async def test_a_bad_signature_under_a_published_kid_never_refetches() -> None:
+    v = Verifying(K1, KIDLESS_OLD)
+    await v.user(v.token(K1))
+    v.s.clock.advance(10)
+    assert await v.rejection(EcSigner("k1").sign({"iss": Verifying.ISS, "exp": v.token_clock.now + 60})) is (
+        Reason.BAD_SIGNATURE
+    )
+    assert v.s.fetches == 1
+
+
+async def test_a_refetch_after_a_bad_signature_that_fails_is_a_503() -> None:
+    # As for an unknown kid: while the IdP is down we cannot tell a rotation from a forgery.
+    v = Verifying(KIDLESS_OLD)
+    await v.user(v.token(KIDLESS_OLD, kid="k-old"))
+    v.s.idp.failure = "connect_error"
+    v.s.clock.advance(10)
+    with pytest.raises(UpstreamUnavailable):
+        await v.introspector.introspect(Credential(v.token(EcSigner(None), kid="k-new")))
 
 
 # --------------------------------------------------------------------------- generation

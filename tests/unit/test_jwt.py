@@ -352,6 +352,11 @@ class CountingKeySource:
         self.lookups += 1
         return await self._inner.keys_for(kid, alg)
 
+    async def keys_after_bad_signature(
+        self, kid: str | None, alg: str, tried: Sequence[VerificationKey]
+    ) -> Sequence[VerificationKey]:
+        return await self._inner.keys_after_bad_signature(kid, alg, tried)
+
 
 async def test_trusted_until_the_token_expires_plus_leeway() -> None:
     intro = introspector()
@@ -377,3 +382,30 @@ def test_introspector_is_routed_by_its_issuer() -> None:
     intro = introspector()
     assert intro.id == "idp"
     assert intro.issuer == ISS
+
+
+# --------------------------------------------------------------------------- sender-constrained tokens
+
+
+@pytest.mark.parametrize(
+    "cnf",
+    [
+        {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"},  # RFC 9449 DPoP
+        {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"},  # RFC 8705 mTLS
+        {},  # any confirmation claim: we cannot check one we do not know
+    ],
+)
+async def test_a_token_bound_to_a_key_is_refused_as_a_bearer(cnf: dict[str, str]) -> None:
+    assert await rejection(introspector(), hs_token(claims(cnf=cnf), SECRET)) is Reason.SENDER_CONSTRAINED
+
+
+async def test_static_keys_offer_nothing_more_after_a_bad_signature() -> None:
+    source = StaticKeySource.from_config(HMAC)
+    assert source is not None
+    keys = await source.keys_for(None, "HS256")
+    assert await source.keys_after_bad_signature(None, "HS256", keys) == ()
+
+
+async def test_a_forged_bound_token_is_a_bad_signature_first() -> None:
+    # The signature is checked before anything the claims say, `cnf` included.
+    assert await rejection(introspector(), hs_token(claims(cnf={"jkt": "x"}), b"w" * 32)) is Reason.BAD_SIGNATURE

@@ -7,8 +7,12 @@ min(cache_ttl, 10 s); failures are never cached; concurrent misses for a token m
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote_plus, unquote_plus
 
 import pytest
 import pytest_asyncio
@@ -17,9 +21,15 @@ from authz_service.config.model import OpaqueIntrospectorConfig
 from authz_service.config.validate import validate_config
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
-from authz_service.tokens.base import Credential
+from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, Credential, IdpErrorAnswer
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
-from authz_service.tokens.opaque import NEGATIVE_TTL, CachedIntrospector, OpaqueIntrospector
+from authz_service.tokens.opaque import (
+    CLIENT_AUTH_LOG_INTERVAL,
+    NEGATIVE_TTL,
+    CachedIntrospector,
+    OpaqueIntrospector,
+    client_secret_basic,
+)
 from authz_service.upstream import UpstreamClient
 from tests.unit.fakes import EPOCH, CannedIdp, FakeClock, FakeIdpClient, settle
 
@@ -319,3 +329,174 @@ def test_trusted_until_never_passes_the_tokens_exp() -> None:
     assert introspector.trusted_until(identity) == NOW + 10
     assert introspector.trusted_until(Identity("u", {}, "ext", "opaque", answer_until=NOW + 300)) == NOW + 300
     assert introspector.trusted_until(Identity("u", {}, "ext", "opaque")) == 0.0  # never reused
+
+
+# --------------------------------------------------------------------------- OAuth error answers
+
+
+@pytest.mark.parametrize("error", ["invalid_token", "unsupported_token_type"])
+async def test_a_400_about_the_token_is_inactive_and_remembered_as_such(
+    idp: CannedIdp, client: UpstreamClient, error: str
+) -> None:
+    # Some servers answer this instead of `active: false` (e.g. a JWT sent to an opaque-only endpoint).
+    idp.answer({"error": error, "error_description": "token is invalid"}, status=400)
+    s = Cached(idp, client)
+    assert await s.rejection() is Reason.INACTIVE
+    assert await s.rejection() is Reason.INACTIVE
+    assert s.calls == 1  # remembered like `active: false`
+    assert client.calls[("introspection", INVALID_TOKEN)] == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (400, {"error": "invalid_request"}, "http_400"),
+        (400, {"error": "some_vendor_code"}, "http_400"),
+        (400, "not an object", "http_400"),
+        (403, {"error": "invalid_token"}, "http_403"),  # only a 400 says "not this token"
+        (500, {"error": "invalid_token"}, "http_500"),
+    ],
+)
+async def test_other_error_answers_stay_outages(
+    idp: CannedIdp, client: UpstreamClient, status: int, body: Any, outcome: str
+) -> None:
+    idp.answer(body, status=status)
+    s = Cached(idp, client)
+    for _ in range(2):
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await s.check()
+        assert caught.value.outcome == outcome
+    assert s.calls == 2  # never cached
+
+
+# --------------------------------------------------------------------------- aud, cnf
+
+
+@pytest.mark.parametrize("aud", ["api", ["other", "api"]])
+async def test_an_answer_naming_a_configured_audience_passes(idp: CannedIdp, client: UpstreamClient, aud: Any) -> None:
+    idp.answer(active(aud=aud))
+    assert (await Cached(idp, client, aud=["api", "api2"]).check()).user_id == "user-1"
+
+
+@pytest.mark.parametrize("aud", ["other", ["other", "third"], None, [], 42, ["api", 1]])
+async def test_an_answer_without_a_configured_audience_is_a_401(
+    idp: CannedIdp, client: UpstreamClient, aud: Any
+) -> None:
+    idp.answer(active(aud=aud))
+    assert await Cached(idp, client, aud="api").rejection() is Reason.BAD_AUDIENCE
+
+
+async def test_without_aud_configured_any_audience_passes(idp: CannedIdp, client: UpstreamClient) -> None:
+    idp.answer(active(aud="whoever"))
+    assert (await Cached(idp, client).check()).user_id == "user-1"
+
+
+@pytest.mark.parametrize(
+    "cnf",
+    [
+        {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"},
+        {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"},
+    ],
+)
+async def test_a_sender_constrained_answer_is_refused_to_a_bearer(
+    idp: CannedIdp, client: UpstreamClient, cnf: dict[str, str]
+) -> None:
+    idp.answer(active(cnf=cnf))
+    assert await Cached(idp, client).rejection() is Reason.SENDER_CONSTRAINED
+
+
+# --------------------------------------------------------------------------- client authentication
+
+# RFC 6749 2.3.1: each of id and secret is form-urlencoded, then "id:secret" is base64-encoded.
+TRICKY_ID = "svc:a+b c"
+TRICKY_SECRET = "p%20ss:w+rd /é"
+
+
+def test_client_secret_basic_encodes_before_base64() -> None:
+    header = client_secret_basic(TRICKY_ID, TRICKY_SECRET)
+    assert header.startswith("Basic ")
+    pair = base64.b64decode(header.removeprefix("Basic ")).decode()
+    assert pair == "svc%3Aa%2Bb+c:p%2520ss%3Aw%2Brd+%2F%C3%A9"
+    client_id, _, secret = pair.partition(":")  # exactly one ':' is left: the separator
+    assert (unquote_plus(client_id), unquote_plus(secret)) == (TRICKY_ID, TRICKY_SECRET)
+
+
+def _client_auth(idp: CannedIdp, method: str | None) -> dict[str, Any]:
+    endpoint: dict[str, Any] = {"url": idp.url + "/introspect", "client_id": TRICKY_ID, "client_secret": TRICKY_SECRET}
+    if method is not None:
+        endpoint["auth_method"] = method
+    return endpoint
+
+
+@pytest.mark.parametrize("method", [None, "client_secret_basic"])
+async def test_client_secret_basic_sends_the_encoded_pair(
+    idp: CannedIdp, client: UpstreamClient, method: str | None
+) -> None:
+    idp.answer(active())
+    await Cached(idp, client, introspection_endpoint=_client_auth(idp, method)).check()
+    [seen] = idp.seen
+    assert seen.headers["Authorization"] == client_secret_basic(TRICKY_ID, TRICKY_SECRET)
+    assert seen.form == {"token": TOKEN, "token_type_hint": "access_token"}
+
+
+async def test_client_secret_post_sends_the_credentials_in_the_form(idp: CannedIdp, client: UpstreamClient) -> None:
+    idp.answer(active())
+    await Cached(idp, client, introspection_endpoint=_client_auth(idp, "client_secret_post")).check()
+    [seen] = idp.seen
+    assert "Authorization" not in seen.headers
+    assert seen.form == {
+        "token": TOKEN,
+        "token_type_hint": "access_token",
+        "client_id": TRICKY_ID,
+        "client_secret": TRICKY_SECRET,
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(401, {"error": "invalid_client"}), (401, "no json at all"), (400, {"error": "invalid_client"})],
+)
+async def test_the_idp_refusing_our_credentials_is_a_503_of_its_own_logged_without_the_secret(
+    idp: CannedIdp, client: UpstreamClient, caplog: pytest.LogCaptureFixture, status: int, body: Any
+) -> None:
+    idp.answer(body, status=status)
+    s = Cached(idp, client, introspection_endpoint=_client_auth(idp, "client_secret_post"))
+    caplog.set_level(logging.INFO, logger="authz_service")
+    for _ in range(3):
+        with pytest.raises(IdpErrorAnswer) as caught:
+            await s.check()
+        assert caught.value.outcome == CLIENT_AUTH_FAILED
+        assert caught.value.reason is Reason.INTROSPECTION_CLIENT_AUTH
+        assert str(caught.value) == "introspection endpoint unavailable: client_auth_failed"
+    assert s.calls == 3  # never cached
+    assert client.calls[("introspection", CLIENT_AUTH_FAILED)] == 3
+    [record] = [r for r in caplog.records if r.getMessage() == "introspection client authentication failed"]
+    assert record.levelno == logging.ERROR
+    assert record.fields["introspector"] == "ext"  # type: ignore[attr-defined]
+    logged = caplog.text + json.dumps(record.fields, default=str)  # type: ignore[attr-defined]
+    for secret in (TRICKY_SECRET, quote_plus(TRICKY_SECRET), TOKEN):
+        assert secret not in logged
+
+
+async def test_the_client_auth_failure_line_is_repeated_once_a_minute(
+    idp: CannedIdp, client: UpstreamClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp.answer({"error": "invalid_client"}, status=401)
+    clock = FakeClock()
+    inner = OpaqueIntrospector(opaque_config(idp), client, clock=clock)
+    caplog.set_level(logging.INFO, logger="authz_service")
+
+    async def fail() -> None:
+        with pytest.raises(IdpErrorAnswer):
+            await inner.fetch(TOKEN)
+
+    def lines() -> int:
+        return sum(r.getMessage() == "introspection client authentication failed" for r in caplog.records)
+
+    await fail()
+    clock.advance(CLIENT_AUTH_LOG_INTERVAL - 1)
+    await fail()
+    assert lines() == 1
+    clock.advance(1)
+    await fail()
+    assert lines() == 2

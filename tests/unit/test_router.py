@@ -1,8 +1,9 @@
 """router: which introspector may judge a credential.
 
-Bound credential -> its introspector only; a JWT -> the introspector of its `iss`; anything else
--> the introspectors without an issuer (opaque), in config order; 503 if one could not answer
-and none vouched.
+Bound credential -> its introspector only; a JWT -> the introspector of its `iss`; a JWT no
+issuer claims -> only the opaque introspectors that accept JWTs (`accepts_jwt`), else 401
+unknown_issuer with no call; anything else -> the introspectors without an issuer (opaque), in
+config order; 503 if one could not answer and none vouched.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def jwt_of(iss: str | None, **claims: object) -> str:
 class Setup:
     """Two jwt introspectors (by issuer) and two opaque ones, in this config order."""
 
-    def __init__(self) -> None:
+    def __init__(self, accepts_jwt: tuple[str, ...] = ()) -> None:
         self.a = FakeIntrospector("a", issuer=ISS_A)
         self.b = FakeIntrospector("b", issuer=ISS_B)
         self.first = FakeIntrospector("first")
         self.second = FakeIntrospector("second")
-        self.router = IntrospectorRouter([self.a, self.first, self.b, self.second])
+        self.router = IntrospectorRouter([self.a, self.first, self.b, self.second], accepts_jwt=accepts_jwt)
 
     def asked(self) -> dict[str, int]:
         return {i.id: len(i.calls) for i in (self.a, self.b, self.first, self.second) if i.calls}
@@ -95,31 +96,58 @@ async def test_an_unavailable_issuer_is_a_503() -> None:
     assert s.asked() == {"a": 1}
 
 
-async def test_jwt_of_an_unknown_issuer_goes_to_opaque_introspectors() -> None:
+@pytest.mark.parametrize("iss", ["https://unknown.example", None])
+async def test_jwt_of_an_unknown_issuer_is_never_sent_to_opaque_introspectors(iss: str | None) -> None:
+    # Two opaque introspectors that would vouch: neither may see a JWT no issuer claims.
     s = Setup()
-    token = jwt_of("https://unknown.example")
+    token = jwt_of(iss)
+    s.first.vouch(token)
     s.second.vouch(token)
-    assert (await s.router.introspect(Credential(token))).introspector == "second"
+    assert await rejection(s.router, Credential(token)) is Reason.UNKNOWN_ISSUER
+    assert s.asked() == {}
+
+
+@pytest.mark.parametrize("iss", ["https://unknown.example", None])
+async def test_jwt_of_an_unknown_issuer_goes_only_to_introspectors_that_accept_jwts(iss: str | None) -> None:
+    s = Setup(accepts_jwt=("second",))
+    token = jwt_of(iss)
+    s.first.vouch(token, "never")
+    s.second.vouch(token, "user-second")
+    assert (await s.router.introspect(Credential(token))).user_id == "user-second"
+    assert s.asked() == {"second": 1}
+
+
+async def test_introspectors_that_accept_jwts_still_take_opaque_tokens_in_config_order() -> None:
+    s = Setup(accepts_jwt=("second",))
+    s.first.reject(OPAQUE)
+    s.second.vouch(OPAQUE, "user-second")
+    assert (await s.router.introspect(Credential(OPAQUE))).user_id == "user-second"
     assert s.asked() == {"first": 1, "second": 1}
 
 
-async def test_jwt_without_iss_goes_to_opaque_introspectors() -> None:
-    s = Setup()
-    token = jwt_of(None)
+async def test_a_jwt_an_issuer_claims_never_goes_to_introspectors_that_accept_jwts() -> None:
+    s = Setup(accepts_jwt=("first", "second"))
+    token = jwt_of(ISS_A)
+    s.a.reject(token, Reason.EXPIRED)
     s.first.vouch(token)
-    assert (await s.router.introspect(Credential(token))).introspector == "first"
+    assert await rejection(s.router, Credential(token)) is Reason.EXPIRED
+    assert s.asked() == {"a": 1}
 
 
-async def test_jwt_of_an_unknown_issuer_without_opaque_introspectors_is_untrusted() -> None:
+async def test_jwt_of_an_unknown_issuer_without_opaque_introspectors_is_unknown_issuer() -> None:
     a = FakeIntrospector("a", issuer=ISS_A)
     router = IntrospectorRouter([a])
-    assert await rejection(router, Credential(jwt_of("https://unknown.example"))) is Reason.UNTRUSTED_ISSUER
+    assert await rejection(router, Credential(jwt_of("https://unknown.example"))) is Reason.UNKNOWN_ISSUER
     assert a.calls == []
 
 
-async def test_jwt_shaped_garbage_may_still_be_an_opaque_token() -> None:
-    s = Setup()
+async def test_jwt_shaped_garbage_is_malformed_unless_an_introspector_accepts_jwts() -> None:
     token = "eyJub3QganNvbg.x.y"  # starts like a JWT, is not one
+    s = Setup()
+    s.first.vouch(token)
+    assert await rejection(s.router, Credential(token)) is Reason.MALFORMED
+    assert s.asked() == {}
+    s = Setup(accepts_jwt=("first",))
     s.first.vouch(token)
     assert (await s.router.introspect(Credential(token))).introspector == "first"
 
@@ -224,3 +252,15 @@ async def test_bound_credential_rejected_is_not_offered_to_others() -> None:
     s.second.vouch(OPAQUE)
     assert await rejection(s.router, Credential(OPAQUE, "first")) is Reason.INACTIVE
     assert s.asked() == {"first": 1}
+
+
+async def test_a_jwt_from_a_bound_source_of_an_opaque_introspector_needs_accepts_jwt() -> None:
+    s = Setup()
+    token = jwt_of(ISS_A)
+    s.second.vouch(token)
+    assert await rejection(s.router, Credential(token, "second")) is Reason.UNKNOWN_ISSUER
+    assert s.asked() == {}
+    s = Setup(accepts_jwt=("second",))
+    s.second.vouch(token, "from-cookie")
+    assert (await s.router.introspect(Credential(token, "second"))).user_id == "from-cookie"
+    assert s.asked() == {"second": 1}

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from authz_service.errors import UpstreamUnavailable
+from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, IdpErrorAnswer
 from authz_service.upstream import MAX_INTROSPECTION_BYTES, MAX_JWKS_BYTES, UpstreamClient
 from tests.unit.fakes import CannedIdp
 
@@ -175,6 +177,59 @@ async def test_failures_name_no_token_or_url(idp: CannedIdp, client: UpstreamCli
         await client.post_form("introspection", url, {"token": SECRET_TOKEN}, headers={}, timeout=2)
     assert SECRET_TOKEN not in str(caught.value)
     assert str(caught.value) == "introspection endpoint unavailable: http_500"
+
+
+# --------------------------------------------------------------------------- OAuth error answers
+
+
+async def post_failure(client: UpstreamClient, url: str) -> UpstreamUnavailable:
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await client.post_form("introspection", url, {"token": SECRET_TOKEN}, headers={}, timeout=2)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome", "error"),
+    [
+        (401, {"error": "invalid_client"}, CLIENT_AUTH_FAILED, "invalid_client"),
+        (401, {}, CLIENT_AUTH_FAILED, None),  # a 401 is about our credentials, whatever its body
+        (400, {"error": "invalid_client"}, CLIENT_AUTH_FAILED, "invalid_client"),
+        (400, {"error": "invalid_token"}, INVALID_TOKEN, "invalid_token"),
+        (400, {"error": "unsupported_token_type"}, INVALID_TOKEN, "unsupported_token_type"),
+        (400, {"error": "invalid_request"}, "http_400", "invalid_request"),
+        (400, {"error": "<script>" + SECRET_TOKEN}, "http_400", None),  # unknown codes are never kept
+        (400, {"error": ["invalid_token"]}, "http_400", None),
+    ],
+)
+async def test_oauth_error_answers_carry_their_status_and_known_code(
+    idp: CannedIdp, client: UpstreamClient, recorder: Recorder, status: int, body: Any, outcome: str, error: str | None
+) -> None:
+    idp.answer(body, status=status)
+    caught = await post_failure(client, idp.url)
+    assert isinstance(caught, IdpErrorAnswer)
+    assert (caught.outcome, caught.status, caught.error) == (outcome, status, error)
+    assert recorder.calls == [("introspection", outcome)]
+    assert SECRET_TOKEN not in str(caught)
+
+
+async def test_an_oversized_or_broken_error_body_has_no_code(idp: CannedIdp, client: UpstreamClient) -> None:
+    idp.body = json.dumps({"error": "invalid_token", "p": "x" * MAX_INTROSPECTION_BYTES}).encode()
+    idp.status = 400
+    caught = await post_failure(client, idp.url)
+    assert isinstance(caught, IdpErrorAnswer)
+    assert (caught.outcome, caught.error) == ("http_400", None)
+    idp.body = b'{"error": "invalid_token", "error": "invalid_token"}'  # duplicate keys: not strict JSON
+    caught = await post_failure(client, idp.url)
+    assert (caught.outcome, getattr(caught, "error", "?")) == ("http_400", None)
+
+
+async def test_a_get_is_never_read_as_an_oauth_error(idp: CannedIdp, client: UpstreamClient) -> None:
+    # JWKS and discovery take no client credentials: their 401 is an outage like any other status.
+    idp.answer({"error": "invalid_client"}, status=401)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await client.get_json("jwks", idp.url, timeout=2)
+    assert not isinstance(caught.value, IdpErrorAnswer)
+    assert caught.value.outcome == "http_401"
 
 
 # --------------------------------------------------------------------------- the session

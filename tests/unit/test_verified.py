@@ -209,6 +209,11 @@ class RotatingKeys:
     async def keys_for(self, kid: str | None, alg: str) -> Sequence[VerificationKey]:
         return await self._inner.keys_for(kid, alg)
 
+    async def keys_after_bad_signature(
+        self, kid: str | None, alg: str, tried: Sequence[VerificationKey]
+    ) -> Sequence[VerificationKey]:
+        return await self._inner.keys_after_bad_signature(kid, alg, tried)
+
 
 def jwt_setup(trusted: float = math.inf) -> tuple[FakeClock, RotatingKeys, VerifiedTokens]:
     resource = {"id": "idp", "type": "jwt", "jwt": {"iss": ISS, "secret": SECRET.decode(), "leeway": 30}}
