@@ -6,6 +6,7 @@ import tracemalloc
 
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
@@ -32,8 +33,6 @@ async def test_two_processes_share_results_through_redis(
     assert answer.allowed
     assert answer.headers["x-user-id"] == "shared"
     assert idp.hits["introspect"] == 1  # the second process found the first one's result in Redis
-
-    import redis.asyncio as redis
 
     client = redis.from_url(redis_url)
     keys = [k.decode() async for k in client.scan_iter("authz:*")]
