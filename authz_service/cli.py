@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from authz_service import __version__, loop
 from authz_service.config.validate import load_config
 from authz_service.errors import ConfigError
+from authz_service.proxyconfig import KINDS as PROXY_KINDS
 
 if TYPE_CHECKING:
     from authz_service.config.model import Config
@@ -76,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
         "--verbose", "-v", action="store_true", help="explain every case, also those that decided as expected"
     )
     commands.add_parser("demo", help="run IdP, service, Envoy and an echo upstream on loopback")
+    proxy = commands.add_parser(
+        "proxy-config",
+        help="print a proxy config (nginx, Envoy, Traefik) that strips this config's identity headers",
+        description="Print the shipped proxy config for one proxy, with the identity headers (response.*) "
+        "and query token parameters (from_params) of the service config: the proxy removes a client's "
+        "copies of every identity header and never passes a token parameter upstream. Exit 0, or 2 on a "
+        "bad config.",
+    )
+    proxy.add_argument("proxy", choices=PROXY_KINDS)
+    proxy.add_argument("--config", "-c", dest="proxy_config", help="config file (default: $AUTHZ_CONFIG)")
     return parser
 
 
@@ -351,6 +362,23 @@ def demo() -> int:
     return demo_main()
 
 
+def proxy_config(proxy: str, path: str | None) -> int:
+    """`proxy-config PROXY -c FILE`: the proxy's config for this service config on stdout; 2 on a
+    bad config."""
+    from authz_service.proxyconfig import render
+
+    if not path:
+        print("authz-service proxy-config: no --config (or $AUTHZ_CONFIG)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        _print_problems(err)
+        return 2
+    sys.stdout.write(render(proxy, config))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -362,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo()
     if args.command == "apply":
         return apply(args.file, args.url, args.token, args.timeout)
+    if args.command == "proxy-config":
+        return proxy_config(args.proxy, args.proxy_config or args.config or os.environ.get("AUTHZ_CONFIG"))
     if args.command == "explain":
         path = args.explain_config or args.config or os.environ.get("AUTHZ_CONFIG")
         return explain(path, args.request, args.json, args.verbose)

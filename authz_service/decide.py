@@ -7,14 +7,17 @@ ends), and neither does any HTTP client, cache backend or server: engine.py wire
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from authz_service.config.model import PolicyConfig, RoleConfig
 from authz_service.context import build_context
-from authz_service.errors import MalformedCredentials, PolicyTimeout, TokenRejected, UpstreamUnavailable
+from authz_service.errors import MalformedRequest, PolicyTimeout, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.observe import log_internal_error, log_policy_timeout
+from authz_service.paths import normalized
+from authz_service.routes import unrouted
 from authz_service.tokens.base import Credential
 from authz_service.tokens.sources import CredentialFinder
 
@@ -74,15 +77,17 @@ class Authorizer:
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""
         try:
-            credential = self._credentials.find(request)
+            judged = self.judged(request)
+            credential = self._credentials.find(judged)
             identity = None if credential is None else await self._identities.introspect(credential)
-            return self._decide(request, identity)
+            decision = self._decide(judged, identity)
+            return decision if judged is request else dataclasses.replace(decision, path=judged.path)
         except TokenRejected as err:
             return Decision(Outcome.UNAUTHENTICATED, err.reason)
-        except MalformedCredentials as err:
+        except MalformedRequest as err:
             return Decision(Outcome.INVALID_REQUEST, err.reason)
-        except UpstreamUnavailable:
-            return Decision(Outcome.UNAVAILABLE, Reason.IDP_UNAVAILABLE)
+        except UpstreamUnavailable as err:
+            return Decision(Outcome.UNAVAILABLE, err.reason)
         except PolicyTimeout as err:
             log_policy_timeout(err)
             return Decision(Outcome.FORBIDDEN, Reason.POLICY_TIMEOUT)
@@ -90,11 +95,25 @@ class Authorizer:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
 
+    def judged(self, request: HttpRequest) -> HttpRequest:
+        """The request as it is judged: its path as the upstream will route it (paths.py). Raise
+        MalformedRequest (400) when it cannot be judged: a path parsers read two ways
+        (`ambiguous_path`), or, when policies decide, one FHIR-shaped that is no route (`not_a_route`:
+        POST on an instance, an id FHIR forbids, a `;`), which a policy written for a route must not judge."""
+        path = normalized(request.path)
+        if path is None:
+            raise MalformedRequest(Reason.AMBIGUOUS_PATH)
+        if self._policies and unrouted(request.method, path):
+            raise MalformedRequest(Reason.NOT_A_ROUTE)
+        return request if path is request.path else request._replace(path=path)
+
     def decide(self, request: HttpRequest, identity: Identity | None) -> Decision:
         """The policies' decision for a request whose identity is already known (None: anonymous).
         Never raises; `authz-service explain` uses it for identities it is given."""
         try:
-            return self._decide(request, identity)
+            return self._decide(self.judged(request), identity)
+        except MalformedRequest as err:
+            return Decision(Outcome.INVALID_REQUEST, err.reason)
         except PolicyTimeout as err:
             log_policy_timeout(err)
             return Decision(Outcome.FORBIDDEN, Reason.POLICY_TIMEOUT)

@@ -48,12 +48,16 @@ class TokenRejected(AuthzError):
         super().__init__(reason.description)
 
 
-class MalformedCredentials(AuthzError):
-    """The request carries credentials in an ambiguous or broken form (answered 400)."""
+class MalformedRequest(AuthzError):
+    """The request cannot be judged as it is: an ambiguous path, not a route (answered 400)."""
 
     def __init__(self, reason: Reason) -> None:
         self.reason = reason
         super().__init__(reason.description)
+
+
+class MalformedCredentials(MalformedRequest):
+    """The request carries credentials in an ambiguous or broken form (answered 400)."""
 
 
 class UpstreamUnavailable(AuthzError):

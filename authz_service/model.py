@@ -44,6 +44,8 @@ class Reason(enum.Enum):
     FORBIDDEN = ("forbidden", "no access policy allows this request")
     NO_POLICIES = ("no_policies", "no access policy allows this request")
     AMBIGUOUS_PATH = ("ambiguous_path", "the request path can be read more than one way")
+    AMBIGUOUS_QUERY = ("ambiguous_query", "a query parameter name can be read more than one way")
+    NOT_A_ROUTE = ("not_a_route", "the path looks like a FHIR route but is none")
     CONFLICTING_ORIGINAL = ("conflicting_original", "the proxy's original-request headers disagree")
     HEADERS_TOO_LARGE = ("headers_too_large", "request headers too large")
     UNKNOWN_ISSUER = ("unknown_issuer", "no introspector accepts tokens from this issuer")
@@ -92,6 +94,9 @@ class Decision:
     # Set on allow only: the identity headers to send upstream, flat as Identity.headers.
     headers: tuple[str, ...] = field(default=())
     policy: str | None = None  # the AccessPolicy that allowed (None: no policies, or a deny)
+    # The path as judged (dot segments resolved, unreserved characters decoded), when it is not the
+    # request's own: the decision log writes what the policies saw, which the upstream routes.
+    path: str | None = None
 
 
 def header_pairs(flat: tuple[str, ...]) -> Iterator[tuple[str, str]]:

@@ -20,6 +20,7 @@ The body, as SPEC gives it, with Aidbox's spellings accepted too:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from authz_service.config.model import Config, PolicyConfig
 from authz_service.config.validate import validate_policies
 from authz_service.decide import Authorizer
 from authz_service.engine import IdentityShaper
-from authz_service.errors import AuthzError, ConfigError
+from authz_service.errors import AuthzError, ConfigError, MalformedRequest
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.policy.explain import Redactor, explain_policies
 from authz_service.tokens.jwt import user_id_of
@@ -182,6 +183,9 @@ async def run_policy_test(authorizer: Authorizer, config: Config, test: PolicyTe
         identity = _supplied(test.identity, config)
         decision = authorizer.decide(request, identity)
         asked = True
+    # The context as Check built it: from the path as judged (dot segments resolved), not as sent.
+    with contextlib.suppress(MalformedRequest):
+        request = authorizer.judged(request)
     context = authorizer.context(request, identity)
     credentials = authorizer.credentials
     redactor = Redactor(credentials.token_headers, credentials.token_params, context)

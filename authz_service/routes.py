@@ -21,6 +21,14 @@ A path is read as a FHIR server reads it: a trailing slash and repeated slashes 
 gives the upstream the same path). A route shape with a method it does not take
 (`POST /fhir/Patient/pt-1`) is no route at all: no params, no operation.
 
+A FHIR-shaped path (its first segment, after `[/Organization/<id>]/fhir`, a resource type or a
+`$operation`) that is no route must never satisfy a policy written for a route: Aidbox's router
+would never route it, and a policy that constrains `params` only when they are there (a
+json-schema `properties` without `required`) would let it through. `unrouted` tells the Authorizer,
+which refuses such a request before any policy is asked (400 `ambiguous_path`): the router reads
+no route where a policy would read an instance. So is a `;` in such a path, because a servlet
+upstream strips `;x=1` from `/fhir/Patient/pt-2;x=1` and serves pt-2. docs/policies.md has the rule.
+
 Also here: FHIR references in Aidbox's format (`parse_reference`), which matcho's `$reference`
 and the Role and User resources use.
 """
@@ -42,6 +50,48 @@ ROUTE_PARAMS = frozenset({RESOURCE_TYPE, RESOURCE_ID, RESOURCE_VERSION, ORGANIZA
 _TYPE_PATTERN = r"[A-Z][A-Za-z0-9]{0,63}"
 _ID_PATTERN = r"(?!\.+(?:/|$))[A-Za-z0-9\-.]{1,64}"  # FHIR's id, but never `.` or `..` (as a segment)
 _TYPE = re.compile(_TYPE_PATTERN)
+
+# The resource types a path at the root names when it is FHIR (Aidbox serves `/<Type>/...` beside
+# `/fhir/<Type>/...`): FHIR R4 and R5's, and Aidbox's own. Only `unrouted` reads it, to tell an
+# Aidbox path from a generic upstream's capitalized one.
+RESOURCE_TYPES = frozenset(
+    """
+    Account ActivityDefinition ActorDefinition AdministrableProductDefinition AdverseEvent
+    AllergyIntolerance Appointment AppointmentResponse ArtifactAssessment AuditEvent Basic Binary
+    BiologicallyDerivedProduct BiologicallyDerivedProductDispense BodyStructure Bundle
+    CapabilityStatement CarePlan CareTeam CatalogEntry ChargeItem ChargeItemDefinition Citation Claim
+    ClaimResponse ClinicalImpression ClinicalUseDefinition CodeSystem Communication
+    CommunicationRequest CompartmentDefinition Composition ConceptMap Condition ConditionDefinition
+    Consent Contract Coverage CoverageEligibilityRequest CoverageEligibilityResponse DetectedIssue
+    Device DeviceAssociation DeviceDefinition DeviceDispense DeviceMetric DeviceRequest DeviceUsage
+    DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference EffectEvidenceSynthesis
+    Encounter EncounterHistory Endpoint EnrollmentRequest EnrollmentResponse EpisodeOfCare
+    EventDefinition Evidence EvidenceReport EvidenceVariable ExampleScenario ExplanationOfBenefit
+    FamilyMemberHistory Flag FormularyItem GenomicStudy Goal GraphDefinition Group GuidanceResponse
+    HealthcareService ImagingSelection ImagingStudy Immunization ImmunizationEvaluation
+    ImmunizationRecommendation ImplementationGuide Ingredient InsurancePlan InventoryItem
+    InventoryReport Invoice Library Linkage List Location ManufacturedItemDefinition Measure
+    MeasureReport Media Medication MedicationAdministration MedicationDispense MedicationKnowledge
+    MedicationRequest MedicationStatement MedicinalProduct MedicinalProductAuthorization
+    MedicinalProductContraindication MedicinalProductDefinition MedicinalProductIndication
+    MedicinalProductIngredient MedicinalProductInteraction MedicinalProductManufactured
+    MedicinalProductPackaged MedicinalProductPharmaceutical MedicinalProductUndesirableEffect
+    MessageDefinition MessageHeader MolecularSequence NamingSystem NutritionIntake NutritionOrder
+    NutritionProduct Observation ObservationDefinition OperationDefinition OperationOutcome
+    Organization OrganizationAffiliation PackagedProductDefinition Parameters Patient PaymentNotice
+    PaymentReconciliation Permission Person PlanDefinition Practitioner PractitionerRole Procedure
+    Provenance Questionnaire QuestionnaireResponse RegulatedAuthorization RelatedPerson RequestGroup
+    RequestOrchestration Requirements ResearchDefinition ResearchElementDefinition ResearchStudy
+    ResearchSubject RiskAssessment RiskEvidenceSynthesis Schedule SearchParameter ServiceRequest Slot
+    Specimen SpecimenDefinition StructureDefinition StructureMap Subscription SubscriptionStatus
+    SubscriptionTopic Substance SubstanceDefinition SubstanceNucleicAcid SubstancePolymer
+    SubstanceProtein SubstanceReferenceInformation SubstanceSourceMaterial SubstanceSpecification
+    SupplyDelivery SupplyRequest Task TerminologyCapabilities TestPlan TestReport TestScript Transport
+    ValueSet VerificationResult VisionPrescription
+    AccessPolicy App Attribute AuthConfig Client Entity Grant IdentityProvider Notification
+    Operation Role SearchQuery Session TokenIntrospector User
+    """.split()
+)
 _ID = re.compile(_ID_PATTERN)
 _OPERATION = re.compile(r"\$[A-Za-z][A-Za-z0-9\-_.]{0,63}")
 
@@ -129,6 +179,29 @@ def route(method: str, path: str) -> Route:
         return _NONE
     # A shape the method does not take (POST /fhir/Patient/pt-1) is no route: no params either.
     return _NONE if interaction is None else Route(params, prefix + interaction)
+
+
+def unrouted(method: str, target: str) -> bool:
+    """Whether `target` (a normalized path with its query) is FHIR-shaped but no route for `method`
+    (any case); a `;` in a FHIR-shaped path makes it none (see the module docstring)."""
+    path = target.partition("?")[0]
+    first = path[1:2]
+    # Most paths end here: only a resource type (capitalized), fhir or `$` starts a FHIR shape.
+    if not ("A" <= first <= "Z" or first == "f" or first == "$"):
+        return False
+    if ";" not in path and route(method.lower(), path).operation is not None:
+        return False  # a route (most FHIR-shaped paths): policies judge it
+    parts = [segment.partition(";")[0] for segment in path.split("/") if segment]
+    if len(parts) >= 3 and parts[0] == "Organization" and parts[2] == "fhir":
+        parts = parts[3:]
+    elif parts and parts[0] == "fhir":
+        parts = parts[1:]
+    elif parts and parts[0] not in RESOURCE_TYPES:
+        # At the root (Aidbox's own API) only a known resource type makes a FHIR shape: a generic
+        # upstream's `/Content/logo.png` or `/Reports/q3` is judged by policies as it is.
+        return False
+    # `/fhir/metadata`, `/fhir/.well-known/...`: FHIR's, but no resource route; policies judge them.
+    return bool(parts) and (_TYPE.fullmatch(parts[0]) is not None or parts[0][:1] == "$")
 
 
 _REFERENCE = re.compile(f"({_TYPE_PATTERN})/({_ID_PATTERN})(?:/_history/{_ID_PATTERN})?")

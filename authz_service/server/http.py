@@ -5,20 +5,28 @@
   the method, path (with query) and headers are the original request's.
 - `<any method> /forward_auth`: nginx and Traefik; the original request is described by
   X-Forwarded-Method / X-Original-Method, X-Forwarded-Uri / X-Original-URI, X-Forwarded-Host /
-  Host and X-Forwarded-Proto.
+  Host and X-Forwarded-Proto. A proxy sets one of each pair, once: a request whose pair disagrees,
+  or that repeats one, carries a client's own header and is refused (400 `conflicting_original`).
 - `GET /healthz`, `GET /readyz`: liveness and readiness on the same listener.
 
 Like the gRPC servicer this only converts (request -> HttpRequest, Decision -> HttpAnswer); the
 Authorizer decides. It runs on aiohttp's low-level server: one handler, no router, no middleware,
 because every microsecond here is a microsecond of every request behind the proxy.
+
+A request aiohttp cannot parse never reaches the handler; `_Connection.handle_error` answers it as
+every other denial (JSON body, `www-authenticate`, `x-authz-error`) instead of aiohttp's plain-text
+400, which would quote the offending header (a token) and log it: a header over the size limit is
+431 `headers_too_large`, or 401 `too_large` when it is a Bearer token; anything else 400.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDictProxy
 
@@ -32,6 +40,12 @@ FORWARD_AUTH = "/forward_auth"
 PROTOCOL = "http"
 _INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
 _NO_URI = Decision(Outcome.INVALID_REQUEST, Reason.NO_ORIGINAL_URI)
+_CONFLICTING = Decision(Outcome.INVALID_REQUEST, Reason.CONFLICTING_ORIGINAL)
+_HEADERS_TOO_LARGE = Decision(Outcome.INVALID_REQUEST, Reason.HEADERS_TOO_LARGE)
+_TOKEN_TOO_LARGE = Decision(Outcome.UNAUTHENTICATED, Reason.TOO_LARGE)
+_UNPARSABLE = Decision(Outcome.INVALID_REQUEST, Reason.UNDECODABLE_REQUEST)
+# RFC 6585: what a header over the limit is answered with (the body says `invalid_request`).
+HEADERS_TOO_LARGE_STATUS = 431
 _OVERLOADED = Decision(Outcome.UNAVAILABLE, Reason.OVERLOADED)
 _EMPTY_REQUEST = HttpRequest()
 SHUTDOWN_TIMEOUT = 10.0
@@ -72,13 +86,27 @@ def ext_authz_request(request: BaseRequest, headers: dict[str, str], peer: str) 
     )
 
 
-def forward_auth_request(request: BaseRequest, headers: dict[str, str], peer: str) -> HttpRequest | None:
-    """The original request, from nginx's or Traefik's X-Forwarded-* / X-Original-* headers; None
-    when the proxy did not say which URI it asks about."""
-    uri = headers.get("x-forwarded-uri") or headers.get("x-original-uri")
+# What describes the original request (Traefik's X-Forwarded-*, nginx's X-Original-*): a proxy
+# sets one of each pair, once.
+_ORIGINAL_HEADERS = ("x-forwarded-uri", "x-original-uri", "x-forwarded-method", "x-original-method")
+
+
+def forward_auth_request(request: BaseRequest, headers: dict[str, str], peer: str) -> HttpRequest | Decision:
+    """The original request, from nginx's or Traefik's X-Forwarded-* / X-Original-* headers; a
+    denial when the proxy did not say which URI it asks about, or when those headers disagree."""
+    raw = request.headers
+    if any(len(raw.getall(name, ())) > 1 for name in _ORIGINAL_HEADERS):
+        return _CONFLICTING  # repeated: a client's own value besides the proxy's
+    forwarded_uri, original_uri = headers.get("x-forwarded-uri"), headers.get("x-original-uri")
+    if forwarded_uri and original_uri and forwarded_uri != original_uri:
+        return _CONFLICTING
+    forwarded_method, original_method = headers.get("x-forwarded-method"), headers.get("x-original-method")
+    if forwarded_method and original_method and forwarded_method.upper() != original_method.upper():
+        return _CONFLICTING
+    uri = forwarded_uri or original_uri
     if not uri:
-        return None
-    method = headers.get("x-forwarded-method") or headers.get("x-original-method") or request.method
+        return _NO_URI
+    method = forwarded_method or original_method or request.method
     return HttpRequest(
         method=method.upper(),
         path=uri,
@@ -88,6 +116,57 @@ def forward_auth_request(request: BaseRequest, headers: dict[str, str], peer: st
         remote_addr=client_address(headers, peer),
         request_id=headers.get("x-request-id", ""),
     )
+
+
+def unparsable(error: HttpProcessingError) -> Decision:
+    """The denial for a request aiohttp could not parse."""
+    if isinstance(error, LineTooLong) or "too many headers" in error.message.lower():
+        # aiohttp quotes the start of what was too long: the value (its C parser) or the header
+        # line (its Python parser). A Bearer token is judged as a token (401), as Check judges one.
+        start = error.args[0] if error.args else b""
+        start = bytes(start).lower() if isinstance(start, bytes | bytearray) else str(start).lower().encode()
+        if start.startswith((b"bearer ", b"authorization:")):
+            return _TOKEN_TOO_LARGE
+        return _HEADERS_TOO_LARGE
+    return _UNPARSABLE
+
+
+class _Connection(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering a request it cannot parse as a denial."""
+
+    def __init__(self, manager: web.Server, refuse: Callable[[HttpProcessingError], web.Response]) -> None:
+        # access_log=None: no access log (aiohttp reads None so, though it types the argument Logger).
+        super().__init__(manager, loop=asyncio.get_running_loop(), access_log=None)  # type: ignore[arg-type]
+        self._refuse = refuse
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        # Not aiohttp's answer: its text and its log line quote the offending header, a token maybe.
+        response = self._refuse(exc)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, with connections that answer parse errors as denials."""
+
+    def __init__(
+        self,
+        handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+        refuse: Callable[[HttpProcessingError], web.Response],
+    ) -> None:
+        super().__init__(handler, handler_cancellation=False)
+        self._refuse = refuse
+
+    def __call__(self) -> web.RequestHandler:
+        return _Connection(self, self._refuse)
 
 
 class HttpAuthServer:
@@ -119,7 +198,7 @@ class HttpAuthServer:
 
     async def start(self) -> int:
         """Bind and serve; the bound port."""
-        server = web.Server(self._handle, access_log=None, handler_cancellation=False)
+        server = _Server(self._handle, self._refuse)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self._shutdown_grace)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port, reuse_port=self._reuse_port, backlog=1024)
@@ -135,9 +214,11 @@ class HttpAuthServer:
             await runner.cleanup()
 
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
-        path = request.path
-        if path.startswith(EXT_AUTHZ_PREFIX) and (len(path) == len(EXT_AUTHZ_PREFIX) or path[10] == "/"):
+        # Routed by the target as sent: aiohttp's `path` resolves dot segments, and Envoy sends
+        # `/ext_authz` + the original path as it is (`/ext_authz/../admin` is a check of `/../admin`).
+        if request.raw_path.startswith(EXT_AUTHZ_PREFIX) and request.raw_path[10:11] in ("", "/", "?"):
             return await self._check(request, ext_authz_request)
+        path = request.path
         if path == FORWARD_AUTH:
             return await self._check(request, forward_auth_request)
         if path == "/healthz":
@@ -149,7 +230,7 @@ class HttpAuthServer:
         return web.json_response({"error": "not_found"}, status=404)
 
     async def _check(
-        self, request: BaseRequest, convert: Callable[[BaseRequest, dict[str, str], str], HttpRequest | None]
+        self, request: BaseRequest, convert: Callable[[BaseRequest, dict[str, str], str], HttpRequest | Decision]
     ) -> web.Response:
         started = time.perf_counter()
         engine = self._engine()
@@ -162,8 +243,8 @@ class HttpAuthServer:
             else:
                 headers = _headers(request.headers)
                 original = convert(request, headers, _peer(request))
-                if original is None:
-                    decision = _NO_URI
+                if isinstance(original, Decision):
+                    decision = original  # the proxy's description of the request is missing or contradicts itself
                 else:
                     http = original
                     decision = await engine.authorizer.check(http)
@@ -177,6 +258,17 @@ class HttpAuthServer:
         elapsed = time.perf_counter() - started
         self._metrics.observe(decision, elapsed, PROTOCOL)
         log_decision(http, decision, elapsed, engine.config.logging.decisions, PROTOCOL)
+        return _response(answer)
+
+    def _refuse(self, error: HttpProcessingError) -> web.Response:
+        """The answer to a request aiohttp could not parse: counted and logged as every denial."""
+        engine = self._engine()
+        decision = unparsable(error)
+        answer = engine.http_answers.answer(decision)
+        if decision is _HEADERS_TOO_LARGE:
+            answer = answer._replace(status=HEADERS_TOO_LARGE_STATUS)
+        self._metrics.observe(decision, 0.0, PROTOCOL)
+        log_decision(_EMPTY_REQUEST, decision, 0.0, engine.config.logging.decisions, PROTOCOL)
         return _response(answer)
 
 

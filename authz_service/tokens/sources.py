@@ -119,9 +119,9 @@ class CredentialFinder:
             if name in self._params:
                 params.setdefault(name, []).append(unquote_plus(value))
             elif self._disguised(name):
-                raise MalformedCredentials(Reason.AMBIGUOUS_PATH)
+                raise MalformedCredentials(Reason.AMBIGUOUS_QUERY)
             if ";" in piece and any(self._disguised(part.partition("=")[0]) for part in piece.split(";")[1:]):
-                raise MalformedCredentials(Reason.AMBIGUOUS_PATH)
+                raise MalformedCredentials(Reason.AMBIGUOUS_QUERY)
         return params
 
     def _disguised(self, name: str) -> bool:

@@ -1,11 +1,20 @@
 """HTTP mode end to end: the shipped envoy/envoy-http.yaml (Envoy's http_service) and the shipped
 deploy/nginx/nginx.conf (auth_request), each with the real proxy, the service as a subprocess with
-`http_address`, the demo IdP and the echo upstream. Nothing is mocked."""
+`http_address`, the demo IdP and the echo upstream. Nothing is mocked.
+
+nginx runs the shipped file with only its listener and upstream ports replaced, with its prefix
+(`-p`) in a work directory: its pid file, temporary files and access log live there, as the file
+says, which is also what lets it run as an unprivileged user (tested below)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,10 +25,11 @@ import aiohttp
 import pytest
 import yaml
 
-from authz_service.devstack import nginx as nginx_launcher
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import Envoy, StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.devstack.nginx import Nginx, nginx_binary
+from authz_service.devstack.procs import spawn
 from tests.conftest import free_port, jwks_introspector, run_service, tail
 from tests.e2e.conftest import START_TIMEOUT, stop_process, wait_until
 
@@ -40,13 +50,25 @@ class Stack:
     url: str
     echo: EchoUpstream
     proxy: str
+    access_log: Path  # where the proxy writes its access log lines
+    authz_log: Path | None = None  # the service's output (decision log lines)
+
+
+@dataclass
+class Running:
+    """A started proxy: its URL and its access log."""
+
+    url: str
+    access_log: Path
 
 
 Proxy = Callable[[int, EchoUpstream, Path, aiohttp.ClientSession], Any]
 
 
 @asynccontextmanager
-async def envoy_http(authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession) -> Any:
+async def envoy_http(
+    authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[Running]:
     config = on_loopback(
         load_config(ENVOY_HTTP_YAML),
         listener=free_port(),
@@ -59,29 +81,56 @@ async def envoy_http(authz_port: int, echo: EchoUpstream, workdir: Path, session
             await envoy.wait_ready(session, {"authz_http": 1}, START_TIMEOUT)
         except StartError as err:
             pytest.fail(f"{err}:\n{envoy.child.tail(30)}")
-        yield envoy.url
+        yield Running(envoy.url, envoy.access_log)
     finally:
         await envoy.stop()
 
 
+def nginx_config(listener: int, authz_port: int, application_port: int, text: str | None = None) -> str:
+    """The shipped nginx.conf (or `authz-service proxy-config nginx` output for another config)
+    with only its listener and the two upstreams' servers on other ports."""
+    text = NGINX_CONF.read_text() if text is None else text
+    for pattern, replacement in (
+        (r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{listener};"),
+        (r"(upstream authz_service \{\s*server )127\.0\.0\.1:\d+;", rf"\g<1>127.0.0.1:{authz_port};"),
+        (r"(upstream application \{\s*server )127\.0\.0\.1:\d+;", rf"\g<1>127.0.0.1:{application_port};"),
+    ):
+        text, count = re.subn(pattern, replacement, text)
+        assert count == 1, f"nginx.conf no longer has one line matching {pattern!r}"
+    return text
+
+
 @asynccontextmanager
-async def nginx(authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession) -> Any:
-    listener = free_port()
-    config = nginx_launcher.on_loopback(
-        NGINX_CONF.read_text(),
-        listener=listener,
-        upstreams={"authz_service": authz_port, "application": echo.port},
-        workdir=workdir,
-    )
-    proxy = nginx_launcher.Nginx.start(config, listener, workdir)
+async def run_nginx(
+    config: str, listener: int, prefix: Path, session: aiohttp.ClientSession, argv_prefix: tuple[str, ...] = ()
+) -> AsyncIterator[Nginx]:
+    """nginx in the foreground on this config, with `prefix` as its -p (where the config puts its
+    pid file, temporary files and access log), until the block ends."""
+    path = prefix / "nginx.conf"
+    path.write_text(config)
+    path.chmod(0o644)
+    log = prefix / "nginx.log"  # the config logs errors to stderr
+    argv = [*argv_prefix, nginx_binary(), "-p", f"{prefix}/", "-c", str(path), "-g", "daemon off;"]
+    proxy = Nginx(spawn("nginx", argv, log), listener, log)
     try:
         try:
             await proxy.wait_ready(session)
         except StartError as err:
-            pytest.fail(f"{err}:\n{proxy.child.tail(30)}\n{tail(proxy.error_log)}")
-        yield proxy.url
+            pytest.fail(f"{err}:\n{tail(log)}")
+        yield proxy
     finally:
         await proxy.stop()
+
+
+@asynccontextmanager
+async def nginx(
+    authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[Running]:
+    listener = free_port()
+    prefix = workdir / "nginx"
+    prefix.mkdir()
+    async with run_nginx(nginx_config(listener, authz_port, echo.port), listener, prefix, session) as proxy:
+        yield Running(proxy.url, prefix / "access.log")
 
 
 PROXIES = {"envoy-http": envoy_http, "nginx": nginx}
@@ -131,9 +180,9 @@ async def start_stack(
 
             await wait_until(serving, START_TIMEOUT, "the HTTP listener to be ready")
             context = proxy(port, echo, tmp_path, session)
-            url = await context.__aenter__()
+            running = await context.__aenter__()
             cleanups.append(context)
-            return Stack(url, echo, request.param)
+            return Stack(running.url, echo, request.param, running.access_log, log)
 
         yield start
         for item in reversed(cleanups):
@@ -176,14 +225,24 @@ async def test_401_carries_the_challenge_and_json_body(
     stack = await start_stack()
     async with session.get(stack.url + "/orders/7") as response:
         assert response.status == 401
-        assert response.headers["www-authenticate"] == 'Bearer realm="authz-service"'
+        # Exactly once: nginx's auth_request copies it from the answer; the config adds no second one.
+        assert response.headers.getall("www-authenticate") == ['Bearer realm="authz-service"']
         assert await response.json(content_type=None) == {
             "error": "unauthorized",
             "error_description": "authentication required",
         }
     async with session.get(stack.url + "/orders/7", headers=bearer("not-a-jwt")) as response:
         assert response.status == 401
-        assert 'error="invalid_token"' in response.headers["www-authenticate"]
+        (challenge,) = response.headers.getall("www-authenticate")
+        assert 'error="invalid_token"' in challenge
+    # Two Authorization values: 400 (nginx's auth_request turns it into a 500; the config maps it back).
+    async with session.get(
+        stack.url + "/orders/7", headers=[("Authorization", "Bearer a"), ("Authorization", "Bearer b")]
+    ) as response:
+        assert response.status == 400
+        assert len(response.headers.getall("www-authenticate", [])) <= 1
+        if stack.proxy == "envoy-http":  # nginx refuses a repeated Authorization itself
+            assert (await response.json(content_type=None))["error"] == "invalid_request"
     assert stack.echo.requests == []
 
 
@@ -224,6 +283,92 @@ async def test_a_query_token_never_reaches_the_upstream(
         seen = await response.json()
     assert seen["headers"]["x-user-id"] == ["ws-client"]
     assert token not in json.dumps(seen)
-    assert "access_token" not in seen["path"]
-    assert "room=1" in seen["path"]
-    assert "x=2" in seen["path"]
+    assert seen["path"] == "/stream?room=1&x=2"
+    # First, last, alone, percent-encoded: the rest of the query as it was, no stray `&` or `?`.
+    for query, upstream in (
+        (f"access_token={token}&page=2", "/stream?page=2"),
+        (f"page=2&access_token={token}", "/stream?page=2"),
+        (f"access_token={token}", "/stream"),
+    ):
+        async with session.get(stack.url + "/stream?" + query) as response:
+            assert response.status == 200
+            assert (await response.json())["path"] == upstream, query
+    # `access%5Ftoken` is `access_token` once decoded: refused by the service (400) or removed too.
+    stack.echo.requests.clear()
+    async with session.get(stack.url + f"/stream?access%5Ftoken={token}&page=2") as response:
+        if response.status == 400:
+            assert stack.echo.requests == []
+        else:
+            assert response.status == 200
+            assert (await response.json())["path"] == "/stream?page=2"
+
+    # Nor does the proxy's access log record it: the path is logged without its query.
+    def logged() -> str:
+        text = stack.access_log.read_text() if stack.access_log.exists() else ""
+        return text if text.count("/stream") >= 4 else ""
+
+    log = await wait_until(logged, 10, "the access log lines")
+    assert token not in log
+    assert "access_token" not in log
+    assert "access%5Ftoken" not in log
+
+
+async def test_the_request_id_reaches_the_service_and_the_upstream(
+    start_stack: Callable[[], Awaitable[Stack]], idp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    stack = await start_stack()
+    # A client's own X-Request-ID is not what the service and the upstream see (nginx sets its own;
+    # Envoy keeps an external one unless told otherwise, so only nginx is held to it).
+    async with session.get(
+        stack.url + "/orders/9", headers={**bearer(idp.mint()), "X-Request-ID": "client-chosen"}
+    ) as response:
+        assert response.status == 200
+        seen = await response.json()
+    (request_id,) = seen["headers"]["x-request-id"]
+    if stack.proxy == "nginx":
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert stack.authz_log is not None
+
+    def decided() -> bool:
+        return f'"request_id": "{request_id}"' in stack.authz_log.read_text()  # type: ignore[union-attr]
+
+    await wait_until(decided, 10, "the service's decision line with the same request id")
+
+
+@pytest.fixture
+def unprivileged_prefix() -> Any:
+    """A prefix directory an unprivileged user owns (nobody, 65534, when the tests run as root), and
+    the argv prefix that runs a command as that user."""
+    prefix = Path(tempfile.mkdtemp(prefix="authz-nginx-", dir="/tmp"))
+    argv: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root")
+        os.chown(prefix, 65534, 65534)
+        argv = (setpriv, "--reuid=65534", "--regid=65534", "--clear-groups")
+    prefix.chmod(0o755)
+    try:
+        yield prefix, argv
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+async def test_nginx_runs_the_shipped_config_as_an_unprivileged_user(
+    unprivileged_prefix: tuple[Path, tuple[str, ...]], session: aiohttp.ClientSession
+) -> None:
+    """docs/proxies.md's recipe: `nginx -p DIR -c nginx.conf` as any user owning DIR."""
+    prefix, argv = unprivileged_prefix
+    listener = free_port()
+    config = nginx_config(listener, free_port(), free_port())  # nothing listens: the service is down
+    async with run_nginx(config, listener, prefix, session, argv) as proxy:
+        async with session.get(proxy.url + "/orders/7") as response:
+            assert response.status == 503  # fail closed, answered by a working nginx
+            assert (await response.json(content_type=None))["error"] == "temporarily_unavailable"
+        assert int((prefix / "nginx.pid").read_text()) == proxy.child.process.pid
+        for kind in ("client_body_temp", "proxy_temp"):
+            assert (prefix / kind).is_dir()
+        if argv:  # the master itself runs as nobody, not only its workers
+            status = await asyncio.to_thread(Path(f"/proc/{proxy.child.process.pid}").stat)
+            assert status.st_uid == 65534
+        await wait_until(lambda: (prefix / "access.log").exists(), 5, "the access log under the prefix")

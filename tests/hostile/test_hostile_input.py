@@ -826,8 +826,9 @@ async def test_huge_paths_and_odd_methods_reach_policies_safely(
     assert (await ask(service, "/api/" + long + "?" + "&".join(f"p{i}={i}" for i in range(5000)), token=token)).allowed
     assert_denied(await ask(service, "/private/" + long), 401, "missing_token")
     assert_denied(await ask(service, "/api/" + long + "/", token=token), 403, "forbidden")
-    assert_denied(await ask(service, "/" + "%2e%2e/" * 8000 + "api/x", token=token), 403, "forbidden")
-    assert_denied(await ask(service, "/api/x\x00/../admin", token=token), 403, "forbidden")
+    # Encoded dots and a NUL: paths parsers read two ways are refused before anything else.
+    assert_denied(await ask(service, "/" + "%2e%2e/" * 8000 + "api/x", token=token), 400, "ambiguous_path")
+    assert_denied(await ask(service, "/api/x\x00/../admin", token=token), 400, "ambiguous_path")
     odd_methods = ["FOO", "", "G E T", "get\r\n", "GET\x00", "DELETE" * 1000, "ÄÖÜ", "\x7f", "CONNECT", "GET,POST"]
     for method in odd_methods:
         answer = await ask(service, "/public/x", method=method)
@@ -839,7 +840,9 @@ async def test_huge_paths_and_odd_methods_reach_policies_safely(
     odd_paths = ["", "*", "?", "?a", "//", "/public", "/public/?" + "a=" * 20000, "\x00", "/é/✓", "%", "/public/%zz"]
     for path in odd_paths:
         answer = await ask(service, path, method="GET")
-        assert answer.allowed == path.startswith("/public/"), path
+        # A broken escape (`%zz`) is read differently by different parsers: refused, not allowed.
+        assert answer.allowed == (path.startswith("/public/") and "%zz" not in path), path
+    assert_denied(await ask(service, "/public/%zz", method="GET"), 400, "ambiguous_path")
     await assert_healthy(service, token, "/api/x")
 
 

@@ -21,6 +21,13 @@ from types import TracebackType
 
 import pytest
 
+# The policy engines are imported on first use (policy/__init__.py). A test whose own config is the
+# first to use one would pay that import, and on a fresh checkout its bytecode compile, on the
+# loop: not the stall this detector is for, so they are imported here, before any loop runs.
+import authz_service.policy.complex
+import authz_service.policy.matcho
+import authz_service.policy.schema  # noqa: F401
+
 SLOW_CALLBACK_SECONDS = 0.25
 
 

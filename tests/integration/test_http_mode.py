@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from authz_service.devstack.idp import DevIdentityProvider
-from authz_service.server.http import client_address
+from authz_service.model import Reason
+from authz_service.server.http import client_address, unparsable
 from tests.conftest import StartService, jwks_introspector
 from tests.harness import Harness
 
@@ -280,3 +282,14 @@ async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
     with pytest.raises(aiohttp.ClientConnectionError):
         async with client.get(url + "/healthz", headers={"Connection": "close"}):
             pass
+
+
+def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> None:
+    # Its C parser quotes the start of the value that was too long, its Python parser the header line.
+    assert unparsable(LineTooLong(b"Bearer eyJ" + b"A" * 90 + b"...", 8190)).reason is Reason.TOO_LARGE
+    assert unparsable(LineTooLong(b"bearer eyJ...", 8190)).reason is Reason.TOO_LARGE
+    assert unparsable(LineTooLong(b"Authorization: Bearer eyJ...", 8190)).reason is Reason.TOO_LARGE
+    assert unparsable(LineTooLong(b"Cookie: sid=...", 8190)).reason is Reason.HEADERS_TOO_LARGE
+    assert unparsable(LineTooLong(b"/ext_authz/ppp...", 8190)).reason is Reason.HEADERS_TOO_LARGE  # the URL
+    assert unparsable(BadHttpMessage("Too many headers received")).reason is Reason.HEADERS_TOO_LARGE
+    assert unparsable(BadHttpMessage("Invalid HTTP header: 'Bad Header'")).reason is Reason.UNDECODABLE_REQUEST

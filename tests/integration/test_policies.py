@@ -46,8 +46,11 @@ async def test_aidbox_tutorial_policy_same_inputs_same_decisions(
     answer = await service.check("/Patient/pt-1", token=practitioner)
     assert answer.allowed
     assert answer.headers["x-user-id"] == "user-1"
+    # Right user, wrong method: POST on an instance is no FHIR route, refused before policies.
+    answer = await service.check("/Patient/pt-1", method="POST", token=practitioner)
+    assert (answer.code, answer.http_status) == (3, 400)
+    assert answer.body == {"error": "invalid_request", "error_description": "the path looks like a FHIR route but is none"}
     for path, method, token in [
-        ("/Patient/pt-1", "POST", practitioner),  # right user, wrong method
         ("/Encounter/e-1", "GET", practitioner),  # right user, wrong resource
         ("/Patient/pt-1", "GET", receptionist),  # wrong role
         ("/Patient/pt-1", "GET", stranger),  # no User resource

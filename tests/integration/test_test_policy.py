@@ -19,7 +19,7 @@ StartApi = Callable[..., Awaitable[ApiService]]
 
 # Aidbox, "Restricting access to patient data": the AccessPolicy as the tutorial PUTs it (verbatim
 # in the catalogue of Aidbox's examples).
-PATIENT_COMPARTMENT = json.loads(aidbox.PATIENT_COMPARTMENT)
+PATIENT_COMPARTMENT = json.loads(aidbox.TEXTS["PATIENT_COMPARTMENT"])
 
 # Aidbox, "AccessPolicy examples" 6 (accesspolicy-examples.md): CRUD on Patient and Practitioner.
 CRUD_ON_PATIENT: dict[str, Any] = {

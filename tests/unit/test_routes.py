@@ -6,6 +6,7 @@ without its query. Route parameters are reserved: only the path may set them.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -13,8 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from authz_service.config.validate import parse_config
 from authz_service.context import build_context
-from authz_service.model import HttpRequest
+from authz_service.engine import Engine, build_engine
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.routes import (
     OPERATION_NAME,
     ORGANIZATION_ID,
@@ -25,8 +28,11 @@ from authz_service.routes import (
     Route,
     parse_reference,
     route,
+    unrouted,
     with_aidbox_references,
 )
+from authz_service.tokens.cache import CacheFactory
+from tests.unit.fakes import FakeIdpClient, hs_token
 
 TYPE = RESOURCE_TYPE
 ID = RESOURCE_ID
@@ -187,6 +193,58 @@ def test_paths_that_are_not_fhir_routes_give_nothing(method: str, path: str) -> 
 )
 def test_an_instance_or_type_route_with_a_method_it_does_not_take_gives_nothing(method: str, path: str) -> None:
     assert route(method, path) == Route({}, None)
+
+
+# unrouted: a FHIR-shaped path that is no route is refused before any policy judges it.
+UNROUTED = [
+    # What a policy written for a FHIR instance would otherwise judge with no `params` at all.
+    ("post", "/fhir/Patient/pt-2", True),  # a method the instance does not take
+    ("options", "/fhir/Patient/pt-2", True),
+    ("options", "/fhir/Patient", True),
+    ("get", "/fhir/Patient/pt_2", True),  # an id FHIR forbids
+    ("get", "/fhir/Patient/pt%202", True),
+    ("get", "/fhir/Patient/" + "x" * 65, True),
+    ("get", "/fhir/Patient/pt-1/Observation/obs-1", True),  # segments the router does not know
+    ("get", "/fhir/Patient/pt-1/_history/2/x", True),
+    ("get", "/fhir/Patient/_search", True),
+    ("get", "/fhir/Patient/$", True),
+    ("post", "/Patient/pt-2", True),  # Aidbox's own API: the same rule
+    ("get", "/Organization/org-1/fhir/Patient/pt_1", True),
+    # `;`: a servlet strips `;x=1` and serves pt-2; Aidbox's router reads no route.
+    ("get", "/fhir/Patient/pt-2;x=1", True),
+    ("get", "/fhir/Patient;x=1/pt-2", True),
+    ("get", "/fhir;x=1/Patient/pt-2", True),
+    ("get", "/Patient/pt-2;x=1", True),
+    ("get", "/Organization/o-1;x/fhir/Patient/pt-2", True),
+    ("get", "/fhir/Patient/pt-2/_history/1;v", True),
+    # Routes are judged by policies ...
+    ("get", "/fhir/Patient/pt-2", False),
+    ("GET", "/fhir/Patient/pt-2?_format=json;x", False),  # any case; `;` in the query is the query's
+    ("post", "/fhir/Patient", False),
+    ("get", "/fhir/$export", False),
+    ("post", "/fhir", False),
+    # ... and so is every path that is not FHIR-shaped, routed or not.
+    ("get", "/fhir", False),
+    ("get", "/fhir/metadata", False),  # the CapabilityStatement
+    ("get", "/fhir/.well-known/smart-configuration", False),  # SMART discovery
+    ("get", "/fhir/_history", False),
+    ("get", "/api/Patient/pt-2", False),
+    ("post", "/api/x;y=1", False),
+    ("get", "/", False),
+    ("get", "/rpc", False),
+    ("get", "/healthz", False),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "refused"), UNROUTED, ids=[f"{m} {p}"[:60] for m, p, _ in UNROUTED])
+def test_a_fhir_shaped_path_that_is_no_route_is_refused(method: str, path: str, refused: bool) -> None:
+    assert unrouted(method, path) is refused
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), FHIR_ROUTES)
+def test_no_route_is_ever_refused_as_unrouted(method: str, path: str, expected: Route) -> None:
+    # Every route of the table above; the normalized form is what unrouted is asked about.
+    assert not unrouted(method.upper(), "/" + "/".join(part for part in path.split("/") if part))
 
 
 def test_an_empty_path_is_not_the_base() -> None:
@@ -359,3 +417,80 @@ def test_resources_keep_their_references_and_gain_aidbox_format() -> None:
         "user": {"reference": "User/u1", "resourceType": "User", "id": "u1"},
         "links": [{"reference": "https://x/Practitioner/p"}, {"id": "kept"}],
     }
+
+
+# Aidbox's own-patient example, verbatim (T/restricting-access-to-patient-data.md, "Create
+# AccessPolicy resource which will allow all GET requests for /fhir/Patient/*"; also in
+# tests/aidbox/07-restricting-access-to-patient-data.yaml). Its schema constrains
+# `params.resource/id` only when `params` is there, so a path that looks like the patient's
+# instance but yields no route (and has no query) would satisfy it for any patient.
+OWN_PATIENT = """\
+{
+    "resourceType": "AccessPolicy",
+    "id": "allow-to-get-patient-compartment",
+    "engine": "json-schema",
+    "schema": {
+        "type": "object",
+        "properties": {
+            "uri": {
+              "type": "string",
+              "pattern": "^/fhir/Patient/"
+            },
+            "params": {
+                "type": "object",
+                "required": ["resource/id"],
+                "properties": {
+                    "resource/id": {"constant": {"$data": "#/jwt/pid"}}
+                }
+            }
+        }
+    }
+}
+"""
+ISS = "https://idp.example"
+SECRET = b"an-hmac-secret-of-at-least-32-bytes!"
+
+
+def own_patient_engine() -> Engine:
+    introspector = {"id": "idp", "type": "jwt", "jwt": {"iss": ISS, "secret": SECRET.decode()}}
+    config = parse_config(f"introspectors: [{json.dumps(introspector)}]\npolicies: [{OWN_PATIENT}]", {})
+    return build_engine(config, FakeIdpClient(), CacheFactory(config.cache))
+
+
+async def ask_own_patient(method: str, path: str, *, pid: str | None = "pt-1") -> tuple[Decision, HttpRequest]:
+    """The decision for `curl -X METHOD http://aidbox.example/PATH` by patient pt-1 (None: anonymous)."""
+    headers = {}
+    if pid is not None:
+        token = hs_token({"iss": ISS, "sub": "patient-1", "pid": pid, "exp": 4_000_000_000}, SECRET)
+        headers["authorization"] = f"Bearer {token}"
+    request = HttpRequest(method=method, path=path, host="aidbox.example", headers=headers)
+    return await own_patient_engine().authorizer.check(request), request
+
+
+OWN_PATIENT_PATHS = [
+    ("POST", "/fhir/Patient/pt-2"),
+    ("OPTIONS", "/fhir/Patient/pt-2"),
+    ("GET", "/fhir/Patient/pt-2;x=1"),  # a servlet strips `;x=1` and serves pt-2
+    ("GET", "/fhir/Patient/pt-1;x=1"),  # even the caller's own: a `;` is never judged
+    ("GET", "/fhir/Patient/pt_2"),
+    ("GET", "/fhir/Patient/pt-2/Observation/obs-1"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), OWN_PATIENT_PATHS, ids=[f"{m} {p}" for m, p in OWN_PATIENT_PATHS])
+async def test_the_own_patient_policy_never_judges_a_path_that_is_no_route(method: str, path: str) -> None:
+    decision, request = await ask_own_patient(method, path)
+    # What the schema would see: no params, so nothing it constrains.
+    assert "params" not in build_context(request, None, None)
+    assert (decision.outcome, decision.reason) == (Outcome.INVALID_REQUEST, Reason.NOT_A_ROUTE)
+    anonymous, _ = await ask_own_patient(method, path, pid=None)
+    assert (anonymous.outcome, anonymous.reason) == (Outcome.INVALID_REQUEST, Reason.NOT_A_ROUTE)
+
+
+async def test_the_own_patient_policy_still_allows_the_own_patient_only() -> None:
+    for path in ("/fhir/Patient/pt-1", "/fhir/Patient/pt-1/", "/fhir/Patient//pt-1", "/fhir/Patient/x/../pt-1"):
+        decision, _ = await ask_own_patient("GET", path)
+        assert decision.outcome is Outcome.ALLOW, path
+    for path in ("/fhir/Patient/pt-2", "/fhir/Patient/pt-1/../pt-2"):  # judged as pt-2
+        decision, _ = await ask_own_patient("GET", path)
+        assert (decision.outcome, decision.reason) == (Outcome.FORBIDDEN, Reason.FORBIDDEN), path

@@ -201,6 +201,39 @@ def test_bearer_wins_over_the_query() -> None:
     assert find(QUERY, "/x?access_token=from-query", authorization="Bearer from-header") == Credential("from-header")
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access%5Ftoken=T1",  # an encoded unreserved character: `access_token` to a decoding server
+        "access%5ftoken=T1",
+        "%61ccess_token=T1",
+        "Access_Token=T1",  # `access_token` to a server that compares names case-insensitively
+        "ACCESS_TOKEN=T1",
+        "access_token%20=T1",  # ... or trims them
+        "+access_token=T1",
+        "x=1;access_token=T1",  # a parameter to a server that also splits on `;`
+        "access_token=T1;access_token=T2",
+        "a=b&x=1;Access%5Ftoken=T1",
+    ],
+)
+def test_a_parameter_read_as_a_token_parameter_only_by_another_parser_is_refused(query: str) -> None:
+    # Envoy removes `access_token` by its exact name: such a parameter would reach the upstream
+    # unremoved and unverified, so the request is refused, whatever carries its own token.
+    for headers in ({}, {"authorization": "Bearer from-header"}):
+        with pytest.raises(MalformedCredentials) as caught:
+            find(QUERY, "/x?" + query, **headers)
+        assert caught.value.reason is Reason.AMBIGUOUS_QUERY
+
+
+def test_a_token_parameter_counts_under_its_exact_name_only() -> None:
+    assert find(QUERY, "/x?access_token=T1&access_tokens=2&my_access_token=3&q=access_token") == Credential("T1", "ws")
+    assert find(QUERY, "/x?accesstoken=T1&access-token=T2") is None
+    # Without from_params nothing in the query is a token source, and nothing is refused.
+    assert find(BEARER_ONLY, "/x?access%5Ftoken=T1") is None
+    # The path is not the query.
+    assert find(QUERY, "/access%5Ftoken=T1") is None
+
+
 def test_every_query_parameter_that_may_carry_a_token_is_listed() -> None:
     # The upstream never sees them, whichever source this request's token came from.
     both = finder(opaque("a", from_params=["access_token", "t"]), opaque("b", from_params=["token"]))
