@@ -225,6 +225,29 @@ class Metrics:
             self._dropped_seen = writer.dropped
 
 
+class ApiMetrics:
+    """The resource API's writes, by writer (the `api.tokens` name), resource type and action
+    (create, update, delete): who changed what, to alert on and to compare with the audit lines."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.writes = Counter(
+            "authz_api_writes",
+            "Resources changed through the resource API, by writer (api.tokens name), type and action",
+            ["writer", "type", "action"],
+            registry=registry,
+        )
+        self.allow_everything = Counter(
+            "authz_api_allow_everything_writes",
+            "AccessPolicies written through the resource API whose rule allows every request, by writer",
+            ["writer"],
+            registry=registry,
+        )
+
+    def write(self, writer: str, kind: str, action: str) -> None:
+        """Count one resource created, updated or deleted."""
+        self.writes.labels(writer, kind, action).inc()
+
+
 def decision_fields(request: HttpRequest, decision: Decision, seconds: float, protocol: str) -> dict[str, Any]:
     """What a decision line says, every request value through `redact`."""
     identity = decision.identity
@@ -424,6 +447,8 @@ def log_decision(
     """
     if level is None:
         return
+    if decision.path is not None:
+        request = request._replace(path=decision.path)  # what the policies judged, not what was sent
     writer = _writer
     if writer is not None:
         if level >= writer.min_level:

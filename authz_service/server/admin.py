@@ -1,12 +1,20 @@
-"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics, and the resource API when enabled."""
+"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics, and the resource API when enabled.
+
+With `server.admin_tls` it serves HTTPS only (the resource API's bearer tokens never cross the
+network in clear text); without it, plain HTTP, and a start-up warning when the API is on and the
+address is not loopback (config validation words it; `serve` logs it).
+"""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from authz_service.config.model import TlsConfig
 
 if TYPE_CHECKING:
     from authz_service.server.api import ResourceApi
@@ -25,6 +33,7 @@ class AdminServer:
         *,
         api: ResourceApi | None = None,
         details: Callable[[], Mapping[str, Any]] | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         host, _, port = address.rpartition(":")
         self._host = host.strip("[]")
@@ -35,7 +44,12 @@ class AdminServer:
         self._api = api
         self._details = details  # more for /readyz to say (the resource store's state)
         self._runner: web.AppRunner | None = None
+        self._tls = tls
         self.port: int | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls is not None else "http"
 
     async def start(self) -> int:
         # aiohttp's own cap on request.read(); the API streams and caps bodies itself (413).
@@ -47,7 +61,8 @@ class AdminServer:
             self._api.register(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True)
+        context = server_context(self._tls) if self._tls is not None else None
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True, ssl_context=context)
         await site.start()
         # The real port when 0 was asked for: the runner knows the addresses it bound.
         self.port = int(self._runner.addresses[0][1])
@@ -72,3 +87,14 @@ class AdminServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         self._collect()
         return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """TLS 1.2 and up with Python's default server ciphers, from the files config validation read
+    (`server.admin_tls: {cert, key}`: the same paths, so a certificate renewed in place is picked up
+    at the next restart)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert, key = tls.files[0], tls.files[1]
+    context.load_cert_chain(cert, key)
+    return context

@@ -5,8 +5,12 @@ AccessPolicy, User and Role, and `POST /auth/test-policy` (policytest.py) behind
 Bodies are YAML or JSON, read strictly; every change is validated with the config file and the
 rest of the store by the one config validator, persisted by the store, and applied (this
 process, or every worker of a supervisor) before the answer. Errors are FHIR OperationOutcomes.
-This module is only the HTTP shell: it parses, authorizes, plans and answers; the store and the
-backend (`ApiBackend`) do the rest.
+Every token of `api.token` / `api.tokens` names a writer; each resource a write changes is one
+audit line (writer, resource, action, digests before and after: store/audit.py) and one count of
+`authz_api_writes_total`. A policy written to allow every request is accepted, logged, and
+answered with a warning (a `Warning` header; FHIR's `Prefer: return=OperationOutcome` for it as
+the body). This module is only the HTTP shell: it parses, authorizes, plans and answers; the store
+and the backend (`ApiBackend`) do the rest.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from authz_service import strictjson
 from authz_service.config import yamlload
-from authz_service.config.model import Config
+from authz_service.config.model import ApiToken, Config
 from authz_service.engine import Engine
 from authz_service.errors import ConfigError
-from authz_service.observe import redact
+from authz_service.observe import ApiMetrics, redact
 from authz_service.policytest import PolicyTestError, parse_policy_test, run_policy_test
+from authz_service.store.audit import allows_everything, digest, secrets_changed
 from authz_service.store.base import (
     KINDS,
     Change,
@@ -77,6 +84,11 @@ class ApiBackend(Protocol):
 
     def compose(self, resources: Mapping[Key, Resource]) -> Config: ...
 
+    @property
+    def write_floor(self) -> int | None:
+        """The highest store change counter any process here decides with (a write lands above it)."""
+        ...
+
     async def applied(self) -> tuple[int, str] | None:
         """None once the store's current content is what decides, else (HTTP status, why not)."""
         ...
@@ -92,13 +104,42 @@ class ApiError(Exception):
         super().__init__("; ".join(self.diagnostics))
 
 
-def operation_outcome(diagnostics: Sequence[str], status: int = 422, severity: str = "error") -> dict[str, Any]:
-    """FHIR's OperationOutcome: one issue per diagnostic."""
+def operation_outcome(
+    diagnostics: Sequence[str], status: int = 422, severity: str = "error", warnings: Sequence[str] = ()
+) -> dict[str, Any]:
+    """FHIR's OperationOutcome: one issue per diagnostic, then one `warning` issue per warning."""
     code = "informational" if severity == "information" else _ISSUE_CODES.get(status, "processing")
     return {
         "resourceType": "OperationOutcome",
-        "issue": [{"severity": severity, "code": code, "diagnostics": text} for text in diagnostics],
+        "issue": [
+            *({"severity": severity, "code": code, "diagnostics": text} for text in diagnostics),
+            *({"severity": "warning", "code": WARNING_CODE, "diagnostics": text} for text in warnings),
+        ],
     }
+
+
+# How check-config's warnings name a resource of each type (`introspector 'x': ...`).
+_WARNING_SUBJECT = {"TokenIntrospector": "introspector", "AccessPolicy": "policy", "User": "user", "Role": "role"}
+WARNING_CODE = "security"  # FHIR issue type of an accepted write that weakens access control
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One resource a write changed, as the audit line tells it."""
+
+    key: Key
+    action: str  # create, update, delete
+    before: Resource | None
+    after: Resource | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What a write left: the store after it, what it changed, and what to warn its writer about."""
+
+    snapshot: Snapshot
+    written: list[Written]
+    warnings: list[str]
 
 
 class ResourceApi:
@@ -106,12 +147,15 @@ class ResourceApi:
 
     def __init__(
         self,
-        token: str,
+        writers: Sequence[ApiToken],
         backend: ApiBackend,
         max_body: int,
         engine: Callable[[], Awaitable[Engine]] | None = None,
+        metrics: ApiMetrics | None = None,
     ) -> None:
-        self._token = hashlib.sha256(token.encode()).digest()  # compared as digests: constant time, any length
+        # Compared as digests: constant time, any length. Every writer's is compared on every request.
+        self._writers = [(w.name, hashlib.sha256(w.token.encode()).digest()) for w in writers]
+        self._metrics = metrics
         self._backend = backend
         self._engine = engine  # what test-policy decides with: the engine Check uses now
         self.max_body = max_body
@@ -123,7 +167,7 @@ class ResourceApi:
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
-            self._authorize(request)
+            writer = self._authorize(request)
             if request.path == TEST_POLICY_PATH and self._engine is not None:
                 if request.method != "POST":
                     raise ApiError(405, [f"{request.method} {TEST_POLICY_PATH} is not supported"], {"Allow": "POST"})
@@ -134,7 +178,7 @@ class ResourceApi:
                     raise ApiError(
                         405, [f"{request.method} / is not supported; PUT / applies a list"], {"Allow": "PUT"}
                     )
-                return await self._bulk(request)
+                return await self._bulk(request, writer)
             if ident is None:
                 if request.method != "GET":
                     raise ApiError(405, [f"{request.method} /{kind} is not supported"], {"Allow": "GET"})
@@ -142,9 +186,9 @@ class ResourceApi:
             if request.method == "GET":
                 return await self._read(kind, ident)
             if request.method == "PUT":
-                return await self._put(request, kind, ident)
+                return await self._put(request, kind, ident, writer)
             if request.method == "DELETE":
-                return await self._delete(kind, ident)
+                return await self._delete(kind, ident, writer)
             raise ApiError(405, [f"{request.method} is not supported here"], {"Allow": "GET, PUT, DELETE"})
         except ApiError as err:
             return _answer(operation_outcome(err.diagnostics, err.status), err.status, err.headers)
@@ -158,12 +202,18 @@ class ResourceApi:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _authorize(self, request: web.Request) -> None:
+    def _authorize(self, request: web.Request) -> str:
+        """The name of the writer whose token the request bears; ApiError 401 otherwise."""
         values = request.headers.getall("Authorization", [])
         scheme, _, given = values[0].partition(" ") if len(values) == 1 else ("", "", "")
         presented = hashlib.sha256(given.strip().encode()).digest()
-        if scheme.lower() == "bearer" and given.strip() and hmac.compare_digest(presented, self._token):
-            return
+        writer: str | None = None
+        for name, expected in self._writers:
+            # Every token compared, no early exit: the time taken says nothing of which one matched.
+            if hmac.compare_digest(presented, expected) and writer is None:
+                writer = name
+        if scheme.lower() == "bearer" and given.strip() and writer is not None:
+            return writer
         log.warning(
             "resource API request without a valid token",
             extra={"fields": {"method": request.method, "path": redact.path(request.path), "remote": request.remote}},
@@ -197,7 +247,7 @@ class ResourceApi:
             raise ApiError(422, [f"the body: {problem}"])
         return value
 
-    async def _put(self, request: web.Request, kind: str, ident: str) -> web.Response:
+    async def _put(self, request: web.Request, kind: str, ident: str, writer: str) -> web.Response:
         body = await self._body(request)
         resource = _resource(body, kind, ident, "the body")
         key = (kind, ident)
@@ -208,12 +258,18 @@ class ResourceApi:
             created.append(key not in current.resources)
             return [Change(key, resource)]
 
-        await self._write(plan)
+        result = await self._write(plan, writer, f"PUT /{kind}/{ident}")
         status = 201 if created[-1] else 200
-        headers = {"Location": f"/{kind}/{ident}"} if status == 201 else {}
+        headers: CIMultiDict[str] = CIMultiDict({"Location": f"/{kind}/{ident}"} if status == 201 else {})
+        for warning in result.warnings:
+            headers.add("Warning", _warning_header(warning))
+        if result.warnings and _prefers_outcome(request):
+            # FHIR's Prefer: return=OperationOutcome: the outcome (with the warnings) instead of the resource.
+            lines = [f"{key_text(key)}: {'created' if status == 201 else 'updated'}"]
+            return _answer(operation_outcome(lines, severity="information", warnings=result.warnings), status, headers)
         return _answer(without_secrets(kind, resource), status, headers)
 
-    async def _delete(self, kind: str, ident: str) -> web.Response:
+    async def _delete(self, kind: str, ident: str, writer: str) -> web.Response:
         key = (kind, ident)
         self._refuse_file_resources([key])
         deleted: list[Resource] = []
@@ -225,10 +281,10 @@ class ResourceApi:
             deleted.append(resource)
             return [Change(key, None)]
 
-        await self._write(plan)
+        await self._write(plan, writer, f"DELETE /{kind}/{ident}")
         return _answer(without_secrets(kind, deleted[-1]), 200)
 
-    async def _bulk(self, request: web.Request) -> web.Response:
+    async def _bulk(self, request: web.Request, writer: str) -> web.Response:
         body = await self._body(request)
         if isinstance(body, dict) and body.get("resourceType") == "Bundle":
             entries = body.get("entry") or []
@@ -273,9 +329,12 @@ class ResourceApi:
                 outcomes[key] = "created" if old is None else "unchanged" if old == resource else "updated"
             return [Change(key, resource) for key, resource in resources.items()]
 
-        await self._write(plan)
+        result = await self._write(plan, writer, "PUT /")
         lines = [f"{key_text(key)}: {outcome}" for key, outcome in outcomes.items()] or ["nothing to apply"]
-        return _answer(operation_outcome(lines, severity="information"), 200)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for warning in result.warnings:
+            headers.add("Warning", _warning_header(warning))
+        return _answer(operation_outcome(lines, severity="information", warnings=result.warnings), 200, headers)
 
     async def _test_policy(self, request: web.Request, engine: Callable[[], Awaitable[Engine]]) -> web.Response:
         """Check's decision for the described request, and every policy's verdict (policytest.py)."""
@@ -319,17 +378,19 @@ class ResourceApi:
                 [f"{key_text(k)} is defined in the config file {where}: change it there" for k in theirs],
             )
 
-    async def _write(self, plan_changes: Callable[[Snapshot], list[Change]]) -> Snapshot:
-        """Validate (with the file and the rest of the store), persist, apply; or raise ApiError."""
+    async def _write(self, plan_changes: Callable[[Snapshot], list[Change]], writer: str, what: str) -> WriteResult:
+        """Validate (with the file and the rest of the store), persist, audit, apply; or raise ApiError."""
         store = self._store()
         async with self._writes:
             file = self._backend.file
             backend = self._backend
-            written: list[Key] = []
+            written: list[Written] = []
             warnings: list[str] = []
+            sent: list[Change] = []  # every resource the request puts, changed or not (it is warned about)
 
             def plan(current: Snapshot) -> list[Change]:
                 changes = plan_changes(current)
+                sent[:] = changes
                 theirs = [c.key for c in changes if c.key[1] in file.ids(c.key[0])]
                 if theirs:  # the file changed since the request was checked
                     raise ApiError(
@@ -339,27 +400,65 @@ class ResourceApi:
                     config = backend.compose(current.changed(changes))
                 except ConfigError as err:
                     raise ApiError(422, [str(p) for p in err.problems]) from None
-                written[:] = [c.key for c in changes if current.resources.get(c.key) != c.resource]
+                before = {c.key: current.resources.get(c.key) for c in changes}
+                written[:] = [
+                    Written(c.key, _action(before[c.key], c.resource), before[c.key], c.resource)
+                    for c in changes
+                    if before[c.key] != c.resource
+                ]
                 # check-config's warnings about what was written (a short HMAC secret): never values.
-                warnings[:] = [w for w in config.warnings if any(f"'{key[1]}'" in w for key in written)]
+                names = tuple(f"{_WARNING_SUBJECT.get(w.key[0], w.key[0])} '{w.key[1]}'" for w in written)
+                warnings[:] = [text for text in config.warnings if text.startswith(names)]
                 return changes
 
             try:
-                snapshot = await store.update(plan)
+                snapshot = await store.update(plan, floor=backend.write_floor)
             except ConfigError as err:  # reading the store (the plan turns its own into ApiError)
                 raise ApiError(503, _unreadable(err)) from err
-            if written:  # ids only: never a body
-                log.info(
-                    "resources written",
-                    extra={"fields": {"resources": [key_text(k) for k in written], "version": snapshot.version}},
-                )
             for warning in warnings:
                 log.warning(warning)
+            self._audit(written, writer, what, snapshot)
+            # Warned on every PUT of such a policy, even an unchanged one: the answer describes what it allows.
+            warnings.extend(
+                f"{key_text(c.key)}: {why}"
+                for c in sent
+                if c.resource is not None and c.key[0] == "AccessPolicy" and (why := allows_everything(c.resource))
+            )
             unapplied = await backend.applied()
             if unapplied is not None:
                 status, why = unapplied
                 raise ApiError(status, [f"the change is persisted in the store, but {why}"])
-            return snapshot
+            return WriteResult(snapshot, written, warnings)
+
+    def _audit(self, written: Sequence[Written], writer: str, what: str, snapshot: Snapshot) -> None:
+        """One line and one count per resource changed: who, what, and digests (never a body or a
+        secret); one more line and count for each policy it makes allow every request."""
+        for change in written:
+            kind, ident = change.key
+            fields: dict[str, Any] = {
+                "writer": writer,
+                "request": what,
+                "resource": key_text(change.key),
+                "type": kind,
+                "id": ident,
+                "action": change.action,
+                "before": digest(kind, change.before),
+                "after": digest(kind, change.after),
+                "version": snapshot.version,
+            }
+            if secrets_changed(kind, change.before, change.after):
+                fields["secrets_changed"] = True
+            log.info("resource written", extra={"fields": fields})
+            if self._metrics is not None:
+                self._metrics.write(writer, kind, change.action)
+            why = allows_everything(change.after) if change.after is not None and kind == "AccessPolicy" else None
+            if why is not None:
+                log.warning(
+                    "a policy written through the API allows every request",
+                    extra={"fields": {"writer": writer, "resource": key_text(change.key), "why": why}},
+                )
+                if self._metrics is not None:
+                    self._metrics.allow_everything.labels(writer).inc()
 
     async def _load(self) -> Snapshot:
         try:
@@ -372,6 +471,25 @@ class ResourceApi:
         if store is None:
             raise ApiError(503, ["no api.store is configured"])
         return store
+
+
+def _action(before: Resource | None, after: Resource | None) -> str:
+    return "create" if before is None else "delete" if after is None else "update"
+
+
+def _warning_header(text: str) -> str:
+    """An RFC 7234 `Warning` value, as Kubernetes sends admission warnings: `299 - "text"` (ASCII)."""
+    printable = "".join(c if " " <= c <= "~" else "?" for c in text[:1000])
+    return '299 - "' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _prefers_outcome(request: web.Request) -> bool:
+    """FHIR's `Prefer: return=OperationOutcome`."""
+    return any(
+        part.strip().lower() == "return=operationoutcome"
+        for value in request.headers.getall("Prefer", [])
+        for part in value.split(",")
+    )
 
 
 def _unreadable(err: ConfigError) -> list[str]:
@@ -454,10 +572,10 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _answer(body: Any, status: int, headers: Mapping[str, str] | None = None) -> web.Response:
+def _answer(body: Any, status: int, headers: Mapping[str, str] | CIMultiDict[str] | None = None) -> web.Response:
     return web.Response(
         status=status,
         text=json.dumps(body, ensure_ascii=False),
         content_type="application/json",
-        headers=dict(headers or {}),
+        headers=CIMultiDict(headers or {}),
     )

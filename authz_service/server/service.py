@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from authz_service import loop
 from authz_service.config.model import Config
 from authz_service.engine import Engine, build_engine
-from authz_service.observe import Metrics, log_internal_error
+from authz_service.observe import ApiMetrics, Metrics, log_internal_error
 from authz_service.server.admin import AdminServer
 from authz_service.server.api import ResourceApi
 from authz_service.server.grpc import HEALTH_SERVICES, AuthorizationServicer, bind, create_server
@@ -80,7 +80,7 @@ class AuthzService:
     ) -> AuthzService:
         """A service for the config file at `path` plus its resource store (`api.store`), loaded now:
         ConfigError when they are invalid together, StoreError when the store stays unreachable.
-        Once started it watches both (and serves the resource API when `api.token` is set).
+        Once started it watches both (and serves the resource API when `api.token` or `api.tokens` is set).
         `report`: where a supervised worker reports the store version it decides with."""
         file = await asyncio.to_thread(read_config_file, path)
         config = file.config
@@ -151,9 +151,14 @@ class AuthzService:
             await self.http.start()
         if settings.admin_address is not None and worker is None:
             api = None
-            token = self.config.api.token
-            if token is not None and self.sync is not None and self.sync.store is not None:
-                api = ResourceApi(token, self.sync, self.config.api.max_body_bytes, self._engine_now)
+            if self.config.api.enabled and self.sync is not None and self.sync.store is not None:
+                api = ResourceApi(
+                    self.config.api.writers,
+                    self.sync,
+                    self.config.api.max_body_bytes,
+                    self._engine_now,
+                    ApiMetrics(self.metrics.registry),
+                )
             self.admin = AdminServer(
                 settings.admin_address,
                 self.metrics.registry,
@@ -161,6 +166,7 @@ class AuthzService:
                 self.refresh_gauges,
                 api=api,
                 details=self.sync.status if self.sync is not None else None,
+                tls=settings.admin_tls,
             )
             await self.admin.start()
         await self.engine.warm_up()

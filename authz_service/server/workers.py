@@ -35,7 +35,7 @@ from authz_service.config.validate import load_config
 from authz_service.engine import Engine, build_engine
 from authz_service.errors import ConfigError
 from authz_service.logs import setup_logging
-from authz_service.observe import MULTIPROC_ENV
+from authz_service.observe import MULTIPROC_ENV, ApiMetrics
 from authz_service.server.admin import AdminServer
 from authz_service.server.api import ResourceApi
 from authz_service.server.service import WorkerSlot, ready_marker, serve
@@ -128,12 +128,21 @@ class Supervisor:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
             api = None
-            if self.config.api.token is not None and self.sync is not None and store is not None:
+            if self.config.api.enabled and self.sync is not None and store is not None:
                 backend = SupervisorBackend(self, self.sync)
                 tester = SupervisorEngine(self.sync)
-                api = ResourceApi(self.config.api.token, backend, self.config.api.max_body_bytes, tester)
+                # The supervisor's own counter (in memory, in the registry it serves) next to the workers' files.
+                metrics = ApiMetrics(registry)
+                api = ResourceApi(self.config.api.writers, backend, self.config.api.max_body_bytes, tester, metrics)
             details = self.store_status if store is not None else None
-            admin = AdminServer(self.config.server.admin_address, registry, self.ready, api=api, details=details)
+            admin = AdminServer(
+                self.config.server.admin_address,
+                registry,
+                self.ready,
+                api=api,
+                details=details,
+                tls=self.config.server.admin_tls,
+            )
             await admin.start()
         while not stop.is_set():
             self._reap_and_restart()
@@ -204,12 +213,19 @@ class Supervisor:
             "backend": self.sync.store.backend if self.sync is not None and self.sync.store is not None else None,
             "reachable": reachable,
             "workers": [
-                {"pid": pid, "version": (r or {}).get("version"), "reachable": bool((r or {}).get("store_up"))}
+                {
+                    "pid": pid,
+                    "version": (r or {}).get("version"),
+                    "reachable": bool((r or {}).get("store_up")),
+                    **({"regressed": (r or {}).get("regressed")} if (r or {}).get("regressed") is not None else {}),
+                }
                 for pid, r in reports.items()
             ],
         }
         if not reachable:
             store["note"] = "deciding with the resources last loaded"
+        if any(r is not None and r.get("regressed") is not None for r in reports.values()):
+            store["note"] = "the store went back; workers decide with the resources last loaded (docs/resources.md)"
         return {"store": store}
 
     def _reap_and_restart(self) -> None:
@@ -247,6 +263,7 @@ class SupervisorEngine:
         self._built_from: tuple[str, str | None] | None = None  # (file digest, store version)
         self._client: UpstreamClient | None = None
         self._caches: CacheFactory | None = None
+        self._snapshot = sync.snapshot  # the newest store content seen: an older one is kept out, as workers do
 
     async def __call__(self) -> Engine:
         store = self._sync.store
@@ -254,12 +271,16 @@ class SupervisorEngine:
         # file changed since the engine was built.
         source = (self._sync.file.digest, await store.version() if store is not None else None)
         if self._engine is None or source != self._built_from:
-            snapshot = await store.load() if store is not None else None
+            loaded = await store.load() if store is not None else None
+            snapshot, kept = loaded, self._snapshot
+            if loaded is not None and kept is not None and (loaded.generation or 0) < (kept.generation or 0):
+                snapshot = kept  # the store went back (see ConfigSync): decide as the workers do
+            self._snapshot = snapshot
             config = await asyncio.to_thread(self._sync.compose, snapshot.resources if snapshot else {})
             if self._client is None or self._caches is None:
                 self._client, self._caches = UpstreamClient(), CacheFactory(config.cache)
             self._engine = build_engine(config, self._client, self._caches, previous=self._engine)
-            self._built_from = (source[0], snapshot.version if snapshot else None)
+            self._built_from = (source[0], loaded.version if loaded else None)
         return self._engine
 
     async def close(self) -> None:
@@ -287,6 +308,13 @@ class SupervisorBackend:
 
     def compose(self, resources: Mapping[Key, Resource]) -> Config:
         return self._sync.compose(resources)
+
+    @property
+    def write_floor(self) -> int | None:
+        """The highest store counter a worker decides with (their reports), or the one loaded at start."""
+        reported = [r.get("generation") for r in self._supervisor.worker_reports().values() if r is not None]
+        numbers = [n for n in (*reported, self._sync.write_floor) if isinstance(n, int)]
+        return max(numbers) if numbers else None
 
     async def applied(self) -> tuple[int, str] | None:
         store = self._sync.store

@@ -108,6 +108,10 @@ class ResourceStore(ABC):
 
     backend: str
     poll_interval: float  # seconds between `version` polls (a missed announcement costs at most this)
+    # Seconds a change found by polling (not announced by a writer of this service) must keep its
+    # version before it is applied: files written by hand or by `git checkout` one by one are not
+    # applied half-way. 0: every change is atomic (redis).
+    settle: float = 0.0
 
     @property
     @abstractmethod
@@ -134,16 +138,21 @@ class ResourceStore(ABC):
         """The current version, cheaply (StoreError if unreachable)."""
 
     @abstractmethod
-    async def update(self, plan: Plan) -> Snapshot:
-        """Run `plan` on the current content and write its changes atomically; the snapshot after."""
+    async def update(self, plan: Plan, *, floor: int | None = None) -> Snapshot:
+        """Run `plan` on the current content and write its changes atomically; the snapshot after.
+        `floor` (redis): the change counter after the write is above it, even if the store's counter
+        went back (a Redis that restarted empty), so that every process applies the write."""
 
-    async def wait_for_change(self, timeout: float) -> None:
-        """Return when a change is announced, or after `timeout` seconds."""
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Return when a change is announced (True), or after `timeout` seconds (False)."""
         if self._announced is None:
             self._announced = asyncio.Event()
+        announced = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._announced.wait(), timeout)
+            announced = True
         self._announced.clear()
+        return announced
 
     async def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""

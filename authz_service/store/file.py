@@ -80,6 +80,7 @@ class FileStore(ResourceStore):
 
     backend = "file"
     poll_interval = 0.5
+    settle = 1.0  # a directory changed by hand or by git is applied once it stopped changing
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.root = Path(path)
@@ -105,7 +106,8 @@ class FileStore(ResourceStore):
     async def version(self) -> str:
         return await asyncio.to_thread(self._signature)
 
-    async def update(self, plan: Plan) -> Snapshot:
+    async def update(self, plan: Plan, *, floor: int | None = None) -> Snapshot:
+        # No floor here: the file store's version is a signature of the directory, not a counter.
         return await asyncio.to_thread(self.update_now, plan)
 
     # -- reading -----------------------------------------------------------------------------

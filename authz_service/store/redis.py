@@ -5,7 +5,8 @@ Keys, under `prefix` (default `authz:resources`):
 - `<prefix>:generation`, a counter, incremented in the same MULTI/EXEC as every write;
 - channel `<prefix>:changes`, published to in that same transaction.
 A write WATCHes the counter, reads, lets the caller validate and plan, and commits in one
-MULTI/EXEC; a concurrent writer makes EXEC fail and the write starts over on the new content,
+MULTI/EXEC (the counter set to one more than it was, or than the writer's `floor`: see
+`update`); a concurrent writer makes EXEC fail and the write starts over on the new content,
 so writes from every replica are serialized. Readers are told of a write by the channel and,
 should they miss the message (a reconnect), by polling the counter every second.
 
@@ -97,11 +98,11 @@ class RedisStore(ResourceStore):
             raise self._unreachable(err) from err
         return _version(generation)
 
-    async def update(self, plan: Plan) -> Snapshot:
+    async def update(self, plan: Plan, *, floor: int | None = None) -> Snapshot:
         async with self._writing:  # this process's writes one at a time: only other processes race
-            return await self._update(plan)
+            return await self._update(plan, floor or 0)
 
-    async def _update(self, plan: Plan) -> Snapshot:
+    async def _update(self, plan: Plan, floor: int) -> Snapshot:
         for attempt in range(WRITE_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.01 * min(attempt, 10)))  # let the other writer finish
@@ -115,6 +116,9 @@ class RedisStore(ResourceStore):
                     if not changes:
                         await pipe.unwatch()  # type: ignore[no-untyped-call]
                         return current
+                    # The counter is WATCHed: SET is as safe as INCR, and lifts a counter that went back
+                    # (a restart without the data) above what the writing process decides with.
+                    generation = max(current.generation or 0, floor) + 1
                     pipe.multi()  # type: ignore[no-untyped-call]
                     for change in changes:
                         field = f"{change.key[0]}/{change.key[1]}"
@@ -122,14 +126,18 @@ class RedisStore(ResourceStore):
                             pipe.hdel(self.data_key, field)
                         else:
                             pipe.hset(self.data_key, field, json.dumps(change.resource, ensure_ascii=False))
-                    pipe.incr(self.generation_key)
+                    pipe.set(self.generation_key, generation)
                     pipe.publish(self.channel, "changed")
-                    results = await pipe.execute()
+                    await pipe.execute()
             except WatchError:
                 continue  # another writer committed first: plan again on what it wrote
             except (RedisError, OSError) as err:
                 raise self._unreachable(err) from err
-            generation = int(results[-2])
+            if generation > (current.generation or 0) + 1:
+                log.warning(
+                    "the store's change counter was behind what this process decides with; the write lifts it",
+                    extra={"fields": {"store": self.description, "was": current.generation, "now": generation}},
+                )
             return Snapshot(str(generation), current.changed(changes), generation)
         raise StoreError(f"the {self.description} kept changing under this write; try again")
 

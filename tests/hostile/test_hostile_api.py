@@ -230,6 +230,37 @@ async def test_the_token_is_compared_in_constant_time(service: ApiService, monke
     assert hashlib.sha256(API_TOKEN.encode()).digest_size == 32
 
 
+async def test_with_many_writers_every_token_is_compared_on_every_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No early exit: the first writer's token, the last one's and a wrong one cost the same
+    comparisons, so the time taken says nothing of which writer (if any) a token belongs to."""
+    config = config_with_api({"backend": "file", "path": str(tmp_path / "store")})
+    writers = [{"name": f"w{i}", "token": f"writer-{i}-0123456789abcdef"} for i in range(3)]
+    config["api"]["tokens"] = writers
+    started = await start_api_service(tmp_path / "config.yaml", config)
+    try:
+        calls: list[int] = []
+        real = hmac.compare_digest
+
+        def spy(a: Any, b: Any) -> bool:
+            calls.append(len(a) + len(b))
+            return real(a, b)
+
+        monkeypatch.setattr(hmac, "compare_digest", spy)
+        caplog.set_level(logging.DEBUG)
+        statuses = []
+        for token in (API_TOKEN, writers[0]["token"], writers[2]["token"], "wrong", writers[1]["token"] + "x"):
+            calls.clear()
+            statuses.append((await started.request("GET", "/AccessPolicy", token=token)).status)
+            assert calls == [64] * 4  # api.token and the three writers: every time, digests only
+        assert statuses == [200, 200, 200, 401, 401]
+        logged = " ".join(r.getMessage() + str(r.__dict__.get("fields")) for r in caplog.records)
+        assert "writer-1-0123456789abcdef" not in logged  # a near miss is never echoed
+    finally:
+        await started.close()
+
+
 # --------------------------------------------------------------------------- secrets
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.observe import redact
-from tests.conftest import StartService, jwks_introspector, opaque_introspector
+from authz_service.server.service import AuthzService
+from tests.api_harness import API_TOKEN, config_with_api
+from tests.certs import make_pki
+from tests.conftest import Spawn, StartService, free_port, jwks_introspector, opaque_introspector
 from tests.harness import Harness
 
 
@@ -139,3 +146,64 @@ async def test_verified_jwt_cache_is_in_the_metrics(idp: DevIdentityProvider, st
     _, text = await _get(_admin_port(service), "/metrics")
     assert _metric(text, "authz_cache_events_total", cache="verified", event="miss") == 1
     assert _metric(text, "authz_cache_events_total", cache="verified", event="hit") == 3
+
+
+# --------------------------------------------------------------------------- admin TLS
+
+
+async def test_admin_tls_serves_https_only(idp: DevIdentityProvider, tmp_path: Path) -> None:
+    pki = await asyncio.to_thread(make_pki, tmp_path)
+    config = config_with_api(
+        {"backend": "file", "path": str(tmp_path / "store")}, introspectors=[jwks_introspector(idp)]
+    )
+    config["server"]["admin_tls"] = {"cert": str(pki.server_cert), "key": str(pki.server_key)}
+    path = tmp_path / "config.yaml"
+    await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+    service = await AuthzService.from_file(str(path))
+    await service.start()
+    try:
+        assert service.admin is not None
+        port = service.admin.port
+        trusting = ssl.create_default_context(cafile=str(pki.ca))
+        auth = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "text/yaml"}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=trusting) as response:
+                assert (response.status, await response.json()) == (200, {"status": "alive"})
+            body = "engine: matcho\nmatcho: {uri: '#^/public'}\n"
+            url = f"https://127.0.0.1:{port}/AccessPolicy/public"
+            async with session.put(url, data=body, headers=auth, ssl=trusting) as response:
+                assert response.status == 201
+            # Plain HTTP on the TLS port: no answer at all (the token never travels in clear).
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    await response.read()
+            # A client that does not trust the certificate refuses it.
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=ssl.create_default_context()):
+                    pass
+    finally:
+        await service.stop(0)
+
+
+@pytest.mark.slow  # a service subprocess
+async def test_start_up_warns_when_the_api_is_served_over_plain_http(
+    spawn: Spawn, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    admin = free_port()
+    config = {
+        "introspectors": [jwks_introspector(idp)],
+        "api": {"token": API_TOKEN, "store": {"backend": "file", "path": str(tmp_path / "store")}},
+    }
+    spawned = await spawn(config, server={"admin_address": f"0.0.0.0:{admin}"})
+    text = await asyncio.to_thread(spawned.log.read_text)
+    warnings = [
+        json.loads(line)
+        for line in text.splitlines()
+        if line.startswith("{") and "takes bearer tokens over plain HTTP" in line
+    ]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["msg"].startswith(
+        f"api: the resource API on 0.0.0.0:{admin} takes bearer tokens over plain HTTP"
+    )
+    assert API_TOKEN not in text

@@ -4,6 +4,7 @@ validation, persistence, the config file watched, and `authz-service apply`."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -154,6 +155,153 @@ async def test_without_a_token_the_api_is_404_and_the_store_is_read(
     assert (await service.request("PUT", "/", "[]")).status == 404
     assert (await service.check("/private", token=await minted(idp))).http_status == 403  # the store's policy applies
     assert (await service.check("/public/x", token=await minted(idp))).allowed
+
+
+# --------------------------------------------------------------------------- who changed what
+
+WRITERS = [
+    {"name": "alice", "token": "alice-token-0123456789abcdef"},
+    {"name": "ci", "token": "ci-token-0123456789abcdef012"},
+]
+
+
+def get_digest(shown: Any) -> str:
+    """What the audit line's digest is, computed from what GET shows: sha256 of the canonical JSON."""
+    canonical = json.dumps(shown, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()[:16]
+
+
+async def test_every_write_is_audited_with_its_writer_and_digests(
+    api: StartApi, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = file_store(tmp_path, introspectors=[FILE_INTROSPECTOR])
+    config["api"]["tokens"] = WRITERS
+    service = await api(config)
+    alice, ci = WRITERS[0]["token"], WRITERS[1]["token"]
+    for token in (alice, ci, API_TOKEN):
+        assert (await service.request("GET", "/AccessPolicy", token=token)).status == 200
+    for token in (alice[:-1], ci + "x", "alice", "ci"):
+        assert (await service.request("GET", "/AccessPolicy", token=token)).status == 401
+    caplog.set_level(logging.INFO, "authz_service")
+
+    created = await service.request("PUT", "/AccessPolicy/p", "engine: matcho\nmatcho: {uri: '#^/a'}\n", token=alice)
+    updated = await service.request("PUT", "/AccessPolicy/p", "engine: matcho\nmatcho: {uri: '#^/b'}\n", token=ci)
+    unchanged = await service.request("PUT", "/AccessPolicy/p", "engine: matcho\nmatcho: {uri: '#^/b'}\n", token=ci)
+    deleted = await service.request("DELETE", "/AccessPolicy/p")
+    bulk = await service.request(
+        "PUT",
+        "/",
+        [{"resourceType": "User", "id": "u"}, {"resourceType": "Role", "id": "r", "name": "x", "user": {"id": "u"}}],
+        token=alice,
+    )
+    introspector = {"type": "jwt", "jwt": {"iss": "https://api.example.com", "secret": LONG_SECRET}}
+    first = await service.request("PUT", "/TokenIntrospector/api-jwt", introspector, token=ci)
+    rotated = {"type": "jwt", "jwt": {"iss": "https://api.example.com", "secret": LONG_SECRET[::-1]}}
+    second = await service.request("PUT", "/TokenIntrospector/api-jwt", rotated, token=ci)
+    statuses = [r.status for r in (created, updated, unchanged, deleted, bulk, first, second)]
+    assert statuses == [201, 200, 200, 200, 200, 201, 200]
+
+    lines = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "resource written"]
+    assert [(f["writer"], f["request"], f["resource"], f["action"]) for f in lines] == [
+        ("alice", "PUT /AccessPolicy/p", "AccessPolicy/p", "create"),
+        ("ci", "PUT /AccessPolicy/p", "AccessPolicy/p", "update"),
+        # the unchanged PUT changed nothing: no line
+        ("api-token", "DELETE /AccessPolicy/p", "AccessPolicy/p", "delete"),
+        ("alice", "PUT /", "User/u", "create"),
+        ("alice", "PUT /", "Role/r", "create"),
+        ("ci", "PUT /TokenIntrospector/api-jwt", "TokenIntrospector/api-jwt", "create"),
+        ("ci", "PUT /TokenIntrospector/api-jwt", "TokenIntrospector/api-jwt", "update"),
+    ]
+    # Digests of the resource as GET shows it: before and after chain from write to write.
+    assert (lines[0]["before"], lines[0]["after"]) == (None, get_digest(created.body))
+    assert (lines[1]["before"], lines[1]["after"]) == (get_digest(created.body), get_digest(updated.body))
+    assert (lines[2]["before"], lines[2]["after"]) == (get_digest(updated.body), None)
+    assert lines[0]["after"] != lines[1]["after"]
+    # A rotated secret: the digest (secrets left out) is the same, the line says the secret changed.
+    assert lines[6]["before"] == lines[6]["after"] == get_digest(second.body)
+    assert lines[6]["secrets_changed"] is True
+    assert "secrets_changed" not in lines[5]
+    for record in caplog.records:  # no secret and no body in any line, written or not
+        text = record.getMessage() + json.dumps(record.__dict__.get("fields"), default=str)
+        assert LONG_SECRET not in text
+        assert LONG_SECRET[::-1] not in text
+        assert "#^/a" not in text
+
+    metrics = (await service.request("GET", "/metrics", token=None)).body
+    expected = {
+        ("alice", "AccessPolicy", "create"): 1,
+        ("ci", "AccessPolicy", "update"): 1,
+        ("api-token", "AccessPolicy", "delete"): 1,
+        ("alice", "User", "create"): 1,
+        ("alice", "Role", "create"): 1,
+        ("ci", "TokenIntrospector", "create"): 1,
+        ("ci", "TokenIntrospector", "update"): 1,
+    }
+    for (writer, kind, action), count in expected.items():
+        line = f'authz_api_writes_total{{action="{action}",type="{kind}",writer="{writer}"}} {count:.1f}'
+        assert line in metrics, line
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("engine: allow\n", "engine: allow"),
+        ("engine: matcho\nmatcho: {}\n", "matcho: {}"),
+        ("engine: json-schema\nschema: true\n", "schema: true"),
+        ("engine: json-schema\nschema: {}\n", "schema: {}"),
+        (
+            "engine: complex\nor: [{engine: matcho, matcho: {uri: '#^/a'}}, {engine: json-schema, schema: {}}]\n",
+            "complex or: an item matches everything (schema: {})",
+        ),
+    ],
+)
+async def test_a_policy_that_allows_everything_is_accepted_with_a_warning(
+    api: StartApi, tmp_path: Path, caplog: pytest.LogCaptureFixture, body: str, why: str
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR]))
+    caplog.set_level(logging.WARNING, "authz_service")
+    reply = await service.request("PUT", "/AccessPolicy/wide", body)
+    assert reply.status == 201
+    assert reply.body == {"resourceType": "AccessPolicy", "id": "wide", **yaml.safe_load(body)}  # still the resource
+    diagnostics = f"AccessPolicy/wide: its rule ({why}) allows every request, even one without a token"
+    assert reply.headers["Warning"] == f'299 - "{diagnostics}"'
+    logged = [r for r in caplog.records if r.getMessage() == "a policy written through the API allows every request"]
+    assert [r.__dict__["fields"]["resource"] for r in logged] == ["AccessPolicy/wide"]
+    # FHIR's Prefer: return=OperationOutcome answers the outcome, warning included.
+    again = await service.request("PUT", "/AccessPolicy/wide", body, headers={"Prefer": "return=OperationOutcome"})
+    assert again.status == 200
+    assert again.body == {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": "information", "code": "informational", "diagnostics": "AccessPolicy/wide: updated"},
+            {"severity": "warning", "code": "security", "diagnostics": diagnostics},
+        ],
+    }
+    metrics = (await service.request("GET", "/metrics", token=None)).body
+    # Logged and counted once: the second PUT changed nothing (it is still answered with the warning).
+    assert 'authz_api_allow_everything_writes_total{writer="api-token"} 1.0' in metrics
+    assert sum(r.getMessage() == "a policy written through the API allows every request" for r in caplog.records) == 1
+
+
+async def test_scoped_and_narrow_policies_warn_as_they_should(api: StartApi, tmp_path: Path) -> None:
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR]))
+    narrow = await service.request("PUT", "/AccessPolicy/narrow", "engine: matcho\nmatcho: {uri: '#^/a'}\n")
+    assert (narrow.status, "Warning" in narrow.headers) == (201, False)
+    both = "engine: complex\nand: [{engine: matcho, matcho: {}}, {engine: matcho, matcho: {uri: '#^/a'}}]\n"
+    assert "Warning" not in (await service.request("PUT", "/AccessPolicy/and", both)).headers
+    scoped = await service.request("PUT", "/AccessPolicy/admins", "engine: allow\nroleName: admin\n")
+    assert scoped.headers["Warning"] == (
+        "299 - \"AccessPolicy/admins: its rule (engine: allow) allows every request it applies to (roleName 'admin')\""
+    )
+    bulk = await service.request("PUT", "/", [{"resourceType": "AccessPolicy", "id": "all", "engine": "allow"}])
+    assert bulk.body["issue"] == [
+        {"severity": "information", "code": "informational", "diagnostics": "AccessPolicy/all: created"},
+        {
+            "severity": "warning",
+            "code": "security",
+            "diagnostics": "AccessPolicy/all: its rule (engine: allow) allows every request, even one without a token",
+        },
+    ]
 
 
 # --------------------------------------------------------------------------- CRUD
@@ -399,7 +547,8 @@ async def test_bulk_put_applies_all_or_none(api: StartApi, idp: DevIdentityProvi
     assert rejected.status == 422
     assert rejected.diagnostics == [bad_regex_problem("broken")]
     assert (await service.request("GET", "/User/alice")).status == 404
-    assert (await service.check("/private", token=await minted(idp))).allowed  # still no policies
+    still = await service.check("/private", token=await minted(idp))
+    assert (still.http_status, still.response.status.message) == (403, "no_policies")  # still no policies
 
     applied = await service.request("PUT", "/", "\n".join(["- " + json.dumps(r) for r in resources[:2]]))
     assert applied.status == 200
@@ -447,17 +596,17 @@ async def test_a_put_decides_at_once_and_unchanged_introspectors_keep_their_keys
 ) -> None:
     service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
     token = await minted(idp, {"sub": "bob"})
-    assert (await service.check("/admin", token=token)).allowed
+    assert (await service.check("/home", token=token)).http_status == 403  # no policies: nothing allowed
     assert idp.hits["jwks"] == 1
     reply = await service.request(
         "PUT", "/AccessPolicy/no-admin", "engine: matcho\nmatcho: {uri: {$not: '#^/admin'}}\n"
     )
     assert reply.status == 201
-    assert (await service.check("/admin", token=token)).http_status == 403  # no wait: decided with before the 201
-    assert (await service.check("/home", token=token)).allowed
+    assert (await service.check("/home", token=token)).allowed  # no wait: decided with before the 201
+    assert (await service.check("/admin", token=token)).http_status == 403
     assert idp.hits["jwks"] == 1  # the introspector was carried over with its keys
     await service.request("DELETE", "/AccessPolicy/no-admin")
-    assert (await service.check("/admin", token=token)).allowed
+    assert (await service.check("/home", token=token)).http_status == 403
 
 
 async def test_checks_in_flight_finish_on_the_engine_they_started_with(
@@ -468,10 +617,12 @@ async def test_checks_in_flight_finish_on_the_engine_they_started_with(
     idp.delay = 1.0
     in_flight = asyncio.ensure_future(service.check("/x", token=token))
     await asyncio.sleep(0.3)
-    assert (await service.request("PUT", "/AccessPolicy/only-y", "engine: matcho\nmatcho: {uri: /y}\n")).status == 201
-    assert (await in_flight).allowed  # started with no policies: authentication only
+    assert (await service.request("PUT", "/AccessPolicy/only-x", "engine: matcho\nmatcho: {uri: /x}\n")).status == 201
+    started_before = await in_flight
+    # Started with no policies (nothing allowed), it finishes so even though the new policy allows /x.
+    assert (started_before.http_status, started_before.response.status.message) == (403, "no_policies")
     idp.delay = 0.0
-    assert (await service.check("/x", token=token)).http_status == 403
+    assert (await service.check("/x", token=token)).allowed
 
 
 async def test_a_restart_loads_the_store(api: StartApi, idp: DevIdentityProvider, tmp_path: Path) -> None:
@@ -500,7 +651,7 @@ async def test_a_store_file_edited_on_disk_is_applied_and_a_broken_one_is_refuse
     token = await minted(idp)
     # As a `git pull` or a ConfigMap update would: written next to the service, not through it.
     (tmp_path / "store" / "AccessPolicy.public.yaml").write_text("engine: matcho\nmatcho: {uri: '#^/public'}\n")
-    await eventually(lambda: service.check("/private", token=token), lambda a: a.http_status == 403, 2.0)
+    await eventually(lambda: service.check("/public/a", token=token), lambda a: a.allowed, 2.0)
     caplog.set_level(logging.ERROR, "authz_service")
     (tmp_path / "store" / "AccessPolicy.broken.yaml").write_text("engine: matcho\nmatcho: {uri: '#('}\n")
     await eventually(lambda: asyncio.sleep(0), lambda _: any("rejected" in r.getMessage() for r in caplog.records), 3.0)
@@ -540,8 +691,9 @@ async def eventually(
 async def test_a_rewritten_config_file_is_applied_and_a_bad_one_refused(
     api: StartApi, idp: DevIdentityProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    everything = [{"id": "everything", "engine": "matcho", "matcho": {"uri": "#^/"}}]
     config = file_store(tmp_path, introspectors=[jwks_introspector(idp)])
-    service = await api(config)
+    service = await api({**config, "policies": everything})
     await service.request("PUT", "/User/u", "name: U\n")
     token = await minted(idp)
     assert (await service.check("/private", token=token)).allowed
@@ -582,7 +734,7 @@ async def test_a_configmap_update_of_the_config_file_is_applied(
         if not (mount / "config.yaml").is_symlink():
             (mount / "config.yaml").symlink_to("..data/config.yaml")
 
-    publish(config, 1)
+    publish({**config, "policies": [{"id": "everything", "engine": "matcho", "matcho": {"uri": "#^/"}}]}, 1)
     service = await api(path=mount / "config.yaml")
     token = await minted(idp)
     assert (await service.check("/private", token=token)).allowed
@@ -667,6 +819,9 @@ async def test_apply_sends_a_file_as_one_bulk_put(api: StartApi, tmp_path: Path)
         f"applied: {service.url} answered HTTP 200\n"
         "  TokenIntrospector/external-auth-server: created\n"
         "  User/basic: created\n"
+        # check-config's warning about what was written comes back as a warning issue
+        "  warning: introspector 'external-auth-server': jwt.secret is shorter than 32 bytes; "
+        "use a longer random secret in production\n"
     )
     stream = tmp_path / "stream.yaml"
     stream.write_text(APPLY_STREAM)
@@ -785,7 +940,12 @@ def test_api_config_is_checked() -> None:
         "api: store.url must be a redis:// or rediss:// URL",
         "api: max_body_bytes must be between 1024 and 67108864, got 1",
     ]
-    warned = parse_config(yaml.safe_dump({"api": {"token": "short", "store": {"path": "/x"}}}), {})
+    warned = parse_config(
+        yaml.safe_dump(
+            {"server": {"admin_address": "127.0.0.1:9002"}, "api": {"token": "short", "store": {"path": "/x"}}}
+        ),
+        {},
+    )
     assert warned.warnings == ("api: token is shorter than 16 characters; use a long random token",)
 
 
@@ -809,7 +969,7 @@ async def test_with_workers_a_2xx_means_every_worker_decides_with_it(
     spawn: Spawn, idp: DevIdentityProvider, tmp_path: Path
 ) -> None:
     base, admin = _free_pair(), free_port()
-    config = {"introspectors": [jwks_introspector(idp)], **file_store(tmp_path)}
+    config = {"introspectors": [jwks_introspector(idp)], **file_store(tmp_path), "authentication_only": False}
     config.pop("server")
     await spawn(config, server={"workers": 2, "worker_base_port": base, "admin_address": f"127.0.0.1:{admin}"})
     url = f"http://127.0.0.1:{admin}"
@@ -837,7 +997,7 @@ async def test_with_workers_a_2xx_means_every_worker_decides_with_it(
                 answer = await response.json()
             return answer["decision"], answer["policy"]
 
-        assert await workers_answer("/private") == [200, 200]
+        assert await workers_answer("/private") == [403, 403]  # no policies: nothing allowed
         for round_ in range(3):
             body = f"engine: matcho\nmatcho: {{uri: '#^/public-{round_}'}}\n"
             async with session.put(url + "/AccessPolicy/public", data=body, headers=headers) as response:

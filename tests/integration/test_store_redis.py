@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import secrets
 import shutil
 import signal
@@ -18,11 +20,15 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from authz_service.config.model import Config
 from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.server.sync import ConfigSync, StoreMetrics
 from authz_service.store.base import Change, Snapshot
 from authz_service.store.redis import RedisStore
-from tests.api_harness import API_TOKEN
+from authz_service.store.resources import read_config_file
+from tests.api_harness import API_TOKEN, config_with_api, start_api_service
 from tests.conftest import Spawn, Spawned, free_port, jwks_introspector
 from tests.harness import Answer, AuthorizationClient, check_request
 
@@ -129,10 +135,17 @@ class RedisServer:
                 assert self.process.poll() is None, "redis-server exited"
                 time.sleep(0.05)
 
-    def kill(self) -> None:
+    def kill(self, *, wipe: bool = False) -> None:
+        """SIGKILL; with `wipe`, its data goes too (the next start is an empty Redis)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
+        if wipe:
+            for leftover in [*self.directory.glob("appendonly*"), *self.directory.glob("dump.rdb")]:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
 
 
 @pytest.fixture
@@ -171,6 +184,7 @@ async def two_services(spawn: Spawn, idp: DevIdentityProvider, url: str) -> list
         config = {
             "introspectors": [jwks_introspector(idp)],
             "api": {"token": API_TOKEN, "store": {"backend": "redis", "url": url}},
+            "authentication_only": False,  # no policies in the file: nothing is allowed until the API adds some
         }
         started.append((await spawn(config, server={"admin_address": f"127.0.0.1:{admin}"}), admin))
     return started
@@ -182,25 +196,25 @@ async def test_two_service_processes_converge_within_two_seconds(
 ) -> None:
     (first, first_admin), (second, second_admin) = await two_services(spawn, idp, own_redis.url)
     token = await asyncio.to_thread(idp.mint)
-    assert (await check(second.port, "/private", token)).allowed
+    assert (await check(second.port, "/public/x", token)).http_status == 403  # no policies: nothing allowed
     async with aiohttp.ClientSession() as session:
         status, _ = await api(
             session, first_admin, "PUT", "/AccessPolicy/public", "engine: matcho\nmatcho: {uri: '#^/public'}\n"
         )
         assert status == 201
-        assert (await check(first.port, "/private", token)).http_status == 403  # this process: before the 201
+        assert (await check(first.port, "/public/x", token)).allowed  # this process: before the 201
 
-        async def second_denies() -> bool:
-            return (await check(second.port, "/private", token)).http_status == 403
+        async def second_allows() -> bool:
+            return (await check(second.port, "/public/x", token)).allowed
 
-        assert await within(2.0, second_denies) < 2.0
+        assert await within(2.0, second_allows) < 2.0
         status, _ = await api(session, second_admin, "DELETE", "/AccessPolicy/public")
         assert status == 200
 
-        async def first_allows() -> bool:
-            return (await check(first.port, "/private", token)).allowed
+        async def first_denies() -> bool:
+            return (await check(first.port, "/public/x", token)).http_status == 403
 
-        assert await within(2.0, first_allows) < 2.0
+        assert await within(2.0, first_denies) < 2.0
 
 
 @pytest.mark.slow  # two service processes and a Redis restart
@@ -250,4 +264,131 @@ async def test_redis_restarting_in_the_middle(spawn: Spawn, idp: DevIdentityProv
         assert status == 200  # persisted through the restart
         status, _ = await api(session, second_admin, "DELETE", "/AccessPolicy/public")
         assert status == 200
-        await within(2.0, lambda: both("/private", 200))
+        await within(2.0, lambda: both("/public/x", 403))  # the last policy gone: nothing allowed
+
+
+# --------------------------------------------------------------------------- a store that goes back
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_a_store_whose_counter_goes_back_is_kept_out_until_it_moves_past(
+    store: Callable[[], Awaitable[RedisStore]], caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Redis restored from an older copy: generation 1 (one policy, since deleted) after 3."""
+    one = await store()
+    path = tmp_path / "config.yaml"
+    path.write_text("introspectors: [{id: i, type: jwt, jwt: {iss: 'https://i', secret: s}}]\n")
+    file = read_config_file(path)
+    await one.update(put(policy("old", "#^/old")))
+    await one.update(lambda _: [Change(("AccessPolicy", "old"), None)])
+    await one.update(put(policy("new", "#^/new")))
+    applied: list[list[str]] = []
+
+    async def apply(config: Config, source: str) -> None:
+        applied.append([p.id for p in config.policies])
+
+    registry = CollectorRegistry()
+    sync = ConfigSync(file, one, await one.load(), apply, StoreMetrics(registry))
+    assert sync.write_floor == 3
+    caplog.set_level(logging.WARNING, "authz_service")
+
+    # The older copy: generation 1, with the policy deleted since.
+    raw = one._client
+    await raw.delete(one.data_key)
+    await raw.hset(one.data_key, "AccessPolicy/old", json.dumps(policy("old", "#^/old")))
+    await raw.set(one.generation_key, 1)
+    assert await sync.refresh() is False
+    assert applied == []  # the deleted policy is not back
+    assert sync.regressed == 1
+    assert sync.status()["store"]["regressed"] == {"generation": 1, "deciding_with": 3}
+    assert registry.get_sample_value("authz_resource_store_regressions_total") == 1
+    assert registry.get_sample_value("authz_resource_store_regressed") == 1
+    went_back = [r for r in caplog.records if r.getMessage().startswith("resource store went back")]
+    assert len(went_back) == 1
+    assert went_back[0].levelno == logging.ERROR
+    assert went_back[0].__dict__["fields"]["generation"] == 1
+    assert await sync.refresh() is False  # polled again: no new count, no new line
+    assert registry.get_sample_value("authz_resource_store_regressions_total") == 1
+
+    # A file reload meanwhile composes the file with what is kept, not with the older copy.
+    assert await sync.reload_file("sighup") is True
+    assert applied == [["new"]]
+
+    # The store back at the very content kept (a Redis that found its AOF after all): caught up.
+    await raw.delete(one.data_key)
+    await raw.hset(one.data_key, "AccessPolicy/new", json.dumps(policy("new", "#^/new")))
+    await raw.set(one.generation_key, 3)
+    assert await sync.refresh() is True
+    assert "regressed" not in sync.status()["store"]
+    assert registry.get_sample_value("authz_resource_store_regressed") == 0
+    await raw.set(one.generation_key, 2)  # and behind again
+    assert await sync.refresh() is False
+    assert (sync.regressed, registry.get_sample_value("authz_resource_store_regressions_total")) == (2, 2)
+
+    # Writes through the API land above what this process decides with: the store moves past.
+    written = await one.update(put(policy("after", "#^/after")), floor=sync.write_floor)
+    assert written.generation == 4
+    assert await sync.refresh() is True
+    assert applied[-1] == ["after", "new"]  # the store as it now is, taken deliberately by a write
+    assert sync.regressed is None
+    assert registry.get_sample_value("authz_resource_store_regressed") == 0
+    assert "regressed" not in sync.status()["store"]
+
+
+@pytest.mark.slow  # a Redis restart
+async def test_a_redis_that_restarts_empty_leaves_the_last_policies_in_force(
+    idp: DevIdentityProvider, own_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_with_api(
+        {"backend": "redis", "url": own_redis.url}, introspectors=[jwks_introspector(idp)], authentication_only=False
+    )
+    service = await start_api_service(tmp_path / "config.yaml", config)
+    try:
+        token = await asyncio.to_thread(idp.mint)
+        assert (
+            await service.request("PUT", "/AccessPolicy/public", "engine: matcho\nmatcho: {uri: '#^/public'}\n")
+        ).status == 201
+        assert (await service.request("PUT", "/User/u", "name: U\n")).status == 201
+        assert (await service.check("/public/x", token=token)).allowed
+        caplog.set_level(logging.WARNING, "authz_service")
+
+        # Restart without its data (no AOF to replay): an empty store at generation 0.
+        await asyncio.to_thread(own_redis.kill, wipe=True)
+        await asyncio.to_thread(own_redis.start)
+
+        async def regressed() -> bool:
+            store = (await service.request("GET", "/readyz", token=None)).body["store"]
+            return bool(store["reachable"] and "regressed" in store)
+
+        await within(10.0, regressed)
+        ready = (await service.request("GET", "/readyz", token=None)).body["store"]
+        assert ready["regressed"] == {"generation": 0, "deciding_with": 2}
+        assert ready["resources"] == 2
+        # The last known policy is still in force: what it allows, and nothing more.
+        assert (await service.check("/public/x", token=token)).allowed
+        assert (await service.check("/private", token=token)).http_status == 403
+        assert (await service.request("GET", "/AccessPolicy/public")).status == 404  # the store itself is empty
+        metrics = (await service.request("GET", "/metrics", token=None)).body
+        assert _metric(metrics, "authz_resource_store_regressions_total") == 1
+        assert _metric(metrics, "authz_resource_store_regressed") == 1
+        assert _metric(metrics, "authz_resource_store_generation") == 2
+        assert any(r.getMessage().startswith("resource store went back") for r in caplog.records)
+
+        # An operator re-applies resources through the API: the write lands above generation 2, and
+        # the store as it now is (this write only) decides: less than before, never more.
+        put = await service.request("PUT", "/AccessPolicy/other", "engine: matcho\nmatcho: {uri: '#^/other'}\n")
+        assert put.status == 201
+        assert (await service.check("/other/x", token=token)).allowed
+        assert (await service.check("/public/x", token=token)).http_status == 403
+        metrics = (await service.request("GET", "/metrics", token=None)).body
+        assert _metric(metrics, "authz_resource_store_regressed") == 0
+        assert _metric(metrics, "authz_resource_store_generation") == 3
+        assert "regressed" not in (await service.request("GET", "/readyz", token=None)).body["store"]
+    finally:
+        await service.close()

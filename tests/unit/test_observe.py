@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from authz_service.logs import JsonFormatter
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.observe import Metrics, log_decision, log_internal_error, redact
+from authz_service.observe import ApiMetrics, Metrics, log_decision, log_internal_error, redact
 from tests.unit.fakes import EcSigner
 
 JWT = EcSigner("k1").sign({"iss": "https://idp", "sub": "user-1", "exp": 2_000_000_000})
@@ -248,3 +248,18 @@ def test_each_metrics_owns_its_registry() -> None:
     labels = {"endpoint": "jwks", "outcome": "ok"}
     assert first.registry.get_sample_value("authz_upstream_calls_total", labels) == 1
     assert second.registry.get_sample_value("authz_upstream_calls_total", labels) is None
+
+
+def test_api_metrics_count_writes_by_writer_type_and_action() -> None:
+    registry = CollectorRegistry()
+    metrics = ApiMetrics(registry)
+    metrics.write("alice", "AccessPolicy", "create")
+    metrics.write("alice", "AccessPolicy", "create")
+    metrics.write("ci", "User", "delete")
+    metrics.allow_everything.labels("alice").inc()
+    labels = {"writer": "alice", "type": "AccessPolicy", "action": "create"}
+    assert registry.get_sample_value("authz_api_writes_total", labels) == 2
+    assert (
+        registry.get_sample_value("authz_api_writes_total", {"writer": "ci", "type": "User", "action": "delete"}) == 1
+    )
+    assert registry.get_sample_value("authz_api_allow_everything_writes_total", {"writer": "alice"}) == 1

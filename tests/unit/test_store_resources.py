@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import pytest
 
 from authz_service.config.model import JwtIntrospectorConfig
 from authz_service.errors import ConfigError
+from authz_service.store.audit import allows_everything, digest, secrets_changed
 from authz_service.store.base import Key, Snapshot, id_problem, normalized
 from authz_service.store.resources import compose, config_file, json_problem, shadowed, without_secrets
 
@@ -162,3 +165,68 @@ def test_resources_are_stored_with_type_and_id_first() -> None:
     ]
     snapshot = Snapshot("1", store({"resourceType": "User", "id": "b"}, {"resourceType": "User", "id": "a"}))
     assert [r["id"] for r in snapshot.of_type("User")] == ["a", "b"]
+
+
+# -- what a write through the API leaves in the log (store/audit.py) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "why"),
+    [
+        ({"engine": "allow"}, "engine: allow"),
+        ({"engine": "matcho", "matcho": {}}, "matcho: {}"),
+        ({"engine": "json-schema", "schema": True}, "schema: true"),
+        ({"engine": "json-schema", "schema": {}}, "schema: {}"),
+        ({"engine": "json-schema", "schema": {"description": "x"}}, "a schema with no constraint"),
+        (
+            {"engine": "complex", "and": [{"engine": "allow"}, {"or": [{"engine": "matcho", "matcho": {}}]}]},
+            "complex and: every item matches everything (engine: allow)",
+        ),
+        (
+            {"engine": "complex", "or": [{"engine": "matcho", "matcho": {"uri": "/a"}}, {"engine": "allow"}]},
+            "complex or: an item matches everything (engine: allow)",
+        ),
+        ({"engine": "matcho", "matcho": {"uri": "/a"}}, None),
+        ({"engine": "json-schema", "schema": {"required": ["jwt"]}}, None),
+        ({"engine": "json-schema", "schema": False}, None),
+        ({"engine": "complex", "and": [{"engine": "allow"}, {"engine": "matcho", "matcho": {"uri": "/a"}}]}, None),
+        ({"engine": "complex", "or": []}, None),
+        ({"engine": "nope"}, None),
+    ],
+)
+def test_policies_that_allow_everything_are_recognized(policy: dict[str, Any], why: str | None) -> None:
+    found = allows_everything({"resourceType": "AccessPolicy", "id": "p", **policy})
+    if why is None:
+        assert found is None
+    else:
+        assert found == f"its rule ({why}) allows every request, even one without a token"
+
+
+def test_a_scoped_policy_says_its_scope() -> None:
+    found = allows_everything({"id": "p", "engine": "allow", "introspectors": ["idp"], "roleName": "admin"})
+    assert (
+        found == "its rule (engine: allow) allows every request it applies to (introspectors ['idp'], roleName 'admin')"
+    )
+    assert allows_everything({"resourceType": "User", "id": "u", "engine": "allow"}) is None
+
+
+def test_digests_are_of_the_resource_as_get_shows_it() -> None:
+    introspector = {
+        "resourceType": "TokenIntrospector",
+        "id": "i",
+        "type": "jwt",
+        "jwt": {"iss": "x", "secret": SECRET},
+    }
+    shown = without_secrets("TokenIntrospector", introspector)
+    expected = "sha256:" + hashlib.sha256(json.dumps(shown, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert digest("TokenIntrospector", introspector) == expected[: len("sha256:") + 16]
+    assert digest("TokenIntrospector", None) is None
+    # Key order does not matter; a rotated secret leaves the digest and says so.
+    reordered = {"jwt": {"secret": SECRET, "iss": "x"}, "type": "jwt", "id": "i", "resourceType": "TokenIntrospector"}
+    assert digest("TokenIntrospector", reordered) == digest("TokenIntrospector", introspector)
+    rotated = {**introspector, "jwt": {"iss": "x", "secret": SECRET[::-1]}}
+    assert digest("TokenIntrospector", rotated) == digest("TokenIntrospector", introspector)
+    assert secrets_changed("TokenIntrospector", introspector, rotated)
+    assert not secrets_changed("TokenIntrospector", introspector, introspector)
+    assert not secrets_changed("TokenIntrospector", None, rotated)
+    assert not secrets_changed("TokenIntrospector", introspector, {**introspector, "jwt": {"iss": "y", "secret": "z"}})
