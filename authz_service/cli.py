@@ -328,6 +328,7 @@ def run(path: str | None, log_level: str | None) -> int:
     setup_logging(log_level or config.logging.level)
     for warning in config.warnings:
         logging.getLogger("authz_service").warning(warning)
+    from authz_service.errors import ListenError
     from authz_service.store.base import StoreError
 
     try:
@@ -342,6 +343,9 @@ def run(path: str | None, log_level: str | None) -> int:
     except StoreError as err:
         print(f"authz-service: cannot start: {err.message}", file=sys.stderr)
         return 1
+    except ListenError as err:
+        print(f"authz-service: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"authz-service: cannot serve: {err}", file=sys.stderr)
         return 1

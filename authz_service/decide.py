@@ -151,6 +151,9 @@ class Authorizer:
     def _allowing(self, context: Mapping[str, Any], introspector: str | None) -> str | None:
         """Policies are OR-ed: the id of the first that matches, or None."""
         for policy in self._policies:
-            if policy.allows(context, introspector):
-                return policy.id
+            try:
+                if policy.allows(context, introspector):
+                    return policy.id
+            except PolicyTimeout as err:  # the rule knows where it stalled; the policy id is known here
+                raise PolicyTimeout(policy.id, err.what) from None
         return None

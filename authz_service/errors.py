@@ -80,3 +80,39 @@ class PolicyTimeout(AuthzError):
         self.policy = policy
         self.what = what
         super().__init__(f"policy {policy!r}: {what} ran past its time budget")
+
+
+class ListenError(AuthzError):
+    """A listener cannot bind its address (in use, not available, no permission): start-up stops."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+def host_port(host: str, port: int) -> str:
+    """An address as a config names it: `127.0.0.1:9001`, `[::1]:9001`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_failure(address: str, err: OSError | None = None) -> ListenError:
+    """The ListenError for an address that would not bind: the OS's reason, from `err` or, when the
+    binder gave none (grpc's RuntimeError), from a plain bind of the same address."""
+    import errno
+    import os
+    import socket
+
+    if err is not None and err.errno is not None:
+        return ListenError(address, os.strerror(err.errno))
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, int(port)))
+    except OSError as probed:
+        return ListenError(address, os.strerror(probed.errno or errno.EADDRNOTAVAIL))
+    except ValueError:
+        return ListenError(address, "not a host:port address")
+    return ListenError(address, "the address could not be bound")

@@ -64,18 +64,24 @@ class Lru(Generic[K, V]):
         self._died(1)
 
     def put(self, key: K, value: V) -> None:
-        """Set the value, the most recently used; past the bound the oldest go (1/64 at once)."""
+        """Set the value, the most recently used; past the bound the oldest go (see _evict)."""
         data = self._data
         if data.pop(key, None) is not None:
             self._died(1)
         data[key] = value
         if len(data) > self.max_entries:
-            # Finding a dict's first entry scans past the slots earlier deletions left, so one scan
-            # for many inserts (rather than one per insert) keeps eviction O(1) amortized.
-            excess = len(data) - self.max_entries + max(self.max_entries // 64, 1) - 1
-            for stale in list(itertools.islice(data, excess)):
-                del data[stale]
-            self._died(excess)
+            self._evict(len(data) - self.max_entries)
+
+    def _evict(self, over: int) -> None:
+        """Drop the `over` oldest entries, and as many more as make 1/64 of the bound at once.
+
+        Finding a dict's first entry scans past the slots earlier deletions left, so one scan for
+        many inserts (rather than one per insert) keeps eviction O(1) amortized."""
+        data = self._data
+        excess = over + max(self.max_entries // 64, 1) - 1
+        for stale in list(itertools.islice(data, excess)):
+            del data[stale]
+        self._died(excess)
 
     def replace(self, key: K, value: V) -> None:
         """Set the value of a key already held, keeping its place."""
@@ -99,3 +105,47 @@ class Lru(Generic[K, V]):
         data.update(zip(keys, values, strict=True))
         self._dead = 0
         self._rebuild_at = max(len(data) >> 1, MIN_REBUILD_AFTER)
+
+
+class ExactLru(Lru[K, V]):
+    """An Lru that evicts exactly down to its bound (the token cache's `max_entries` is exact).
+
+    Still O(1) amortized: one scan takes the oldest 1/64 as a queue of victims, evicted one at a
+    time as inserts need room. A victim used (or put, or dropped) since the scan leaves the queue,
+    so what is left of it is always the oldest entries, in order.
+    """
+
+    __slots__ = ("_queue", "_victims")
+
+    def __init__(self, max_entries: int) -> None:
+        super().__init__(max_entries)
+        self._queue: list[K] = []  # the victims, the oldest last
+        self._victims: set[K] = set()  # those of them not used since the scan
+
+    def touch(self, key: K) -> None:
+        self._victims.discard(key)
+        super().touch(key)
+
+    def put(self, key: K, value: V) -> None:
+        self._victims.discard(key)
+        super().put(key, value)
+
+    def discard(self, key: K) -> None:
+        self._victims.discard(key)
+        super().discard(key)
+
+    def _evict(self, over: int) -> None:
+        data, queue, victims = self._data, self._queue, self._victims
+        for _ in range(over):
+            while True:
+                if not queue:
+                    queue.extend(itertools.islice(data, max(self.max_entries // 64, 1)))
+                    queue.reverse()
+                    victims.clear()
+                    victims.update(queue)
+                key = queue.pop()
+                if key in victims:
+                    victims.remove(key)
+                    break
+            del data[key]
+        self._died(over)

@@ -9,7 +9,9 @@
 
 `and` asks its items in order and stops at the first that fails; `or` stops at the first that
 matches. Each item compiles with its own engine's compiler, so a complex policy evaluates through
-the same closures a plain one does, plus one `all`/`any` per level.
+the same closures a plain one does, plus one `all`/`any` per level. Each item is a rule of its own
+for the regex time budget (policy/budget.py); a PolicyTimeout from one names its path
+(`and[1].matcho.uri`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from authz_service.config.model import Predicate
-from authz_service.errors import PolicyError
+from authz_service.errors import PolicyError, PolicyTimeout
 from authz_service.policy import ENGINES, PolicyEngine, engine_names, unknown_engine
 
 MAX_DEPTH = 16  # nested and/or levels: far beyond any policy a person writes
@@ -103,9 +105,36 @@ def compile_item(item: Any, path: str, depth: int) -> Predicate:
     if kind is None:
         return _compile_node(item, path, depth + 1)
     try:
-        return kind.compile(kind.rule(item))
+        predicate = kind.compile(kind.rule(item))
     except PolicyError as err:
         raise PolicyError(_join(path, err.path), err.message) from None
+
+    def item_matches(context: Mapping[str, Any]) -> bool:
+        try:
+            return predicate(context)
+        except PolicyTimeout as err:
+            raise PolicyTimeout(err.policy, _join(path, err.what)) from None
+
+    return item_matches
+
+
+def lint_rule(rule: Mapping[str, Any]) -> list[str]:
+    """check-config's warnings for a (compiled) complex rule: each item's own engine's warnings,
+    led by the item's path (`and[0].matcho.uri: ...`)."""
+    return _lint_node(rule, "")
+
+
+def _lint_node(node: Mapping[str, Any], path: str) -> list[str]:
+    operator, items = operator_of(node, path)
+    found: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{_join(path, operator)}[{i}]"
+        _, kind = item_engine(item, where)
+        if kind is None:
+            found.extend(_lint_node(item, where))
+        else:
+            found.extend(f"{where}.{warning}" for warning in kind.lint(kind.rule(item)))
+    return found
 
 
 def explain_rule(rule: Mapping[str, Any], context: Mapping[str, Any], show: Callable[[Any], str]) -> list[str]:

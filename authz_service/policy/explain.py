@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from authz_service.config.model import PolicyConfig
+from authz_service.errors import PolicyTimeout
 from authz_service.policy import ENGINES
+from authz_service.policy.budget import budget_ms
 
 REDACTED = "<redacted>"
 ALWAYS_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
@@ -110,13 +112,20 @@ def explain_policies(
 def explain_policy(
     policy: PolicyConfig, context: Mapping[str, Any], introspector: str | None, redactor: Redactor
 ) -> PolicyExplanation:
-    """One policy's verdict: matched, or the reasons it did not."""
+    """One policy's verdict: matched, or the reasons it did not (a rule that runs past its regex
+    time budget here as in Check is one reason: Check denies the request)."""
     scope = _out_of_scope(policy, context, introspector, redactor)
     if scope is not None:
         return PolicyExplanation(policy.id, False, (scope,))
-    if policy.predicate(context):
-        return PolicyExplanation(policy.id, True)
-    reasons = ENGINES[policy.engine].explain(policy.rule, context, redactor.show) or ["does not match"]
+    try:
+        if policy.predicate(context):
+            return PolicyExplanation(policy.id, True)
+        reasons = ENGINES[policy.engine].explain(policy.rule, context, redactor.show) or ["does not match"]
+    except PolicyTimeout as err:
+        reasons = [
+            f"{err.what}: ran past its time budget ({budget_ms()} ms of regex matching), "
+            "so Check denies the request (403 policy_timeout)"
+        ]
     return PolicyExplanation(policy.id, False, tuple(_cut(redactor.scrub(reason), MAX_REASON) for reason in reasons))
 
 

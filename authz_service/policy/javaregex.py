@@ -16,6 +16,15 @@ differences a policy meets in practice, and what we do with each:
   that excludes them all. `d` itself is then dropped.
 - `\\Q...\\E` (quote everything between) becomes the escaped text; `\\z` (the very end) becomes
   Python's `\\Z`, and Java's `\\Z` (the end, before a final line break) becomes `(?=\\n?\\Z)`.
+- A `{` that starts no repetition (`x{e}`) is an error in Java ("Illegal repetition"); Python's
+  `re` would read it as a literal and the `regex` package that runs policies (with a time budget,
+  policy/budget.py) as a fuzzy match, so it is refused.
+
+The result is matched with the `regex` package (`compile_java`), in `re`'s reading (VERSION0).
+`regex` folds case by the pattern's global flag only (its scoped `u`/`a` change the classes), so a
+pattern whose case-insensitive parts are Unicode (`(?iu)`) is compiled with Unicode folding and
+its classes kept ASCII by an outer `(?a:...)`; one that mixes ASCII and Unicode case-insensitive
+parts cannot be matched faithfully and is refused.
 
 What remains different (POSIX `\\p{Alpha}` classes, class intersections `[a-z&&[^e]]`, ...) fails
 to compile and is reported as a config error naming the pattern: docs/matcho.md lists them.
@@ -24,6 +33,9 @@ to compile and is reported as a config error naming the pattern: docs/matcho.md 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
+
+import regex
 
 from authz_service.errors import PolicyError
 
@@ -41,16 +53,18 @@ class _Group:
     """One open group of the pattern (the whole pattern is the outermost): the scoped flag groups
     opened in it (closed at its `)`, reopened after each of its `|`), and the modes `.` reads."""
 
-    __slots__ = ("dotall", "openers", "unix")
+    __slots__ = ("dotall", "fold", "openers", "unicode", "unix")
 
-    def __init__(self, dotall: bool, unix: bool) -> None:
+    def __init__(self, dotall: bool, unix: bool, fold: bool = False, unicode: bool = False) -> None:
         self.openers: list[str] = []
         self.dotall = dotall
         self.unix = unix
+        self.fold = fold  # case-insensitive (i)
+        self.unicode = unicode  # Unicode case and classes (u, U)
 
     def inner(self, flags: str = "") -> _Group:
         """A group opened inside this one (with `flags` for a scoped `(?flags:`)."""
-        group = _Group(self.dotall, self.unix)
+        group = _Group(self.dotall, self.unix, self.fold, self.unicode)
         group.apply(flags)
         return group
 
@@ -58,24 +72,70 @@ class _Group:
         on, _, off = flags.partition("-")
         self.dotall = ("s" in on or self.dotall) and "s" not in off
         self.unix = ("d" in on or self.unix) and "d" not in off
+        self.fold = ("i" in on or self.fold) and "i" not in off
+        self.unicode = (_unicode(on) or self.unicode) and not _unicode(off)
+
+    def folding(self) -> str | None:
+        """How case-insensitive matching folds here: `ascii`, `unicode`, or None (case-sensitive)."""
+        if not self.fold:
+            return None
+        return "unicode" if self.unicode else "ascii"
+
+
+class JavaRegex(NamedTuple):
+    """A Java regex rewritten for Python: its text, and whether its case-insensitive parts fold
+    Unicode (Java's `u`/`U`), which `compile_java` needs to know."""
+
+    text: str
+    unicode_case: bool
 
 
 def python_regex(source: str) -> str:
     """`source` as Java reads it, written for Python's re (compile it with ASCII_FLAGS); unchanged
     when it needs no rewrite."""
-    if not any(mark in source for mark in ("(?", "\\Q", "\\z", "\\Z", ".")):
-        return source
+    return translate(source).text
+
+
+def compile_java(java: JavaRegex) -> regex.Pattern[str]:
+    """The `regex` package's compiled form of a translated pattern, matching as `re` with
+    ASCII_FLAGS does (budgeted matching: policy/budget.py); regex.error if it does not compile."""
+    if java.unicode_case:
+        # regex folds case by the global flag alone: Unicode folding, ASCII classes outside (?u:).
+        return regex.compile(f"(?a:{java.text})", regex.VERSION0)
+    return regex.compile(java.text, regex.VERSION0 | regex.ASCII)
+
+
+_REPETITION = re.compile(r"\{\d+(?:,\d*)?\}")
+
+
+def translate(source: str) -> JavaRegex:
+    """`source` as Java reads it, written for Python (`text` is `source` itself when it needs no
+    rewrite); PolicyError for what Java refuses or Python cannot match the same way."""
+    if not any(mark in source for mark in ("(?", "\\Q", "\\z", "\\Z", ".", "{")):
+        return JavaRegex(source, unicode_case=False)
     out: list[str] = []
     groups = [_Group(dotall=False, unix=False)]
+    folds: set[str | None] = set()  # how the pattern's cased parts fold: ascii, unicode
     i = 0
     n = len(source)
     while i < n:
         char = source[i]
         group = groups[-1]
         if char == "\\":
+            start = i
             i = _escape(source, i, out)
+            if _escape_cased(source[start:i]):
+                folds.add(group.folding())
         elif char == "[":
             i = _char_class(source, i, out)
+            if _cased(out[-1]):
+                folds.add(group.folding())
+        elif char == "{" and not _REPETITION.match(source, i):
+            raise PolicyError(
+                "",
+                f"regular expression {source!r} has a '{{' that starts no repetition such as {{2}} or "
+                "{1,3}: Java refuses it; write \\{ for a literal brace",
+            )
         elif char == "(":
             flags, end = _flag_group(source, i)
             if flags is not None and source.startswith(":", end - 1):
@@ -109,9 +169,31 @@ def python_regex(source: str) -> str:
             i += 1
         else:
             out.append(char)
+            if _cased(char):
+                folds.add(group.folding())
             i += 1
     out.append(")" * len(groups[-1].openers))
-    return "".join(out)
+    if {"ascii", "unicode"} <= folds:
+        raise PolicyError(
+            "",
+            f"regular expression {source!r} is case-insensitive with ASCII case in one part and Unicode "
+            "case (u, U) in another, which cannot be matched faithfully here: use one of them throughout",
+        )
+    text = "".join(out)
+    return JavaRegex(source if text == source else text, unicode_case="unicode" in folds)
+
+
+def _cased(text: str) -> bool:
+    """Whether `text` holds a letter that has another case (what case-insensitive matching folds)."""
+    return any(char.lower() != char.upper() for char in text)
+
+
+def _escape_cased(escape: str) -> bool:
+    """Whether an escape (as written in Java, `\\Q...\\E` included) can match a cased letter."""
+    if escape.startswith("\\Q"):
+        return _cased(escape[2:].removesuffix("\\E"))
+    letter = escape[1:2]
+    return letter.isalnum() and letter not in "dDsSwWbBAGzZ0123456789tnrfae"
 
 
 def _drop(flags: str) -> str:
@@ -167,6 +249,11 @@ def _escape(source: str, start: int, out: list[str]) -> int:
         out.append("\\Z")
     elif following == "Z":
         out.append("(?=\\n?\\Z)")
+    elif following in "pPNx" and source.startswith("{", start + 2) and "}" in source[start + 2 :]:
+        # `\p{Alpha}`, `\x{263A}`: the braces belong to the escape (Python refuses or reads them).
+        end = source.index("}", start + 2) + 1
+        out.append(source[start:end])
+        return end
     else:
         out.append(source[start : start + 2])
     return start + 2

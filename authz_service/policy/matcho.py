@@ -1,19 +1,24 @@
 """Aidbox's matcho pattern language, compiled once at config load and evaluated per request.
 
 `compile_pattern` turns a pattern (the `matcho` of an AccessPolicy, as YAML or JSON gives it) into
-a tree of closures. Evaluating one never re-reads the pattern and never raises, whatever JSON-like
-value it meets. The rules, and where we chose the stricter of two readings, are in docs/matcho.md.
+a tree of closures. Evaluating one never re-reads the pattern and, whatever JSON-like value it
+meets, raises nothing but PolicyTimeout: its `#regex` searches share one time budget per evaluation
+(policy/budget.py). The rules, and where we chose the stricter of two readings, are in docs/matcho.md.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from time import monotonic
 from typing import Any, TypeAlias
 
-from authz_service.errors import PolicyError
-from authz_service.policy.javaregex import ASCII_FLAGS, python_regex
+import regex
+
+from authz_service.errors import PolicyError, PolicyTimeout
+from authz_service.policy.budget import SLOW_MATCH, RegexBudget, backtracking_risk
+from authz_service.policy.javaregex import ASCII_FLAGS, compile_java, translate
 from authz_service.routes import parse_reference
 
 Matcher: TypeAlias = Callable[[Any, Mapping[str, Any]], bool]
@@ -32,10 +37,20 @@ MAX_PATTERN_DEPTH = 64
 
 
 def compile_pattern(pattern: Any, path: str = "matcho") -> Matcher:
-    """Compile a matcho pattern; `path` names its place in the config for error messages."""
+    """Compile a matcho pattern; `path` names its place in the config for error messages (and in
+    PolicyTimeout, for the regex that ran out of time)."""
     if not _depth_within(pattern, MAX_PATTERN_DEPTH):
         raise PatternError(path, f"is nested deeper than {MAX_PATTERN_DEPTH} levels")
-    return _compile(pattern, path)
+    budget = RegexBudget()
+    root = _compile(pattern, path, budget)
+    if not budget.regexes:
+        return root  # nothing to time
+
+    def within_budget(value: Any, context: Mapping[str, Any]) -> bool:
+        budget.start()  # each evaluation starts with the whole budget
+        return root(value, context)
+
+    return within_budget
 
 
 def _depth_within(pattern: Any, limit: int) -> bool:
@@ -51,13 +66,13 @@ def _depth_within(pattern: Any, limit: int) -> bool:
     return True
 
 
-def _compile(pattern: Any, path: str) -> Matcher:
+def _compile(pattern: Any, path: str, budget: RegexBudget) -> Matcher:
     if isinstance(pattern, Mapping):
-        return _compile_map(pattern, path)
+        return _compile_map(pattern, path, budget)
     if isinstance(pattern, list | tuple):
-        return _compile_list(pattern, path)
+        return _compile_list(pattern, path, budget)
     if isinstance(pattern, str):
-        return _compile_string(pattern, path)
+        return _compile_string(pattern, path, budget)
     if isinstance(pattern, bool):
         return _compile_bool(pattern)
     if isinstance(pattern, int | float):
@@ -157,21 +172,23 @@ def _compile_literal(pattern: str) -> Matcher:
 _SPECIAL_STRINGS: dict[str, Matcher] = {PRESENT: _is_present, NIL: _is_nil, NOT_BLANK: _is_not_blank}
 
 
-def _compile_string(pattern: str, path: str) -> Matcher:
+def _compile_string(pattern: str, path: str, budget: RegexBudget) -> Matcher:
     special = _SPECIAL_STRINGS.get(pattern)
     if special is not None:
         return special
     if pattern.startswith("#"):
-        return _compile_regex(pattern[1:], path)
+        return _compile_regex(pattern[1:], path, budget)
     if pattern.startswith("."):
         return _compile_context_path(pattern, path)
     return _compile_literal(pattern)
 
 
-def _compile_regex(source: str, path: str) -> Matcher:
-    """A `#regex` as Aidbox (java.util.regex) reads it: Java-only syntax is rewritten first."""
+def _compile_regex(source: str, path: str, budget: RegexBudget) -> Matcher:
+    """A `#regex` as Aidbox (java.util.regex) reads it: Java-only syntax is rewritten first. `re`
+    validates it (its errors and warnings are the config's); the `regex` package matches it, within
+    the rule's time budget."""
     try:
-        translated = python_regex(source)
+        java = translate(source)
     except PolicyError as err:
         raise PatternError(path, err.message) from None
     with warnings.catch_warnings(record=True) as caught:
@@ -180,20 +197,45 @@ def _compile_regex(source: str, path: str) -> Matcher:
         # regex is rejected on every load (a SIGHUP reload too), not only the first one.
         re.purge()
         try:
-            regex = re.compile(translated, ASCII_FLAGS)
-        except (re.error, OverflowError, RecursionError, ValueError) as err:
-            why = f"{err.msg} at position {err.pos}" if isinstance(err, re.error) else type(err).__name__
-            raise PatternError(path, f"invalid regular expression {source!r}: {why}") from err
+            re.compile(java.text, ASCII_FLAGS)
+            compiled = compile_java(java)
+        except (re.error, regex.error, OverflowError, RecursionError, ValueError) as err:
+            # regex.error reads like re.error ("missing ) at position 2"); re's is the one seen first.
+            why = f"{err.msg} at position {err.pos}" if isinstance(err, re.error) else str(err) or type(err).__name__
+            raise PatternError(path, f"invalid regular expression {_quoted(source)}: {why}") from err
     if caught:
         # e.g. FutureWarning "Possible nested set" for `[[:alpha:]]`: Python would read it
         # differently from what the author meant, so refuse it instead of guessing.
-        raise PatternError(path, f"ambiguous regular expression {source!r}: {caught[0].message}")
-    search = regex.search
+        raise PatternError(path, f"ambiguous regular expression {_quoted(source)}: {caught[0].message}")
+    budget.regexes += 1
+    search = compiled.search
 
     def regex_found(value: Any, context: Mapping[str, Any]) -> bool:
-        return isinstance(value, str) and search(value) is not None
+        # budget.found_within, inlined: this runs once per regex per Check.
+        if not isinstance(value, str):
+            return False
+        left = budget.left
+        if left <= 0.0:  # regex reads a negative timeout as none at all
+            raise PolicyTimeout("", path)
+        start = monotonic()
+        try:
+            hit = search(value, timeout=left)
+        except TimeoutError:
+            budget.left = 0.0
+            raise PolicyTimeout("", path) from None
+        elapsed = monotonic() - start
+        if elapsed < SLOW_MATCH:  # budget.charge, inlined too
+            budget.left = left - elapsed
+        else:
+            budget.charge(left, elapsed)
+        return hit is not None
 
     return regex_found
+
+
+def _quoted(source: str, limit: int = 120) -> str:
+    """A pattern quoted in a config problem, cut so that a hostile one cannot flood the message."""
+    return repr(source) if len(source) <= limit else repr(source[:limit]) + f"... ({len(source)} characters)"
 
 
 def compile_context_path(source: str, path: str) -> Callable[[Any], Any]:
@@ -235,8 +277,8 @@ def _compile_context_path(source: str, path: str) -> Matcher:
 # --------------------------------------------------------------------------- lists and maps
 
 
-def _compile_list(pattern: Sequence[Any], path: str) -> Matcher:
-    items = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(pattern))
+def _compile_list(pattern: Sequence[Any], path: str, budget: RegexBudget) -> Matcher:
+    items = tuple(_compile(item, f"{path}[{i}]", budget) for i, item in enumerate(pattern))
     size = len(items)
 
     def prefix_matches(value: Any, context: Mapping[str, Any]) -> bool:
@@ -247,7 +289,7 @@ def _compile_list(pattern: Sequence[Any], path: str) -> Matcher:
     return prefix_matches
 
 
-def _compile_map(pattern: Mapping[Any, Any], path: str) -> Matcher:
+def _compile_map(pattern: Mapping[Any, Any], path: str, budget: RegexBudget) -> Matcher:
     if "$one-of" in pattern and len(pattern) > 1:
         others = ", ".join(sorted(str(key) for key in pattern if key != "$one-of"))
         raise PatternError(f"{path}.$one-of", f"cannot be combined with other keys ({others})")
@@ -262,9 +304,9 @@ def _compile_map(pattern: Mapping[Any, Any], path: str) -> Matcher:
             if operator is None:
                 known = ", ".join(_OPERATORS)
                 raise PatternError(where, f"unknown operator {key!r} (known: {known})")
-            checks.append(operator(sub, where))
+            checks.append(operator(sub, where, budget))
         else:
-            fields.append((key, _compile(sub, where)))
+            fields.append((key, _compile(sub, where, budget)))
 
     if fields or not checks:
         checks.insert(0, _compile_fields(tuple(fields)))
@@ -298,7 +340,7 @@ def _pattern_list(spec: Any, path: str) -> list[Any]:
     return list(spec)
 
 
-def _op_enum(spec: Any, path: str) -> Matcher:
+def _op_enum(spec: Any, path: str, budget: RegexBudget) -> Matcher:
     items = _pattern_list(spec, path)
     for i, item in enumerate(items):
         if not isinstance(item, str | int | float):  # bool is an int
@@ -319,10 +361,10 @@ def _op_enum(spec: Any, path: str) -> Matcher:
     return in_enum
 
 
-def _op_one_of(spec: Any, path: str) -> Matcher:
+def _op_one_of(spec: Any, path: str, budget: RegexBudget) -> Matcher:
     if isinstance(spec, str) and spec.startswith("."):
         return _one_of_context(spec, path)
-    options = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
+    options = tuple(_compile(item, f"{path}[{i}]", budget) for i, item in enumerate(_pattern_list(spec, path)))
 
     def any_option(value: Any, context: Mapping[str, Any]) -> bool:
         return any(option(value, context) for option in options)
@@ -346,8 +388,8 @@ def _one_of_context(source: str, path: str) -> Matcher:
     return in_context_list
 
 
-def _op_reference(spec: Any, path: str) -> Matcher:
-    target = _compile(spec, path)
+def _op_reference(spec: Any, path: str, budget: RegexBudget) -> Matcher:
+    target = _compile(spec, path, budget)
 
     def reference_matches(value: Any, context: Mapping[str, Any]) -> bool:
         parsed = parse_reference(value)
@@ -356,8 +398,8 @@ def _op_reference(spec: Any, path: str) -> Matcher:
     return reference_matches
 
 
-def _op_contains(spec: Any, path: str) -> Matcher:
-    element = _compile(spec, path)
+def _op_contains(spec: Any, path: str, budget: RegexBudget) -> Matcher:
+    element = _compile(spec, path, budget)
 
     def some_element(value: Any, context: Mapping[str, Any]) -> bool:
         return _is_list(value) and any(element(item, context) for item in value)
@@ -365,8 +407,8 @@ def _op_contains(spec: Any, path: str) -> Matcher:
     return some_element
 
 
-def _op_every(spec: Any, path: str) -> Matcher:
-    element = _compile(spec, path)
+def _op_every(spec: Any, path: str, budget: RegexBudget) -> Matcher:
+    element = _compile(spec, path, budget)
 
     def every_element(value: Any, context: Mapping[str, Any]) -> bool:
         # An empty list does not match: "every role is X" must not pass a user with no roles.
@@ -375,8 +417,8 @@ def _op_every(spec: Any, path: str) -> Matcher:
     return every_element
 
 
-def _op_not(spec: Any, path: str) -> Matcher:
-    negated = _compile(spec, path)
+def _op_not(spec: Any, path: str, budget: RegexBudget) -> Matcher:
+    negated = _compile(spec, path, budget)
 
     def does_not_match(value: Any, context: Mapping[str, Any]) -> bool:
         return not negated(value, context)
@@ -384,8 +426,8 @@ def _op_not(spec: Any, path: str) -> Matcher:
     return does_not_match
 
 
-def _op_present_all(spec: Any, path: str) -> Matcher:
-    wanted = tuple(_compile(item, f"{path}[{i}]") for i, item in enumerate(_pattern_list(spec, path)))
+def _op_present_all(spec: Any, path: str, budget: RegexBudget) -> Matcher:
+    wanted = tuple(_compile(item, f"{path}[{i}]", budget) for i, item in enumerate(_pattern_list(spec, path)))
 
     def all_present(value: Any, context: Mapping[str, Any]) -> bool:
         if not _is_list(value):
@@ -395,7 +437,7 @@ def _op_present_all(spec: Any, path: str) -> Matcher:
     return all_present
 
 
-def _op_length(spec: Any, path: str) -> Matcher:
+def _op_length(spec: Any, path: str, budget: RegexBudget) -> Matcher:
     if not isinstance(spec, int) or isinstance(spec, bool) or spec < 0:
         raise PatternError(path, f"must be a non-negative integer, got {spec!r}")
 
@@ -405,7 +447,7 @@ def _op_length(spec: Any, path: str) -> Matcher:
     return has_length
 
 
-_OPERATORS: dict[str, Callable[[Any, str], Matcher]] = {
+_OPERATORS: dict[str, Callable[[Any, str, RegexBudget], Matcher]] = {
     "$enum": _op_enum,
     "$one-of": _op_one_of,
     "$contains": _op_contains,
@@ -427,6 +469,35 @@ def compile_rule(rule: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]
     return policy_matches
 
 
+def lint_rule(rule: Mapping[str, Any]) -> list[str]:
+    """check-config's warnings for a (compiled) `matcho`: each `#regex` whose shape can backtrack
+    exponentially, e.g. `matcho.uri: '#^(a+)+$' has a nested quantifier, ...`."""
+    warnings_ = []
+    for path, source in _regexes(rule["matcho"], "matcho"):
+        try:
+            text = translate(source).text
+        except PolicyError:
+            continue  # compile_rule refuses it; nothing to warn about
+        risk = backtracking_risk(text)
+        if risk is not None:
+            warnings_.append(f"{path}: {'#' + source!r} {risk}, which can take exponential time on some inputs")
+    return warnings_
+
+
+def _regexes(pattern: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(path, source) of every `#regex` in a pattern, named as compile_pattern names them."""
+    if isinstance(pattern, Mapping):
+        for key, sub in pattern.items():
+            if key in ("$enum", "$length") or (key == "$one-of" and isinstance(sub, str)):
+                continue  # literal values, a count, a context path: no regex there
+            yield from _regexes(sub, f"{path}.{key}")
+    elif isinstance(pattern, list | tuple):
+        for index, item in enumerate(pattern):
+            yield from _regexes(item, f"{path}[{index}]")
+    elif isinstance(pattern, str) and pattern.startswith("#") and pattern not in _SPECIAL_STRINGS:
+        yield path, pattern[1:]
+
+
 # --------------------------------------------------------------------------- explanations
 #
 # Used by test-policy and `authz-service explain` only, never by Check. The walk follows the
@@ -444,6 +515,12 @@ def _at(where: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{where}[{key}]"
     return f"{where}.{key}" if where else key
+
+
+def _rule_path(where: str) -> str:
+    """Where a regex evaluated at context path `where` sits in the rule, near enough for the
+    PolicyTimeout of an explanation (the pattern path and the context path differ at operators)."""
+    return f"matcho.{where}" if where else "matcho"
 
 
 def _subject(where: str) -> str:
@@ -470,7 +547,7 @@ def _explain(
             if reason is not None:
                 return reason
         return None
-    if _compile(pattern, "")(value, context):
+    if compile_pattern(pattern, _rule_path(where))(value, context):
         return None
     subject = _subject(where)
     if isinstance(pattern, str):
@@ -502,7 +579,7 @@ def _explain_map(
             if reason is not None:
                 return reason
     for key, spec in pattern.items():
-        if key.startswith("$") and not _OPERATORS[key](spec, "")(value, context):
+        if key.startswith("$") and not compile_pattern({key: spec}, _rule_path(where))(value, context):
             return _explain_operator(key, spec, value, context, where, show)
     return None
 
@@ -540,12 +617,12 @@ def _explain_operator(
     if operator == "$every":
         if not value:
             return f"{subject}: is an empty list ($every needs at least one element)"
-        element = _compile(spec, "")
+        element = compile_pattern(spec, _rule_path(where))
         index = next(i for i, item in enumerate(value) if not element(item, context))
         return _explain(spec, value[index], context, _at(where, index), show) or f"{subject}: $every fails"
     # $present-all
     for index, wanted in enumerate(spec):
-        matcher = _compile(wanted, "")
+        matcher = compile_pattern(wanted, _rule_path(where))
         if not any(matcher(item, context) for item in value):
             return f"{subject}: no element matches $present-all[{index}] ({show(wanted)})"
     return f"{subject}: {operator} does not match"

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from authz_service.config.model import TlsConfig
+from authz_service.errors import bind_failure, host_port
 
 if TYPE_CHECKING:
     from authz_service.server.api import ResourceApi
@@ -48,6 +49,11 @@ class AdminServer:
         self.port: int | None = None
 
     @property
+    def address(self) -> str:
+        """Where it listens (the bound port once started)."""
+        return host_port(self._host, self.port or self._port)
+
+    @property
     def scheme(self) -> str:
         return "https" if self._tls is not None else "http"
 
@@ -63,7 +69,11 @@ class AdminServer:
         await self._runner.setup()
         context = server_context(self._tls) if self._tls is not None else None
         site = web.TCPSite(self._runner, self._host, self._port, reuse_port=True, ssl_context=context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            await self.stop()
+            raise bind_failure(host_port(self._host, self._port), err) from err
         # The real port when 0 was asked for: the runner knows the addresses it bound.
         self.port = int(self._runner.addresses[0][1])
         return self.port

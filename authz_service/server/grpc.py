@@ -20,6 +20,7 @@ from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.config.model import TlsConfig
 from authz_service.engine import Engine
 from authz_service.envoy import to_http_request
+from authz_service.errors import bind_failure
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.observe import Metrics, log_decision, log_internal_error
 
@@ -134,14 +135,19 @@ def bind(server: grpc.aio.Server, addresses: Sequence[str], tls: TlsConfig | Non
     """Listen on each address, with TLS (and client certificates) when configured; the bound ports."""
     ports = []
     for address in addresses:
-        if tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
-            )
-            port = server.add_secure_port(address, credentials)
+        try:
+            if tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)],
+                    root_certificates=tls.client_ca,
+                    require_client_auth=tls.client_ca is not None,
+                )
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as err:  # grpc's "Failed to bind to address": it gives no reason
+            raise bind_failure(address) from err
         if port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise bind_failure(address)
         ports.append(port)
     return ports

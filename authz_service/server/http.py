@@ -32,6 +32,7 @@ from multidict import CIMultiDictProxy
 
 from authz_service.engine import Engine
 from authz_service.envoy import HttpAnswer
+from authz_service.errors import bind_failure, host_port
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.observe import Metrics, log_decision, log_internal_error
 
@@ -196,13 +197,22 @@ class HttpAuthServer:
         self._runner: web.ServerRunner | None = None
         self.port: int | None = None
 
+    @property
+    def address(self) -> str:
+        """Where it listens (the bound port once started)."""
+        return host_port(self._host, self.port or self._port)
+
     async def start(self) -> int:
         """Bind and serve; the bound port."""
         server = _Server(self._handle, self._refuse)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self._shutdown_grace)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port, reuse_port=self._reuse_port, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise bind_failure(host_port(self._host, self._port), err) from err
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         return self.port

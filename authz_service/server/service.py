@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from authz_service import loop
 from authz_service.config.model import Config
 from authz_service.engine import Engine, build_engine
+from authz_service.errors import host_port
 from authz_service.observe import ApiMetrics, Metrics, log_internal_error
 from authz_service.server.admin import AdminServer
 from authz_service.server.api import ResourceApi
@@ -178,9 +179,22 @@ class AuthzService:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
+        grpc_host = addresses[0].rpartition(":")[0].strip("[]")
+        listeners = {"grpc": [host_port(grpc_host, port), *addresses[1:]]}
+        if self.http is not None:
+            listeners["http"] = [self.http.address]
+        if self.admin is not None:
+            listeners["admin"] = [f"{self.admin.scheme}://{self.admin.address}"]
         log.info(
             "serving",
-            extra={"fields": {"grpc_port": port, "loop": loop.loop_name(), "summary": self.config.summary()}},
+            extra={
+                "fields": {
+                    "grpc_port": port,
+                    "listeners": listeners,
+                    "loop": loop.loop_name(),
+                    "summary": self.config.summary(),
+                }
+            },
         )
         return port
 
@@ -273,7 +287,9 @@ async def serve(config: Config, path: str | None = None, *, worker: WorkerSlot |
     try:
         await service.start(reuse_port=worker is not None, worker=worker)
     except BaseException:
-        await service.close_store()
+        # Whatever did bind is closed again (a grpc server left running would end the process in a
+        # traceback as the loop closes), then the caller says which address failed, in one line.
+        await service.stop(0)
         raise
     stop = asyncio.Event()
     running = asyncio.get_running_loop()

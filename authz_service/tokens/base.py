@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from authz_service.errors import UpstreamUnavailable
 from authz_service.model import Identity, Reason
-
-if TYPE_CHECKING:
-    from authz_service.tokens.jwt import ParsedJwt
-
+from authz_service.tokens.jws import ParsedJwt
 
 # Outcome labels of an OAuth endpoint's error answers (RFC 6749 5.2): neither is an outage.
 CLIENT_AUTH_FAILED = "client_auth_failed"  # 401, or `invalid_client`: the IdP refused *our* credentials

@@ -1,7 +1,8 @@
-"""The token-result cache: aiocache's API over a bounded memory backend, or aiocache's Redis backend.
+"""The token-result cache: our own small interface over a bounded memory map or Redis.
 
-Keys are SHA-256 of the token, never the token. Values are the introspection result only (JSON
-for Redis). A cache that fails (Redis down, slow) is a miss, never an error: the IdP is asked.
+Keys are SHA-256 of the token, never the token. Values are the introspection result only, kept as
+compact JSON text in both backends. A cache that fails (Redis down, slow) is a miss, never an
+error: the IdP is asked.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from authz_service.config.model import CacheConfig
+from authz_service.lru import ExactLru
 
 log = logging.getLogger(__name__)
 
@@ -24,76 +26,84 @@ def token_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class CacheBackend(Protocol):
-    """The part of aiocache's cache API the token cache uses (BaseCache implements it)."""
-
-    async def get(self, key: str, default: Any = None, namespace: str | None = None) -> Any: ...
-
-    async def set(self, key: str, value: Any, ttl: float | None = None, namespace: str | None = None) -> Any: ...
-
-    async def close(self) -> Any: ...
-
-
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
+    """A value as stored: compact JSON text."""
     return json.dumps(value, separators=(",", ":"))
 
 
-class BoundedMemoryCache:
-    """An in-process LRU with per-entry TTL on a monotonic clock, holding at most max_entries.
+def loads(text: str | bytes | None) -> Any:
+    """A stored value back (None stays None: nothing stored)."""
+    return None if text is None else json.loads(text)
 
-    It speaks aiocache's get/set API (so TokenCache treats it like the Redis backend) without
-    being built on aiocache: importing aiocache imports redis-py, ~7 MB of RSS a memory-only
-    service would carry for nothing. aiocache's own SimpleMemoryCache is unbounded (a flood of
-    unique tokens would grow it without limit) and schedules a timer per key. Values are kept
-    as compact JSON text (~60 bytes for a negative answer, against ~300 for the dict).
+
+class CacheBackend(Protocol):
+    """Where a TokenCache keeps its entries (BoundedMemoryCache, or redis_cache.RedisCache)."""
+
+    async def get(self, key: str) -> Any:
+        """The value stored under key; None if there is none (or it expired)."""
+        ...
+
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store value under key for ttl seconds (None: until evicted)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class BoundedMemoryCache:
+    """An in-process LRU (lru.ExactLru) with per-entry TTL on a monotonic clock, holding at most
+    max_entries.
+
+    Not aiocache's SimpleMemoryCache, which is unbounded (a flood of unique tokens would grow it
+    without limit) and schedules a timer per key; and no Redis client is imported for it (~7 MB
+    of RSS a memory-only service would carry for nothing). Values are kept as compact JSON text
+    (~60 bytes for a negative answer, against ~300 for the dict).
     """
 
     NAME = "bounded-memory"
 
     def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_entries = max_entries
         self._clock = clock
-        self._data: OrderedDict[str, tuple[float | None, str]] = OrderedDict()
+        self._data: ExactLru[str, tuple[float | None, str]] = ExactLru(max_entries)
+
+    @property
+    def max_entries(self) -> int:
+        return self._data.max_entries
 
     def __len__(self) -> int:
         return len(self._data)
 
-    async def get(self, key: str, default: Any = None, namespace: str | None = None) -> Any:
-        full = (namespace or "") + key
-        entry = self._data.get(full)
+    async def get(self, key: str) -> Any:
+        entry = self._data.peek(key)
         if entry is None:
-            return default
+            return None
         expires, text = entry
         if expires is not None and self._clock() >= expires:
-            del self._data[full]
-            return default
-        self._data.move_to_end(full)
+            self._data.discard(key)
+            return None
+        self._data.touch(key)
         return json.loads(text)
 
-    async def set(self, key: str, value: Any, ttl: float | None = None, namespace: str | None = None) -> bool:
-        full = (namespace or "") + key
-        self._data[full] = (self._clock() + ttl if ttl else None, _dumps(value))
-        self._data.move_to_end(full)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-        return True
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self._data.put(key, (self._clock() + ttl if ttl else None, dumps(value)))
 
-    async def delete(self, key: str, namespace: str | None = None) -> int:
-        return 1 if self._data.pop((namespace or "") + key, None) is not None else 0
+    async def delete(self, key: str) -> int:
+        held = self._data.peek(key) is not None
+        self._data.discard(key)
+        return 1 if held else 0
 
-    async def exists(self, key: str, namespace: str | None = None) -> bool:
-        return await self.get(key, namespace=namespace) is not None
+    async def exists(self, key: str) -> bool:
+        return await self.get(key) is not None
 
-    async def clear(self, namespace: str | None = None) -> bool:
-        if namespace:
-            for key in [k for k in self._data if k.startswith(namespace)]:
-                del self._data[key]
-        else:
-            self._data.clear()
-        return True
+    async def clear(self, namespace: str | None = None) -> None:
+        """Forget every entry, or those whose key starts with `namespace`."""
+        for key in [k for k in self._data if not namespace or k.startswith(namespace)]:
+            self._data.discard(key)
 
     async def close(self) -> None:
-        """Nothing to release (aiocache's API has it)."""
+        """Nothing to release."""
 
 
 class CacheStats:
@@ -124,12 +134,12 @@ class TokenCache:
         self.backend = backend
         self.name = name
         self.keeps_active = keeps_active
-        self._namespace = namespace
+        self._prefix = namespace or ""
         self._stats = stats
 
     async def get(self, key: str) -> Any:
         try:
-            value = await self.backend.get(key, namespace=self._namespace)
+            value = await self.backend.get(self._prefix + key)
         except Exception as err:
             self._stats.count(self.name, "error")
             log.warning("cache read failed: %s", type(err).__name__, extra={"fields": {"cache": self.name}})
@@ -139,7 +149,7 @@ class TokenCache:
 
     async def set(self, key: str, value: Any, ttl: float) -> None:
         try:
-            await self.backend.set(key, value, ttl=ttl, namespace=self._namespace)
+            await self.backend.set(self._prefix + key, value, ttl)
         except Exception as err:
             self._stats.count(self.name, "error")
             log.warning("cache write failed: %s", type(err).__name__, extra={"fields": {"cache": self.name}})
@@ -159,9 +169,9 @@ class CacheFactory:
         if self.config.backend == "redis":
             assert self.config.url is not None  # guaranteed by config validation
             if self._redis is None:
-                from authz_service.tokens.redis_cache import redis_backend  # aiocache and redis-py: only here
+                from authz_service.tokens.redis_cache import RedisCache  # redis-py: only here
 
-                self._redis = redis_backend(self.config.url)
+                self._redis = RedisCache(self.config.url)
             return TokenCache(self._redis, name, namespace, self.stats)
         # Each introspector has its own memory cache: no namespace, so keys stay 64 characters.
         return TokenCache(BoundedMemoryCache(self.config.max_entries), name, None, self.stats, keeps_active=False)

@@ -18,7 +18,6 @@ State machine, per introspector:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,12 +26,14 @@ from typing import Any
 
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
+from authz_service.singleflight import SingleFlight
 from authz_service.tokens.base import IdpClient
 from authz_service.tokens.discovery import FixedJwksUri, JwksLocation
 from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, SkippedKey, VerificationKey, read_jwk
 
 log = logging.getLogger(__name__)
 
+_FETCH = "jwks"  # the one key of the fetches in flight: one at a time per key source
 REFRESH_AHEAD = 0.8  # fraction of cache_ttl after which a background refresh starts
 # What a key from a JWKS can verify: asymmetric algorithms only (oct keys are never taken from one).
 JWKS_ALGORITHMS = RSA_ALGS | EC_ALGS | OKP_ALGS
@@ -121,7 +122,7 @@ class JwksKeySource:
         self._clock = clock  # monotonic: expiry and rate limits
         self._wall_clock = wall_clock  # epoch seconds, for trusted_until (compared with token exp)
         self._keyset: KeySet | None = None
-        self._inflight: asyncio.Future[KeySet] | None = None
+        self._inflight: SingleFlight[str, KeySet] = SingleFlight()
         self._next_background = 0.0
         self._last_unknown_kid_fetch = -float("inf")
         self.fetch_attempts = 0
@@ -199,7 +200,7 @@ class JwksKeySource:
         at most once per unknown_kid_interval: the rate limit bounds fetches, never answers, so
         a burst of valid tokens signed with a just-published key all wait for the same refetch.
         """
-        if self._inflight is not None:
+        if _FETCH in self._inflight:
             joined = await self._fetch()
             # A fetch that was already under way may predate the key; after a bad signature only
             # a new key set (another generation) can help, so its answer alone does not do.
@@ -222,26 +223,14 @@ class JwksKeySource:
         return True
 
     def _refresh_in_background(self, now: float) -> None:
-        if self._inflight is None and now >= self._next_background:
-            future = self._start_fetch()
+        if _FETCH not in self._inflight and now >= self._next_background:
             # The result lands in self._keyset; a failure is retried on a later request.
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._inflight.start(_FETCH, self._download)
 
     async def _fetch(self) -> KeySet:
-        future = self._inflight or self._start_fetch()
-        # Shield: one waiter being cancelled (Envoy gave up) must not cancel the shared fetch.
-        return await asyncio.shield(future)
-
-    def _start_fetch(self) -> asyncio.Future[KeySet]:
-        future = asyncio.ensure_future(self._download())
-        self._inflight = future
-
-        def done(_: asyncio.Future[KeySet]) -> None:
-            if self._inflight is future:
-                self._inflight = None
-
-        future.add_done_callback(done)
-        return future
+        # The fetch in flight, or a new one; one waiter being cancelled (Envoy gave up) does not
+        # cancel the shared fetch.
+        return await self._inflight.run(_FETCH, self._download)
 
     async def _download(self) -> KeySet:
         self.fetch_attempts += 1

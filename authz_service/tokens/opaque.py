@@ -13,7 +13,6 @@ introspector (never the secret), not cached, not an outage.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import logging
@@ -25,6 +24,7 @@ from urllib.parse import quote_plus
 from authz_service.config.model import OpaqueIntrospectorConfig
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
+from authz_service.singleflight import SingleFlight
 from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, Credential, IdpClient, IdpErrorAnswer
 from authz_service.tokens.cache import TokenCache, token_key
 from authz_service.tokens.jwt import check_audience, is_numeric_date, refuse_sender_constrained, user_id_of
@@ -143,7 +143,7 @@ class CachedIntrospector:
         self.config = inner.config
         self.cache = cache
         self._clock = clock
-        self._inflight: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self._inflight: SingleFlight[str, Mapping[str, Any]] = SingleFlight()
 
     def trusted_until(self, identity: Identity) -> float:
         """As long as the cached introspection answer lives, and never past the token's exp."""
@@ -156,13 +156,8 @@ class CachedIntrospector:
         key = token_key(token)
         entry = await self.cache.get(key)
         if not _usable(entry):
-            future = self._inflight.get(key)
-            if future is None:
-                future = asyncio.ensure_future(self._load(key, token))
-                self._inflight[key] = future
-                future.add_done_callback(lambda _: self._inflight.pop(key, None))
-            # Shield: one caller giving up must not cancel the call the others wait for.
-            entry = await asyncio.shield(future)
+            # One caller giving up does not cancel the call the others wait for.
+            entry = await self._inflight.run(key, self._load, key, token)
         identity = self.inner.identity(entry["result"], self._clock())
         return dataclasses.replace(identity, answer_until=float(entry["until"]))
 

@@ -1,60 +1,47 @@
-"""The Redis token cache: aiocache's Redis backend (imported only when `cache.backend` is redis).
+"""The Redis token cache: redis-py's asyncio client (imported only when `cache.backend` is redis).
 
-Values are compact JSON; SET with PX and aclose(), which aiocache 0.12 does not use but redis-py >= 5
-wants. Every operation has a short timeout: a slow Redis is a miss, never a slow check.
+Values are compact JSON, written with SET ... PX (Redis keeps the TTL in milliseconds). Every
+operation has a short deadline: a slow Redis is a miss, never a slow check.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from aiocache import RedisCache
-from aiocache.base import BaseCache
-from aiocache.serializers import BaseSerializer
+import redis.asyncio as redis
+
+from authz_service.tokens.cache import dumps, loads
 
 REDIS_OPERATION_TIMEOUT = 0.25  # seconds; a slower cache is treated as a miss
 
 
-class CompactJsonSerializer(BaseSerializer):  # type: ignore[misc]
-    """Values as compact JSON text: ~250 bytes for a typical introspection answer, where the
-    parsed dict with its own key and value strings costs ~1,100 in memory."""
+class RedisCache:
+    """A TokenCache backend on one Redis (a redis:// or rediss:// URL), shared by every introspector."""
 
-    DEFAULT_ENCODING = "utf-8"
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.client = redis.Redis(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            db=int(parts.path.lstrip("/") or "0"),
+            password=unquote(parts.password) if parts.password else None,
+            ssl=parts.scheme == "rediss",
+            socket_connect_timeout=REDIS_OPERATION_TIMEOUT,
+        )
 
-    def dumps(self, value: Any) -> str:
-        return json.dumps(value, separators=(",", ":"))
+    async def get(self, key: str) -> Any:
+        async with asyncio.timeout(REDIS_OPERATION_TIMEOUT):
+            return loads(await self.client.get(key))
 
-    def loads(self, value: str | bytes | None) -> Any:
-        return None if value is None else json.loads(value)
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        async with asyncio.timeout(REDIS_OPERATION_TIMEOUT):
+            if ttl is None:
+                await self.client.set(key, dumps(value))
+            else:
+                await self.client.set(key, dumps(value), px=max(1, int(ttl * 1000)))
 
-
-def redis_backend(url: str) -> BaseCache:
-    """aiocache's Redis backend for a redis:// or rediss:// URL (JSON values)."""
-
-    class _RedisCache(RedisCache):  # type: ignore[misc]
-        # aiocache 0.12 calls SETEX/PSETEX and close(), which redis-py >= 5 deprecates;
-        # SET with EX/PX and aclose() are the same commands without the warnings.
-        async def _set(
-            self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
-        ) -> Any:
-            if _cas_token is not None or ttl is None:
-                return await super()._set(key, value, ttl, _cas_token, _conn)
-            return await self.client.set(key, value, px=max(1, int(ttl * 1000)))
-
-        async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
+    async def close(self) -> None:
+        async with asyncio.timeout(REDIS_OPERATION_TIMEOUT):
             await self.client.aclose()
-
-    parts = urlsplit(url)
-    db = parts.path.lstrip("/") or "0"
-    return _RedisCache(
-        endpoint=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=int(db),
-        password=unquote(parts.password) if parts.password else None,
-        ssl=parts.scheme == "rediss",
-        serializer=CompactJsonSerializer(),
-        timeout=REDIS_OPERATION_TIMEOUT,
-        create_connection_timeout=REDIS_OPERATION_TIMEOUT,
-    )

@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
 from authz_service.tokens.base import Credential, Introspector
-from authz_service.tokens.jwt import looks_like_jwt, parse_jwt
+from authz_service.tokens.jws import looks_like_jwt, parse_jwt
 
 
 class IntrospectorRouter:

@@ -23,7 +23,7 @@ from authz_service.config.model import HeaderSource, IntrospectorConfig
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import HttpRequest, Reason
 from authz_service.tokens.base import Credential
-from authz_service.tokens.jwt import MAX_TOKEN_BYTES
+from authz_service.tokens.jws import MAX_TOKEN_BYTES
 
 # Visible ASCII only: RFC 6750's b64token is a subset, and opaque tokens and cookies stay inside it.
 _TOKEN = re.compile(r"[\x21-\x7e]+")

@@ -9,7 +9,6 @@ and any change of that introspector's key set (a rotation) invalidates every ent
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +17,7 @@ from typing import Protocol
 
 from authz_service.lru import Lru
 from authz_service.model import Identity
+from authz_service.singleflight import SingleFlight
 from authz_service.tokens.base import Credential, Introspector
 
 
@@ -96,7 +96,7 @@ class VerifiedTokens:
         self._data: Lru[int, Verified] = Lru(max_entries) if entries is None else entries
         self._data.max_entries = max_entries  # a reload may change the bound of carried entries
         self._stamps: dict[tuple[str, int], Stamp] = {}
-        self._inflight: dict[tuple[int, str | None], asyncio.Future[Identity]] = {}
+        self._inflight: SingleFlight[tuple[int, str | None], Identity] = SingleFlight()
         self._on_event = on_event or (lambda cache, event: None)
         self.hits = 0
         self.misses = 0
@@ -123,14 +123,8 @@ class VerifiedTokens:
                 return kept
         # Concurrent misses for one token share one verification, cache entry included: a check
         # that arrives between an IdP answer and its entry must not ask again (single flight).
-        key = (digest, credential.introspector)
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._verify(digest, credential))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        # Shield: one waiter being cancelled (Envoy gave up) must not cancel the shared verification.
-        return await asyncio.shield(task)
+        # One waiter being cancelled (Envoy gave up) does not cancel the shared verification.
+        return await self._inflight.run((digest, credential.introspector), self._verify, digest, credential)
 
     async def _verify(self, digest: int, credential: Credential) -> Identity:
         identity = self._shape(await self._inner.introspect(credential))

@@ -14,7 +14,7 @@ from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache
 from authz_service.tokens.opaque import CachedIntrospector
 from tests.conftest import StartService, jwks_introspector, new_idp, opaque_introspector, sleep_past
-from tests.harness import Harness
+from tests.harness import Answer, Harness
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -350,3 +350,30 @@ async def test_unique_token_flood_keeps_cache_bounded(idp: DevIdentityProvider, 
     assert (await service.check(token=revoked)).allowed  # still verified: revocation latency is cache_ttl
     assert (await service.check(token=idp.issue_opaque() + "x")).http_status == 401
     assert len(memory) == 1  # the negative answer
+
+
+# --------------------------------------------------------------------------- issue 16, item 5
+# (formerly tests/integration/test_token_hardening.py)
+
+
+def reason(answer: Answer) -> str:
+    return str(answer.response.status.message)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/jsonp", "text/html"])
+async def test_an_introspection_answer_not_labelled_json_is_a_503_and_not_cached(
+    idp: DevIdentityProvider, start_service: StartService, content_type: str
+) -> None:
+    service = await start_service({"introspectors": [opaque_introspector(idp)]})
+    token = idp.issue_opaque({"sub": "opaque-user"})
+    idp.introspect_content_type = content_type
+    for _ in range(2):
+        answer = await service.check(token=token)
+        assert (answer.code, answer.http_status, reason(answer)) == (14, 503, "idp_unavailable")
+    assert idp.hits["introspect"] == 2  # never cached
+    upstream = service.service.client.calls
+    assert upstream[("introspection", "bad_content_type")] == 2
+    idp.introspect_content_type = "application/json"
+    assert (await service.check(token=token)).allowed
+    assert (await service.check(token=token)).allowed
+    assert idp.hits["introspect"] == 3  # the good answer is cached

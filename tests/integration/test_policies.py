@@ -49,7 +49,10 @@ async def test_aidbox_tutorial_policy_same_inputs_same_decisions(
     # Right user, wrong method: POST on an instance is no FHIR route, refused before policies.
     answer = await service.check("/Patient/pt-1", method="POST", token=practitioner)
     assert (answer.code, answer.http_status) == (3, 400)
-    assert answer.body == {"error": "invalid_request", "error_description": "the path looks like a FHIR route but is none"}
+    assert answer.body == {
+        "error": "invalid_request",
+        "error_description": "the path looks like a FHIR route but is none",
+    }
     for path, method, token in [
         ("/Encounter/e-1", "GET", practitioner),  # right user, wrong resource
         ("/Patient/pt-1", "GET", receptionist),  # wrong role

@@ -90,7 +90,10 @@ def bearer(token: str | None) -> dict[str, str]:
 
 AMBIGUOUS = {"error": "invalid_request", "error_description": "the request path can be read more than one way"}
 NOT_A_ROUTE = {"error": "invalid_request", "error_description": "the path looks like a FHIR route but is none"}
-AMBIGUOUS_QUERY = {"error": "invalid_request", "error_description": "a query parameter name can be read more than one way"}
+AMBIGUOUS_QUERY = {
+    "error": "invalid_request",
+    "error_description": "a query parameter name can be read more than one way",
+}
 
 
 async def test_every_transport_judges_the_path_the_upstream_routes(

@@ -11,11 +11,18 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import redis.asyncio
-from aiocache.base import BaseCache
 
 from authz_service.config.model import CacheConfig
-from authz_service.tokens.cache import BoundedMemoryCache, CacheFactory, CacheStats, TokenCache, token_key
-from authz_service.tokens.redis_cache import REDIS_OPERATION_TIMEOUT, CompactJsonSerializer
+from authz_service.tokens.cache import (
+    BoundedMemoryCache,
+    CacheFactory,
+    CacheStats,
+    TokenCache,
+    dumps,
+    loads,
+    token_key,
+)
+from authz_service.tokens.redis_cache import REDIS_OPERATION_TIMEOUT, RedisCache
 from tests.unit.fakes import CannedIdp, FakeClock
 
 ANSWER = {"active": True, "sub": "user-1", "exp": 1_800_000_300}
@@ -30,11 +37,10 @@ def test_token_key_is_the_sha256_of_the_token() -> None:
 
 
 def test_values_are_compact_json() -> None:
-    serializer = CompactJsonSerializer()
-    text = serializer.dumps({"result": ANSWER, "until": 1.5})
+    text = dumps({"result": ANSWER, "until": 1.5})
     assert " " not in text
-    assert serializer.loads(text) == {"result": ANSWER, "until": 1.5}
-    assert serializer.loads(None) is None
+    assert loads(text) == {"result": ANSWER, "until": 1.5}
+    assert loads(None) is None
 
 
 # --------------------------------------------------------------------------- BoundedMemoryCache
@@ -122,17 +128,17 @@ async def test_hits_and_misses_are_counted_and_reported() -> None:
     assert stats.counts[("ext", "miss")] == 1
 
 
-class BrokenBackend(BaseCache):  # type: ignore[misc]
+class BrokenBackend:
     """A cache backend that fails every operation (Redis down, or slower than its timeout)."""
 
-    def __init__(self) -> None:
-        super().__init__(serializer=CompactJsonSerializer(), timeout=None)
-
-    async def _get(self, key: str, encoding: str | None = "utf-8", _conn: Any = None) -> Any:
+    async def get(self, key: str) -> Any:
         raise ConnectionError("cache down")
 
-    async def _set(self, key: str, value: Any, ttl: Any = None, _cas_token: Any = None, _conn: Any = None) -> Any:
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         raise ConnectionError("cache down")
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 async def test_a_failing_backend_is_a_miss_never_an_error(caplog: pytest.LogCaptureFixture) -> None:
@@ -183,6 +189,7 @@ async def test_redis_caches_share_one_server_never_each_others_entries(redis_url
     a = factory.token_cache("unit-a", "https://a.example/introspect")
     b = factory.token_cache("unit-b", "https://b.example/introspect")
     assert a.backend is b.backend
+    assert isinstance(a.backend, RedisCache)
     key = token_key("unit-cache-token")
     await a.set(key, {"result": ANSWER, "until": 1.5}, ttl=60)
     assert await a.get(key) == {"result": ANSWER, "until": 1.5}
@@ -217,7 +224,7 @@ async def test_unreachable_redis_is_a_fast_miss(closed_port: int) -> None:
 
 
 def test_a_memory_only_service_never_imports_redis() -> None:
-    # aiocache imports redis-py (~7 MB of RSS); the memory backend needs neither.
+    # redis-py is ~7 MB of RSS; the memory backend does not need it (nor aiocache, which we no longer use).
     import subprocess
     import sys
 

@@ -229,8 +229,29 @@ def test_run_with_bad_config_refuses_before_binding(tmp_path: Path, held_port: i
     for problem in BAD_PROBLEMS:
         assert problem in result.stderr, result.stderr
     # It never reached the point of serving: the held port would have made that fail differently.
-    assert "cannot serve" not in result.stderr
+    assert "cannot listen" not in result.stderr
     assert elapsed < 10, elapsed
+
+
+@pytest.mark.parametrize("listener", ["grpc_address", "http_address", "admin_address"])
+def test_a_busy_port_on_any_listener_is_one_line_and_exit_2(tmp_path: Path, held_port: int, listener: str) -> None:
+    free = {name: f"127.0.0.1:{_free_port()}" for name in ("grpc_address", "http_address", "admin_address")}
+    addresses = {**free, listener: f"127.0.0.1:{held_port}"}
+    path = tmp_path / "busy.yaml"
+    server = "".join(f"  {name}: {address}\n" for name, address in addresses.items())
+    path.write_text(GOOD.replace("  grpc_address: 127.0.0.1:9001\n  admin_address: null\n", server), encoding="utf-8")
+    result = run_cli("--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Event loop is closed" not in result.stderr
+    problems = [line for line in result.stderr.splitlines() if line.startswith("authz-service:")]
+    assert problems == [f"authz-service: cannot listen on 127.0.0.1:{held_port}: Address already in use"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_run_with_bad_config_from_env_refuses(tmp_path: Path, bad: Path) -> None:

@@ -122,7 +122,8 @@ async def test_concurrent_cold_misses_share_one_fetch() -> None:
     s = Setup()
     gate = s.idp.hang()
     waiters = [asyncio.ensure_future(s.keys.keys_for("k1", "ES256")) for _ in range(20)]
-    await settle()
+    await gate.reached(1)
+    await settle()  # every waiter has joined the fetch
     gate.open()
     results = await asyncio.gather(*waiters)
     assert all(len(keys) == 1 for keys in results)
@@ -134,9 +135,9 @@ async def test_a_waiter_giving_up_does_not_cancel_the_shared_fetch() -> None:
     gate = s.idp.hang()
     impatient = asyncio.ensure_future(s.keys.keys_for("k1", "ES256"))
     patient = asyncio.ensure_future(s.keys.keys_for("k1", "ES256"))
-    await settle()
+    await gate.reached(1)
     impatient.cancel()
-    await settle()
+    await asyncio.wait([impatient])
     gate.open()
     assert [k.kid for k in await patient] == ["k1"]
     assert impatient.cancelled()
@@ -148,7 +149,8 @@ async def test_concurrent_cold_misses_share_one_failure() -> None:
     s.idp.failure = "timeout"
     gate = s.idp.hang()
     waiters = [asyncio.ensure_future(s.keys.keys_for("k1", "ES256")) for _ in range(5)]
-    await settle()
+    await gate.reached(1)
+    await settle()  # every waiter has joined the fetch
     gate.open()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, UpstreamUnavailable) for r in results)
@@ -182,7 +184,7 @@ async def test_past_80_percent_a_background_refresh_starts_and_nobody_waits() ->
     gate = s.idp.hang()  # the IdP now takes forever
     s.clock.advance(TTL * REFRESH_AHEAD)
     assert await s.kids() == ["k1"]  # answered from memory while the refresh hangs
-    await settle()
+    await gate.reached(1)
     assert s.fetches == 2
     s.clock.advance(1)
     assert await s.kids() == ["k1"]
@@ -276,7 +278,7 @@ async def test_max_stale_with_the_idp_up_answers_from_the_expired_keys_until_one
     s.clock.advance(TTL + 1)
     assert await s.kids("k1") == ["k1"]  # answered at once from the expired keys
     assert s.keys.stale_answers == 1
-    await settle()
+    await gate.reached(1)
     assert s.fetches == 2  # ... while one refresh runs
     assert await s.kids("k1") == ["k1"]  # still in flight: still the expired keys
     assert s.fetches == 2

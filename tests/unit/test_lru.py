@@ -1,10 +1,12 @@
-"""lru.Lru: the bounded LRU of the verified-token cache and of the remembered answers."""
+"""lru.Lru: the bounded LRU of the verified-token cache and of the remembered answers; lru.ExactLru:
+the same map with an exact bound, under the memory token cache."""
 
 from __future__ import annotations
 
+import random
 import sys
 
-from authz_service.lru import MIN_REBUILD_AFTER, Lru
+from authz_service.lru import MIN_REBUILD_AFTER, ExactLru, Lru
 
 
 def filled(count: int, max_entries: int | None = None) -> Lru[int, str]:
@@ -95,3 +97,60 @@ def test_a_single_hot_key_is_not_rebuilt_on_every_hit() -> None:
     assert lru._dead == 0
     assert lru._data is data  # rebuilt in place: whoever holds the map holds the same dict
     assert lru.peek(0) == "v0"
+
+
+# --------------------------------------------------------------------------- ExactLru
+
+
+def exact(count: int, max_entries: int | None = None) -> ExactLru[int, str]:
+    lru: ExactLru[int, str] = ExactLru(max_entries or count)
+    for n in range(count):
+        lru.put(n, f"v{n}")
+    return lru
+
+
+def test_exact_evicts_exactly_down_to_the_bound() -> None:
+    lru = exact(6400)
+    for n in range(6400, 20_000):
+        lru.put(n, f"v{n}")
+        assert len(lru) == 6400
+    assert list(lru) == list(range(20_000 - 6400, 20_000))
+
+
+def test_exact_evicts_the_least_recently_used_even_after_its_scan() -> None:
+    lru = exact(640)
+    lru.put(640, "v640")  # the scan took the 10 oldest (0..9) as victims; 0 went
+    lru.touch(1)  # a victim used since the scan is no longer one
+    lru.get(2)
+    lru.put(3, "new")
+    lru.discard(4)
+    for n in range(641, 647):
+        lru.put(n, f"v{n}")
+    assert lru.peek(1) == "v1"
+    assert lru.peek(2) == "v2"
+    assert lru.peek(3) == "new"
+    assert list(lru)[:3] == [10, 11, 12]  # 5..9 went (4 was dropped, 1..3 used since the scan)
+
+
+def test_exact_matches_a_reference_lru_under_random_use() -> None:
+    rng = random.Random(7)
+    lru: ExactLru[int, int] = ExactLru(200)
+    reference: dict[int, int] = {}
+    for step in range(60_000):
+        key = rng.randrange(600)
+        action = rng.random()
+        if action < 0.5:
+            lru.put(key, step)
+            reference.pop(key, None)
+            reference[key] = step
+            while len(reference) > 200:
+                del reference[next(iter(reference))]
+        elif action < 0.9:
+            assert lru.get(key) == reference.get(key)
+            if key in reference:
+                reference[key] = reference.pop(key)
+        else:
+            lru.discard(key)
+            reference.pop(key, None)
+    assert list(lru) == list(reference)
+    assert [lru.peek(k) for k in lru] == list(reference.values())

@@ -31,7 +31,7 @@ from authz_service.tokens.opaque import (
     client_secret_basic,
 )
 from authz_service.upstream import UpstreamClient
-from tests.unit.fakes import EPOCH, CannedIdp, FakeClock, FakeIdpClient, settle
+from tests.unit.fakes import EPOCH, CannedIdp, FakeClock, FakeIdpClient
 
 TOKEN = "2YotnFZFEjr1zCsicMWpAA"
 BASIC = "Basic YXV0aHotc2VydmljZTpzZWNyZXQ="
@@ -286,7 +286,7 @@ async def test_a_caller_giving_up_does_not_cancel_the_shared_call(idp: CannedIdp
     patient = asyncio.ensure_future(s.check())
     await gate.reached(1)
     impatient.cancel()
-    await settle()
+    await asyncio.wait([impatient])
     gate.open()
     assert (await patient).user_id == "user-1"
     assert impatient.cancelled()

@@ -13,7 +13,7 @@ import pytest
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
 from authz_service.tokens.base import Credential
-from authz_service.tokens.jwt import MAX_TOKEN_BYTES
+from authz_service.tokens.jws import MAX_TOKEN_BYTES
 from authz_service.tokens.router import IntrospectorRouter
 from tests.unit.fakes import FakeIntrospector, compact
 
