@@ -33,7 +33,7 @@ from authz_service import loop
 from authz_service.config.model import Config
 from authz_service.config.validate import load_config
 from authz_service.engine import Engine, build_engine
-from authz_service.errors import ConfigError
+from authz_service.errors import ConfigError, ListenError
 from authz_service.logs import setup_logging
 from authz_service.observe import MULTIPROC_ENV, ApiMetrics
 from authz_service.server.admin import AdminServer
@@ -65,6 +65,14 @@ def _worker_main(path: str, index: int, log_level: str | None) -> None:
         problems = [str(p) for p in err.problems] if isinstance(err, ConfigError) else [err.message]
         log.error("worker cannot start", extra={"fields": {"worker": index, "problems": problems}})
         sys.exit(1)
+    except ListenError as err:
+        # An address no restart can bind: the supervisor stops everything and exits 2 with this line.
+        print(f"authz-service: {err}", file=sys.stderr, flush=True)
+        sys.exit(LISTEN_EXIT)
+
+
+# A worker's exit code for "cannot listen": not restarted (it would fail the same way, forever).
+LISTEN_EXIT = 2
 
 
 class Supervisor:
@@ -73,6 +81,7 @@ class Supervisor:
     def __init__(self, path: str, config: Config, log_level: str | None) -> None:
         self.path = path
         self.config = config
+        self.exit_code = 0
         self.log_level = log_level
         self.metrics_dir = os.environ.get(MULTIPROC_ENV) or ""
         self._context = multiprocessing.get_context("spawn")
@@ -119,8 +128,6 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        for index in range(self.config.server.workers):
-            self._start(index)
         admin = None
         tester: SupervisorEngine | None = None
         watch = asyncio.ensure_future(self.sync.watch_file()) if self.sync is not None else None
@@ -143,9 +150,14 @@ class Supervisor:
                 details=details,
                 tls=self.config.server.admin_tls,
             )
-            await admin.start()
+            await admin.start()  # before any worker: a busy admin port stops the start with nothing to clean
+        for index in range(self.config.server.workers):
+            self._start(index)
         while not stop.is_set():
-            self._reap_and_restart()
+            if self._reap_and_restart():
+                self.exit_code = LISTEN_EXIT
+                stop.set()
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
         self._stopping = True
@@ -168,7 +180,7 @@ class Supervisor:
             watch.cancel()
         if store is not None:
             await store.close()
-        return 0
+        return self.exit_code
 
     async def _open_resources(self) -> ResourceStore | None:
         """The config file and the store, checked together as the workers will load them."""
@@ -228,11 +240,15 @@ class Supervisor:
             store["note"] = "the store went back; workers decide with the resources last loaded (docs/resources.md)"
         return {"store": store}
 
-    def _reap_and_restart(self) -> None:
+    def _reap_and_restart(self) -> bool:
+        """Restart the workers that exited; True when one could not listen (then nothing restarts)."""
         for index, process in list(self._workers.items()):
             if process.is_alive():
                 continue
             process.join(0)
+            if process.exitcode == LISTEN_EXIT:
+                del self._workers[index]
+                return True
             pid = process.pid or 0
             multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             ready_marker(self.metrics_dir, pid).unlink(missing_ok=True)
@@ -246,6 +262,7 @@ class Supervisor:
             del self._workers[index]
             delay = RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
             asyncio.get_running_loop().call_later(delay, self._restart_if_running, index)
+        return False
 
     def _restart_if_running(self, index: int) -> None:
         if not self._stopping and index not in self._workers:

@@ -248,6 +248,18 @@ def test_a_busy_port_on_any_listener_is_one_line_and_exit_2(tmp_path: Path, held
     assert problems == [f"authz-service: cannot listen on 127.0.0.1:{held_port}: Address already in use"]
 
 
+def test_a_busy_grpc_port_with_workers_stops_the_supervisor_with_exit_2(tmp_path: Path, held_port: int) -> None:
+    # Every worker fails the same way; restarting them forever would hide it.
+    path = tmp_path / "busy-workers.yaml"
+    server = f"  grpc_address: 127.0.0.1:{held_port}\n  admin_address: null\n  workers: 2\n  drain_delay: 0\n"
+    path.write_text(GOOD.replace("  grpc_address: 127.0.0.1:9001\n  admin_address: null\n", server), encoding="utf-8")
+    result = run_cli("--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    problems = {line for line in result.stderr.splitlines() if line.startswith("authz-service:")}
+    assert problems == {f"authz-service: cannot listen on 127.0.0.1:{held_port}: Address already in use"}
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
