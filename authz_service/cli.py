@@ -96,13 +96,20 @@ def _print_problems(err: ConfigError) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
+def _load(path: str) -> Config | None:
+    """The validated config file, or None after printing every problem."""
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        _print_problems(err)
+        return None
+
+
 def _effective_config(path: str, command: str) -> tuple[Config | None, str | None]:
     """The config as start-up would load it, with a file store's resources (a Redis store is not
     contacted), and a note saying which; (None, None) after printing every problem."""
-    try:
-        config = load_config(path)
-    except ConfigError as err:
-        _print_problems(err)
+    config = _load(path)
+    if config is None:
         return None, None
     store = config.api.store
     if store is not None and store.backend == "file" and store.path is not None:
@@ -320,10 +327,8 @@ def run(path: str | None, log_level: str | None) -> int:
     if not path:
         print("authz-service: no config given (use --config FILE or set AUTHZ_CONFIG)", file=sys.stderr)
         return 2
-    try:
-        config = load_config(path)
-    except ConfigError as err:
-        _print_problems(err)
+    config = _load(path)
+    if config is None:
         return 2
     setup_logging(log_level or config.logging.level)
     for warning in config.warnings:
@@ -374,10 +379,8 @@ def proxy_config(proxy: str, path: str | None) -> int:
     if not path:
         print("authz-service proxy-config: no --config (or $AUTHZ_CONFIG)", file=sys.stderr)
         return 2
-    try:
-        config = load_config(path)
-    except ConfigError as err:
-        _print_problems(err)
+    config = _load(path)
+    if config is None:
         return 2
     sys.stdout.write(render(proxy, config))
     return 0
