@@ -1,4 +1,4 @@
-"""`authz-service apply -f FILE --url URL`: send a YAML file of resources as one bulk `PUT /`.
+"""`authz-service apply -f FILE --url URL [--dry-run]`: send a YAML file of resources as one bulk `PUT /`.
 
 The file may be any of the shapes Aidbox users and this service's users already have:
 - a YAML list of resources (each with `resourceType` and `id`);
@@ -6,6 +6,8 @@ The file may be any of the shapes Aidbox users and this service's users already 
 - a config-style mapping with `introspectors`, `policies`, `users` and `roles` lists (`resourceType`
   is filled in from the list; other sections such as `server` are ignored, with a note).
 The service applies all of them or none and answers an OperationOutcome, printed line by line.
+`--dry-run` sends the same request with `?_dry_run=true`: the service validates it exactly as it
+would apply it (with its config file and its store as they are) and writes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from authz_service.store.resources import json_problem
 
 TOKEN_ENV = "AUTHZ_API_TOKEN"
 URL_ENV = "AUTHZ_API_URL"
+DRY_RUN_NOTE = "dry run: nothing was written"  # the service's first issue in a dry run's answer
 _SECTIONS = {section: kind for kind, section in KINDS.items()}
 _ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}")
 
@@ -118,20 +121,70 @@ def check_url(url: str) -> None:
         raise UsageError(f"--url must be the admin listener's http:// or https:// URL, got {url!r}")
 
 
-def send(url: str, token: str, resources: list[dict[str, Any]], timeout: float = 30.0) -> Reply:
-    """PUT the resources to URL/ (the bulk endpoint); OSError when the service cannot be reached."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as it is: following one would carry the token somewhere else."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def send(
+    url: str,
+    token: str,
+    body: list[dict[str, Any]] | dict[str, Any],
+    timeout: float = 30.0,
+    *,
+    dry_run: bool = False,
+) -> Reply:
+    """PUT a list of resources to URL/ (the bulk endpoint), or POST a transaction or batch Bundle
+    there; `?_dry_run=true` to write nothing. OSError when the service cannot be reached."""
     check_url(url)
     request = urllib.request.Request(
-        url.rstrip("/") + "/",
-        data=json.dumps(resources).encode(),
-        method="PUT",
+        url.rstrip("/") + ("/?_dry_run=true" if dry_run else "/"),
+        data=json.dumps(body).encode(),
+        method="POST" if isinstance(body, dict) else "PUT",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # a PUT is never redirected
+        with urllib.request.build_opener(_NoRedirects()).open(request, timeout=timeout) as response:
             return Reply(response.status, _body(response.read()))
     except urllib.error.HTTPError as err:
         return Reply(err.code, _body(err.read()))
+
+
+def aidbox_bundle(text: str) -> dict[str, Any] | None:
+    """The file's Bundle when the file is one of Aidbox's `transaction` or `batch` Bundles (entries
+    with a `request`): sent as it is, to POST /, which applies its PUT, POST and DELETE entries.
+    None for any other file (read_resources reads it)."""
+    try:
+        documents = [d for d in yamlload.load_all(text) if d is not None]
+    except yamlload.YamlError:
+        return None  # read_resources says what is wrong
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        return None
+    bundle: dict[str, Any] = documents[0]
+    entries = bundle.get("entry")
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
+        return None
+    if not isinstance(entries, list) or not any(isinstance(e, dict) and "request" in e for e in entries):
+        return None
+    problem = json_problem(bundle)
+    if problem is not None:
+        raise UsageError(f"the Bundle: {problem}")
+    return bundle
+
+
+def failed_entries(reply: Reply) -> int:
+    """How many entries of a batch-response Bundle were not applied."""
+    body = reply.body
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return 0
+    return sum(not str(_response(e).get("status", "")).startswith("2") for e in body.get("entry") or [])
+
+
+def _response(entry: Any) -> dict[str, Any]:
+    response = entry.get("response") if isinstance(entry, dict) else None
+    return response if isinstance(response, dict) else {}
 
 
 def _body(data: bytes) -> Any:
@@ -142,18 +195,38 @@ def _body(data: bytes) -> Any:
         return text
 
 
-def print_reply(reply: Reply, url: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
-    """The answer, readably: one line per issue of the OperationOutcome."""
+def print_reply(
+    reply: Reply, url: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, *, dry_run: bool = False
+) -> None:
+    """The answer, readably: one line per issue of the OperationOutcome, or per entry of a Bundle."""
     ok = 200 <= reply.status < 300
-    stream = out if ok else err
-    print(f"{'applied' if ok else 'rejected'}: {url} answered HTTP {reply.status}", file=stream)
+    failed = failed_entries(reply) if ok else 0
+    stream = out if ok and not failed else err
+    verdict = ("dry run" if dry_run else "applied") if ok else "rejected"
+    ending = ", nothing was written" if ok and dry_run else ""
+    total = len(reply.body.get("entry") or []) if failed else 0
+    ending += f"; {failed} of {total} entries not applied" if failed else ""
+    print(f"{verdict}: {url} answered HTTP {reply.status}{ending}", file=stream)
     body = reply.body
-    issues = body.get("issue") if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else None
-    if isinstance(issues, list):
-        for issue in issues:
-            if isinstance(issue, dict):
-                severity = issue.get("severity", "")
-                prefix = "" if severity == "information" else f"{severity}: "
-                print(f"  {prefix}{issue.get('diagnostics', '')}", file=stream)
+    kind = body.get("resourceType") if isinstance(body, dict) else None
+    if kind == "OperationOutcome":
+        _print_issues(body, "  ", stream)
+    elif kind == "Bundle":
+        for index, entry in enumerate(body.get("entry") or []):
+            response = _response(entry)
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            named = f"{resource.get('resourceType')}/{resource.get('id')}" if isinstance(resource, dict) else None
+            where = f" {named}" if named else ""
+            print(f"  entry {index}{where}: {response.get('status', '')}", file=stream)
+            _print_issues(response.get("outcome"), "    ", stream)
     elif body:
         print(f"  {str(body)[:2000]}", file=stream)
+
+
+def _print_issues(outcome: Any, indent: str, stream: TextIO) -> None:
+    issues = outcome.get("issue") if isinstance(outcome, dict) else None
+    for issue in issues if isinstance(issues, list) else []:
+        if isinstance(issue, dict) and issue.get("diagnostics") != DRY_RUN_NOTE:
+            severity = issue.get("severity", "")
+            prefix = "" if severity == "information" else f"{severity}: "
+            print(f"{indent}{prefix}{issue.get('diagnostics', '')}", file=stream)

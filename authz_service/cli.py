@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from authz_service import __version__, loop
-from authz_service.config.validate import load_config
 from authz_service.errors import ConfigError
 from authz_service.proxyconfig import KINDS as PROXY_KINDS
+from authz_service.registries import load_config
 
 if TYPE_CHECKING:
     from authz_service.config.model import Config
@@ -52,8 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         help="send a YAML file of resources to a running service's resource API (one bulk PUT /)",
         description="Send the resources of a YAML file to the resource API as one bulk PUT /: all are "
         "applied or none. The file: a list of resources, a stream of YAML documents, or a mapping with "
-        "introspectors/policies/users/roles lists. Exit 0 when applied, 1 when rejected or unreachable, "
-        "2 on usage errors.",
+        "introspectors/policies/users/roles lists; or one of Aidbox's transaction or batch Bundles (entries "
+        "with request: {method, url}), sent as it is to POST /. --dry-run: the service validates it all as it "
+        "would apply it (with its config file and store) and writes nothing. Exit 0 when applied (or a dry run "
+        "found nothing wrong), 1 when rejected (a batch: any entry), or unreachable, 2 on usage errors.",
     )
     apply.add_argument("-f", "--file", required=True, help="the YAML file (- for stdin)")
     apply.add_argument(
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("--token", help="api.token (better: $AUTHZ_API_TOKEN, which stays out of `ps`)")
     apply.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    apply.add_argument(
+        "--dry-run", action="store_true", help="validate against the running service; write nothing (?_dry_run=true)"
+    )
     explain = commands.add_parser(
         "explain",
         help="decide requests from a file as Check would, and say why each policy did or did not allow",
@@ -208,9 +213,18 @@ def _with_resources(config_path: str, resources_path: str) -> Config | None:
         return None
 
 
-def apply(path: str, url: str | None, token: str | None, timeout: float) -> int:
-    """`apply -f FILE --url URL`: 0 applied, 1 rejected (or unreachable), 2 usage error."""
-    from authz_service.apply import TOKEN_ENV, UsageError, check_url, print_reply, read_resources, send
+def apply(path: str, url: str | None, token: str | None, timeout: float, dry_run: bool = False) -> int:
+    """`apply -f FILE --url URL [--dry-run]`: 0 applied (or would be), 1 rejected (or unreachable), 2 usage error."""
+    from authz_service.apply import (
+        TOKEN_ENV,
+        UsageError,
+        aidbox_bundle,
+        check_url,
+        failed_entries,
+        print_reply,
+        read_resources,
+        send,
+    )
 
     token = token or os.environ.get(TOKEN_ENV)
     if not url:
@@ -227,10 +241,11 @@ def apply(path: str, url: str | None, token: str | None, timeout: float) -> int:
     notes: list[str] = []
     try:
         check_url(url)
-        resources = read_resources(text, notes)
+        bundle = aidbox_bundle(text)  # Aidbox's transaction or batch Bundle goes as it is, to POST /
+        body = bundle if bundle is not None else read_resources(text, notes)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        reply = send(url, token, resources, timeout)
+        reply = send(url, token, body, timeout, dry_run=dry_run)
     except UsageError as err:
         print(f"authz-service apply: {err}", file=sys.stderr)
         return 2
@@ -238,8 +253,8 @@ def apply(path: str, url: str | None, token: str | None, timeout: float) -> int:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or type(err).__name__
         print(f"authz-service apply: cannot reach {url}: {reason}", file=sys.stderr)
         return 1
-    print_reply(reply, url)
-    return 0 if 200 <= reply.status < 300 else 1
+    print_reply(reply, url, dry_run=dry_run)
+    return 0 if 200 <= reply.status < 300 and not failed_entries(reply) else 1
 
 
 def explain(config_path: str | None, request_path: str, as_json: bool, verbose: bool = False) -> int:
@@ -396,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return demo()
     if args.command == "apply":
-        return apply(args.file, args.url, args.token, args.timeout)
+        return apply(args.file, args.url, args.token, args.timeout, args.dry_run)
     if args.command == "proxy-config":
         return proxy_config(args.proxy, args.proxy_config or args.config or os.environ.get("AUTHZ_CONFIG"))
     if args.command == "explain":

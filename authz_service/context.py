@@ -12,6 +12,15 @@ from authz_service.routes import ROUTE_PARAMS, route
 
 _NO_ROLES: tuple[RoleConfig, ...] = ()
 
+# What build_context can put at the top of a context, by the type of its value. check-config warns
+# about a matcho key outside these (no request has it) and about a pattern of the wrong type (a
+# number for `uri`, a string for `user`), which can never match; tests/unit/test_context.py holds
+# them to build_context.
+STRING_KEYS = frozenset({"request-method", "uri", "query-string", "host", "scheme", "remote-addr", "introspector"})
+MAP_KEYS = frozenset({"params", "headers", "context_extensions", "operation", "jwt", "token", "client", "user"})
+LIST_KEYS = frozenset({"roles", "role"})
+CONTEXT_KEYS = STRING_KEYS | MAP_KEYS | LIST_KEYS
+
 
 def strip_empty(value: Any) -> Any:
     """Remove empty values ([], {}, "", null) at every depth, as Aidbox does before policy checks."""

@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 from authz_service.config.model import PolicyConfig, RoleConfig
 from authz_service.context import build_context
+from authz_service.decisionlog import log_internal_error, log_policy_timeout
 from authz_service.errors import MalformedRequest, PolicyTimeout, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.observe import log_internal_error, log_policy_timeout
 from authz_service.paths import normalized
+from authz_service.policy.evaluate import allows
 from authz_service.routes import unrouted
 from authz_service.tokens.base import Credential
 from authz_service.tokens.sources import CredentialFinder
@@ -76,6 +77,7 @@ class Authorizer:
 
     async def check(self, request: HttpRequest) -> Decision:
         """The decision for one request. Never raises: any error becomes a deny."""
+        credential: Credential | None = None
         try:
             judged = self.judged(request)
             credential = self._credentials.find(judged)
@@ -83,11 +85,12 @@ class Authorizer:
             decision = self._decide(judged, identity)
             return decision if judged is request else dataclasses.replace(decision, path=judged.path)
         except TokenRejected as err:
-            return Decision(Outcome.UNAUTHENTICATED, err.reason)
+            # A source bound to one introspector (cookie, from_headers, from_params) names who refused it.
+            return Decision(Outcome.UNAUTHENTICATED, err.reason, introspector=_bound(credential))
         except MalformedRequest as err:
             return Decision(Outcome.INVALID_REQUEST, err.reason)
         except UpstreamUnavailable as err:
-            return Decision(Outcome.UNAVAILABLE, err.reason)
+            return Decision(Outcome.UNAVAILABLE, err.reason, introspector=_bound(credential))
         except PolicyTimeout as err:
             log_policy_timeout(err)
             return Decision(Outcome.FORBIDDEN, Reason.POLICY_TIMEOUT)
@@ -129,15 +132,18 @@ class Authorizer:
                 if allowing is not None:
                     return Decision(Outcome.ALLOW, Reason.ANONYMOUS, policy=allowing)
             return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
+        introspector = identity.introspector
         if self._policies:
-            allowing = self._allowing(self.context(request, identity), identity.introspector)
+            allowing = self._allowing(self.context(request, identity), introspector)
             if allowing is None:
-                return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity)
-            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers, allowing)
+                return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity, introspector=introspector)
+            return Decision(
+                Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers, allowing, introspector=introspector
+            )
         if self._authentication_only:
-            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers)
+            return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers, introspector=introspector)
         # No policies and no declared authentication-only mode: nothing is allowed (as in Aidbox).
-        return Decision(Outcome.FORBIDDEN, Reason.NO_POLICIES, identity)
+        return Decision(Outcome.FORBIDDEN, Reason.NO_POLICIES, identity, introspector=introspector)
 
     def context(self, request: HttpRequest, identity: Identity | None) -> dict[str, Any]:
         """The policy context of a request, with the identity's user and roles (test-policy uses it too)."""
@@ -152,8 +158,13 @@ class Authorizer:
         """Policies are OR-ed: the id of the first that matches, or None."""
         for policy in self._policies:
             try:
-                if policy.allows(context, introspector):
+                if allows(policy, context, introspector):
                     return policy.id
             except PolicyTimeout as err:  # the rule knows where it stalled; the policy id is known here
                 raise PolicyTimeout(policy.id, err.what) from None
         return None
+
+
+def _bound(credential: Credential | None) -> str | None:
+    """The introspector a credential's source is bound to, if any (Authorization: Bearer is routed)."""
+    return None if credential is None else credential.introspector

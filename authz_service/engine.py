@@ -77,6 +77,14 @@ class Built:
 
 
 @dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether an engine can verify every introspector's tokens, and what each one lacks."""
+
+    ready: bool  # every introspector not marked `optional` has keys (static, opaque: at once)
+    introspectors: Mapping[str, str]  # id -> "ready", or why not ("no keys yet: http_404 from <url>")
+
+
+@dataclass(frozen=True, slots=True)
 class Engine:
     """Everything built from one config; swapped as a whole on reload."""
 
@@ -97,6 +105,39 @@ class Engine:
         sources = [b.jwks for b in self.built.values() if b.jwks is not None and b.jwks.keyset is None]
         await asyncio.gather(*(source.warm_up() for source in sources))
 
+    def retry_missing_keys(self) -> None:
+        """Every JWKS without keys fetches again in the background, with backoff, until they arrive."""
+        for b in self.built.values():
+            if b.jwks is not None:
+                b.jwks.retry_in_background()
+
+    def stop_retries(self, successor: Engine | None = None) -> None:
+        """Stop the retries of the key sources `successor` (the engine that replaces this one) does not keep."""
+        kept = {b.jwks for b in successor.built.values() if b.jwks is not None} if successor is not None else set()
+        for b in self.built.values():
+            if b.jwks is not None and b.jwks not in kept:
+                b.jwks.stop_retrying()
+
+    def keys_pending(self) -> list[JwksKeySource]:
+        """The key sources readiness waits for: no keys yet, and their introspector is not `optional`."""
+        return [
+            b.jwks
+            for b in self.built.values()
+            if b.jwks is not None and b.jwks.keyset is None and not b.config.optional
+        ]
+
+    def readiness(self) -> Readiness:
+        """Every introspector's state, as /readyz reports it."""
+        states: dict[str, str] = {}
+        for ident, b in self.built.items():
+            if b.jwks is None:
+                states[ident] = "ready"  # static keys or an opaque introspector: nothing to fetch first
+            elif b.jwks.keyset is None and b.config.optional:
+                states[ident] = f"{b.jwks.status()} (optional: readiness does not wait for it)"
+            else:
+                states[ident] = b.jwks.status()
+        return Readiness(not self.keys_pending(), states)
+
     def jwks_staleness(self) -> dict[str, float]:
         """Seconds past cache_ttl of the keys each JWKS introspector serves."""
         return {ident: b.jwks.staleness() for ident, b in self.built.items() if b.jwks is not None}
@@ -113,7 +154,7 @@ def build_engine(
     """The Engine for a config, reusing the unchanged introspectors of `previous`.
 
     `on_skipped_key(introspector, reason)` counts the unusable keys of fetched JWKS documents
-    (observe.Metrics.jwks_skipped_key)."""
+    (metrics.Metrics.jwks_skipped_key)."""
     built = build_introspectors(config, client, caches, previous.built if previous else None, on_skipped_key)
     router = IntrospectorRouter(
         [b.introspector for b in built.values()],
@@ -127,6 +168,8 @@ def build_engine(
         config.cache.max_entries,
         on_event=on_cache_event,
         entries=previous.verified.carried_over() if previous is not None else None,
+        # A hit pokes its introspector's due key refresh: tokens served from memory keep keys fresh.
+        key_refresh={ident: b.jwks for ident, b in built.items() if b.jwks is not None},
     )
     credentials = CredentialFinder(config.introspectors)
     authorizer = Authorizer(

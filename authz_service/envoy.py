@@ -1,17 +1,21 @@
-"""The Envoy adapter: CheckRequest -> HttpRequest, Identity -> headers, Decision -> CheckResponse.
+"""The Envoy adapter: CheckRequest bytes -> HttpRequest, Identity -> headers, Decision ->
+CheckResponse bytes (gRPC) or HttpAnswer (HTTP mode).
 
 The one table that maps an Outcome to a gRPC code, an HTTP status and the deny headers lives
-here. Deny responses depend only on (outcome, reason), so each is built once and reused.
+here, and the one rule for repeated headers (`join_headers`). Deny responses depend only on
+(outcome, reason), so each is built once and reused.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import BoolValue
 from google.rpc import code_pb2, status_pb2
@@ -23,6 +27,8 @@ from authz_service.config.model import ResponseConfig
 from authz_service.errors import TokenRejected
 from authz_service.lru import Lru
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
+
+log = logging.getLogger(__name__)
 
 REALM = "authz-service"
 
@@ -106,6 +112,20 @@ class Denial(NamedTuple):
         return cls(grpc_code, http_status, tuple(headers), body, error, reason.description)
 
 
+UNDECODABLE = Decision(Outcome.INVALID_REQUEST, Reason.UNDECODABLE_REQUEST)
+
+
+def decode_check(raw: bytes) -> HttpRequest | Decision:
+    """Our request view of a serialized CheckRequest, or the denial of one that does not decode
+    (invalid UTF-8 in a string field, a truncated message)."""
+    try:
+        check = external_auth_pb2.CheckRequest.FromString(raw)
+    except DecodeError:
+        log.warning("undecodable CheckRequest", extra={"fields": {"bytes": len(raw)}})
+        return UNDECODABLE
+    return to_http_request(check)
+
+
 def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     """Our request view of Envoy's CheckRequest."""
     attributes = check.attributes
@@ -113,7 +133,11 @@ def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     if http.headers:
         headers: Mapping[str, str] = http.headers
     else:
-        headers = _from_header_map(http.header_map.headers)
+        # With encode_raw_headers Envoy sends each value separately, as bytes.
+        headers = join_headers(
+            (entry.key, entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value)
+            for entry in http.header_map.headers
+        )
     return HttpRequest(
         method=http.method,
         path=http.path,
@@ -128,14 +152,13 @@ def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     )
 
 
-def _from_header_map(entries: object) -> dict[str, str]:
-    # With encode_raw_headers Envoy sends each value separately, as bytes; join repeats with ","
-    # as Envoy does for the `headers` map, so both encodings mean the same thing to us.
+def join_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-case names; a repeated header's values joined with "," in the order received, as Envoy
+    joins them for CheckRequest's `headers` map, so a request means the same whichever way it came."""
     headers: dict[str, str] = {}
-    for entry in entries:  # type: ignore[attr-defined]
-        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-        name = entry.key.lower()
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    for name, value in pairs:
+        key = name.lower()
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
     return headers
 
 
@@ -188,7 +211,7 @@ class ResponseBuilder:
         key2 = (decision.outcome, decision.reason)
         denial = self._encoded_denials.get(key2)
         if denial is None:
-            denial = self._encoded_denials[key2] = self._deny(*key2).SerializeToString()
+            denial = self._encoded_denials[key2] = encode_denial(*key2)
         return denial
 
     def _allow(self, decision: Decision) -> external_auth_pb2.CheckResponse:
@@ -211,22 +234,28 @@ class ResponseBuilder:
             dynamic_metadata=metadata,
         )
 
-    @staticmethod
-    def _deny(outcome: Outcome, reason: Reason) -> external_auth_pb2.CheckResponse:
-        denial = Denial.of(outcome, reason)
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=denial.grpc_code, message=reason.label),
-            denied_response=external_auth_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=denial.http_status),  # type: ignore[arg-type]
-                headers=[_header(name, value) for name, value in denial.headers],
-                body=denial.body,
-            ),
-        )
+
+def encode_denial(outcome: Outcome, reason: Reason) -> bytes:
+    """The serialized CheckResponse of a deny (it depends on nothing else)."""
+    denial = Denial.of(outcome, reason)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=denial.grpc_code, message=reason.label),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=denial.http_status),  # type: ignore[arg-type]
+            headers=[_header(name, value) for name, value in denial.headers],
+            body=denial.body,
+        ),
+    ).SerializeToString()
 
 
 # HTTP mode: the header Envoy's http_service reads for headers to strip from the upstream request
 # (the equivalent of OkHttpResponse.headers_to_remove); nginx and Traefik ignore it.
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+
+
+# RFC 6585: what HTTP mode answers a request whose headers are over its limit (the body still
+# says `invalid_request`); gRPC checks never carry that reason.
+HEADERS_TOO_LARGE_STATUS = 431
 
 
 class HttpAnswer(NamedTuple):
@@ -235,6 +264,18 @@ class HttpAnswer(NamedTuple):
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+
+
+def http_denial(outcome: Outcome, reason: Reason) -> HttpAnswer:
+    """The HTTP-mode answer of a deny (it depends on nothing else)."""
+    shaped = Denial.of(outcome, reason)
+    headers = (
+        *shaped.headers,
+        ("x-authz-error", shaped.error),
+        ("x-authz-error-description", shaped.description),
+    )
+    status = HEADERS_TOO_LARGE_STATUS if reason is Reason.HEADERS_TOO_LARGE else shaped.http_status
+    return HttpAnswer(status, headers, shaped.body.encode())
 
 
 class HttpAnswers:
@@ -269,11 +310,5 @@ class HttpAnswers:
         key = (decision.outcome, decision.reason)
         denial = self._denials.get(key)
         if denial is None:
-            shaped = Denial.of(*key)
-            headers = (
-                *shaped.headers,
-                ("x-authz-error", shaped.error),
-                ("x-authz-error-description", shaped.description),
-            )
-            denial = self._denials[key] = HttpAnswer(shaped.http_status, headers, shaped.body.encode())
+            denial = self._denials[key] = http_denial(*key)
         return denial

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import sys
 from typing import Any
 
-from authz_service.observe import iso_timestamp, start_decision_writer, stop_decision_writer
+from authz_service.decisionlog import iso_timestamp
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 
@@ -33,8 +32,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info") -> None:
-    """Route every logger to stderr as JSON lines at the given level; decision lines through a
-    writer thread (observe.DecisionWriter), so writing them never blocks the event loop."""
+    """Route every logger to stderr as JSON lines at the given level. Decision lines take their own
+    way when serving (decisionlog.DecisionLog.to_fd: a writer thread, so writing them never blocks
+    the event loop); through here otherwise."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -42,5 +42,3 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is per request and would duplicate our own.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    start_decision_writer(sys.stderr.fileno(), root.level)
-    atexit.register(stop_decision_writer)

@@ -97,6 +97,9 @@ class Decision:
     # The path as judged (dot segments resolved, unreserved characters decoded), when it is not the
     # request's own: the decision log writes what the policies saw, which the upstream routes.
     path: str | None = None
+    # The introspector that judged the request, when one is known: the identity's on an allow or a
+    # policy deny, the credential's bound source when its token is refused or its IdP is down.
+    introspector: str | None = None
 
 
 def header_pairs(flat: tuple[str, ...]) -> Iterator[tuple[str, str]]:

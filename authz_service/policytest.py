@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from authz_service.config.model import Config, PolicyConfig
-from authz_service.config.validate import validate_policies
 from authz_service.decide import Authorizer
 from authz_service.engine import IdentityShaper
 from authz_service.errors import AuthzError, ConfigError, MalformedRequest
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.policy.explain import Redactor, explain_policies
+from authz_service.registries import validate_policies
 from authz_service.tokens.jwt import user_id_of
 
 _REQUEST_FIELDS = {

@@ -46,8 +46,8 @@ from procs import (
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.config.model import Config
-from authz_service.config.validate import validate_config
 from authz_service.devstack.envoy import ENVOY_YAML, load_config, on_loopback
+from authz_service.registries import validate_config
 
 JWT_AUTHN_YAML: Final = BENCH / "envoy-jwt-authn.yaml"
 ENVOY_HTTP_YAML: Final = ROOT / "envoy" / "envoy-http.yaml"  # the shipped HTTP-mode front proxy

@@ -27,18 +27,19 @@ from tests.harness import (
     config_from,
     start_harness,
 )
+from tests.hostile_idp import HostileIdentityProvider
 
 StartService = Callable[[Mapping[str, Any]], Awaitable[Harness]]
 
 
-async def new_idp(issuer: str | None = None) -> DevIdentityProvider:
-    """A DevIdentityProvider, made off the loop: generating its RSA key can take a quarter second."""
-    return await asyncio.to_thread(DevIdentityProvider, issuer)
+async def new_idp(issuer: str | None = None) -> HostileIdentityProvider:
+    """An identity provider, made off the loop: generating its RSA key can take a quarter second."""
+    return await asyncio.to_thread(HostileIdentityProvider, issuer)
 
 
 @pytest.fixture
-async def idp() -> AsyncIterator[DevIdentityProvider]:
-    """A running identity provider on an ephemeral loopback port."""
+async def idp() -> AsyncIterator[HostileIdentityProvider]:
+    """A running identity provider on an ephemeral loopback port (the dev IdP plus failure modes)."""
     async with await new_idp() as provider:
         yield provider
 
@@ -104,7 +105,7 @@ async def wait_serving(
             except grpc.aio.AioRpcError:
                 pass
             assert loop.time() < end, "service did not become SERVING"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.02)  # a start-up takes seconds: polling finely costs nothing
 
 
 async def run_service(config: Path, output: Path, *, log_level: str = "info") -> asyncio.subprocess.Process:

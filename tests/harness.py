@@ -17,7 +17,7 @@ from authz_service._pb.envoy.config.core.v3 import address_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.config.model import Config
-from authz_service.config.validate import parse_config
+from authz_service.registries import parse_config
 from authz_service.server.service import AuthzService
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"

@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from authz_service.config.model import Listen
+from authz_service.config.registry import Registries
 from authz_service.errors import Problem
 
 T = TypeVar("T")
@@ -143,13 +145,14 @@ class Fields:
             if key not in self.seen and key not in allowed_extra:
                 self.problem(str(key), "is not a known field")
 
-    def address(self, name: str, value: str | None) -> None:
-        """Check a HOST:PORT value."""
+    def address(self, name: str, value: str | None) -> Listen | None:
+        """A HOST:PORT value parsed, or None (recorded when it is given but is not one)."""
         if value is None:
-            return
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            return None
+        parsed = Listen.parse(value)
+        if parsed is None:
             self.problem(name, f"must be HOST:PORT, got {value!r}")
+        return parsed
 
     def url(self, name: str, value: str | None) -> None:
         """Check an http(s) URL."""
@@ -224,3 +227,12 @@ def describe(value: Any) -> str:
 def header_safe_text(value: str) -> bool:
     """No control characters: the value can go into an HTTP header as it is."""
     return not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+
+
+class Sections:
+    """The state every part of validation shares: the problems and warnings so far, and the registries."""
+
+    def __init__(self, problems: list[Problem], registries: Registries) -> None:
+        self.problems = problems
+        self.warnings: list[str] = []
+        self.registries = registries

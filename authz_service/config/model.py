@@ -1,4 +1,4 @@
-"""The validated config: frozen values, built once by `config.validate`, read everywhere else.
+"""The validated config: frozen values, built once by `config.validate` (through `registries`), read everywhere else.
 
 This module imports nothing else of the product, so every other part (tokens, policies, the
 servers) can depend on it without a cycle. Values are checked when they are built, never here.
@@ -11,8 +11,35 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Predicate = Callable[[Mapping[str, Any]], bool]
-"""A compiled AccessPolicy rule: does it match this request context?"""
+CompiledRule = Callable[[Mapping[str, Any]], bool]
+"""An AccessPolicy rule as its engine compiled it at load (policy/ evaluates it; config only holds it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A `HOST:PORT` listen address, parsed once: the host without IPv6 brackets, the port (0: any)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> Listen | None:
+        """The address's host and port, or None when it is not HOST:PORT with a port up to 65535."""
+        host, sep, port = address.rpartition(":")
+        host = host.strip("[]")  # [::1]:9001 as well as ::1:9001
+        if not sep or not host or not port.isdigit() or len(port) > 5 or not 0 <= int(port) <= 65535:
+            return None
+        return cls(host, int(port))
+
+
+def _listen(address: str | None) -> Listen | None:
+    """The parsed form of an address the validator has checked (a model built in code: checked here)."""
+    if address is None:
+        return None
+    parsed = Listen.parse(address)
+    if parsed is None:
+        raise ValueError(f"not a HOST:PORT listen address: {address!r}")
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +68,15 @@ class ServerConfig:
     # admitted under overload waits behind at most this many (bounded queueing, bounded p99).
     max_concurrent_checks: int = 2048
     admin_tls: TlsConfig | None = None  # TLS for the admin listener (resource API, metrics); off by default
+    # The addresses above, parsed once here so that the shells never split HOST:PORT themselves.
+    grpc_listen: Listen = field(init=False, compare=False, repr=False)
+    admin_listen: Listen | None = field(init=False, compare=False, repr=False)
+    http_listen: Listen | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grpc_listen", _listen(self.grpc_address))
+        object.__setattr__(self, "admin_listen", _listen(self.admin_address))
+        object.__setattr__(self, "http_listen", _listen(self.http_address))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +158,7 @@ class JwtIntrospectorConfig:
     # Seconds a token may live (exp - iat, or exp - now without iat), as Envoy jwt_authn's
     # max_lifetime; None: no limit (the issuer decides), as jwt_authn and Aidbox.
     max_lifetime: int | None = None
+    optional: bool = False  # true: readiness does not wait for this introspector (its keys, its IdP)
 
     kind = "jwt"
 
@@ -147,6 +184,7 @@ class OpaqueIntrospectorConfig:
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     client_auth: str = "client_secret_basic"  # or client_secret_post
+    optional: bool = False  # true: readiness does not wait for this introspector (its IdP)
 
     @property
     def kind(self) -> str:
@@ -170,48 +208,25 @@ class RoleConfig:
 @dataclass(frozen=True, slots=True)
 class PolicyLinks:
     """`AccessPolicy.link`: the users, clients and operations a policy is for (Aidbox's semantics:
-    a policy with links applies to a request associated with any one of them)."""
+    a policy with links applies to a request associated with any one of them; policy/evaluate.py decides)."""
 
     users: frozenset[str] = frozenset()
     clients: frozenset[str] = frozenset()
     operations: frozenset[str] = frozenset()
 
-    def admit(self, context: Mapping[str, Any]) -> bool:
-        """Whether the request is associated with one of the links."""
-        user = context.get("user")
-        if user is not None and user.get("id") in self.users:
-            return True
-        client = context.get("client")
-        if client is not None and client.get("id") in self.clients:
-            return True
-        operation = context.get("operation")
-        return operation is not None and operation.get("id") in self.operations
-
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """An AccessPolicy: its rule as written (for explanations) and compiled (for Check), and whom it
-    applies to (introspectors, roleName, link)."""
+    applies to (introspectors, roleName, link). policy/evaluate.py asks it; this only holds it."""
 
     id: str
     engine: str
     rule: Any = field(compare=True, repr=False)  # the engine's part of the resource, as written
-    predicate: Predicate = field(compare=False, repr=False)
+    predicate: CompiledRule = field(compare=False, repr=False)
     introspectors: frozenset[str] | None = None  # None: applies to every request
     role_name: str | None = None  # only for users holding a Role of this name
     links: PolicyLinks | None = None  # only for requests of these users, clients or operations
-
-    def applies(self, context: Mapping[str, Any], introspector: str | None) -> bool:
-        """Whether the policy is for this request at all (its rule not yet asked)."""
-        if self.introspectors is not None and introspector not in self.introspectors:
-            return False
-        if self.role_name is not None and self.role_name not in context.get("roles", ()):
-            return False
-        return self.links is None or self.links.admit(context)
-
-    def allows(self, context: Mapping[str, Any], introspector: str | None) -> bool:
-        """Whether this policy applies to the request and its rule matches the context."""
-        return self.applies(context, introspector) and self.predicate(context)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import collections
 import enum
-import hashlib
 import hmac
 import json
 import secrets
@@ -26,48 +25,26 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authz_service.devstack.localhttp import LocalHttpServer
 
-__all__ = ["DISCOVERY_PATH", "INTROSPECT_PATH", "JWKS_PATH", "DevIdentityProvider", "main"]
+__all__ = [
+    "CLIENT_AUTH_METHODS",
+    "DISCOVERY_PATH",
+    "INTROSPECT_PATH",
+    "JWKS_PATH",
+    "KEY_KID",
+    "TOKEN_PATH",
+    "DevIdentityProvider",
+    "Kid",
+    "main",
+]
 
 TOKEN_PATH: Final = "/token"
 DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 JWKS_PATH: Final = "/.well-known/jwks.json"
 INTROSPECT_PATH: Final = "/introspect"
-# Redirect targets serve plausible answers so a client that wrongly follows is detectable.
-_JWKS_MOVED_PATH: Final = "/moved/jwks.json"
-_INTROSPECT_MOVED_PATH: Final = "/moved/introspect"
-_DISCOVERY_MOVED_PATH: Final = "/moved/openid-configuration"
 
-_JWKS_MODES: Final = frozenset({"ok", "down", "hang", "html", "notjson", "redirect", "huge", "empty", "garbage_keys"})
-# The OAuth errors a 400 may carry (RFC 6749 5.2, RFC 7009 2.2.1): modes that answer exactly that.
-_INTROSPECT_ERROR_MODES: Final = frozenset({"invalid_token", "unsupported_token_type", "invalid_request"})
-_INTROSPECT_MODES: Final = (
-    frozenset({"ok", "down", "hang", "html", "notjson", "redirect", "huge", "no_active", "active_string", "error500"})
-    | _INTROSPECT_ERROR_MODES
-)
 # RFC 6749 2.3.1: how a client may authenticate to the introspection endpoint (RFC 7662 2.1).
 CLIENT_AUTH_METHODS: Final = frozenset({"client_secret_basic", "client_secret_post"})
-_HANG_SECONDS: Final = 3600.0
-_HUGE_JWKS_BYTES: Final = 2 * 1024 * 1024
-_HUGE_INTROSPECT_BYTES: Final = 128 * 1024
-# Discovery failure modes beyond the shared ones: an issuer that is a prefix of ours or another
-# one entirely, no jwks_uri, keys on another host name (localhost: the same server), a >64 KiB document.
-_DISCOVERY_MODES: Final = frozenset(
-    {
-        "ok",
-        "down",
-        "hang",
-        "html",
-        "notjson",
-        "redirect",
-        "huge",
-        "issuer_prefix",
-        "wrong_issuer",
-        "no_jwks_uri",
-        "other_host",
-    }
-)
 
-_HMAC_ALGS: Final = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 _FAMILY_BY_ALG: Final = {
     "HS256": "HS",
     "HS384": "HS",
@@ -80,7 +57,6 @@ _FAMILY_BY_ALG: Final = {
     "PS512": "RSA",
     "ES256": "EC",
     "EdDSA": "OKP",
-    "none": "none",
 }
 _JWK_ALG_BY_FAMILY: Final = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}
 
@@ -94,6 +70,7 @@ class _Default(enum.Enum):
 
 
 KEY_KID: Final = _Default.KEY_KID
+Kid: TypeAlias = str | _Default | None  # a kid header value, KEY_KID for the key's own, None for none
 
 
 @dataclass(frozen=True)
@@ -154,21 +131,12 @@ def _public_jwk(key: _SigningKey) -> dict[str, Any]:
     return jwk
 
 
-def _json_bytes(value: Any) -> bytes:
-    """Compact JSON encoding."""
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _hmac_sign(header: dict[str, Any], payload: dict[str, Any], key: str | bytes, alg: str) -> str:
-    """HS* compact JWS without PyJWT's key checks, so alg-confusion tokens (PEM as secret) can be made."""
-    secret = key.encode() if isinstance(key, str) else key
-    signing_input = f"{_b64url(_json_bytes(header))}.{_b64url(_json_bytes(payload))}"
-    digest = hmac.new(secret, signing_input.encode("ascii"), _HMAC_ALGS[alg]).digest()
-    return f"{signing_input}.{_b64url(digest)}"
-
-
 class DevIdentityProvider(LocalHttpServer):
-    """JWKS endpoint, token minting and RFC 7662 introspection, with switchable failure modes."""
+    """JWKS, discovery, token minting and RFC 7662 introspection with client authentication.
+
+    Only well-formed answers and well-formed tokens: the hostile modes (broken documents, `alg:
+    none`, forged headers) live in the tests (tests/hostile_idp.py), not in the wheel.
+    """
 
     def __init__(
         self,
@@ -185,13 +153,7 @@ class DevIdentityProvider(LocalHttpServer):
         self.client_secret = client_secret
         self.hmac_secret: str = secrets.token_urlsafe(48)
         self.hits: collections.Counter[str] = collections.Counter()
-        self.jwks_mode: str = "ok"
-        self.discovery_mode: str = "ok"
-        self.introspect_mode: str = "ok"
-        self.delay: float = 0.0
-        # The Content-Type of introspection answers (RFC 7662 says application/json; tests try others).
-        self.introspect_content_type: str = "application/json"
-        self.last_introspection: dict[str, Any] | None = None
+        self.delay: float = 0.0  # seconds every answer waits: a slow IdP
         # The client authentication methods the introspection endpoint accepts (RFC 6749 2.3.1);
         # a request using another one, two at once, or none is refused with 401 invalid_client.
         self.client_auth_methods: frozenset[str] = CLIENT_AUTH_METHODS
@@ -315,13 +277,17 @@ class DevIdentityProvider(LocalHttpServer):
         claims: Mapping[str, Any] | None = None,
         *,
         alg: str = "RS256",
-        kid: str | _Default | None = KEY_KID,
+        kid: Kid = KEY_KID,
         ttl: float = 300,
-        headers: Mapping[str, Any] | None = None,
         key: Any = None,
     ) -> str:
         """Sign a JWT that lives exactly `ttl` seconds from now; claims override the defaults and a
-        None claim removes it."""
+        None claim removes it. `key` signs instead of the published key (a forgery the demo shows)."""
+        payload = self.payload(claims, ttl)
+        return jwt.encode(payload, self._signing_key(alg, key), algorithm=alg, headers=self._header(alg, kid) or None)
+
+    def payload(self, claims: Mapping[str, Any] | None, ttl: float) -> dict[str, Any]:
+        """The payload mint() signs: defaults for this issuer, overridden by `claims` (None removes)."""
         # Not truncated to whole seconds: int(time.time()) + ttl would expire up to a second early
         # (a ttl=1 token issued at x.99 s lived 0.01 s). NumericDate allows fractions (RFC 7519 §2).
         now = time.time()
@@ -334,26 +300,21 @@ class DevIdentityProvider(LocalHttpServer):
             "jti": secrets.token_urlsafe(12),
         }
         payload.update(claims or {})
-        payload = {name: value for name, value in payload.items() if value is not None}
+        return {name: value for name, value in payload.items() if value is not None}
 
+    def _header(self, alg: str, kid: Kid) -> dict[str, Any]:
+        """The JOSE header fields beyond `alg` and `typ`: the kid asked for (KEY_KID: the key's own)."""
         family = _family(alg)
-        header: dict[str, Any] = {}
-        if family in self._current:
-            if kid is KEY_KID:
-                header["kid"] = self._current[family].kid
-            signing_key: Any = self._current[family].private if key is None else key
-        else:
-            signing_key = (self.hmac_secret if family == "HS" else None) if key is None else key
-        if isinstance(kid, str):
-            header["kid"] = kid
-        header.update(headers or {})
+        if kid is KEY_KID:
+            return {"kid": self._current[family].kid} if family in self._current else {}
+        return {} if kid is None else {"kid": kid}
 
-        if family == "HS" and key is not None:
-            # PyJWT refuses PEM-looking HMAC secrets; tests need exactly that for alg confusion.
-            full_header = {"alg": alg, "typ": "JWT", **header}
-            full_header = {name: value for name, value in full_header.items() if value is not None}
-            return _hmac_sign(full_header, payload, key, alg)
-        return jwt.encode(payload, signing_key, algorithm=alg, headers=header or None)
+    def _signing_key(self, alg: str, key: Any) -> Any:
+        """The key that signs alg: `key` when given, else the current key pair or the HMAC secret."""
+        if key is not None:
+            return key
+        family = _family(alg)
+        return self.hmac_secret if family == "HS" else self._current[family].private
 
     def issue_opaque(
         self, claims: Mapping[str, Any] | None = None, *, ttl: float = 300, token: str | None = None
@@ -397,11 +358,8 @@ class DevIdentityProvider(LocalHttpServer):
         app = web.Application()
         app.router.add_get(JWKS_PATH, self._handle_jwks)
         app.router.add_get(DISCOVERY_PATH, self._handle_discovery)
-        app.router.add_get(_DISCOVERY_MOVED_PATH, self._handle_discovery_moved)
         app.router.add_post(INTROSPECT_PATH, self._handle_introspect)
         app.router.add_post(TOKEN_PATH, self._handle_token)
-        app.router.add_get(_JWKS_MOVED_PATH, self._handle_jwks_moved)
-        app.router.add_route("*", _INTROSPECT_MOVED_PATH, self._handle_introspect_moved)
         return app
 
     async def _handle_token(self, request: web.Request) -> web.StreamResponse:
@@ -430,29 +388,13 @@ class DevIdentityProvider(LocalHttpServer):
         return web.json_response({"access_token": token, "token_type": "Bearer", "expires_in": ttl})
 
     async def _handle_jwks(self, request: web.Request) -> web.StreamResponse:
-        """GET /.well-known/jwks.json, shaped by jwks_mode."""
+        """GET /.well-known/jwks.json."""
         self.hits["jwks"] += 1
-        mode = self.jwks_mode
         await self._wait()
-        failure = await self._common_failure(mode, _JWKS_MOVED_PATH)
-        if failure is not None:
-            return failure
-        body: dict[str, Any]
-        if mode == "ok":
-            body = self.jwks()
-        elif mode == "huge":
-            # Valid keys plus padding: only a response size limit can reject it.
-            body = {**self.jwks(), "padding": "x" * _HUGE_JWKS_BYTES}
-        elif mode == "empty":
-            body = {"keys": []}
-        elif mode == "garbage_keys":
-            body = {"keys": [{"kty": "RSA"}]}
-        else:
-            return _unknown_mode("jwks_mode", mode)
-        return web.json_response(body, headers={"Cache-Control": "max-age=300"})
+        return web.json_response(self.jwks(), headers={"Cache-Control": "max-age=300"})
 
     def discovery(self) -> dict[str, Any]:
-        """The OpenID Provider metadata the "ok" mode serves."""
+        """The OpenID Provider metadata (OIDC Discovery 1.0 section 3)."""
         return {
             "issuer": self.issuer,
             "jwks_uri": self.jwks_uri,
@@ -464,131 +406,41 @@ class DevIdentityProvider(LocalHttpServer):
         }
 
     async def _handle_discovery(self, request: web.Request) -> web.StreamResponse:
-        """GET /.well-known/openid-configuration, shaped by discovery_mode."""
+        """GET /.well-known/openid-configuration."""
         self.hits["discovery"] += 1
-        mode = self.discovery_mode
         await self._wait()
-        failure = await self._common_failure(mode, _DISCOVERY_MOVED_PATH)
-        if failure is not None:
-            return failure
-        if mode not in _DISCOVERY_MODES:
-            return _unknown_mode("discovery_mode", mode)
-        body = self.discovery()
-        if mode == "huge":
-            body["padding"] = "x" * _HUGE_INTROSPECT_BYTES  # over the 64 KiB cap, valid otherwise
-        elif mode == "issuer_prefix":
-            body["issuer"] = self.issuer[:-1]
-        elif mode == "wrong_issuer":
-            body["issuer"] = "https://attacker.example"
-        elif mode == "no_jwks_uri":
-            del body["jwks_uri"]
-        elif mode == "other_host":
-            body["jwks_uri"] = self.jwks_uri.replace("://127.0.0.1:", "://localhost:", 1)
-        return web.json_response(body)
-
-    async def _handle_discovery_moved(self, request: web.Request) -> web.StreamResponse:
-        """Redirect target that serves valid metadata (clients must not get here)."""
-        self.hits["discovery_redirected"] += 1
         return web.json_response(self.discovery())
 
-    async def _handle_jwks_moved(self, request: web.Request) -> web.StreamResponse:
-        """Redirect target that serves a valid JWKS (clients must not get here)."""
-        self.hits["jwks_redirected"] += 1
-        return web.json_response(self.jwks(), headers={"Cache-Control": "max-age=300"})
-
     async def _handle_introspect(self, request: web.Request) -> web.StreamResponse:
-        """POST /introspect (RFC 7662), shaped by introspect_mode."""
+        """POST /introspect (RFC 7662): our client only, then the token's answer."""
         self.hits["introspect"] += 1
-        mode = self.introspect_mode
         form = await request.post()
-        self.last_introspection = {
-            "form": {name: str(value) for name, value in form.items()},
-            "headers": dict(request.headers),
-        }
         await self._wait()
-        failure = await self._common_failure(mode, _INTROSPECT_MOVED_PATH)
-        if failure is not None:
-            return failure
-        if mode == "error500":
-            return web.json_response({"error": "server_error"}, status=500)
-        if mode not in _INTROSPECT_MODES:
-            return _unknown_mode("introspect_mode", mode)
-
-        self.last_client_auth = self._client_auth(request.headers, form)
-        if self.last_client_auth is None:
-            self.hits["introspect_client_refused"] += 1
-            return web.json_response(
-                {"error": "invalid_client"},
-                status=401,
-                headers={"WWW-Authenticate": 'Basic realm="introspection"'},
-            )
-        if mode in _INTROSPECT_ERROR_MODES:
-            # What some servers answer instead of `active: false` (a JWT to an opaque-only
-            # endpoint, an unknown token type), or for a request they do not understand.
-            return web.json_response({"error": mode}, status=400)
+        refusal = self.refuse_client(request.headers, form)
+        if refusal is not None:
+            return refusal
         token = form.get("token")
         if not isinstance(token, str) or not token:
             return web.json_response({"error": "invalid_request"}, status=400)
+        return web.json_response(self.introspect(token), headers={"Cache-Control": "no-store"})
 
-        result = self.introspect(token)
-        if mode == "no_active":
-            result.pop("active", None)
-        elif mode == "active_string":
-            result["active"] = "true" if result.get("active") else "false"
-        elif mode == "huge":
-            # Active and well-formed apart from its size, so only a size limit rejects it.
-            result = {**self._plausible_active(), "padding": "x" * _HUGE_INTROSPECT_BYTES}
+    def refuse_client(self, headers: Mapping[str, str], form: Mapping[str, Any]) -> web.Response | None:
+        """The 401 invalid_client (RFC 6749 5.2) for a request that is not our client, else None;
+        remembers the method that authenticated in `last_client_auth`."""
+        self.last_client_auth = self._client_auth(headers, form)
+        if self.last_client_auth is not None:
+            return None
+        self.hits["introspect_client_refused"] += 1
         return web.json_response(
-            result, content_type=self.introspect_content_type, headers={"Cache-Control": "no-store"}
+            {"error": "invalid_client"},
+            status=401,
+            headers={"WWW-Authenticate": 'Basic realm="introspection"'},
         )
-
-    async def _handle_introspect_moved(self, request: web.Request) -> web.StreamResponse:
-        """Redirect target that says "active" to anyone (a client following it is broken)."""
-        self.hits["introspect_redirected"] += 1
-        return web.json_response(self._plausible_active())
-
-    def _plausible_active(self) -> dict[str, Any]:
-        """An active introspection result not tied to any issued token."""
-        now = int(time.time())
-        return {
-            "active": True,
-            "sub": "user-1",
-            "client_id": self.client_id,
-            "scope": "openid",
-            "iss": self.issuer,
-            "exp": now + 300,
-            "iat": now,
-            "token_type": "Bearer",
-        }
 
     async def _wait(self) -> None:
         """Apply the configured slow-IdP delay."""
         if self.delay > 0:
             await asyncio.sleep(self.delay)
-
-    async def _common_failure(self, mode: str, moved_path: str) -> web.StreamResponse | None:
-        """Answers shared by both endpoints' failure modes; None means "not a shared mode"."""
-        if mode == "down":
-            return web.json_response({"error": "temporarily_unavailable"}, status=503)
-        if mode == "hang":
-            # stop() and client disconnects cancel this; nothing else ends it in time.
-            await asyncio.sleep(_HANG_SECONDS)
-            return web.json_response({"error": "timeout"}, status=504)
-        if mode == "html":
-            return web.Response(
-                text="<!doctype html><html><body><h1>Sign in</h1></body></html>",
-                content_type="text/html",
-            )
-        if mode == "notjson":
-            return web.Response(text="keys: not json {", content_type="application/json")
-        if mode == "redirect":
-            return web.Response(status=302, headers={"Location": moved_path})
-        return None
-
-
-def _unknown_mode(switch: str, mode: str) -> web.Response:
-    """Loud answer for a misspelled failure switch, so the test author notices."""
-    return web.json_response({"error": f"unknown {switch} {mode!r}"}, status=500)
 
 
 async def _serve(args: argparse.Namespace) -> None:

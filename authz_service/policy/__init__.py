@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from authz_service.config.model import Predicate
+from authz_service.policy.evaluate import Predicate
 
 
 @dataclass(frozen=True, slots=True)

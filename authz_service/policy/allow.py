@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from authz_service.config.model import Predicate
+from authz_service.policy.evaluate import Predicate
 
 
 def _always(context: Mapping[str, Any]) -> bool:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from authz_service.config.model import Predicate
 from authz_service.errors import PolicyError, PolicyTimeout
 from authz_service.policy import ENGINES, PolicyEngine, engine_names, unknown_engine
+from authz_service.policy.evaluate import Predicate
 
 MAX_DEPTH = 16  # nested and/or levels: far beyond any policy a person writes
 _OPERATORS = ("and", "or")

@@ -21,6 +21,7 @@ from authz_service.config.model import PolicyConfig
 from authz_service.errors import PolicyTimeout
 from authz_service.policy import ENGINES
 from authz_service.policy.budget import budget_ms
+from authz_service.policy.evaluate import admits
 
 REDACTED = "<redacted>"
 ALWAYS_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
@@ -143,7 +144,7 @@ def _out_of_scope(
             return f"roleName: applies only to users holding a Role named {policy.role_name!r}; no known user"
         held = ", ".join(repr(name) for name in roles) or "none"
         return f"roleName: applies only to users holding a Role named {policy.role_name!r}; user {user!r} holds {held}"
-    if policy.links is not None and not policy.links.admit(context):
+    if policy.links is not None and not admits(policy.links, context):
         user = _mapping(context.get("user")).get("id")
         client = _mapping(context.get("client")).get("id")
         operation = _mapping(context.get("operation")).get("id")

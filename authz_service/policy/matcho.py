@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 
 import regex
 
+from authz_service.context import CONTEXT_KEYS, LIST_KEYS, MAP_KEYS, STRING_KEYS
 from authz_service.errors import PolicyError, PolicyTimeout
 from authz_service.policy.budget import SLOW_MATCH, RegexBudget, backtracking_risk
 from authz_service.policy.javaregex import ASCII_FLAGS, compile_java, translate
@@ -471,7 +472,8 @@ def compile_rule(rule: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]
 
 def lint_rule(rule: Mapping[str, Any]) -> list[str]:
     """check-config's warnings for a (compiled) `matcho`: each `#regex` whose shape can backtrack
-    exponentially, e.g. `matcho.uri: '#^(a+)+$' has a nested quantifier, ...`."""
+    exponentially (`matcho.uri: '#^(a+)+$' has a nested quantifier, ...`), and each top-level key
+    the request context never has or whose pattern can never match it (docs/policies.md)."""
     warnings_ = []
     for path, source in _regexes(rule["matcho"], "matcho"):
         try:
@@ -481,7 +483,70 @@ def lint_rule(rule: Mapping[str, Any]) -> list[str]:
         risk = backtracking_risk(text)
         if risk is not None:
             warnings_.append(f"{path}: {'#' + source!r} {risk}, which can take exponential time on some inputs")
+    if isinstance(rule["matcho"], Mapping):
+        warnings_.extend(_context_warnings(rule["matcho"]))
     return warnings_
+
+
+# A method as build_context has it: an HTTP token (RFC 9110 5.6.2), lower-cased.
+_LOWER_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+# A regex that starts at the start of the value: `^` or `\A`, after any leading inline flags.
+_ANCHORED = re.compile(r"(?:\(\?[a-zA-Z]+\))*(?:\^|\\A)")
+
+
+def _context_warnings(pattern: Mapping[Any, Any]) -> Iterator[str]:
+    """What a top-level matcho map asks of the context that no request context can give. Sound by
+    construction: only keys build_context never sets, and literals of a type (or, for
+    request-method, a spelling) the context's value never has; anything read through `.path`,
+    `#regex` or an operator other than `$enum` is left alone."""
+    for key, sub in pattern.items():
+        if not isinstance(key, str) or key.startswith("$"):
+            continue
+        where = f"matcho.{key}"
+        if key not in CONTEXT_KEYS:
+            yield f"{where}: no request context has {key!r} (it has {', '.join(sorted(CONTEXT_KEYS))})"
+            continue
+        literals = _literals(sub)
+        for literal in literals:
+            why = _never(key, literal)
+            if why is not None:
+                yield f"{where}: {_shown(literal)} never matches: {why}"
+        if key == "uri" and isinstance(sub, str) and sub.startswith("#") and not _ANCHORED.match(sub[1:]):
+            yield (
+                f"{where}: {sub!r} is not anchored with '^', so it matches anywhere in the path "
+                "(also /other/prefix/...); start it with '^'"
+            )
+
+
+def _literals(sub: Any) -> list[Any]:
+    """The values a pattern compares the context's value with as they are: itself (unless it is
+    null, a regex, a context path or present?/nil?/not-blank?) or the items of a lone `$enum`."""
+    if isinstance(sub, Mapping):
+        values = sub.get("$enum") if len(sub) == 1 else None
+        return list(values) if isinstance(values, list) else []  # $enum's strings are all literal
+    if sub is None or (isinstance(sub, str) and (sub in _SPECIAL_STRINGS or sub.startswith(("#", ".")))):
+        return []
+    return [sub]
+
+
+def _never(key: str, literal: Any) -> str | None:
+    """Why the context's `key` can never equal `literal`, or None when it might."""
+    if key in STRING_KEYS:
+        if not isinstance(literal, str):
+            return f"{key} is always a string"
+        if key == "request-method" and literal.lower() != literal:
+            return "request-method is lower case (get, post, ...)"
+        if key == "request-method" and not _LOWER_METHOD.fullmatch(literal):
+            return "request-method is an HTTP method name (letters, digits and !#$%&'*+.^_`|~-)"
+    elif key in MAP_KEYS and not isinstance(literal, Mapping):
+        return f"{key} is always a map"
+    elif key in LIST_KEYS and not isinstance(literal, list | tuple):
+        return f"{key} is always a list"
+    return None
+
+
+def _shown(value: Any) -> str:
+    return _quoted(value) if isinstance(value, str) else repr(value)
 
 
 def _regexes(pattern: Any, path: str) -> Iterator[tuple[str, str]]:

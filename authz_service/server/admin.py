@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from authz_service.config.model import TlsConfig
+from authz_service.config.model import Listen, TlsConfig
 from authz_service.errors import bind_failure, host_port
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class AdminServer:
 
     def __init__(
         self,
-        address: str,
+        listen: Listen,
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         collect: Callable[[], None] = lambda: None,
@@ -36,14 +36,13 @@ class AdminServer:
         details: Callable[[], Mapping[str, Any]] | None = None,
         tls: TlsConfig | None = None,
     ) -> None:
-        host, _, port = address.rpartition(":")
-        self._host = host.strip("[]")
-        self._port = int(port)
+        self._host = listen.host
+        self._port = listen.port
         self._registry = registry
         self._ready = ready
         self._collect = collect  # refreshes gauges that are read, not counted, just before a scrape
         self._api = api
-        self._details = details  # more for /readyz to say (the resource store's state)
+        self._details = details  # more for /readyz to say (each introspector's keys, the resource store)
         self._runner: web.AppRunner | None = None
         self._tls = tls
         self.port: int | None = None
@@ -87,12 +86,15 @@ class AdminServer:
         return web.json_response({"status": "alive"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        # Ready read first: details read after it may only be newer (an introspector shown with keys
+        # in a 503 is one that got them meanwhile, never the other way round).
+        ready = self._ready()
         details = dict(self._details()) if self._details is not None else {}
-        if self._ready():
+        if ready:
             # Still 200 when the resource store is unreachable: every replica would go unready at
             # once on a Redis outage. The body says so; the process decides with what it has.
             return web.json_response({"status": "ready", **details})
-        return web.json_response({"status": "not ready", **details}, status=503)
+        return web.json_response({"status": "not_ready", **details}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self._collect()

@@ -1,10 +1,13 @@
 """The resource API, Aidbox's REST workflow on the admin listener (docs/resources.md).
 
-`PUT|GET|DELETE /<Type>/<id>`, `GET /<Type>` and a bulk `PUT /` for TokenIntrospector,
+`PUT|GET|DELETE /<Type>/<id>`, `GET|POST /<Type>`, a bulk `PUT /` (a list of resources, all or
+none) and `POST /` (Aidbox's `transaction` and `batch` Bundles) for TokenIntrospector,
 AccessPolicy, User and Role, and `POST /auth/test-policy` (policytest.py) behind the same token.
 Bodies are YAML or JSON, read strictly; every change is validated with the config file and the
-rest of the store by the one config validator, persisted by the store, and applied (this
-process, or every worker of a supervisor) before the answer. Errors are FHIR OperationOutcomes.
+rest of the store by the one config validator, persisted by the store (a request's changes in one
+store write), and applied (this process, or every worker of a supervisor) before the answer.
+`?_dry_run=true` on any write validates the same way and writes nothing. Errors are FHIR
+OperationOutcomes, and every refusal names what works instead.
 Every token of `api.token` / `api.tokens` names a writer; each resource a write changes is one
 audit line (writer, resource, action, digests before and after: store/audit.py) and one count of
 `authz_api_writes_total`. A policy written to allow every request is accepted, logged, and
@@ -21,8 +24,11 @@ import hashlib
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -33,9 +39,10 @@ from authz_service import strictjson
 from authz_service.config import yamlload
 from authz_service.config.model import ApiToken, Config
 from authz_service.engine import Engine
-from authz_service.errors import ConfigError
-from authz_service.observe import ApiMetrics, redact
+from authz_service.errors import ConfigError, Problem
+from authz_service.metrics import ApiMetrics
 from authz_service.policytest import PolicyTestError, parse_policy_test, run_policy_test
+from authz_service.redact import redact
 from authz_service.store.audit import allows_everything, digest, secrets_changed
 from authz_service.store.base import (
     KINDS,
@@ -121,6 +128,27 @@ def operation_outcome(
 # How check-config's warnings name a resource of each type (`introspector 'x': ...`).
 _WARNING_SUBJECT = {"TokenIntrospector": "introspector", "AccessPolicy": "policy", "User": "user", "Role": "role"}
 WARNING_CODE = "security"  # FHIR issue type of an accepted write that weakens access control
+DRY_RUN = "_dry_run"  # ?_dry_run=true on any write: validated as if written, nothing written
+# How a dry run's answer says so (FHIR's meta.tag): a Bundle, or the resource a PUT, POST or DELETE answers.
+DRY_RUN_TAG: Mapping[str, str] = MappingProxyType(
+    {"system": "urn:authz-service", "code": "dry-run", "display": "dry run: nothing was written"}
+)
+BUNDLE_TYPES = ("transaction", "batch")
+BUNDLE_SHAPE = (
+    '{"resourceType": "Bundle", "type": "transaction" (all or nothing) or "batch" (each entry on its own), '
+    '"entry": [{"request": {"method": "PUT", "url": "/AccessPolicy/<id>"}, "resource": {...}}, '
+    '{"request": {"method": "POST", "url": "/User"}, "resource": {...}}, '
+    '{"request": {"method": "DELETE", "url": "/Role/<id>"}}]}'
+)
+ENTRY_SHAPE = (
+    '{"request": {"method": "PUT", "url": "/<Type>/<id>"}, "resource": {...}} '
+    '(or method POST to "/<Type>" with a resource, or DELETE "/<Type>/<id>")'
+)
+# What a write did -> the single endpoints' status, and a Bundle entry's response.status.
+_STATUS = {"created": 201, "updated": 200, "unchanged": 200, "deleted": 200}
+_ENTRY_STATUS = {"created": "201 Created", "updated": "200 OK", "unchanged": "200 OK", "deleted": "204 No Content"}
+# `<method> /<Type>` refused: what the same method does one level down.
+_ONE = {"PUT": "creates or replaces one", "DELETE": "deletes one"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +168,36 @@ class WriteResult:
     snapshot: Snapshot
     written: list[Written]
     warnings: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One write a request or a Bundle entry asks for: PUT (create or replace), POST (create only)
+    or DELETE, of one resource."""
+
+    method: str
+    key: Key
+    resource: Resource | None  # None for DELETE
+
+    def apply(self, state: Mapping[Key, Resource]) -> str:
+        """What it does to `state`: created, updated, unchanged or deleted; ApiError when it cannot."""
+        old = state.get(self.key)
+        kind, ident = self.key
+        if self.method == "DELETE":
+            if old is None:
+                raise ApiError(404, [f"{key_text(self.key)} does not exist"])
+            return "deleted"
+        if old is None:
+            return "created"
+        if self.method == "POST":
+            raise ApiError(
+                409,
+                [
+                    f"{key_text(self.key)} already exists: PUT /{kind}/{ident} replaces it; "
+                    "POST without an id creates a new one"
+                ],
+            )
+        return "unchanged" if old == self.resource else "updated"
 
 
 class ResourceApi:
@@ -170,26 +228,46 @@ class ResourceApi:
             writer = self._authorize(request)
             if request.path == TEST_POLICY_PATH and self._engine is not None:
                 if request.method != "POST":
-                    raise ApiError(405, [f"{request.method} {TEST_POLICY_PATH} is not supported"], {"Allow": "POST"})
+                    raise ApiError(
+                        405,
+                        [f"{request.method} {TEST_POLICY_PATH} is not supported: POST the request to decide"],
+                        {"Allow": "POST"},
+                    )
                 return await self._test_policy(request, self._engine)
             kind, ident = _target(request)
+            method = request.method
+            dry_run = _dry_run(request)
             if kind is None:
-                if request.method != "PUT":
-                    raise ApiError(
-                        405, [f"{request.method} / is not supported; PUT / applies a list"], {"Allow": "PUT"}
-                    )
-                return await self._bulk(request, writer)
+                if method == "PUT":
+                    return await self._bulk(request, writer, dry_run)
+                if method == "POST":
+                    return await self._bundle(await self._body(request), writer, "POST /", dry_run)
+                raise ApiError(
+                    405,
+                    [
+                        f"{method} / is not supported: POST / takes a transaction or batch Bundle, PUT / a list "
+                        "of resources; GET /<Type> lists the resources of a type"
+                    ],
+                    {"Allow": "PUT, POST"},
+                )
             if ident is None:
-                if request.method != "GET":
-                    raise ApiError(405, [f"{request.method} /{kind} is not supported"], {"Allow": "GET"})
-                return await self._list(kind)
-            if request.method == "GET":
+                if method == "GET":
+                    return await self._list(kind)
+                if method == "POST":
+                    return await self._create(request, kind, writer, dry_run)
+                one = f"; {method} /{kind}/<id> {_ONE[method]}" if method in _ONE else ""
+                raise ApiError(
+                    405,
+                    [f"{method} /{kind} is not supported: GET /{kind} lists, POST /{kind} creates{one}"],
+                    {"Allow": "GET, POST"},
+                )
+            if method == "GET":
                 return await self._read(kind, ident)
-            if request.method == "PUT":
-                return await self._put(request, kind, ident, writer)
-            if request.method == "DELETE":
-                return await self._delete(kind, ident, writer)
-            raise ApiError(405, [f"{request.method} is not supported here"], {"Allow": "GET, PUT, DELETE"})
+            if method == "PUT":
+                return await self._put(request, kind, ident, writer, dry_run)
+            if method == "DELETE":
+                return await self._delete(kind, ident, writer, dry_run)
+            raise ApiError(405, [_unsupported(method, kind, ident)], {"Allow": "GET, PUT, DELETE"})
         except ApiError as err:
             return _answer(operation_outcome(err.diagnostics, err.status), err.status, err.headers)
         except StoreError as err:
@@ -247,54 +325,74 @@ class ResourceApi:
             raise ApiError(422, [f"the body: {problem}"])
         return value
 
-    async def _put(self, request: web.Request, kind: str, ident: str, writer: str) -> web.Response:
+    async def _put(self, request: web.Request, kind: str, ident: str, writer: str, dry_run: bool) -> web.Response:
         body = await self._body(request)
-        resource = _resource(body, kind, ident, "the body")
-        key = (kind, ident)
-        self._refuse_file_resources([key])
-        created: list[bool] = []
+        operation = Operation("PUT", (kind, ident), _resource(body, kind, ident, "the body"))
+        return await self._one(request, operation, writer, f"PUT /{kind}/{ident}", dry_run)
 
-        def plan(current: Snapshot) -> list[Change]:
-            created.append(key not in current.resources)
-            return [Change(key, resource)]
+    async def _create(self, request: web.Request, kind: str, writer: str, dry_run: bool) -> web.Response:
+        """POST /<Type>: a new resource, at the body's id or at a new random one (Aidbox keeps a given id)."""
+        if "If-None-Exist" in request.headers:
+            raise ApiError(
+                400,
+                [
+                    "If-None-Exist (a conditional create) is not supported: give the resource an id and POST it "
+                    f"(409 when it exists), or PUT /{kind}/<id>"
+                ],
+            )
+        body = await self._body(request)
+        ident = body.get("id") if isinstance(body, dict) else None
+        if ident is None:
+            ident = str(uuid.uuid4())
+        elif (why := id_problem(ident)) is not None:
+            raise ApiError(422, [f"the body: id {why}"])
+        operation = Operation("POST", (kind, ident), _resource(body, kind, ident, "the body"))
+        return await self._one(request, operation, writer, f"POST /{kind}", dry_run)
 
-        result = await self._write(plan, writer, f"PUT /{kind}/{ident}")
-        status = 201 if created[-1] else 200
-        headers: CIMultiDict[str] = CIMultiDict({"Location": f"/{kind}/{ident}"} if status == 201 else {})
+    async def _one(
+        self, request: web.Request, operation: Operation, writer: str, what: str, dry_run: bool
+    ) -> web.Response:
+        """A single PUT or POST: the resource as stored, `Location` when created, warnings as headers."""
+        kind = operation.key[0]
+        outcomes, result = await self._transaction([operation], writer, what, dry_run)
+        status = _STATUS[outcomes[0]]
+        headers: CIMultiDict[str] = CIMultiDict({"Location": _location(operation.key)} if status == 201 else {})
         for warning in result.warnings:
             headers.add("Warning", _warning_header(warning))
-        if result.warnings and _prefers_outcome(request):
+        if _prefers_outcome(request) and (result.warnings or dry_run):
             # FHIR's Prefer: return=OperationOutcome: the outcome (with the warnings) instead of the resource.
-            lines = [f"{key_text(key)}: {'created' if status == 201 else 'updated'}"]
+            lines = [*_dry_run_note(dry_run), f"{key_text(operation.key)}: {outcomes[0]}"]
             return _answer(operation_outcome(lines, severity="information", warnings=result.warnings), status, headers)
-        return _answer(without_secrets(kind, resource), status, headers)
+        assert operation.resource is not None
+        return _answer(_shown_resource(kind, operation.resource, dry_run), status, headers)
 
-    async def _delete(self, kind: str, ident: str, writer: str) -> web.Response:
-        key = (kind, ident)
-        self._refuse_file_resources([key])
-        deleted: list[Resource] = []
+    async def _delete(self, kind: str, ident: str, writer: str, dry_run: bool) -> web.Response:
+        operation = Operation("DELETE", (kind, ident), None)
+        _, result = await self._transaction([operation], writer, f"DELETE /{kind}/{ident}", dry_run)
+        deleted = result.written[0].before  # a delete of what exists always changes the store
+        assert deleted is not None
+        return _answer(_shown_resource(kind, deleted, dry_run), 200)
 
-        def plan(current: Snapshot) -> list[Change]:
-            resource = current.resources.get(key)
-            if resource is None:
-                raise ApiError(404, [f"{key_text(key)} does not exist"])
-            deleted.append(resource)
-            return [Change(key, None)]
-
-        await self._write(plan, writer, f"DELETE /{kind}/{ident}")
-        return _answer(without_secrets(kind, deleted[-1]), 200)
-
-    async def _bulk(self, request: web.Request, writer: str) -> web.Response:
+    async def _bulk(self, request: web.Request, writer: str, dry_run: bool) -> web.Response:
         body = await self._body(request)
         if isinstance(body, dict) and body.get("resourceType") == "Bundle":
             entries = body.get("entry") or []
+            requests = isinstance(entries, list) and any(isinstance(e, dict) and "request" in e for e in entries)
+            if requests and body.get("type") in BUNDLE_TYPES:
+                return await self._bundle(body, writer, "PUT /", dry_run)  # Aidbox's shape, sent to PUT
             body = (
                 [e.get("resource") if isinstance(e, dict) else e for e in entries]
                 if isinstance(entries, list)
                 else None
             )
         if not isinstance(body, list):
-            raise ApiError(422, ["PUT / takes a list of resources (or a Bundle of them)"])
+            raise ApiError(
+                422,
+                [
+                    "PUT / takes a list of resources (or a Bundle of them); POST / takes a transaction or batch "
+                    "Bundle; PUT /<Type>/<id> writes one resource"
+                ],
+            )
         resources: dict[Key, Resource] = {}
         problems: list[str] = []
         for index, item in enumerate(body):
@@ -320,21 +418,130 @@ class ResourceApi:
                 problems.extend(err.diagnostics)
         if problems:
             raise ApiError(422, problems)
-        self._refuse_file_resources(list(resources))
-        outcomes: dict[Key, str] = {}
-
-        def plan(current: Snapshot) -> list[Change]:
-            for key, resource in resources.items():
-                old = current.resources.get(key)
-                outcomes[key] = "created" if old is None else "unchanged" if old == resource else "updated"
-            return [Change(key, resource) for key, resource in resources.items()]
-
-        result = await self._write(plan, writer, "PUT /")
-        lines = [f"{key_text(key)}: {outcome}" for key, outcome in outcomes.items()] or ["nothing to apply"]
+        operations = [Operation("PUT", key, resource) for key, resource in resources.items()]
+        outcomes, result = await self._transaction(operations, writer, "PUT /", dry_run)
+        lines = [f"{key_text(o.key)}: {outcome}" for o, outcome in zip(operations, outcomes, strict=True)]
         headers: CIMultiDict[str] = CIMultiDict()
         for warning in result.warnings:
             headers.add("Warning", _warning_header(warning))
+        lines = [*_dry_run_note(dry_run), *(lines or ["nothing to apply"])]
         return _answer(operation_outcome(lines, severity="information", warnings=result.warnings), 200, headers)
+
+    async def _bundle(self, body: Any, writer: str, path: str, dry_run: bool) -> web.Response:
+        """A `transaction` (all entries or none) or `batch` (each entry on its own) Bundle, as Aidbox
+        takes them: each entry a `request: {method, url}` (PUT, POST or DELETE) and its `resource`."""
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise ApiError(
+                422,
+                [
+                    f"{path} takes a Bundle: {BUNDLE_SHAPE}; to apply a plain list of resources, PUT / it",
+                ],
+            )
+        kind = body.get("type")
+        if kind not in BUNDLE_TYPES:
+            raise ApiError(422, [f"a Bundle of type {_shown(kind)} cannot be applied: use type transaction or batch"])
+        entries = body.get("entry", [])
+        if not isinstance(entries, list):
+            raise ApiError(422, [f"the Bundle's entry must be a list: {BUNDLE_SHAPE}"])
+        parsed: list[Operation | ApiError] = []
+        for index, entry in enumerate(entries):
+            try:
+                parsed.append(_entry_operation(index, entry))
+            except ApiError as err:
+                parsed.append(err)
+        what = f"{path} ({kind})"
+        if kind == "transaction":
+            return await self._all_or_nothing(parsed, writer, what, dry_run)
+        return await self._each(parsed, writer, what, dry_run)
+
+    async def _all_or_nothing(
+        self, parsed: Sequence[Operation | ApiError], writer: str, what: str, dry_run: bool
+    ) -> web.Response:
+        failed = [p for p in parsed if isinstance(p, ApiError)]
+        first: dict[Key, int] = {}
+        for index, item in enumerate(parsed):
+            if isinstance(item, Operation):
+                if item.key in first:
+                    failed.append(
+                        ApiError(
+                            422,
+                            [
+                                f"entry {index}: {key_text(item.key)} is also in entry {first[item.key]}: a "
+                                "transaction changes each resource once"
+                            ],
+                        )
+                    )
+                first.setdefault(item.key, index)
+        if failed:
+            raise ApiError(failed[0].status, [d for f in failed for d in f.diagnostics])
+        operations = [p for p in parsed if isinstance(p, Operation)]
+        outcomes, result = await self._transaction(operations, writer, what, dry_run, entries=True)
+        notes = _entry_notes(operations, result.warnings)
+        entries = [
+            _response_entry(o, outcome, notes.get(i, []), dry_run)
+            for i, (o, outcome) in enumerate(zip(operations, outcomes, strict=True))
+        ]
+        return self._bundle_answer("transaction-response", entries, result.warnings, dry_run)
+
+    async def _each(
+        self, parsed: Sequence[Operation | ApiError], writer: str, what: str, dry_run: bool
+    ) -> web.Response:
+        """A batch: every entry that can apply is applied, in one store write. The entries are
+        validated together (one validation, not one per entry: each costs as much as the whole
+        config); an entry the validator's problems name is refused and the rest validated again."""
+        failed = [p for p in parsed if isinstance(p, ApiError)]
+        if len(failed) == len(parsed):  # nothing to validate or write: the store is not even locked
+            return self._bundle_answer("batch-response", [_failed_entry(p) for p in failed], [], dry_run)
+        file = self._backend.file
+        compose = _LastValidated(self._backend.compose)
+        results: dict[int, str | ApiError] = {}
+
+        def plan(current: Snapshot) -> list[Change]:
+            refused: dict[int, ApiError] = {i: p for i, p in enumerate(parsed) if isinstance(p, ApiError)}
+            while True:
+                state, outcomes, unapplicable = _batch_state(current, parsed, refused, file)
+                try:
+                    compose(state)
+                    break
+                except ConfigError as err:
+                    blamed = _blamed(err.problems, parsed, outcomes)
+                    if not blamed:  # a problem no entry wrote (a delete broke a stored resource): one at a time
+                        state, outcomes, unapplicable = _batch_one_by_one(current, parsed, refused, file, compose)
+                        break
+                    refused.update({i: ApiError(422, texts) for i, texts in blamed.items()})
+            results.clear()
+            results.update({**outcomes, **unapplicable, **refused})
+            touched: dict[Key, None] = {}  # an unchanged PUT too: it is warned about as any PUT is
+            for index in sorted(outcomes):
+                item = parsed[index]
+                assert isinstance(item, Operation)
+                touched[item.key] = None
+            return [Change(key, state.get(key)) for key in touched]
+
+        result = await self._write(plan, writer, what, dry_run=dry_run, compose=compose)
+        operations = {i: p for i, p in enumerate(parsed) if isinstance(p, Operation)}
+        notes = _entry_notes(list(operations.values()), result.warnings)
+        positions = {i: n for n, i in enumerate(operations)}
+        entries = []
+        for index, item in enumerate(parsed):
+            outcome = results[index]
+            if isinstance(outcome, ApiError):
+                entries.append(_failed_entry(outcome))
+            else:
+                assert isinstance(item, Operation)
+                entries.append(_response_entry(item, outcome, notes.get(positions[index], []), dry_run))
+        return self._bundle_answer("batch-response", entries, result.warnings, dry_run)
+
+    def _bundle_answer(
+        self, kind: str, entries: list[dict[str, Any]], warnings: Sequence[str], dry_run: bool
+    ) -> web.Response:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for warning in warnings:
+            headers.add("Warning", _warning_header(warning))
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": kind, "entry": entries}
+        if dry_run:
+            bundle["meta"] = {"tag": [dict(DRY_RUN_TAG)]}
+        return _answer(bundle, 200, headers)
 
     async def _test_policy(self, request: web.Request, engine: Callable[[], Awaitable[Engine]]) -> web.Response:
         """Check's decision for the described request, and every policy's verdict (policytest.py)."""
@@ -368,67 +575,132 @@ class ResourceApi:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _refuse_file_resources(self, keys: Sequence[Key]) -> None:
+    def _refuse_file_resources(self, keys: Sequence[Key], labels: Sequence[str] | None = None) -> None:
         file = self._backend.file
-        theirs = [k for k in keys if k[1] in file.ids(k[0])]
+        theirs = [i for i, k in enumerate(keys) if k[1] in file.ids(k[0])]
         if theirs:
-            where = file.path or "the config file"
-            raise ApiError(
-                409,
-                [f"{key_text(k)} is defined in the config file {where}: change it there" for k in theirs],
-            )
+            err = _file_conflict([keys[i] for i in theirs], file)
+            if labels is not None:
+                err.diagnostics = [f"{labels[i]}: {text}" for i, text in zip(theirs, err.diagnostics, strict=True)]
+            raise err
 
-    async def _write(self, plan_changes: Callable[[Snapshot], list[Change]], writer: str, what: str) -> WriteResult:
-        """Validate (with the file and the rest of the store), persist, audit, apply; or raise ApiError."""
-        store = self._store()
-        async with self._writes:
-            file = self._backend.file
-            backend = self._backend
-            written: list[Written] = []
-            warnings: list[str] = []
-            sent: list[Change] = []  # every resource the request puts, changed or not (it is warned about)
+    async def _transaction(
+        self, operations: Sequence[Operation], writer: str, what: str, dry_run: bool, *, entries: bool = False
+    ) -> tuple[list[str], WriteResult]:
+        """Every operation or none, as one store write (validated as one): what each does, in order.
+        `entries`: the operations are a Bundle's entries, and every problem names its entry."""
+        labels = [f"entry {i}" for i in range(len(operations))] if entries else None
+        self._refuse_file_resources([o.key for o in operations], labels)
+        outcomes: list[str] = []
 
-            def plan(current: Snapshot) -> list[Change]:
-                changes = plan_changes(current)
-                sent[:] = changes
-                theirs = [c.key for c in changes if c.key[1] in file.ids(c.key[0])]
-                if theirs:  # the file changed since the request was checked
-                    raise ApiError(
-                        409, [f"{key_text(k)} is defined in the config file: change it there" for k in theirs]
-                    )
+        def plan(current: Snapshot) -> list[Change]:
+            state = dict(current.resources)
+            done: list[str] = []
+            failed: list[ApiError] = []
+            for index, operation in enumerate(operations):
                 try:
-                    config = backend.compose(current.changed(changes))
-                except ConfigError as err:
-                    raise ApiError(422, [str(p) for p in err.problems]) from None
-                before = {c.key: current.resources.get(c.key) for c in changes}
-                written[:] = [
-                    Written(c.key, _action(before[c.key], c.resource), before[c.key], c.resource)
-                    for c in changes
-                    if before[c.key] != c.resource
-                ]
-                # check-config's warnings about what was written (a short HMAC secret): never values.
-                names = tuple(f"{_WARNING_SUBJECT.get(w.key[0], w.key[0])} '{w.key[1]}'" for w in written)
-                warnings[:] = [text for text in config.warnings if text.startswith(names)]
-                return changes
+                    done.append(operation.apply(state))
+                except ApiError as err:
+                    prefix = f"entry {index}: " if entries else ""
+                    failed.append(ApiError(err.status, [prefix + d for d in err.diagnostics]))
+                    continue
+                if operation.resource is None:
+                    state.pop(operation.key, None)
+                else:
+                    state[operation.key] = operation.resource
+            if failed:
+                raise ApiError(failed[0].status, [d for f in failed for d in f.diagnostics])
+            outcomes[:] = done
+            return [Change(o.key, o.resource) for o in operations]
 
+        problem_text: Callable[[Problem], str] = str
+        if entries:
+            # check-config names a resource `policy 'p1'`: the entry that wrote it is what the client can find.
+            subjects = {_subject(o.key): i for i, o in enumerate(operations)}
+
+            def problem_text(problem: Problem) -> str:
+                index = subjects.get(problem.where)
+                return str(problem) if index is None else f"entry {index}: {problem}"
+
+        result = await self._write(plan, writer, what, dry_run=dry_run, problem_text=problem_text)
+        return outcomes, result
+
+    async def _write(
+        self,
+        plan_changes: Callable[[Snapshot], list[Change]],
+        writer: str,
+        what: str,
+        *,
+        dry_run: bool = False,
+        problem_text: Callable[[Problem], str] = str,
+        compose: Callable[[Mapping[Key, Resource]], Config] | None = None,
+    ) -> WriteResult:
+        """Validate (with the file and the rest of the store), persist, audit, apply; or raise ApiError.
+        A dry run validates the same way against the store as it is, and writes, audits and counts nothing."""
+        store = self._store()
+        file = self._backend.file
+        backend = self._backend
+        validate = compose or backend.compose
+        written: list[Written] = []
+        warnings: list[str] = []
+        sent: list[Change] = []  # every resource the request puts, changed or not (it is warned about)
+
+        def plan(current: Snapshot) -> list[Change]:
+            changes = plan_changes(current)
+            sent[:] = changes
+            theirs = [c.key for c in changes if c.key[1] in file.ids(c.key[0])]
+            if theirs:  # the file changed since the request was checked
+                raise ApiError(409, [f"{key_text(k)} is defined in the config file: change it there" for k in theirs])
             try:
-                snapshot = await store.update(plan, floor=backend.write_floor)
-            except ConfigError as err:  # reading the store (the plan turns its own into ApiError)
-                raise ApiError(503, _unreadable(err)) from err
-            for warning in warnings:
-                log.warning(warning)
-            self._audit(written, writer, what, snapshot)
-            # Warned on every PUT of such a policy, even an unchanged one: the answer describes what it allows.
-            warnings.extend(
-                f"{key_text(c.key)}: {why}"
-                for c in sent
-                if c.resource is not None and c.key[0] == "AccessPolicy" and (why := allows_everything(c.resource))
+                config = validate(current.changed(changes))
+            except ConfigError as err:
+                raise ApiError(422, [problem_text(p) for p in err.problems]) from None
+            before = {c.key: current.resources.get(c.key) for c in changes}
+            written[:] = [
+                Written(c.key, _action(before[c.key], c.resource), before[c.key], c.resource)
+                for c in changes
+                if before[c.key] != c.resource
+            ]
+            # check-config's warnings about what was written (a short HMAC secret): never values.
+            names = tuple(f"{_subject(w.key)}:" for w in written)
+            warnings[:] = [text for text in config.warnings if text.startswith(names)]
+            return changes
+
+        if dry_run:
+            current = await self._load()
+            await asyncio.to_thread(plan, current)  # validation compiles policies: off the loop
+            log.info(
+                "resource write dry run",
+                extra={
+                    "fields": {
+                        "writer": writer,
+                        "request": what,
+                        "dry_run": True,
+                        "would": [f"{key_text(w.key)}: {w.action}" for w in written],
+                    }
+                },
             )
-            unapplied = await backend.applied()
-            if unapplied is not None:
-                status, why = unapplied
-                raise ApiError(status, [f"the change is persisted in the store, but {why}"])
-            return WriteResult(snapshot, written, warnings)
+            snapshot = current
+        else:
+            async with self._writes:
+                try:
+                    snapshot = await store.update(plan, floor=backend.write_floor)
+                except ConfigError as err:  # reading the store (the plan turns its own into ApiError)
+                    raise ApiError(503, _unreadable(err)) from err
+                for warning in warnings:
+                    log.warning(warning)
+                self._audit(written, writer, what, snapshot)
+                unapplied = await backend.applied()
+                if unapplied is not None:
+                    status, reason = unapplied
+                    raise ApiError(status, [f"the change is persisted in the store, but {reason}"])
+        # Warned on every PUT of such a policy, even an unchanged one: the answer describes what it allows.
+        warnings.extend(
+            f"{key_text(c.key)}: {why}"
+            for c in sent
+            if c.resource is not None and c.key[0] == "AccessPolicy" and (why := allows_everything(c.resource))
+        )
+        return WriteResult(snapshot, written, warnings)
 
     def _audit(self, written: Sequence[Written], writer: str, what: str, snapshot: Snapshot) -> None:
         """One line and one count per resource changed: who, what, and digests (never a body or a
@@ -471,6 +743,247 @@ class ResourceApi:
         if store is None:
             raise ApiError(503, ["no api.store is configured"])
         return store
+
+
+def _subject(key: Key) -> str:
+    """How check-config names a resource: `policy 'p1'`."""
+    return f"{_WARNING_SUBJECT.get(key[0], key[0])} {key[1]!r}"
+
+
+def _location(key: Key) -> str:
+    return f"/{key[0]}/{key[1]}"
+
+
+def _dry_run(request: web.Request) -> bool:
+    """`?_dry_run=true`; ApiError 400 for anything but one `true` or `false`."""
+    values = request.query.getall(DRY_RUN, [])
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        raise ApiError(400, [f"{DRY_RUN} must be given once, as true or false"])
+    return values[0] == "true"
+
+
+def _dry_run_note(dry_run: bool) -> list[str]:
+    return [str(DRY_RUN_TAG["display"])] if dry_run else []
+
+
+def _shown_resource(kind: str, resource: Resource, dry_run: bool) -> dict[str, Any]:
+    """A resource as an answer shows it: without secrets; tagged when it was not written."""
+    shown = without_secrets(kind, resource)
+    if dry_run:
+        shown["meta"] = {"tag": [dict(DRY_RUN_TAG)]}
+    return shown
+
+
+def _unsupported(method: str, kind: str, ident: str) -> str:
+    """The refusal of `method /<kind>/<ident>`, naming what works instead."""
+    if method == "POST":
+        return (
+            f"POST /{kind}/{ident} is not supported: PUT /{kind}/{ident} creates or replaces it; "
+            f"POST /{kind} creates one with a new id"
+        )
+    if method == "PATCH":
+        return f"PATCH is not supported: PUT the whole resource to /{kind}/{ident}"
+    return f"{method} /{kind}/{ident} is not supported: GET, PUT or DELETE it"
+
+
+def _entry_operation(index: int, entry: Any) -> Operation:
+    """The write a Bundle entry asks for (Aidbox's `request: {method, url}` and `resource`), or
+    ApiError naming the entry, what is wrong, and the shape that works."""
+    where = f"entry {index}"
+    if not isinstance(entry, dict):
+        raise ApiError(422, [f"{where}: must be a mapping: {ENTRY_SHAPE}"])
+    request = entry.get("request")
+    if request is None:
+        raise ApiError(422, [f"{where}: request is missing (what to do with the entry): {ENTRY_SHAPE}"])
+    if not isinstance(request, dict):
+        raise ApiError(422, [f"{where}: request must be a mapping with method and url: {ENTRY_SHAPE}"])
+    method, url = request.get("method"), request.get("url")
+    if method == "PATCH":
+        raise ApiError(422, [f"{where}: PATCH is not supported: PUT the whole resource"])
+    if method == "GET":
+        raise ApiError(422, [f"{where}: GET is not supported in a Bundle: GET /<Type>/<id> or GET /<Type> reads"])
+    if method not in ("PUT", "POST", "DELETE"):
+        raise ApiError(422, [f"{where}: request.method must be PUT, POST or DELETE, got {_shown(method)}"])
+    if not isinstance(url, str) or not url.strip("/"):
+        raise ApiError(422, [f"{where}: request.url must be /<Type>/<id> (POST: /<Type>), got {_shown(url)}"])
+    if "?" in url or "#" in url:
+        raise ApiError(
+            422,
+            [
+                f"{where}: request.url {_shown(url)} has a query: conditional writes are not supported; "
+                "name the resource, /<Type>/<id>"
+            ],
+        )
+    kind, _, ident = url.removeprefix("/").partition("/")
+    if kind not in KINDS:
+        raise ApiError(
+            422, [f"{where}: request.url: there is no resource type {_shown(kind)} here: {', '.join(KINDS)}"]
+        )
+    resource = entry.get("resource")
+    if method == "DELETE":
+        if not ident:
+            raise ApiError(422, [f"{where}: DELETE needs request.url /{kind}/<id>"])
+    elif resource is None:
+        raise ApiError(422, [f"{where}: resource is missing: {method} carries the resource to write"])
+    if method == "PUT" and not ident:
+        raise ApiError(422, [f"{where}: PUT needs request.url /{kind}/<id>; POST to /{kind} creates one with a new id"])
+    if method == "POST":
+        if ident:
+            raise ApiError(
+                422,
+                [
+                    f"{where}: POST goes to /{kind} (the id is the resource's own, or a new one); "
+                    f"PUT /{kind}/{ident} writes at that id"
+                ],
+            )
+        given = resource.get("id") if isinstance(resource, dict) else None
+        ident = str(uuid.uuid4()) if given is None else given
+    why = id_problem(ident)
+    if why is not None:
+        raise ApiError(422, [f"{where}: the id {why}"])
+    if method == "DELETE":
+        return Operation("DELETE", (kind, ident), None)
+    return Operation(method, (kind, ident), _resource(resource, kind, ident, f"{where}: resource"))
+
+
+def _entry_notes(operations: Sequence[Operation], warnings: Sequence[str]) -> dict[int, list[str]]:
+    """The warnings about each operation (by position), as a Bundle entry's response.outcome shows them."""
+    owners = {f"{key_text(o.key)}:": i for i, o in enumerate(operations)}
+    owners.update({f"{_subject(o.key)}:": i for i, o in enumerate(operations)})
+    notes: dict[int, list[str]] = {}
+    for text in warnings:
+        for prefix, index in owners.items():
+            if text.startswith(prefix):
+                notes.setdefault(index, []).append(text)
+                break
+    return notes
+
+
+def _response_entry(operation: Operation, outcome: str, notes: Sequence[str], dry_run: bool) -> dict[str, Any]:
+    """A Bundle response entry: FHIR's response.status (and location), the resource as written."""
+    response: dict[str, Any] = {"status": _ENTRY_STATUS[outcome]}
+    if outcome == "created":
+        response["location"] = _location(operation.key)
+    if notes:
+        response["outcome"] = operation_outcome([], warnings=notes)
+    entry: dict[str, Any] = {}
+    if operation.resource is not None:
+        entry["resource"] = _shown_resource(operation.key[0], operation.resource, dry_run)
+    entry["response"] = response
+    return entry
+
+
+def _failed_entry(err: ApiError) -> dict[str, Any]:
+    """A batch entry that was not applied: its status and why, as an OperationOutcome."""
+    status = f"{err.status} {HTTPStatus(err.status).phrase}"
+    return {"response": {"status": status, "outcome": operation_outcome(err.diagnostics, err.status)}}
+
+
+def _file_conflict(keys: Sequence[Key], file: ConfigFile) -> ApiError:
+    where = file.path or "the config file"
+    return ApiError(409, [f"{key_text(k)} is defined in the config file {where}: change it there" for k in keys])
+
+
+class _LastValidated:
+    """The backend's compose, remembering the last config it built: a batch's plan validates the
+    resources it will write, and the write's own check of the same resources then costs nothing."""
+
+    def __init__(self, compose: Callable[[Mapping[Key, Resource]], Config]) -> None:
+        self._compose = compose
+        self._last: tuple[dict[Key, Resource], Config] | None = None
+
+    def __call__(self, resources: Mapping[Key, Resource]) -> Config:
+        if self._last is not None and self._last[0] == resources:
+            return self._last[1]
+        config = self._compose(resources)
+        self._last = (dict(resources), config)
+        return config
+
+
+def _written(state: dict[Key, Resource], operation: Operation) -> None:
+    if operation.resource is None:
+        state.pop(operation.key, None)
+    else:
+        state[operation.key] = operation.resource
+
+
+def _batch_state(
+    current: Snapshot, parsed: Sequence[Operation | ApiError], refused: Mapping[int, ApiError], file: ConfigFile
+) -> tuple[dict[Key, Resource], dict[int, str], dict[int, ApiError]]:
+    """The store after every entry not refused, in order: the resources, what each entry did, and
+    the entries that cannot apply to the store as the entries before them left it (404, 409)."""
+    state = dict(current.resources)
+    outcomes: dict[int, str] = {}
+    unapplicable: dict[int, ApiError] = {}
+    for index, item in enumerate(parsed):
+        if index in refused or isinstance(item, ApiError):
+            continue
+        try:
+            if item.key[1] in file.ids(item.key[0]):
+                raise _file_conflict([item.key], file)
+            outcomes[index] = item.apply(state)
+        except ApiError as err:
+            unapplicable[index] = err
+            continue
+        _written(state, item)
+    return state, outcomes, unapplicable
+
+
+def _blamed(
+    problems: Sequence[Problem], parsed: Sequence[Operation | ApiError], outcomes: Mapping[int, str]
+) -> dict[int, list[str]]:
+    """The validator's problems by the entry that wrote the resource each names (the last entry
+    that put it); problems about a resource no entry put are nobody's here."""
+    writers: dict[str, int] = {}
+    for index in sorted(outcomes):
+        item = parsed[index]
+        assert isinstance(item, Operation)
+        if item.resource is None:
+            writers.pop(_subject(item.key), None)
+        else:
+            writers[_subject(item.key)] = index
+    blamed: dict[int, list[str]] = {}
+    for problem in problems:
+        writer = writers.get(problem.where)
+        if writer is not None:
+            blamed.setdefault(writer, []).append(str(problem))
+    return blamed
+
+
+def _batch_one_by_one(
+    current: Snapshot,
+    parsed: Sequence[Operation | ApiError],
+    refused: Mapping[int, ApiError],
+    file: ConfigFile,
+    compose: Callable[[Mapping[Key, Resource]], Config],
+) -> tuple[dict[Key, Resource], dict[int, str], dict[int, ApiError]]:
+    """As `_batch_state`, validating after every entry (one validation each): for a problem that
+    names no entry's resource, such as a delete that leaves a stored policy naming what it deleted."""
+    state = dict(current.resources)
+    outcomes: dict[int, str] = {}
+    unapplicable: dict[int, ApiError] = {}
+    for index, item in enumerate(parsed):
+        if index in refused or isinstance(item, ApiError):
+            continue
+        try:
+            if item.key[1] in file.ids(item.key[0]):
+                raise _file_conflict([item.key], file)
+            outcome = item.apply(state)
+            after = dict(state)
+            _written(after, item)
+            if outcome != "unchanged":
+                try:
+                    compose(after)
+                except ConfigError as err:
+                    raise ApiError(422, [str(p) for p in err.problems]) from None
+        except ApiError as err:
+            unapplicable[index] = err
+            continue
+        state = after
+        outcomes[index] = outcome
+    return state, outcomes, unapplicable
 
 
 def _action(before: Resource | None, after: Resource | None) -> str:

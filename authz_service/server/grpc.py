@@ -1,80 +1,73 @@
 """The gRPC shell: ext_authz Check, grpc.health.v1 and server reflection on one grpc.aio server.
 
-The servicer only converts: CheckRequest -> HttpRequest, Authorizer -> Decision,
-ResponseBuilder -> CheckResponse bytes. Everything that decides lives in decide.py.
+Check only hands bytes over: `envoy.decode_check` reads them, the `CheckRunner` decides, counts
+and logs, `ResponseBuilder.encode` gives the answer's bytes. Everything that decides lives in
+decide.py.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.config.model import TlsConfig
 from authz_service.engine import Engine
-from authz_service.envoy import to_http_request
+from authz_service.envoy import decode_check, encode_denial
 from authz_service.errors import bind_failure
-from authz_service.model import Decision, HttpRequest, Outcome, Reason
-from authz_service.observe import Metrics, log_decision, log_internal_error
-
-log = logging.getLogger(__name__)
+from authz_service.model import Decision, Outcome, Reason
+from authz_service.server.runner import INTERNAL_ERROR, CheckMetrics, CheckRunner, DecisionLog
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE)
-_INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+PROTOCOL = "grpc"
 _DEADLINE_EXCEEDED = Decision(Outcome.UNAVAILABLE, Reason.DEADLINE_EXCEEDED)
-_UNDECODABLE = Decision(Outcome.INVALID_REQUEST, Reason.UNDECODABLE_REQUEST)
-_EMPTY_REQUEST = HttpRequest()
+
+
+def _encode(engine: Engine, decision: Decision) -> bytes:
+    return engine.responses.encode(decision)
 
 
 class AuthorizationServicer:
-    """envoy.service.auth.v3.Authorization: converts at the edges, never raises."""
+    """envoy.service.auth.v3.Authorization: bytes in, bytes out, never raises."""
 
-    def __init__(self, engine: Callable[[], Engine], metrics: Metrics) -> None:
-        self._engine = engine  # read once per Check: a reload swaps it between checks, never during one
-        self._metrics = metrics
+    def __init__(
+        self,
+        engine: Callable[[], Engine],
+        metrics: CheckMetrics,
+        *,
+        log_decision: DecisionLog,
+        log_internal_error: Callable[[BaseException], None],
+    ) -> None:
+        # No bound of its own: grpc's maximum_concurrent_rpcs sheds past max_concurrent_checks.
+        self.runner = CheckRunner(
+            PROTOCOL,
+            engine,
+            metrics,
+            log_decision,
+            log_internal_error,
+            answer=_encode,
+            internal_error=encode_denial(INTERNAL_ERROR.outcome, INTERNAL_ERROR.reason),
+        )
 
     async def Check(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """The answer, already serialized (see ResponseBuilder.encode).
 
-        The request arrives as bytes and is decoded here, not by grpc: a CheckRequest that does
-        not decode (invalid UTF-8 in a string field, a truncated message) is then a 400 answer
-        with a logged reason, where grpc's own deserializer would have ended the call UNKNOWN.
+        The request arrives as bytes and is decoded by `envoy.decode_check`, not by grpc: a
+        CheckRequest that does not decode (invalid UTF-8 in a string field, a truncated message)
+        is then a 400 answer with a logged reason, where grpc's own deserializer would have ended
+        the call UNKNOWN.
         """
-        started = time.perf_counter()
-        engine = self._engine()
-        http = _EMPTY_REQUEST
-        try:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                # The caller has given up (Envoy answered 503 at its timeout): under overload,
-                # computing it would only take time from checks someone still waits for.
-                decision = _DEADLINE_EXCEEDED
-            else:
-                try:
-                    request = external_auth_pb2.CheckRequest.FromString(raw)
-                except DecodeError:
-                    log.warning("undecodable CheckRequest", extra={"fields": {"bytes": len(raw)}})
-                    decision = _UNDECODABLE
-                else:
-                    http = to_http_request(request)
-                    decision = await engine.authorizer.check(http)
-            response = engine.responses.encode(decision)
-        except Exception as err:  # fail closed, keep serving
-            log_internal_error(err)
-            decision = _INTERNAL_ERROR
-            response = engine.responses.encode(decision)
-        elapsed = time.perf_counter() - started
-        self._metrics.observe(decision, elapsed)
-        log_decision(http, decision, elapsed, engine.config.logging.decisions)
-        return response
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # The caller has given up (Envoy answered 503 at its timeout): under overload,
+            # computing it would only take time from checks someone still waits for.
+            return self.runner.refuse(_DEADLINE_EXCEEDED)
+        return await self.runner.check(decode_check, raw)
 
 
 MIN_PENDING = 1024

@@ -2,6 +2,13 @@
 
 `serve` runs one process until SIGTERM (drain, then stop) and reloads on SIGHUP. Supervised
 workers (server/workers.py) run this same function; this module never imports workers.
+
+Readiness (gRPC health for "" and the Authorization service, /readyz, a worker's ready marker)
+means the process can verify every introspector's tokens: it waits for the first keys of every
+`jwks_uri` and `discovery` introspector not marked `optional` (fetched again with backoff until
+they arrive). Once ready, a process stays ready until it drains: a reload that adds an
+introspector whose IdP is down reaches every replica at once, and unready would take the whole
+fleet out of every load balancer for one IdP; /readyz reports it instead (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -20,13 +30,15 @@ from prometheus_client import CollectorRegistry
 
 from authz_service import loop
 from authz_service.config.model import Config
+from authz_service.decisionlog import DecisionLog, log_internal_error
 from authz_service.engine import Engine, build_engine
 from authz_service.errors import host_port
-from authz_service.observe import ApiMetrics, Metrics, log_internal_error
+from authz_service.metrics import ApiMetrics, Metrics
 from authz_service.server.admin import AdminServer
 from authz_service.server.api import ResourceApi
 from authz_service.server.grpc import HEALTH_SERVICES, AuthorizationServicer, bind, create_server
 from authz_service.server.http import HttpAuthServer
+from authz_service.server.runner import CheckRunner
 from authz_service.server.sync import ConfigSync, StoreMetrics, load_store, status_file, write_status
 from authz_service.store import open_store
 from authz_service.store.base import ResourceStore, Snapshot
@@ -38,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 def ready_marker(directory: str, pid: int) -> Path:
-    """The file a supervised worker creates once it is SERVING (the supervisor's readiness)."""
+    """The file a supervised worker creates once it is ready, keys included (the supervisor's readiness)."""
     return Path(directory) / f"ready-{pid}"
 
 
@@ -53,8 +65,14 @@ class WorkerSlot:
 class AuthzService:
     """One serving process: the gRPC server, its health state and the current Engine."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: Config, registry: CollectorRegistry | None = None, decisions: DecisionLog | None = None
+    ) -> None:
         self.metrics = Metrics(registry or CollectorRegistry())
+        # Where decision lines go: `serve` passes a writer thread on stderr; without one, stdlib logging.
+        self.decisions = decisions or DecisionLog()
+        self.metrics.track_decision_log(self.decisions.dropped)
+        self.metrics.set_policies(policy.id for policy in config.policies)
         self.client = UpstreamClient(on_call=self.metrics.upstream_call)
         self.caches = CacheFactory(config.cache, on_event=self.metrics.cache_event)
         self.engine = build_engine(
@@ -72,12 +90,21 @@ class AuthzService:
         self.sync: ConfigSync | None = None  # the config file and resource store, when serving from a file
         self._watchers: list[asyncio.Task[None]] = []
         self._report_path: Path | None = None
-        # Ready once the config is loaded and every JWKS had its first fetch attempt; not while draining.
+        # SERVING: the config is loaded and every required JWKS introspector has keys; not while draining.
         self.ready = False
+        self._draining = False
+        self._engine_changed = asyncio.Event()  # a reload: readiness waits for another set of keys
+        self._until_ready: asyncio.Task[None] | None = None
+        self._on_ready: list[Callable[[], None]] = []
 
     @classmethod
     async def from_file(
-        cls, path: str, *, registry: CollectorRegistry | None = None, report: Path | None = None
+        cls,
+        path: str,
+        *,
+        registry: CollectorRegistry | None = None,
+        report: Path | None = None,
+        decisions: DecisionLog | None = None,
     ) -> AuthzService:
         """A service for the config file at `path` plus its resource store (`api.store`), loaded now:
         ConfigError when they are invalid together, StoreError when the store stays unreachable.
@@ -96,10 +123,18 @@ class AuthzService:
             except BaseException:
                 await store.close()
                 raise
-        service = cls(config, registry)
+        service = cls(config, registry, decisions)
         metrics = StoreMetrics(service.metrics.registry) if store is not None else None
         service._report_path = report
-        service.sync = ConfigSync(file, store, snapshot, service.reload, metrics, on_change=service._report)
+        service.sync = ConfigSync(
+            file,
+            store,
+            snapshot,
+            service.reload,
+            metrics,
+            on_change=service._report,
+            on_reload=service.metrics.reload,
+        )
         return service
 
     @property
@@ -120,8 +155,16 @@ class AuthzService:
         As a supervisor's worker: the port is shared (SO_REUSEPORT), the worker may also bind
         its own port (worker_base_port + index), and the supervisor serves the admin endpoints.
         """
+        checks = AuthorizationServicer(
+            self.current_engine,
+            self.metrics,
+            log_decision=self.decisions.log_decision,
+            log_internal_error=self.decisions.log_internal_error,
+        )
+        runners: list[CheckRunner[Any]] = [checks.runner]
+        self.metrics.track_in_flight(lambda: sum(runner.in_flight for runner in runners))
         server = create_server(
-            AuthorizationServicer(self.current_engine, self.metrics),
+            checks,
             self.health,
             reuse_port=reuse_port,
             max_concurrent_checks=self.config.server.max_concurrent_checks,
@@ -132,25 +175,28 @@ class AuthzService:
         settings = self.config.server
         addresses = [settings.grpc_address]
         if worker is not None and settings.worker_base_port is not None:
-            host = settings.grpc_address.rpartition(":")[0]
-            addresses.append(f"{host}:{settings.worker_base_port + worker.index}")
+            addresses.append(host_port(settings.grpc_listen.host, settings.worker_base_port + worker.index))
         port = bind(server, addresses, settings.tls)[0]
         await server.start()
         self._server = server
         self.port = port
-        if settings.http_address is not None:
+        if settings.http_listen is not None:
             # Workers share the HTTP port as they share the gRPC one (SO_REUSEPORT).
             self.http = HttpAuthServer(
-                settings.http_address,
+                settings.http_listen,
                 self.current_engine,
                 self.metrics,
                 lambda: self.ready,
+                details=self.readiness_details,
+                log_decision=self.decisions.log_decision,
+                log_internal_error=self.decisions.log_internal_error,
                 reuse_port=reuse_port,
                 shutdown_grace=settings.shutdown_grace,
                 max_concurrent_checks=settings.max_concurrent_checks,
             )
+            runners.append(self.http.runner)
             await self.http.start()
-        if settings.admin_address is not None and worker is None:
+        if settings.admin_listen is not None and worker is None:
             api = None
             if self.config.api.enabled and self.sync is not None and self.sync.store is not None:
                 api = ResourceApi(
@@ -161,26 +207,27 @@ class AuthzService:
                     ApiMetrics(self.metrics.registry),
                 )
             self.admin = AdminServer(
-                settings.admin_address,
+                settings.admin_listen,
                 self.metrics.registry,
                 lambda: self.ready,
                 self.refresh_gauges,
                 api=api,
-                details=self.sync.status if self.sync is not None else None,
+                details=self.readiness_details,
                 tls=settings.admin_tls,
             )
             await self.admin.start()
         await self.engine.warm_up()
+        self.engine.retry_missing_keys()
         if self.sync is not None:
             self._report()
             self._watchers.append(asyncio.ensure_future(self.sync.watch_file()))
             if self.sync.store is not None:
                 self._watchers.append(asyncio.ensure_future(self.sync.watch_store()))
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.ready = True
-        grpc_host = addresses[0].rpartition(":")[0].strip("[]")
-        listeners = {"grpc": [host_port(grpc_host, port), *addresses[1:]]}
+        if self.engine.readiness().ready:
+            await self._become_ready()
+        else:
+            self._until_ready = asyncio.ensure_future(self._ready_once_keys_arrive())
+        listeners = {"grpc": [host_port(settings.grpc_listen.host, port), *addresses[1:]]}
         if self.http is not None:
             listeners["http"] = [self.http.address]
         if self.admin is not None:
@@ -193,10 +240,52 @@ class AuthzService:
                     "listeners": listeners,
                     "loop": loop.loop_name(),
                     "summary": self.config.summary(),
+                    "ready": self.ready,
                 }
             },
         )
+        if not self.ready:
+            waiting = [source.name for source in self.engine.keys_pending()]
+            log.warning("not ready: waiting for keys", extra={"fields": {"introspectors": waiting}})
         return port
+
+    def readiness_details(self) -> dict[str, Any]:
+        """What /readyz says besides its status: each introspector's state, and the resource store's."""
+        details: dict[str, Any] = {"introspectors": dict(self.engine.readiness().introspectors)}
+        if self.sync is not None:
+            details.update(self.sync.status())
+        return details
+
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the process is ready (now, if it is)."""
+        if self.ready:
+            callback()
+        else:
+            self._on_ready.append(callback)
+
+    async def _ready_once_keys_arrive(self) -> None:
+        """Wait until the current engine's required key sources all have keys, then report SERVING."""
+        while pending := self.engine.keys_pending():
+            waits = [asyncio.ensure_future(source.keys_arrived.wait()) for source in pending]
+            waits.append(asyncio.ensure_future(self._engine_changed.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            self._engine_changed.clear()
+        await self._become_ready()
+
+    async def _become_ready(self) -> None:
+        if self._draining:
+            return
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+        log.info("ready", extra={"fields": {"introspectors": list(self.engine.built)}})
+        callbacks, self._on_ready = self._on_ready, []
+        for callback in callbacks:
+            callback()
 
     async def reload(self, config: Config, source: str = "file") -> None:
         """Swap in a new config atomically; checks in flight finish on the engine they started with.
@@ -216,16 +305,38 @@ class AuthzService:
         )
         await engine.warm_up()
         self.engine = engine
+        old.stop_retries(successor=engine)
+        if not self._draining:
+            engine.retry_missing_keys()
+        self._engine_changed.set()
+        self.metrics.set_policies(policy.id for policy in config.policies)
         kept = [ident for ident, built in engine.built.items() if old.built.get(ident) is built]
+        # Once ready, a reload never makes the process unready (see the module docstring): the
+        # introspectors still without keys are named here, in their fetch failures and in /readyz.
+        pending = [
+            ident for ident, built in engine.built.items() if built.jwks is not None and built.jwks.keyset is None
+        ]
         log.info(
             "config reloaded",
-            extra={"fields": {"summary": config.summary(), "kept_introspectors": kept, "source": source}},
+            extra={
+                "fields": {
+                    "summary": config.summary(),
+                    "kept_introspectors": kept,
+                    "source": source,
+                    "introspectors_without_keys": pending,
+                }
+            },
         )
 
     async def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> None:
         """NOT_SERVING, keep answering for drain_delay (Envoy's health checks move traffic away),
         then stop accepting and give in-flight checks `grace` seconds."""
         self.ready = False
+        self._draining = True
+        if self._until_ready is not None:
+            self._until_ready.cancel()
+            self._until_ready = None
+        self.engine.stop_retries()
         await self.health.enter_graceful_shutdown()
         if drain_delay > 0:
             log.info("draining", extra={"fields": {"drain_delay_seconds": drain_delay}})
@@ -264,6 +375,7 @@ class AuthzService:
 
     def refresh_gauges(self) -> None:
         """Gauges that are read, not counted (JWKS staleness), just before a scrape."""
+        self.metrics.refresh()
         for ident, seconds in self.engine.jwks_staleness().items():
             self.metrics.jwks_staleness.labels(ident).set(seconds)
 
@@ -278,11 +390,20 @@ async def serve(config: Config, path: str | None = None, *, worker: WorkerSlot |
     With `path`, the service decides with the config file plus its resource store, watches both,
     and reads the file again on SIGHUP (see `AuthzService.from_file` for what it raises).
     """
+    # Decision lines go to stderr through a writer thread, so writing them never blocks the loop.
+    decisions = DecisionLog.to_fd(sys.stderr.fileno(), logging.getLogger().level)
+    try:
+        await _serve(config, path, worker, decisions)
+    finally:
+        decisions.stop()
+
+
+async def _serve(config: Config, path: str | None, worker: WorkerSlot | None, decisions: DecisionLog) -> None:
     if path is not None:
         report = status_file(worker.metrics_dir, os.getpid()) if worker is not None else None
-        service = await AuthzService.from_file(path, report=report)
+        service = await AuthzService.from_file(path, report=report, decisions=decisions)
     else:
-        service = AuthzService(config)
+        service = AuthzService(config, decisions=decisions)
     config = service.config
     try:
         await service.start(reuse_port=worker is not None, worker=worker)
@@ -307,7 +428,9 @@ async def serve(config: Config, path: str | None = None, *, worker: WorkerSlot |
         # Ctrl-C reaches the whole process group; only the supervisor acts on it (by SIGTERM).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         marker = ready_marker(worker.metrics_dir, os.getpid())
-        marker.touch()
+        # Only once every required introspector has keys: the supervisor's /readyz is ready when all
+        # its workers are (and it signals, and waits on API writes for, only those).
+        service.on_ready(marker.touch)
         background.append(asyncio.ensure_future(_refresh_gauges_forever(service)))
     reloads: set[asyncio.Task[None]] = set()
     if sync is not None:

@@ -83,12 +83,6 @@ class StoreMetrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
-        self.reloads = Counter(
-            "authz_config_reloads",
-            "Changes of the effective config by source (file, sighup, store, api) and outcome (applied, rejected)",
-            ["source", "outcome"],
-            registry=registry,
-        )
 
 
 async def load_store(store: ResourceStore, wait: float = STARTUP_STORE_WAIT) -> Snapshot:
@@ -115,6 +109,7 @@ class ConfigSync:
         apply: Apply | None,
         metrics: StoreMetrics | None = None,
         on_change: Callable[[], None] | None = None,
+        on_reload: Callable[[str, str], None] | None = None,
     ) -> None:
         self.file = file
         self.store = store
@@ -122,6 +117,7 @@ class ConfigSync:
         self._apply = apply  # None: only keep the file current (the supervisor, which has no engine)
         self._metrics = metrics
         self._on_change = on_change  # after every apply and store up/down change (a worker's report)
+        self._on_reload = on_reload  # (source, result): Metrics.reload, authz_config_reloads_total
         self.lock = asyncio.Lock()
         self.store_error: str | None = None  # why the last poll failed; None while reachable
         self._seen: str | None = snapshot.version if snapshot else None  # last version applied or rejected
@@ -435,19 +431,25 @@ class ConfigSync:
 
     async def _swap(self, config: Config, source: str) -> None:
         if self._apply is not None:
-            await self._apply(config, source)
-        if self._metrics is not None:
-            self._metrics.reloads.labels(source, "applied").inc()
+            try:
+                await self._apply(config, source)
+            except BaseException:
+                self._count_reload(source, "error")
+                raise
+        self._count_reload(source, "ok")
         self._last_rejection = ()
 
     def _rejected(self, source: str, err: ConfigError, message: str) -> None:
-        if self._metrics is not None:
-            self._metrics.reloads.labels(source, "rejected").inc()
+        self._count_reload(source, "invalid")
         problems = tuple(str(p) for p in err.problems)
         if source == "store" and problems == self._last_rejection:
             return  # the same content polled again: logged once
         self._last_rejection = problems
         log.error(message, extra={"fields": {"source": source, "problems": list(problems)}})
+
+    def _count_reload(self, source: str, result: str) -> None:
+        if self._on_reload is not None:
+            self._on_reload(source, result)
 
     def _warn_shadowed(self, resources: Mapping[Key, Resource]) -> None:
         hidden = shadowed(self.file, resources)

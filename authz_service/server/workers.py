@@ -26,16 +26,15 @@ import time
 from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 
-from prometheus_client import CollectorRegistry, multiprocess
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import multiprocess
 
 from authz_service import loop
 from authz_service.config.model import Config
-from authz_service.config.validate import load_config
 from authz_service.engine import Engine, build_engine
 from authz_service.errors import ConfigError, ListenError
 from authz_service.logs import setup_logging
-from authz_service.observe import MULTIPROC_ENV, ApiMetrics
+from authz_service.metrics import MULTIPROC_ENV, ApiMetrics, supervisor_registry
+from authz_service.registries import load_config
 from authz_service.server.admin import AdminServer
 from authz_service.server.api import ResourceApi
 from authz_service.server.service import WorkerSlot, ready_marker, serve
@@ -131,9 +130,9 @@ class Supervisor:
         admin = None
         tester: SupervisorEngine | None = None
         watch = asyncio.ensure_future(self.sync.watch_file()) if self.sync is not None else None
-        if self.config.server.admin_address is not None:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
+        if self.config.server.admin_listen is not None:
+            # The workers' files added up, and process_* of the supervisor and every live worker.
+            registry = supervisor_registry(self.metrics_dir, self.worker_pids)
             api = None
             if self.config.api.enabled and self.sync is not None and store is not None:
                 backend = SupervisorBackend(self, self.sync)
@@ -143,7 +142,7 @@ class Supervisor:
                 api = ResourceApi(self.config.api.writers, backend, self.config.api.max_body_bytes, tester, metrics)
             details = self.store_status if store is not None else None
             admin = AdminServer(
-                self.config.server.admin_address,
+                self.config.server.admin_listen,
                 registry,
                 self.ready,
                 api=api,
@@ -200,11 +199,15 @@ class Supervisor:
         return store
 
     def _on_hup(self) -> None:
-        self._signal_all(signal.SIGHUP)
+        self.signal_workers(signal.SIGHUP)  # a worker still starting reads the file as it is now
         if self.sync is not None:
             task = asyncio.ensure_future(self.sync.reload_file("sighup"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes running now, ready or not (their CPU and memory count)."""
+        return [p.pid for p in self._workers.values() if p.pid is not None and p.is_alive()]
 
     def live_workers(self) -> list[int]:
         """The pids of the workers that are up (ready), the ones an API write waits for."""

@@ -3,7 +3,7 @@
 The file is read as it always was (`${VAR}` expanded from the environment) and must be a valid
 config on its own. Store resources are appended to the file's lists (introspectors, policies,
 users, roles) in id order, *not* env-expanded (a `${SECRET}` written through the API must not
-pull in the service's environment), and the whole is validated by `config.validate.validate_config`,
+pull in the service's environment), and the whole is validated by `registries.validate_config`,
 the one validator `check-config` and start-up use. A resource id the file defines is the file's:
 the API refuses to write it (409), and a store resource with that id is ignored.
 """
@@ -21,7 +21,7 @@ from typing import Any
 from authz_service.config import yamlload
 from authz_service.config.fields import expand_env
 from authz_service.config.model import Config
-from authz_service.config.validate import parse_config, read_config_text, validate_config
+from authz_service.registries import parse_config, read_config_text, validate_config
 from authz_service.store.base import KINDS, Key, Resource
 
 

@@ -70,6 +70,26 @@ class Introspector(Protocol):
         ...
 
 
+class KeyRefresh(Protocol):
+    """A key source's background refresh, as a verified-token cache hit pokes it (tokens/jwks.py).
+
+    A hit never asks the key source for keys, so without the poke a token served from memory would
+    never start the refresh ahead of expiry, and the first miss after the keys expire would wait for
+    a fetch. The hit compares one number; only a due refresh costs a call.
+    """
+
+    # Seconds on `clock` (the key source's monotonic clock) from which a background refresh is due.
+    refresh_due_at: float
+
+    def clock(self) -> float:
+        """Now, on the clock refresh_due_at is read on."""
+        ...
+
+    def refresh_in_background(self) -> None:
+        """Start the due refresh unless one is in flight; never waits, never raises."""
+        ...
+
+
 class IdpClient(Protocol):
     """The HTTP client introspectors talk to identity providers with (upstream.UpstreamClient).
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from authz_service.config.model import CacheConfig
 from authz_service.lru import ExactLru
+from authz_service.tokens.stored import dumps
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,6 @@ log = logging.getLogger(__name__)
 def token_key(token: str) -> str:
     """The cache key of a token: its SHA-256, hex."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def dumps(value: Any) -> str:
-    """A value as stored: compact JSON text."""
-    return json.dumps(value, separators=(",", ":"))
-
-
-def loads(text: str | bytes | None) -> Any:
-    """A stored value back (None stays None: nothing stored)."""
-    return None if text is None else json.loads(text)
 
 
 class CacheBackend(Protocol):

@@ -27,6 +27,11 @@ _URL = re.compile(r"^https?://[^/\s?#]+")
 class JwksLocation(Protocol):
     """Tells a JWKS key source where to fetch the keys from, each time it fetches."""
 
+    @property
+    def url(self) -> str:
+        """Where a fetch starts (the JWKS URI, or the discovery document): what a failure log names."""
+        ...
+
     async def jwks_uri(self) -> str:
         """The JWKS URI; UpstreamUnavailable if it cannot be known now."""
         ...
@@ -37,9 +42,18 @@ class FixedJwksUri:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self.url = uri
 
     async def jwks_uri(self) -> str:
         return self.uri
+
+
+def public_url(url: str) -> str:
+    """The URL as logs and /readyz may show it: scheme, host, port and path; never the userinfo,
+    query or fragment, where credentials and signed parameters travel."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else "<not a URL>"
 
 
 def discovery_url(issuer: str) -> str:

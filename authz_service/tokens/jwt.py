@@ -17,11 +17,7 @@ from authz_service.config.model import JwtIntrospectorConfig
 from authz_service.errors import TokenRejected
 from authz_service.model import Identity, Reason
 from authz_service.tokens.base import Credential
-
-# Re-exported for modules that still import them from here (tokens.jws is their home).
-from authz_service.tokens.jws import MAX_TOKEN_BYTES as MAX_TOKEN_BYTES
-from authz_service.tokens.jws import ParsedJwt
-from authz_service.tokens.jws import parse_jwt as parse_jwt
+from authz_service.tokens.jws import ParsedJwt, parse_jwt
 from authz_service.tokens.keys import (
     VERIFIABLE_ALGORITHMS,
     VerificationKey,

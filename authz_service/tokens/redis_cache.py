@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as redis
 
-from authz_service.tokens.cache import dumps, loads
+from authz_service.tokens.stored import dumps, loads
 
 REDIS_OPERATION_TIMEOUT = 0.25  # seconds; a slower cache is treated as a miss
 

@@ -5,6 +5,10 @@ the router as CachedIntrospector wraps an opaque introspector: the introspectors
 of it. An entry lives until its introspector's `trusted_until` for it (a JWT: its exp plus
 leeway, or the expiry of the keys that verified it; an opaque token: its cached answer's life),
 and any change of that introspector's key set (a rotation) invalidates every entry it made.
+
+A hit asks no introspector, so it pokes the key source's background refresh itself once one is
+due (one monotonic comparison a hit): tokens served from memory keep the keys fresh, and the
+first miss after the keys' cache_ttl finds them refreshed instead of waiting for a fetch.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Protocol
 from authz_service.lru import Lru
 from authz_service.model import Identity
 from authz_service.singleflight import SingleFlight
-from authz_service.tokens.base import Credential, Introspector
+from authz_service.tokens.base import Credential, Introspector, KeyRefresh
 
 
 class Routed(Protocol):
@@ -54,6 +58,7 @@ class Stamp:
     introspector: Introspector
     generation: int
     shaper: Shaper
+    keys: KeyRefresh | None = None  # the introspector's JWKS key source, poked on hits when a refresh is due
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +92,12 @@ class VerifiedTokens:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str], None] | None = None,
         entries: Lru[int, Verified] | None = None,
+        key_refresh: Mapping[str, KeyRefresh] | None = None,
     ) -> None:
         self._inner = inner
         self._shape = shape  # headers built and claims trimmed once per verification, not per hit
         self._clock = clock
+        self._key_refresh: Mapping[str, KeyRefresh] = key_refresh or {}  # introspector id -> its JWKS key source
         # Shared with the cache of the engine this one replaces: entries of introspectors a reload
         # kept stay valid (see _get), and are reshaped when the response config or policies changed.
         self._data: Lru[int, Verified] = Lru(max_entries) if entries is None else entries
@@ -112,6 +119,9 @@ class VerifiedTokens:
         if entry is not None and credential.introspector in (None, entry.introspector):
             stamp = entry.stamp
             assert stamp is not None  # every entry is stamped when it is put
+            keys = stamp.keys
+            if keys is not None and keys.clock() >= keys.refresh_due_at:
+                keys.refresh_in_background()
             if stamp.shaper is self._shape:
                 return entry
             full = stamp.shaper.unshaped(entry)
@@ -155,7 +165,8 @@ class VerifiedTokens:
         key = (introspector.id, generation)
         stamp = self._stamps.get(key)
         if stamp is None or stamp.introspector is not introspector or stamp.shaper is not self._shape:
-            stamp = self._stamps[key] = Stamp(introspector, generation, self._shape)
+            keys = self._key_refresh.get(introspector.id)
+            stamp = self._stamps[key] = Stamp(introspector, generation, self._shape, keys)
         return stamp
 
     def carried_over(self) -> Lru[int, Verified]:

@@ -117,16 +117,10 @@ async def echo() -> AsyncIterator[EchoUpstream]:
         yield upstream
 
 
-@pytest.fixture
-async def authz(
-    idp: DevIdentityProvider, tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[AuthzProcess]:
-    """The service as a subprocess, trusting the IdP's JWKS and its introspection endpoint.
-
-    No drain on SIGTERM unless a test asks for one (ENVOY_DRAIN_DELAY costs every stop that much):
-    `@pytest.mark.parametrize("authz", [ENVOY_DRAIN_DELAY], indirect=True)`.
-    """
-    drain_delay = float(getattr(request, "param", 0.0))
+@asynccontextmanager
+async def run_authz(idp: DevIdentityProvider, workdir: Path, drain_delay: float = 0.0) -> AsyncIterator[AuthzProcess]:
+    """The service as a subprocess, trusting the IdP's JWKS and its introspection endpoint, until
+    the block ends."""
     port = free_port()
     config = {
         "server": {"grpc_address": f"127.0.0.1:{port}", "admin_address": None, "drain_delay": drain_delay},
@@ -135,15 +129,28 @@ async def authz(
         # Any verified token, as with no policies; named, so the access log can show which allowed.
         "policies": [{"id": "signed-in", "engine": "allow", "introspectors": ["idp", "opaque"]}],
     }
-    path = tmp_path / "authz.yaml"
+    path = workdir / "authz.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = tmp_path / "authz.log"
+    log = workdir / "authz.log"
     process = await run_service(path, log)
     try:
         await wait_serving(port, process, START_TIMEOUT, log)
         yield AuthzProcess(process, port, log)
     finally:
         await stop_process(process)
+
+
+@pytest.fixture
+async def authz(
+    idp: DevIdentityProvider, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[AuthzProcess]:
+    """The service as a subprocess (run_authz), for one test.
+
+    No drain on SIGTERM unless a test asks for one (ENVOY_DRAIN_DELAY costs every stop that much):
+    `@pytest.mark.parametrize("authz", [ENVOY_DRAIN_DELAY], indirect=True)`.
+    """
+    async with run_authz(idp, tmp_path, float(getattr(request, "param", 0.0))) as process:
+        yield process
 
 
 @pytest.fixture

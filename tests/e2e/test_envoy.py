@@ -1,21 +1,71 @@
-"""Through a real Envoy with the shipped envoy/envoy.yaml: what a client and the upstream see."""
+"""Through a real Envoy with the shipped envoy/envoy.yaml: what a client and the upstream see.
+
+Most tests share one service and one Envoy (started once for the module: each start costs seconds);
+the two that stop the service or read its whole log start their own.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import tail
-from tests.e2e.conftest import ENVOY_DRAIN_DELAY, AuthzProcess, EnvoyProcess, wait_until
+from tests.conftest import free_port, new_idp, tail
+from tests.e2e.conftest import (
+    ENVOY_DRAIN_DELAY,
+    AuthzProcess,
+    EnvoyProcess,
+    envoy_config,
+    launch_envoy,
+    run_authz,
+    wait_until,
+)
+from tests.hostile_idp import HostileIdentityProvider
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# The tests on the shared stack run in the module's event loop, where its servers live.
+on_shared_stack = pytest.mark.asyncio(loop_scope="module")
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The module's IdP, echo upstream, service and Envoy, and a client session for them."""
+
+    idp: HostileIdentityProvider
+    echo: EchoUpstream
+    envoy: EnvoyProcess
+    session: aiohttp.ClientSession
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Shared]:
+    """One service behind one Envoy for the module (the `envoy` fixture's stack, started once)."""
+    workdir = tmp_path_factory.mktemp("envoy-shared")
+    async with (
+        await new_idp() as idp,
+        EchoUpstream() as echo,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        run_authz(idp, workdir) as authz,
+    ):
+        config = envoy_config(authz.port, echo.port, free_port(), free_port())
+        async with launch_envoy(config, f"127.0.0.1:{authz.port}", session, workdir) as envoy:
+            yield Shared(idp, echo, envoy, session)
+
+
+@pytest.fixture
+def shared(shared_stack: Shared) -> Shared:
+    """The shared stack, its echo's request log emptied for this test."""
+    shared_stack.echo.requests.clear()
+    return shared_stack
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -35,9 +85,9 @@ def forge(token: str, **claims: Any) -> str:
     return f"{header}.{forged}.{signature}"
 
 
-async def test_allowed_request_reaches_upstream_with_overwritten_identity_headers(
-    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_allowed_request_reaches_upstream_with_overwritten_identity_headers(shared: Shared) -> None:
+    envoy, echo, idp, session = shared.envoy, shared.echo, shared.idp, shared.session
     token = idp.mint({"sub": "alice", "email": "alice@example.com"})
     # `curl -H 'Authorization: Bearer ...' -H 'x-user-id: admin' -H 'x-auth-claims: forged' .../things?a=1`
     headers = {**bearer(token), "x-user-id": "admin", "x-auth-claims": "forged"}
@@ -52,9 +102,9 @@ async def test_allowed_request_reaches_upstream_with_overwritten_identity_header
     assert decode_claims(claims)["email"] == "alice@example.com"
 
 
-async def test_underscore_header_is_rejected_by_envoy(
-    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_underscore_header_is_rejected_by_envoy(shared: Shared) -> None:
+    envoy, echo, idp, session = shared.envoy, shared.echo, shared.idp, shared.session
     headers = {**bearer(idp.mint({"sub": "alice"})), "x_user_id": "admin"}
     async with session.get(envoy.url + "/things", headers=headers) as response:
         assert response.status == 400
@@ -62,13 +112,9 @@ async def test_underscore_header_is_rejected_by_envoy(
 
 
 @pytest.mark.parametrize("credentials", ["none", "forged"])
-async def test_missing_or_forged_token_is_401_with_a_challenge(
-    credentials: str,
-    envoy: EnvoyProcess,
-    echo: EchoUpstream,
-    idp: DevIdentityProvider,
-    session: aiohttp.ClientSession,
-) -> None:
+@on_shared_stack
+async def test_missing_or_forged_token_is_401_with_a_challenge(credentials: str, shared: Shared) -> None:
+    envoy, echo, idp, session = shared.envoy, shared.echo, shared.idp, shared.session
     headers = bearer(forge(idp.mint({"sub": "alice"}), sub="admin")) if credentials == "forged" else {}
     async with session.get(envoy.url + "/things", headers=headers) as response:
         assert response.status == 401
@@ -81,30 +127,34 @@ async def test_missing_or_forged_token_is_401_with_a_challenge(
     assert echo.requests == []
 
 
-async def test_opaque_token_is_allowed(
-    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_opaque_token_is_allowed(shared: Shared) -> None:
+    envoy, echo, idp, session = shared.envoy, shared.echo, shared.idp, shared.session
     token = idp.issue_opaque({"sub": "bob"})
+    before = idp.hits["introspect"]
     async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
         assert response.status == 200, await response.text()
     assert echo.headers_named("x-user-id") == ["bob"]
-    assert idp.hits["introspect"] == 1
+    assert idp.hits["introspect"] == before + 1
 
 
-async def test_idp_down_with_nothing_cached_is_503(
-    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_idp_down_with_nothing_cached_is_503(shared: Shared) -> None:
+    envoy, echo, idp, session = shared.envoy, shared.echo, shared.idp, shared.session
     await idp.go_offline()
-    token = idp.issue_opaque({"sub": "bob"})
-    async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
-        assert response.status == 503
-        assert (await response.json())["error"] == "temporarily_unavailable"
+    try:
+        token = idp.issue_opaque({"sub": "bob"})
+        async with session.get(envoy.url + "/things", headers=bearer(token)) as response:
+            assert response.status == 503
+            assert (await response.json())["error"] == "temporarily_unavailable"
+    finally:
+        await idp.go_online()  # the other tests share this IdP
     assert echo.requests == []
 
 
-async def test_access_log_shows_the_user_id_and_policy_from_dynamic_metadata(
-    envoy: EnvoyProcess, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_access_log_shows_the_user_id_and_policy_from_dynamic_metadata(shared: Shared) -> None:
+    envoy, idp, session = shared.envoy, shared.idp, shared.session
     async with session.get(envoy.url + "/logged", headers=bearer(idp.mint({"sub": "carol"}))) as response:
         assert response.status == 200
     async with session.get(envoy.url + "/denied") as response:
@@ -125,9 +175,9 @@ async def test_access_log_shows_the_user_id_and_policy_from_dynamic_metadata(
     assert "UAEX" in denied["flags"]  # unauthorized by the external authorization service
 
 
-async def test_context_extensions_route_is_checked_and_allowed(
-    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_context_extensions_route_is_checked_and_allowed(shared: Shared) -> None:
+    envoy, echo, idp, session = shared.envoy, shared.echo, shared.idp, shared.session
     async with session.get(envoy.url + "/admin/users") as response:
         assert response.status == 401  # the per-route config extends the check, never disables it
     async with session.get(envoy.url + "/admin/users", headers=bearer(idp.mint({"sub": "dave"}))) as response:
@@ -242,9 +292,9 @@ def test_shipped_envoy_configs_validate_with_the_real_binary() -> None:
     assert "OK" in result.stdout
 
 
-async def test_a_query_token_is_removed_before_the_upstream(
-    envoy: EnvoyProcess, echo: EchoUpstream, idp: DevIdentityProvider, session: aiohttp.ClientSession
-) -> None:
+@on_shared_stack
+async def test_a_query_token_is_removed_before_the_upstream(shared: Shared) -> None:
+    envoy, idp, session = shared.envoy, shared.idp, shared.session
     token = idp.mint({"sub": "link-user"})
     async with session.get(envoy.url + f"/files/a.pdf?inline=1&access_token={token}") as response:
         assert response.status == 200

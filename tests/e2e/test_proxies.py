@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 import yaml
 
 from authz_service.devstack.echo import EchoUpstream
@@ -30,10 +31,11 @@ from authz_service.devstack.envoy import Envoy, StartError, load_config, on_loop
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.devstack.nginx import Nginx, nginx_binary
 from authz_service.devstack.procs import spawn
-from tests.conftest import free_port, jwks_introspector, run_service, tail
+from tests.conftest import free_port, jwks_introspector, new_idp, run_service, tail
 from tests.e2e.conftest import START_TIMEOUT, stop_process, wait_until
+from tests.hostile_idp import HostileIdentityProvider
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_HTTP_YAML = ROOT / "envoy" / "envoy-http.yaml"
@@ -136,39 +138,52 @@ async def nginx(
 PROXIES = {"envoy-http": envoy_http, "nginx": nginx}
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def idp_m() -> AsyncIterator[HostileIdentityProvider]:
+    async with await new_idp() as provider:
+        yield provider
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def session_m() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
         yield client
 
 
-@pytest.fixture(params=sorted(PROXIES))
-async def start_stack(
-    request: pytest.FixtureRequest, idp: DevIdentityProvider, tmp_path: Path, session: aiohttp.ClientSession
-) -> AsyncIterator[Callable[[], Awaitable[Stack]]]:
-    """Start the service (HTTP mode), an echo upstream and the proxy under test; stopped afterwards."""
-    proxy = PROXIES[request.param]
-    async with EchoUpstream() as echo:
-        cleanups: list[Any] = []
+# The module's tests run in its event loop, with its IdP and session (not conftest's per-test ones).
+@pytest.fixture
+def idp(idp_m: HostileIdentityProvider) -> HostileIdentityProvider:
+    return idp_m
 
-        async def start() -> Stack:
-            port = free_port()
-            config = {
-                "server": {
-                    "grpc_address": f"127.0.0.1:{free_port()}",
-                    "http_address": f"127.0.0.1:{port}",
-                    "admin_address": None,
-                    "drain_delay": 0,
-                },
-                "response": {"claim_headers": {"email": "x-user-email"}},
-                "introspectors": [jwks_introspector(idp, from_params=["access_token"])],
-                "policies": POLICIES,
-            }
-            path = tmp_path / "authz.yaml"
-            path.write_text(yaml.safe_dump(config))
-            log = tmp_path / "authz.log"
-            process = await run_service(path, log)
-            cleanups.append(process)
+
+@pytest.fixture
+def session(session_m: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return session_m
+
+
+@asynccontextmanager
+async def run_stack(
+    proxy: str, idp: DevIdentityProvider, workdir: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[Stack]:
+    """The service (HTTP mode), an echo upstream and the proxy under test, until the block ends."""
+    port = free_port()
+    config = {
+        "server": {
+            "grpc_address": f"127.0.0.1:{free_port()}",
+            "http_address": f"127.0.0.1:{port}",
+            "admin_address": None,
+            "drain_delay": 0,
+        },
+        "response": {"claim_headers": {"email": "x-user-email"}},
+        "introspectors": [jwks_introspector(idp, from_params=["access_token"])],
+        "policies": POLICIES,
+    }
+    path = workdir / "authz.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = workdir / "authz.log"
+    async with EchoUpstream() as echo:
+        process = await run_service(path, log)
+        try:
 
             async def serving() -> bool:
                 assert process.returncode is None, tail(log)
@@ -179,17 +194,34 @@ async def start_stack(
                     return False
 
             await wait_until(serving, START_TIMEOUT, "the HTTP listener to be ready")
-            context = proxy(port, echo, tmp_path, session)
-            running = await context.__aenter__()
-            cleanups.append(context)
-            return Stack(running.url, echo, request.param, running.access_log, log)
+            async with PROXIES[proxy](port, echo, workdir, session) as running:
+                yield Stack(running.url, echo, proxy, running.access_log, log)
+        finally:
+            assert await stop_process(process) == 0
 
-        yield start
-        for item in reversed(cleanups):
-            if hasattr(item, "__aexit__"):
-                await item.__aexit__(None, None, None)
-            else:
-                assert await stop_process(item) == 0
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(PROXIES))
+async def shared_stack(
+    request: pytest.FixtureRequest,
+    idp_m: HostileIdentityProvider,
+    session_m: aiohttp.ClientSession,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Stack]:
+    """One stack per proxy for the module: each start costs seconds."""
+    workdir = tmp_path_factory.mktemp(f"proxies-{request.param}")
+    async with run_stack(request.param, idp_m, workdir, session_m) as stack:
+        yield stack
+
+
+@pytest.fixture
+def start_stack(shared_stack: Stack) -> Callable[[], Awaitable[Stack]]:
+    """The module's stack for this proxy, with its echo's request log emptied for this test."""
+
+    async def start() -> Stack:
+        shared_stack.echo.requests.clear()
+        return shared_stack
+
+    return start
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -256,21 +288,27 @@ async def test_403_from_a_policy_on_the_original_path(
     assert stack.echo.requests == []
 
 
-async def test_503_when_the_idp_is_down_and_nothing_is_cached(
-    start_stack: Callable[[], Awaitable[Stack]], idp: DevIdentityProvider, session: aiohttp.ClientSession
+async def test_503_when_the_idp_is_down_and_the_key_is_not_cached(
+    start_stack: Callable[[], Awaitable[Stack]], idp: HostileIdentityProvider, session: aiohttp.ClientSession
 ) -> None:
-    await idp.go_offline()
     stack = await start_stack()
-    async with session.get(stack.url + "/orders/7", headers=bearer(idp.mint())) as response:
-        assert response.status == 503
-        body = await response.read()
+    # A kid the service has no key for: it must ask the IdP, which is down (the keys it has cached
+    # answer for every other kid, so the rest of the module is unaffected).
+    token = idp.mint(kid="published-while-the-idp-was-down")
+    await idp.go_offline()
+    try:
+        async with session.get(stack.url + "/orders/7", headers=bearer(token)) as response:
+            assert response.status == 503
+            body = await response.read()
+    finally:
+        await idp.go_online()  # the other tests share this IdP
+    assert stack.echo.requests == []
     if stack.proxy == "envoy-http":
         # Envoy takes any 5xx from an HTTP authorization service for a failure to ask and answers
         # status_on_error (503 in envoy-http.yaml) itself, without the service's body.
         assert body == b""
     else:
         assert json.loads(body)["error"] == "temporarily_unavailable"
-    assert stack.echo.requests == []
 
 
 async def test_a_query_token_never_reaches_the_upstream(

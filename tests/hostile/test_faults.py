@@ -63,6 +63,14 @@ async def bounded_load(
     return done
 
 
+async def until_true(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` (bounded) until it holds: the load runs on its own schedule."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, what
+        await asyncio.sleep(0.02)
+
+
 # --------------------------------------------------------------------------- Redis killed and restarted
 
 
@@ -141,9 +149,11 @@ async def test_redis_killed_and_restarted_under_load(
     load = asyncio.ensure_future(
         bounded_load(check, workers=8, stop=stop, deadline=time.monotonic() + 30, max_checks=20_000)
     )
-    await asyncio.sleep(0.5)
+    await until_true(lambda: answers.total() >= 50, 10, "the load did not start")
     await redis_server.kill()
-    await asyncio.sleep(1.5)  # load meets a dead Redis: connections refused
+    # The load meets a dead Redis: connections refused.
+    counts = first.service.caches.stats.counts
+    await until_true(lambda: counts[("opaque", "error")] >= 100, 15, "too little load met the dead Redis")
     errors_while_down = first.service.caches.stats.counts[("opaque", "error")]
     await redis_server.start()  # the same port, empty
     # Back: the two instances share results again (redis-py reconnects on the next command).
@@ -343,7 +353,9 @@ async def test_a_worker_sigkilled_under_load_is_restarted_and_the_other_is_unaff
                 bounded_load(to_shared_port, workers=4, stop=stop, deadline=deadline, max_checks=5000)
             ),
         ]
-        await asyncio.sleep(1.0)
+        await until_true(
+            lambda: survivor_answers.total() >= 20 and shared_answers.total() >= 10, 20, "the load did not start"
+        )
         before_kill = sum(survivor_answers.values())
         os.kill(victim, signal.SIGKILL)
 
@@ -354,7 +366,16 @@ async def test_a_worker_sigkilled_under_load_is_restarted_and_the_other_is_unaff
         await _until(replaced, 20, "the supervisor did not start a new worker")
 
         await _until(functools.partial(_serves, victim_port, valid), 20, "the new worker did not serve its own port")
-        await asyncio.sleep(1.0)  # and a little more load on the restored pair
+        # And a little more load on the restored pair.
+        restored = survivor_answers.total(), shared_answers.total()
+        await until_true(
+            lambda: (
+                survivor_answers.total() >= max(restored[0], before_kill + 20) + 20
+                and shared_answers.total() >= restored[1] + 20
+            ),
+            20,
+            "too little load after the restart",
+        )
         stop.set()
         await asyncio.gather(*load)
 

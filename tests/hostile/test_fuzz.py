@@ -26,15 +26,15 @@ from authz_service._pb.envoy.config.core.v3 import address_pb2, base_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.config.model import ResponseConfig
-from authz_service.config.validate import parse_config
 from authz_service.decide import Authorizer
 from authz_service.engine import build_engine
 from authz_service.envoy import MAX_HEADER_VALUE, IdentityHeaders, ResponseBuilder, to_http_request
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
 from authz_service.policy.matcho import PatternError, compile_pattern
+from authz_service.registries import parse_config
 from authz_service.tokens.cache import CacheFactory
-from authz_service.tokens.jwt import MAX_TOKEN_BYTES, parse_jwt
+from authz_service.tokens.jws import MAX_TOKEN_BYTES, parse_jwt
 from authz_service.tokens.sources import CredentialFinder
 from authz_service.upstream import UpstreamClient
 

@@ -33,12 +33,12 @@ from grpc_health.v1 import health_pb2
 from authz_service._pb.envoy.config.core.v3 import base_pb2
 from authz_service._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.engine import build_engine
 from authz_service.server import grpc as server_module
 from authz_service.server.grpc import AUTHORIZATION_SERVICE
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 from tests.harness import Answer, Harness, HealthClient, check_request
+from tests.hostile_idp import HostileIdentityProvider
 
 HS_ISS = "https://hs.hostile.example"
 HS_SECRET = "hostile-suite-hmac-secret-0123456789"
@@ -100,7 +100,9 @@ def nested(depth: int, opener: str = "[", closer: str = "]", leaf: str = "") -> 
 # --------------------------------------------------------------------------- service and assertions
 
 
-def hostile_config(idp: DevIdentityProvider, *extra_introspectors: dict[str, Any], **sections: Any) -> dict[str, Any]:
+def hostile_config(
+    idp: HostileIdentityProvider, *extra_introspectors: dict[str, Any], **sections: Any
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "introspectors": [
             jwks_introspector(idp),
@@ -153,7 +155,7 @@ async def assert_healthy(service: Harness, token: str, path: str = "/") -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
 
 
-def hits(idp: DevIdentityProvider) -> dict[str, int]:
+def hits(idp: HostileIdentityProvider) -> dict[str, int]:
     return dict(idp.hits)
 
 
@@ -161,7 +163,7 @@ def hits(idp: DevIdentityProvider) -> dict[str, int]:
 
 
 async def test_oversized_tokens_are_rejected_before_any_decoding(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     service = await start_service(hostile_config(idp, opaque_introspector(idp)))
     before = hits(idp)
@@ -187,7 +189,9 @@ async def test_oversized_tokens_are_rejected_before_any_decoding(
     await assert_healthy(service, idp.mint())
 
 
-async def test_token_limit_counts_bytes_not_characters(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_token_limit_counts_bytes_not_characters(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     """8 KiB is a size on the wire: 4,097 two-byte characters are 8,194 bytes, over the limit, never sent to the IdP."""
     service = await start_service(hostile_config(idp, opaque_introspector(idp)))
     before = hits(idp)
@@ -202,7 +206,7 @@ async def test_token_limit_counts_bytes_not_characters(idp: DevIdentityProvider,
 # --------------------------------------------------------------------------- structure
 
 
-async def test_structurally_broken_tokens_are_401(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_structurally_broken_tokens_are_401(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     head, payload, sig = idp.mint().split(".")
     header_json = json.dumps({"alg": "RS256", "kid": idp.kid()})
@@ -262,7 +266,7 @@ async def test_structurally_broken_tokens_are_401(idp: DevIdentityProvider, star
 
 
 async def test_non_utf8_json_is_rejected_even_when_signed(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     """RFC 7515: the header and payload are UTF-8 JSON. UTF-16/32 text, correctly signed, is still malformed."""
     service = await start_service(hostile_config(idp))
@@ -279,7 +283,7 @@ async def test_non_utf8_json_is_rejected_even_when_signed(
     await assert_healthy(service, idp.mint())
 
 
-async def test_deeply_nested_json_is_401_never_503(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_deeply_nested_json_is_401_never_503(idp: HostileIdentityProvider, start_service: StartService) -> None:
     # A policy makes the service build the request context from the claims (the deepest walk).
     service = await start_service(hostile_config(idp, policies=[SIGNED_IN]))
     header_json = json.dumps({"alg": "RS256", "kid": idp.kid()})
@@ -306,7 +310,7 @@ async def test_deeply_nested_json_is_401_never_503(idp: DevIdentityProvider, sta
     await assert_healthy(service, idp.mint())
 
 
-SIGNED_DEEP: dict[str, Callable[[DevIdentityProvider], str]] = {
+SIGNED_DEEP: dict[str, Callable[[HostileIdentityProvider], str]] = {
     "2000 levels of [": lambda idp: hs_signed('{"alg": "HS256"}', payload_with({"deep": nested(2000)})),
     "600 levels of [": lambda idp: hs_signed('{"alg": "HS256"}', payload_with({"deep": nested(600)})),
     "450 levels of [": lambda idp: hs_signed('{"alg": "HS256"}', payload_with({"deep": nested(450)})),
@@ -317,7 +321,7 @@ SIGNED_DEEP: dict[str, Callable[[DevIdentityProvider], str]] = {
 
 @pytest.mark.parametrize("name", list(SIGNED_DEEP))
 async def test_deeply_nested_signed_claims_are_never_503(
-    idp: DevIdentityProvider, start_service: StartService, name: str
+    idp: HostileIdentityProvider, start_service: StartService, name: str
 ) -> None:
     """Correctly signed, so only the depth can be held against the token: 401 (or a clean allow), never a 503."""
     # A policy makes the service build the request context from the claims (the deepest walk).
@@ -332,7 +336,7 @@ async def test_deeply_nested_signed_claims_are_never_503(
 # --------------------------------------------------------------------------- header parameters
 
 
-async def test_kid_is_only_a_lookup_key(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_kid_is_only_a_lookup_key(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     before = hits(idp)
     lookups = [
@@ -368,7 +372,7 @@ async def test_kid_is_only_a_lookup_key(idp: DevIdentityProvider, start_service:
     await assert_healthy(service, idp.mint())
 
 
-async def test_kid_null_is_not_a_missing_kid(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_kid_null_is_not_a_missing_kid(idp: HostileIdentityProvider, start_service: StartService) -> None:
     """RFC 7515 4.1.4: kid is a string. PyJWT refuses `"kid": null`; so must we, even with a valid signature."""
     service = await start_service(hostile_config(idp))
     assert (await ask(service, token=hs_mint(header={"alg": "HS256"}))).allowed  # the control: no kid at all
@@ -392,13 +396,15 @@ def _self_signed_certificate(key: rsa.RSAPrivateKey) -> str:
     return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode("ascii")
 
 
-async def test_embedded_and_remote_keys_are_never_used(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_embedded_and_remote_keys_are_never_used(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service(hostile_config(idp))
     attacker_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     attacker_jwk = pyjwt.algorithms.RSAAlgorithm.to_jwk(attacker_key.public_key(), as_dict=True)
     attacker_jwk |= {"kid": "evil", "alg": "RS256"}
     oct_jwk = {"kty": "oct", "k": b64(b"attacker-chosen-hmac-secret-0123456789"), "alg": "HS256"}
-    async with DevIdentityProvider() as attacker:
+    async with HostileIdentityProvider() as attacker:
         before = hits(idp)
         headers_variants: dict[str, dict[str, Any]] = {
             "jku at the attacker": {"jku": attacker.jwks_uri},
@@ -433,7 +439,7 @@ async def test_embedded_and_remote_keys_are_never_used(idp: DevIdentityProvider,
     await assert_healthy(service, idp.mint())
 
 
-async def test_any_crit_is_rejected(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_any_crit_is_rejected(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     assert_denied(await ask(service, token=idp.mint(headers={"crit": ["exp"]})), 401, "unsupported_crit")
     crits: tuple[object, ...] = (["exp"], ["b64"], [], "b64", None, {}, 1, False, ["b64", "b64"], ["x" * 100])
@@ -447,7 +453,7 @@ async def test_any_crit_is_rejected(idp: DevIdentityProvider, start_service: Sta
 # --------------------------------------------------------------------------- claims
 
 
-async def test_duplicate_keys_are_rejected(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_duplicate_keys_are_rejected(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     now = int(time.time())
     base = f'"iss": "{HS_ISS}", "aud": "authz-service", "exp": {now + 300}'
@@ -505,7 +511,7 @@ NON_JSON_NUMBERS: dict[str, dict[str, str]] = {
 }
 
 
-async def test_wrong_typed_claims_are_401(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_wrong_typed_claims_are_401(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     for name, overrides in WRONG_TYPED.items():
         token = hs_signed('{"alg": "HS256"}', payload_with(overrides))  # correctly signed: only the type is wrong
@@ -529,7 +535,7 @@ async def test_wrong_typed_claims_are_401(idp: DevIdentityProvider, start_servic
 
 @pytest.mark.parametrize("name", sorted(NON_JSON_NUMBERS))
 async def test_nan_and_infinity_are_not_numbers(
-    idp: DevIdentityProvider, start_service: StartService, name: str
+    idp: HostileIdentityProvider, start_service: StartService, name: str
 ) -> None:
     """`exp`/`nbf`/`iat` must be JSON numbers: `exp: NaN` or `exp: Infinity` would never expire."""
     service = await start_service(hostile_config(idp))
@@ -554,7 +560,9 @@ CONTROL_VALUES = [
 NON_ASCII = ["Jürgen", "用户-42", "مستخدم", "🙂‍↕️", "ＡＤＭＩＮ", "zero\u200bwidth", "é" * 100]
 
 
-async def test_control_characters_never_reach_a_header(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_control_characters_never_reach_a_header(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service(hostile_config(idp))
     for value in CONTROL_VALUES:
         # As the user id it is the identity: 401, never a mangled header.
@@ -578,7 +586,9 @@ async def test_control_characters_never_reach_a_header(idp: DevIdentityProvider,
     await assert_healthy(service, idp.mint())
 
 
-async def test_opaque_results_with_control_characters(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_opaque_results_with_control_characters(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service(hostile_config(idp, opaque_introspector(idp)))
     for value in CONTROL_VALUES:
         answer = await ask(service, token=idp.issue_opaque({"sub": value}))
@@ -601,7 +611,7 @@ async def test_opaque_results_with_control_characters(idp: DevIdentityProvider, 
 # --------------------------------------------------------------------------- credentials
 
 
-async def test_authorization_header_variants(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_authorization_header_variants(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     token = idp.mint()
     for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
@@ -654,7 +664,7 @@ async def test_authorization_header_variants(idp: DevIdentityProvider, start_ser
     await assert_healthy(service, token)
 
 
-async def test_hostile_cookie_headers(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_hostile_cookie_headers(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp, opaque_introspector(idp, cookie="ASPXAUTH")))
     token = idp.issue_opaque({"sub": "cookie-user"})
     before = hits(idp)
@@ -721,7 +731,7 @@ def _never_allowed(name: str, result: tuple[grpc.StatusCode, pb.CheckResponse | 
     assert response.denied_response.status.code in (400, 401, 403, 503), name
 
 
-async def test_malformed_and_huge_check_requests(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_malformed_and_huge_check_requests(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     token = idp.mint()
     rng = random.Random(20240601)
@@ -780,7 +790,7 @@ def _header_map_request(entries: list[tuple[str, bytes]], path: str = "/") -> pb
     )
 
 
-async def test_raw_header_map_requests(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_raw_header_map_requests(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(hostile_config(idp))
     token = idp.mint()
     cases: dict[str, tuple[list[tuple[str, bytes]], int]] = {
@@ -808,7 +818,7 @@ async def test_raw_header_map_requests(idp: DevIdentityProvider, start_service: 
 
 
 async def test_huge_paths_and_odd_methods_reach_policies_safely(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     policies = [
         {
@@ -850,7 +860,7 @@ async def test_huge_paths_and_odd_methods_reach_policies_safely(
 
 
 async def test_internal_errors_fail_closed(
-    idp: DevIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    idp: HostileIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = await start_service(hostile_config(idp, policies=[SIGNED_IN]))
     running = service.service
@@ -887,10 +897,10 @@ async def test_internal_errors_fail_closed(
         await assert_healthy(service, idp.mint())
 
     # The Envoy adapter itself raising (outside the Authorizer).
-    def broken_adapter(request: Any) -> Any:
+    def broken_adapter(raw: Any) -> Any:
         raise ValueError("adapter bug")
 
-    monkeypatch.setattr(server_module, "to_http_request", broken_adapter)
+    monkeypatch.setattr(server_module, "decode_check", broken_adapter)
     await expect_internal_error("adapter raises")
     monkeypatch.undo()
     await assert_healthy(service, idp.mint())

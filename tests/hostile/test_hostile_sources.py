@@ -13,8 +13,8 @@ import logging
 
 import pytest
 
-from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector
+from tests.hostile_idp import HostileIdentityProvider
 from tests.integration.test_discovery import discovering
 
 
@@ -22,7 +22,7 @@ from tests.integration.test_discovery import discovering
     "mode", ["issuer_prefix", "wrong_issuer", "no_jwks_uri", "huge", "html", "notjson", "redirect", "down"]
 )
 async def test_an_unusable_document_is_503_and_nothing_is_cached(
-    idp: DevIdentityProvider, start_service: StartService, mode: str
+    idp: HostileIdentityProvider, start_service: StartService, mode: str
 ) -> None:
     idp.discovery_mode = mode
     service = await start_service({"introspectors": [discovering(idp)]})
@@ -41,7 +41,7 @@ async def test_an_unusable_document_is_503_and_nothing_is_cached(
 
 
 async def test_keys_on_another_host_are_allowed_and_logged_with_both_hosts(
-    idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+    idp: HostileIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
 ) -> None:
     idp.discovery_mode = "other_host"
     with caplog.at_level(logging.INFO, logger="authz_service.tokens.discovery"):
@@ -55,7 +55,7 @@ async def test_keys_on_another_host_are_allowed_and_logged_with_both_hosts(
 
 
 async def test_bearer_wins_over_the_query_and_the_query_token_is_still_removed(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     config = jwks_introspector(idp, from_params=["access_token"])
     service = await start_service({"introspectors": [config]})
@@ -67,7 +67,7 @@ async def test_bearer_wins_over_the_query_and_the_query_token_is_still_removed(
 
 
 async def test_a_bad_token_in_the_header_is_not_rescued_by_the_query(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     config = jwks_introspector(idp, from_params=["access_token"])
     service = await start_service({"introspectors": [config]})
@@ -81,7 +81,7 @@ async def test_a_bad_token_in_the_header_is_not_rescued_by_the_query(
     ids=["empty", "space", "too-large"],
 )
 async def test_a_malformed_token_from_a_source_is_401(
-    idp: DevIdentityProvider, start_service: StartService, path: str
+    idp: HostileIdentityProvider, start_service: StartService, path: str
 ) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, from_params=["access_token"])]})
     answer = await service.check(path)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import yaml
+from aiohttp import web
 
 from authz_service.devstack.idp import DevIdentityProvider
-from authz_service.observe import redact
 from authz_service.server.service import AuthzService
 from tests.api_harness import API_TOKEN, config_with_api
 from tests.certs import make_pki
@@ -124,13 +125,112 @@ async def test_decision_logs_can_be_turned_off(
     assert not [r for r in caplog.records if r.name == "authz_service.decision"]
 
 
-def test_redaction_helper() -> None:
-    assert redact.identifier("req-1.2:3_x") == "req-1.2:3_x"
-    assert redact.identifier("eyJhbGciOiJIUzI1NiJ9").startswith("sha256:")
-    assert redact.identifier("has space").startswith("sha256:")
-    assert redact.identifier("x" * 129).startswith("sha256:")
-    assert redact.path("/a/b?token=secret") == "/a/b"
-    assert redact.user_id("u" * 500) == "u" * 128
+async def test_metrics_have_what_operators_expect_and_no_created_series(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    service = await start_service(
+        {
+            "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
+    assert (await service.check(token=idp.mint())).allowed
+    _, text = await _get(_admin_port(service), "/metrics")
+    assert _metric(text, "process_cpu_seconds_total") > 0
+    assert _metric(text, "process_resident_memory_bytes") > 0
+    assert _metric(text, "process_open_fds") > 0
+    assert "python_gc_collections_total{" in text
+    assert _metric(text, "python_info") == 1
+    assert _metric(text, "authz_build_info") == 1
+    assert "authz_checks_in_flight 0.0" in text.splitlines()
+    assert _metric(text, "authz_checks_total", decision="allow") == 1
+    assert "_created" not in text  # one rule for every counter and histogram (as with workers)
+
+
+async def test_checks_in_flight_are_counted_while_they_wait(
+    idp: DevIdentityProvider, start_service: StartService
+) -> None:
+    # An introspection endpoint that answers only when the test says so: the check stays in flight.
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def introspect(request: web.Request) -> web.Response:
+        asked.set()
+        await release.wait()
+        return web.json_response({"active": True, "sub": "alice"})
+
+    app = web.Application()
+    app.router.add_post("/introspect", introspect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/introspect"
+        service = await start_service(
+            {
+                "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0"},
+                "introspectors": [opaque_introspector(idp, introspection_endpoint={"url": url})],
+            }
+        )
+        check = asyncio.ensure_future(service.check(token="opaque-token-1"))
+        await asyncio.wait_for(asked.wait(), 10)
+        _, during = await _get(_admin_port(service), "/metrics")
+        release.set()
+        assert (await check).allowed
+        _, after = await _get(_admin_port(service), "/metrics")
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert _metric(during, "authz_checks_in_flight") == 1
+    assert _metric(after, "authz_checks_in_flight") == 0
+
+
+async def test_policy_allows_and_reloads_are_counted(idp: DevIdentityProvider, tmp_path: Path) -> None:
+    def config(policies: list[dict[str, Any]]) -> str:
+        return yaml.safe_dump(
+            {
+                "server": {"grpc_address": "127.0.0.1:0", "admin_address": "127.0.0.1:0", "drain_delay": 0},
+                "introspectors": [jwks_introspector(idp)],
+                "policies": policies,
+            }
+        )
+
+    public = {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public"}}
+    orders = {"id": "orders", "engine": "matcho", "matcho": {"uri": "#^/orders"}}
+    path = tmp_path / "config.yaml"
+    await asyncio.to_thread(path.write_text, config([public, orders]))
+    service = await AuthzService.from_file(str(path))
+    await service.start()
+    try:
+        assert service.admin is not None
+        assert service.admin.port is not None
+        assert service.sync is not None
+        port = service.admin.port
+        harness = Harness(service, grpc.aio.insecure_channel(f"127.0.0.1:{service.port}"))
+        token = idp.mint()
+        for _ in range(2):
+            assert (await harness.check("/public/a", token=token)).allowed
+        assert (await harness.check("/orders/1", token=token)).allowed
+        assert (await harness.check("/private", token=token)).http_status == 403
+        _, text = await _get(port, "/metrics")
+        assert _metric(text, "authz_policy_allows_total", policy="public") == 2
+        assert _metric(text, "authz_policy_allows_total", policy="orders") == 1
+        # A reload drops `orders` (its series goes) and adds `staff` (a series at 0).
+        staff = {"id": "staff", "engine": "matcho", "matcho": {"uri": "#^/staff"}}
+        await asyncio.to_thread(path.write_text, config([public, staff]))
+        assert await service.sync.reload_file("sighup")
+        await asyncio.to_thread(path.write_text, "introspectors: [")  # not YAML: refused, config kept
+        assert not await service.sync.reload_file("sighup")
+        assert (await harness.check("/public/b", token=token)).allowed
+        _, text = await _get(port, "/metrics")
+        await harness.channel.close()
+    finally:
+        await service.stop(0)
+    assert _metric(text, "authz_policy_allows_total", policy="public") == 3
+    assert 'authz_policy_allows_total{policy="staff"} 0.0' in text
+    assert 'policy="orders"' not in text
+    assert _metric(text, "authz_config_reloads_total", source="sighup", result="ok") == 1
+    assert _metric(text, "authz_config_reloads_total", source="sighup", result="invalid") == 1
 
 
 async def test_verified_jwt_cache_is_in_the_metrics(idp: DevIdentityProvider, start_service: StartService) -> None:

@@ -21,15 +21,14 @@ import aiohttp
 import pytest
 import yaml
 
-from authz_service import observe
+from authz_service.decisionlog import DecisionLog, DecisionWriter, _render, decision_fields
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.logs import JsonFormatter
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.observe import DecisionWriter, decision_fields, log_decision
 from tests.conftest import free_port, jwks_introspector
 
 REQUEST = HttpRequest(method="GET", path="/orders/7?access_token=SECRET", request_id="req-1")
-ALLOW = Decision(Outcome.ALLOW, Reason.ALLOWED, Identity("alice", {}, "idp", "jwt"))
+ALLOW = Decision(Outcome.ALLOW, Reason.ALLOWED, Identity("alice", {}, "idp", "jwt"), introspector="idp")
 
 
 def _read_lines(fd: int) -> list[dict[str, object]]:
@@ -83,12 +82,12 @@ def test_a_full_queue_drops_and_counts_and_never_blocks() -> None:
         os.close(write)
 
 
-def test_a_queued_line_keeps_its_request_strings_not_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_queued_line_keeps_its_request_strings_not_the_request() -> None:
     # A queued line must not keep each request's headers alive until the writer's next batch: a
     # full queue would hold ~27 MB, and in steady state the loop's allocations would spread over
     # megabytes instead of reusing the memory it has just freed.
     writer = DecisionWriter(1, logging.INFO, max_queue=2000)  # not started: the queue keeps every line
-    monkeypatch.setattr(observe, "_writer", writer)
+    decisions = DecisionLog(writer)
     token = "eyJ" + "x" * 600
     tracemalloc.start()
     try:
@@ -97,7 +96,7 @@ def test_a_queued_line_keeps_its_request_strings_not_the_request(monkeypatch: py
             headers = {f"x-header-{n}": f"value {n} of request {i}" for n in range(10)}
             headers["authorization"] = f"Bearer {token}{i}"
             request = HttpRequest(method="GET", path=f"/orders/{i}", headers=headers, request_id=f"req-{i}")
-            log_decision(request, ALLOW, 0.001, logging.INFO, "http")
+            decisions.log_decision(request, ALLOW, 0.001, logging.INFO, "http")
         per_line = (tracemalloc.get_traced_memory()[0] - before) / 1000
     finally:
         tracemalloc.stop()
@@ -112,7 +111,7 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     requests = [HttpRequest(method="GET", path=f"/é/{'x' * (i * 7 % 250)}", request_id=f"req-{i}") for i in range(300)]
     # Request values are capped (redact), but an introspector's id comes from the config, uncapped:
     # a line longer than PIPE_BUF goes out whole, in a write of its own.
-    long_id = Decision(Outcome.ALLOW, Reason.ALLOWED, Identity("alice", {}, "i" * 6000, "jwt"))
+    long_id = Decision(Outcome.ALLOW, Reason.ALLOWED, Identity("alice", {}, "i" * 6000, "jwt"), introspector="i" * 6000)
     chunks: list[bytes] = []
 
     def read_all() -> None:  # concurrently: a socket pair queues only a few unread messages
@@ -140,6 +139,24 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     lines = b"".join(chunks).decode().splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [r.request_id for r in requests]
     assert max(len(chunk) for chunk in chunks) > pipe_buf  # the long line was written, in one piece
+
+
+def test_a_request_id_that_is_not_utf8_does_not_stop_the_writer() -> None:
+    # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: a client chooses them.
+    read, write = os.pipe()
+    try:
+        writer = DecisionWriter(write, logging.INFO).start()
+        hostile = HttpRequest(method="GET", path="/a/\udcff", request_id="req-\udc80")
+        writer.submit(1_800_000_000.25, logging.INFO, hostile, ALLOW, 0.001, "http")
+        writer.submit(1_800_000_000.25, logging.INFO, REQUEST, ALLOW, 0.001, "http")
+        writer.stop()
+        first, second = _read_lines(read)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert str(first["request_id"]).startswith("sha256:")
+    assert first["path"] == "/a/?"  # as every log line writes what UTF-8 cannot hold
+    assert second["request_id"] == "req-1"  # the thread lived on
 
 
 @pytest.mark.slow
@@ -225,17 +242,16 @@ async def test_checks_are_answered_promptly_while_nobody_reads_the_log(
         ("", "", "", ""),
         ("eyJhbGciOi.x.y", "/x", "x" * 500, "GET"),
         ("req-2", "/y", "bob", "M\u00e9" * 100),  # a hostile X-Forwarded-Method: capped alike
+        ("req-\udc80", "/p/\udcff", "u", "G\udc80T"),  # HTTP mode: bytes not UTF-8 (surrogateescape)
     ],
 )
 def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, user_id: str, method: str) -> None:
     # The writer builds lines by hand (a third of json.dumps' cost): any string must come out the same.
-    from authz_service.observe import _render
-
     request = HttpRequest(method=method, path=path, request_id=request_id)
     for decision in (
-        Decision(Outcome.ALLOW, Reason.ALLOWED, Identity(user_id, {}, 'i"d', "jwt")),
+        Decision(Outcome.ALLOW, Reason.ALLOWED, Identity(user_id, {}, 'i"d', "jwt"), introspector='i"d'),
         Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
-        Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque")),
+        Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque"), introspector="idp"),
     ):
         writer = DecisionWriter(1, logging.INFO)  # not started: the line stays queued
         writer.submit(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")

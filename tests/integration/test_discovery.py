@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
+from authz_service.registries import parse_config
 from tests.conftest import StartService, free_port
 
 

@@ -23,8 +23,8 @@ import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from authz_service.config.validate import validate_config
 from authz_service.devstack.localhttp import LocalHttpServer
+from authz_service.registries import validate_config
 from tests.harness import start_harness
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "identity-providers.md"

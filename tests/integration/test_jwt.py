@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
-from authz_service.devstack.idp import DevIdentityProvider
 from tests.conftest import StartService, jwks_introspector, new_idp
 from tests.harness import Answer
+from tests.hostile_idp import HostileIdentityProvider
 
 LONG_SECRET = "s3cr3t-" * 10
 
@@ -30,7 +30,7 @@ def _forge(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"
     return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}.{_b64(signature)}"
 
 
-def _claims(idp: DevIdentityProvider, **extra: Any) -> dict[str, Any]:
+def _claims(idp: HostileIdentityProvider, **extra: Any) -> dict[str, Any]:
     now = int(time.time())
     return {"iss": idp.issuer, "sub": "user-1", "aud": "authz-service", "iat": now, "exp": now + 300, **extra}
 
@@ -40,7 +40,7 @@ def _claims(idp: DevIdentityProvider, **extra: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA", "PS256"])
 async def test_jwks_key_source_allows_each_algorithm(
-    idp: DevIdentityProvider, start_service: StartService, alg: str, monkeypatch: pytest.MonkeyPatch
+    idp: HostileIdentityProvider, start_service: StartService, alg: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if alg == "PS256":
         # A JWK that names its alg is used for that alg only: publish the RSA key without one.
@@ -116,7 +116,7 @@ async def test_static_keys_rsa_ec_okp_and_oct(start_service: StartService) -> No
 # --------------------------------------------------------------------------- rejections
 
 
-async def test_each_rejection_reason_is_a_401(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_each_rejection_reason_is_a_401(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, jwt={"leeway": 5})]})
     other = await new_idp(issuer=idp.issuer)  # same issuer, other keys
     good = idp.mint()
@@ -166,7 +166,7 @@ async def test_each_rejection_reason_is_a_401(idp: DevIdentityProvider, start_se
         assert token[:40] not in challenge, name
 
 
-async def test_duplicate_claims_are_rejected(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_duplicate_claims_are_rejected(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     header = _b64(json.dumps({"alg": "RS256", "kid": idp.kid()}).encode())
     raw = '{"iss": ' + json.dumps(idp.issuer) + ', "sub": "user-1", "sub": "admin", "exp": 9999999999}'
@@ -176,7 +176,7 @@ async def test_duplicate_claims_are_rejected(idp: DevIdentityProvider, start_ser
     assert answer.response.status.message == "malformed"
 
 
-async def test_missing_token_and_other_schemes(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_missing_token_and_other_schemes(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     for headers in ({}, {"authorization": "Basic dXNlcjpwYXNz"}):
         answer = await service.check(headers=headers)
@@ -186,14 +186,14 @@ async def test_missing_token_and_other_schemes(idp: DevIdentityProvider, start_s
         assert answer.body == {"error": "unauthorized", "error_description": "authentication required"}
 
 
-async def test_bearer_scheme_is_case_insensitive(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_bearer_scheme_is_case_insensitive(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     for scheme in ("bearer", "BEARER", "Bearer"):
         answer = await service.check(headers={"authorization": f"{scheme} {idp.mint()}"})
         assert answer.allowed, scheme
 
 
-async def test_two_authorization_values_are_400(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_two_authorization_values_are_400(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     # curl -H "Authorization: Bearer A" -H "Authorization: Bearer B" (Envoy joins them with ",")
     answer = await service.check(headers={"authorization": f"Bearer {idp.mint()},Bearer {idp.mint()}"})
@@ -205,7 +205,7 @@ async def test_two_authorization_values_are_400(idp: DevIdentityProvider, start_
 # --------------------------------------------------------------------------- answers
 
 
-async def test_allow_answer_headers_and_user_id(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_allow_answer_headers_and_user_id(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service(
         {
             "introspectors": [jwks_introspector(idp)],
@@ -232,7 +232,7 @@ async def test_allow_answer_headers_and_user_id(idp: DevIdentityProvider, start_
     assert answer.response.status.message == "bad_claims"
 
 
-async def test_no_user_id_claim(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_no_user_id_claim(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     answer = await service.check(token=idp.mint({"sub": None}))
     assert answer.allowed
@@ -244,7 +244,7 @@ async def test_no_user_id_claim(idp: DevIdentityProvider, start_service: StartSe
 # --------------------------------------------------------------------------- JWKS caching
 
 
-async def test_keys_are_cached(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_keys_are_cached(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     assert idp.hits["jwks"] == 1  # warmed at start-up
     for _ in range(20):
@@ -253,7 +253,7 @@ async def test_keys_are_cached(idp: DevIdentityProvider, start_service: StartSer
 
 
 async def test_rotation_refetches_once_and_drops_old_keys(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     old_token = idp.mint()
@@ -268,21 +268,21 @@ async def test_rotation_refetches_once_and_drops_old_keys(
     assert answer.response.status.message == "unknown_key"
 
 
-async def test_unknown_kid_refetch_is_rate_limited(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_unknown_kid_refetch_is_rate_limited(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     answers = [await service.check(token=idp.mint(kid=f"bogus-{i}")) for i in range(30)]
     assert all(a.response.status.message == "unknown_key" for a in answers)
     assert idp.hits["jwks"] == 2  # start-up + one refetch for the whole flood
 
 
-async def test_cached_keys_survive_an_outage(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_cached_keys_survive_an_outage(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     await idp.go_offline()
     assert (await service.check(token=idp.mint())).allowed
 
 
 async def test_cold_start_with_idp_down_is_503_then_recovers(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     await idp.go_offline()
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
@@ -295,12 +295,12 @@ async def test_cold_start_with_idp_down_is_503_then_recovers(
 
 @pytest.mark.slow  # waits out the JWKS cache_ttl on the wall clock (clock-driven: tests/unit/test_jwks.py)
 async def test_expired_keys_and_idp_down_is_503_unless_max_stale(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     strict = await start_service({"introspectors": [jwks_introspector(idp, cache_ttl=1)]})
     lenient = await start_service({"introspectors": [jwks_introspector(idp, cache_ttl=1, max_stale=600)]})
     await idp.go_offline()
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(1.1)  # the behaviour under test: cache_ttl passing in real time
     assert (await strict.check(token=idp.mint())).http_status == 503
     answer = await lenient.check(token=idp.mint())
     assert answer.allowed
@@ -312,7 +312,7 @@ async def test_expired_keys_and_idp_down_is_503_unless_max_stale(
 
 @pytest.mark.parametrize("mode", ["down", "html", "notjson", "redirect", "huge", "empty", "garbage_keys"])
 async def test_broken_jwks_answers_are_503_not_allow(
-    idp: DevIdentityProvider, start_service: StartService, mode: str
+    idp: HostileIdentityProvider, start_service: StartService, mode: str
 ) -> None:
     idp.jwks_mode = mode
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
@@ -321,7 +321,7 @@ async def test_broken_jwks_answers_are_503_not_allow(
     assert idp.hits["jwks_redirected"] == 0  # redirects are never followed
 
 
-async def test_slow_jwks_hits_the_timeout(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_slow_jwks_hits_the_timeout(idp: HostileIdentityProvider, start_service: StartService) -> None:
     idp.jwks_mode = "hang"
     started = time.monotonic()
     service = await start_service({"introspectors": [jwks_introspector(idp, timeout=0.3)]})
@@ -330,7 +330,7 @@ async def test_slow_jwks_hits_the_timeout(idp: DevIdentityProvider, start_servic
     assert time.monotonic() - started < 2.0  # warm-up and the check each give up after 0.3 s
 
 
-async def test_concurrent_cold_checks_make_one_fetch(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_concurrent_cold_checks_make_one_fetch(idp: HostileIdentityProvider, start_service: StartService) -> None:
     await idp.go_offline()
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
     await idp.go_online()
@@ -343,7 +343,7 @@ async def test_concurrent_cold_checks_make_one_fetch(idp: DevIdentityProvider, s
 
 @pytest.mark.slow  # waits out the JWKS cache_ttl on the wall clock (clock-driven: tests/unit/test_jwks.py)
 async def test_background_refresh_before_expiry(
-    idp: DevIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    idp: HostileIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, cache_ttl=1)]})
     await asyncio.sleep(0.85)  # past 80% of the TTL
@@ -367,7 +367,7 @@ async def test_background_refresh_before_expiry(
 # (items 3, 6-9, formerly tests/integration/test_token_hardening.py)
 
 
-def _claims_now(idp: DevIdentityProvider, **extra: Any) -> dict[str, Any]:
+def _claims_now(idp: HostileIdentityProvider, **extra: Any) -> dict[str, Any]:
     """As _claims, with the clock's fraction of a second in iat and exp."""
     now = time.time()
     return {"iss": idp.issuer, "sub": "user-1", "aud": "authz-service", "iat": now, "exp": now + 300, **extra}
@@ -383,7 +383,7 @@ def reason(answer: Answer) -> str:
     return str(answer.response.status.message)
 
 
-def publish(monkeypatch: pytest.MonkeyPatch, idp: DevIdentityProvider, *extra: dict[str, Any]) -> None:
+def publish(monkeypatch: pytest.MonkeyPatch, idp: HostileIdentityProvider, *extra: dict[str, Any]) -> None:
     """The IdP's key set plus these JWKs."""
     original = idp.jwks
     monkeypatch.setattr(idp, "jwks", lambda: {"keys": [*original()["keys"], *extra]})
@@ -392,7 +392,7 @@ def publish(monkeypatch: pytest.MonkeyPatch, idp: DevIdentityProvider, *extra: d
 # --------------------------------------------------------------------------- item 3: b64
 
 
-async def test_a_b64_header_is_refused(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_a_b64_header_is_refused(idp: HostileIdentityProvider, start_service: StartService) -> None:
     # Signed by hand with exactly these headers (PyJWT would drop `b64: true` and detach a `b64: false` payload).
     secret = idp.hmac_secret
     service = await start_service(
@@ -409,7 +409,9 @@ async def test_a_b64_header_is_refused(idp: DevIdentityProvider, start_service: 
 # --------------------------------------------------------------------------- item 6: lifetime
 
 
-async def test_max_lifetime_and_dates_past_the_year_9999(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_max_lifetime_and_dates_past_the_year_9999(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, jwt={"max_lifetime": 3600})]})
     now = time.time()
     assert (await service.check(token=idp.mint(ttl=3600))).allowed
@@ -446,7 +448,7 @@ def _short_coordinate_p521() -> tuple[ec.EllipticCurvePrivateKey, dict[str, Any]
 
 
 async def test_an_authlib_style_ec_key_verifies_and_a_weak_rsa_key_is_skipped_with_a_reason(
-    idp: DevIdentityProvider,
+    idp: HostileIdentityProvider,
     start_service: StartService,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -473,7 +475,7 @@ async def test_an_authlib_style_ec_key_verifies_and_a_weak_rsa_key_is_skipped_wi
 
 
 async def test_the_fully_specified_ed25519_alg(
-    idp: DevIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+    idp: HostileIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ed = ed25519.Ed25519PrivateKey.generate()
     ed4 = ed448.Ed448PrivateKey.generate()

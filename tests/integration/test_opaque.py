@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import redis.asyncio as redis  # here, not in the fixture: a first import there blocks the loop ~0.7 s
 
-from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.tokens.cache import BoundedMemoryCache
 from authz_service.tokens.opaque import CachedIntrospector
 from tests.conftest import StartService, jwks_introspector, new_idp, opaque_introspector, sleep_past
 from tests.harness import Answer, Harness
+from tests.hostile_idp import HostileIdentityProvider
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -37,7 +37,7 @@ OpaqueService = Callable[..., Awaitable[Harness]]
 
 @pytest.fixture
 async def opaque_service(
-    idp: DevIdentityProvider, start_service: StartService, cache_config: dict[str, Any]
+    idp: HostileIdentityProvider, start_service: StartService, cache_config: dict[str, Any]
 ) -> OpaqueService:
     """Start a service with one opaque introspector (keyword overrides) and this test's token cache."""
     await _flush(cache_config)
@@ -49,7 +49,7 @@ async def opaque_service(
 
 
 async def test_active_token_allowed_with_result_as_claims(
-    idp: DevIdentityProvider, opaque_service: OpaqueService
+    idp: HostileIdentityProvider, opaque_service: OpaqueService
 ) -> None:
     service = await opaque_service()
     token = idp.issue_opaque({"sub": "pat-1", "scope": "read"})
@@ -66,14 +66,14 @@ async def test_active_token_allowed_with_result_as_claims(
     assert sent["headers"]["Accept"] == "application/json"
 
 
-async def test_username_when_no_sub(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
+async def test_username_when_no_sub(idp: HostileIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     answer = await service.check(token=idp.issue_opaque({"sub": None, "username": "jdoe"}))
     assert answer.allowed
     assert answer.headers["x-user-id"] == "jdoe"
 
 
-async def test_inactive_and_unknown_tokens_are_401(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
+async def test_inactive_and_unknown_tokens_are_401(idp: HostileIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     revoked = idp.issue_opaque()
     idp.revoke(revoked)
@@ -84,7 +84,10 @@ async def test_inactive_and_unknown_tokens_are_401(idp: DevIdentityProvider, opa
 
 
 async def test_result_is_cached(
-    idp: DevIdentityProvider, opaque_service: OpaqueService, start_service: StartService, cache_config: dict[str, Any]
+    idp: HostileIdentityProvider,
+    opaque_service: OpaqueService,
+    start_service: StartService,
+    cache_config: dict[str, Any],
 ) -> None:
     service = await opaque_service()
     token = idp.issue_opaque()
@@ -115,7 +118,7 @@ async def test_result_is_cached(
 
 
 @pytest.mark.slow  # waits out a TTL on the wall clock (clock-driven: tests/unit/test_opaque.py)
-async def test_cache_bounded_by_token_exp(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
+async def test_cache_bounded_by_token_exp(idp: HostileIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service(cache_ttl=300)
     token = idp.issue_opaque(ttl=1)
     expires = idp.introspect(token)["exp"]  # exactly 1 s after issue (no longer cut to the whole second)
@@ -128,20 +131,20 @@ async def test_cache_bounded_by_token_exp(idp: DevIdentityProvider, opaque_servi
 
 @pytest.mark.slow  # waits out a TTL on the wall clock (clock-driven: tests/unit/test_opaque.py)
 async def test_cache_bounded_by_cache_ttl_so_revocation_is_seen(
-    idp: DevIdentityProvider, opaque_service: OpaqueService
+    idp: HostileIdentityProvider, opaque_service: OpaqueService
 ) -> None:
     service = await opaque_service(cache_ttl=1)
     token = idp.issue_opaque(ttl=300)
     assert (await service.check(token=token)).allowed
     idp.revoke(token)
     assert (await service.check(token=token)).allowed  # still cached: revocation latency <= cache_ttl
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(1.1)  # the behaviour under test: cache_ttl passing in real time
     answer = await service.check(token=token)
     assert answer.http_status == 401
     assert answer.response.status.message == "inactive"
 
 
-async def test_outage_with_and_without_cache(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
+async def test_outage_with_and_without_cache(idp: HostileIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     cached = idp.issue_opaque()
     fresh = idp.issue_opaque()
@@ -153,7 +156,7 @@ async def test_outage_with_and_without_cache(idp: DevIdentityProvider, opaque_se
     assert answer.body["error"] == "temporarily_unavailable"
 
 
-async def test_slow_idp_hits_the_timeout(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
+async def test_slow_idp_hits_the_timeout(idp: HostileIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service(timeout=0.3)
     idp.delay = 5
     started = time.monotonic()
@@ -162,7 +165,7 @@ async def test_slow_idp_hits_the_timeout(idp: DevIdentityProvider, opaque_servic
     assert time.monotonic() - started < 1.5  # well inside Envoy's deadline
 
 
-async def test_single_flight_for_concurrent_checks(idp: DevIdentityProvider, opaque_service: OpaqueService) -> None:
+async def test_single_flight_for_concurrent_checks(idp: HostileIdentityProvider, opaque_service: OpaqueService) -> None:
     service = await opaque_service()
     token = idp.issue_opaque()
     idp.delay = 0.2
@@ -175,7 +178,7 @@ async def test_single_flight_for_concurrent_checks(idp: DevIdentityProvider, opa
     "mode", ["down", "html", "notjson", "redirect", "huge", "no_active", "active_string", "error500", "hang"]
 )
 async def test_unusable_answers_are_503_and_not_cached(
-    idp: DevIdentityProvider, start_service: StartService, mode: str
+    idp: HostileIdentityProvider, start_service: StartService, mode: str
 ) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp, timeout=0.3)]})
     token = idp.issue_opaque()
@@ -189,7 +192,9 @@ async def test_unusable_answers_are_503_and_not_cached(
     assert (await service.check(token=token)).allowed
 
 
-async def test_expired_or_not_yet_valid_results_are_401(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_expired_or_not_yet_valid_results_are_401(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp)]})
     now = int(time.time())
     idp.introspect_mode = "ok"
@@ -199,7 +204,7 @@ async def test_expired_or_not_yet_valid_results_are_401(idp: DevIdentityProvider
     assert answer.response.status.message == "not_yet_valid"
 
 
-async def test_cookie_source(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_cookie_source(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp, cookie="ASPXAUTH")]})
     token = idp.issue_opaque({"sub": "cookie-user"})
     # curl -H "Cookie: theme=dark; ASPXAUTH=$TOKEN" http://api.example.com/
@@ -211,7 +216,7 @@ async def test_cookie_source(idp: DevIdentityProvider, start_service: StartServi
     assert answer.response.status.message == "missing_token"
 
 
-async def test_jwt_and_opaque_side_by_side(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_jwt_and_opaque_side_by_side(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp), opaque_introspector(idp)]})
     answer = await service.check(token=idp.mint({"sub": "jwt-user"}))
     assert answer.allowed
@@ -232,7 +237,7 @@ async def test_jwt_and_opaque_side_by_side(idp: DevIdentityProvider, start_servi
 
 
 async def test_a_jwt_of_an_unknown_issuer_never_reaches_the_introspection_endpoint(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     # An opaque introspector alone, as a deployment of reference tokens has it: a JWT (here one
     # the IdP itself would find active) is a 401 decided without a network call.
@@ -253,7 +258,7 @@ async def test_a_jwt_of_an_unknown_issuer_never_reaches_the_introspection_endpoi
 
 
 async def test_accepts_jwt_lets_an_introspector_take_jwts_no_issuer_claims(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     takes_jwts = opaque_introspector(idp, id="takes-jwts", accepts_jwt=True)
     service = await start_service({"introspectors": [opaque_introspector(idp, id="plain"), takes_jwts]})
@@ -266,7 +271,7 @@ async def test_accepts_jwt_lets_an_introspector_take_jwts_no_issuer_claims(
 
 @pytest.mark.parametrize(("mode", "status"), [("invalid_token", 401), ("unsupported_token_type", 401)])
 async def test_a_400_about_the_token_is_a_401(
-    idp: DevIdentityProvider, start_service: StartService, mode: str, status: int
+    idp: HostileIdentityProvider, start_service: StartService, mode: str, status: int
 ) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp)]})
     token = idp.issue_opaque()
@@ -279,7 +284,7 @@ async def test_a_400_about_the_token_is_a_401(
 
 
 async def test_a_400_about_the_request_stays_a_503_and_is_not_cached(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp)]})
     token = idp.issue_opaque()
@@ -290,7 +295,7 @@ async def test_a_400_about_the_request_stays_a_503_and_is_not_cached(
     assert service.service.client.calls[("introspection", "http_400")] == 2
 
 
-async def test_aud_of_an_opaque_introspector(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_aud_of_an_opaque_introspector(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp, aud=["fhir-api", "other-api"])]})
     accepted: list[Any] = ["fhir-api", ["x", "other-api"]]
     for aud in accepted:
@@ -302,7 +307,7 @@ async def test_aud_of_an_opaque_introspector(idp: DevIdentityProvider, start_ser
 
 
 async def test_a_sender_constrained_opaque_token_is_refused_as_a_bearer(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp)]})
     for cnf in ({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}, {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9"}):
@@ -311,7 +316,7 @@ async def test_a_sender_constrained_opaque_token_is_refused_as_a_bearer(
         assert 'error="invalid_token"' in answer.headers["www-authenticate"]
 
 
-async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_opaque_introspectors_in_config_order(idp: HostileIdentityProvider, start_service: StartService) -> None:
     async with await new_idp() as second:
         service = await start_service(
             {
@@ -332,7 +337,9 @@ async def test_opaque_introspectors_in_config_order(idp: DevIdentityProvider, st
 
 
 @pytest.mark.slow  # 300 introspections, ~2 s in debug mode
-async def test_unique_token_flood_keeps_cache_bounded(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_unique_token_flood_keeps_cache_bounded(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service({"cache": {"max_entries": 50}, "introspectors": [opaque_introspector(idp)]})
     tokens = [idp.issue_opaque() for _ in range(300)]
     for token in tokens:
@@ -362,7 +369,7 @@ def reason(answer: Answer) -> str:
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/jsonp", "text/html"])
 async def test_an_introspection_answer_not_labelled_json_is_a_503_and_not_cached(
-    idp: DevIdentityProvider, start_service: StartService, content_type: str
+    idp: HostileIdentityProvider, start_service: StartService, content_type: str
 ) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp)]})
     token = idp.issue_opaque({"sub": "opaque-user"})

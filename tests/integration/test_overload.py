@@ -10,6 +10,8 @@ import aiohttp
 import grpc
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_service.decisionlog import log_internal_error
+from authz_service.decisionlog import log_via_logging as log_decision
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.model import Reason
 from authz_service.server.grpc import MIN_PENDING, AuthorizationServicer, pending_bound
@@ -78,6 +80,7 @@ async def test_http_sheds_past_max_concurrent_checks_with_a_503(
         results = await asyncio.gather(*(one() for _ in range(10)))
         assert sorted(status for status, _ in results) == [200] * 3 + [503] * 7
         assert all("too many checks in flight" in body for status, body in results if status == 503)
+        assert service.service.http.runner.in_flight == 0  # the shed ones too, not only the answered
         statuses = [await one() for _ in range(5)]
         assert [status for status, _ in statuses] == [200] * 5
 
@@ -93,7 +96,12 @@ async def test_a_check_whose_caller_has_left_is_not_computed(
     idp: DevIdentityProvider, start_service: StartService
 ) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp)]})
-    servicer = AuthorizationServicer(service.service.current_engine, service.service.metrics)
+    servicer = AuthorizationServicer(
+        service.service.current_engine,
+        service.service.metrics,
+        log_decision=log_decision,
+        log_internal_error=log_internal_error,
+    )
     verified = service.service.engine.verified
     before = (verified.hits, verified.misses)
     raw = check_request("/x", token=idp.mint()).SerializeToString()

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
+from authz_service.registries import parse_config
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 
 # Aidbox's "practitioners may read patients" tutorial, pasted as it is published.

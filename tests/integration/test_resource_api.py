@@ -20,9 +20,10 @@ import grpc
 import pytest
 import yaml
 
-from authz_service.config.validate import parse_config
+import authz_service.store.redis  # noqa: F401 - imported before any loop runs: redis-py's first import takes seconds
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
+from authz_service.registries import parse_config
 from authz_service.store.file import FileStore
 from tests.api_harness import API_TOKEN, LONG_SECRET, ApiService, config_with_api, start_api_service
 from tests.conftest import Spawn, free_port, jwks_introspector, opaque_introspector
@@ -273,7 +274,8 @@ async def test_a_policy_that_allows_everything_is_accepted_with_a_warning(
     assert again.body == {
         "resourceType": "OperationOutcome",
         "issue": [
-            {"severity": "information", "code": "informational", "diagnostics": "AccessPolicy/wide: updated"},
+            # the same body again: unchanged, as PUT / says it
+            {"severity": "information", "code": "informational", "diagnostics": "AccessPolicy/wide: unchanged"},
             {"severity": "warning", "code": "security", "diagnostics": diagnostics},
         ],
     }
@@ -378,9 +380,10 @@ async def test_roles_are_resources_too(api: StartApi) -> None:
     [
         ("POST", "/AccessPolicy/p", 405, "GET, PUT, DELETE"),
         ("PATCH", "/AccessPolicy/p", 405, "GET, PUT, DELETE"),
-        ("DELETE", "/AccessPolicy", 405, "GET"),
-        ("POST", "/AccessPolicy", 405, "GET"),
-        ("GET", "/", 405, "PUT"),
+        ("DELETE", "/AccessPolicy", 405, "GET, POST"),
+        ("PUT", "/AccessPolicy", 405, "GET, POST"),
+        ("GET", "/", 405, "PUT, POST"),
+        ("DELETE", "/", 405, "PUT, POST"),
         ("GET", "/Patient/p", 404, None),
         ("GET", "/Patient", 404, None),
         ("GET", "/accesspolicy/p", 404, None),
@@ -571,7 +574,13 @@ async def test_bulk_put_applies_all_or_none(api: StartApi, idp: DevIdentityProvi
 @pytest.mark.parametrize(
     ("body", "diagnostics"),
     [
-        ({"resourceType": "User", "id": "u"}, ["PUT / takes a list of resources (or a Bundle of them)"]),
+        (
+            {"resourceType": "User", "id": "u"},
+            [
+                "PUT / takes a list of resources (or a Bundle of them); POST / takes a transaction or batch "
+                "Bundle; PUT /<Type>/<id> writes one resource"
+            ],
+        ),
         (["x"], ["entry 0: must be a resource (a mapping)"]),
         ([{"id": "u"}], ["entry 0: resourceType must be one of TokenIntrospector, AccessPolicy, User, Role, got None"]),
         ([{"resourceType": "User", "id": "a/b"}], ["entry 0: id may only contain letters, digits, '-' and '.'"]),
@@ -756,7 +765,7 @@ async def test_readyz_and_metrics_describe_the_store(api: StartApi) -> None:
     metrics = (await service.request("GET", "/metrics", token=None)).body
     assert "authz_resource_store_up 1.0" in metrics
     assert "authz_resource_store_resources 1.0" in metrics
-    assert 'authz_config_reloads_total{outcome="applied",source="api"} 1.0' in metrics
+    assert 'authz_config_reloads_total{result="ok",source="api"} 1.0' in metrics
 
 
 # --------------------------------------------------------------------------- the command line
@@ -1021,3 +1030,511 @@ async def test_with_workers_a_2xx_means_every_worker_decides_with_it(
 async def check_port(port: int, path: str, token: str) -> Answer:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         return Answer.of(await AuthorizationClient(channel).Check(check_request(path, token=token), timeout=10))
+
+
+# --------------------------------------------------------------------------- Aidbox's REST habits (issue 22)
+
+
+@pytest.fixture(params=["file", "redis"])
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """`api.store` for each backend: a directory, or a fresh prefix of the session's Redis."""
+    if request.param == "file":
+        return {"backend": "file", "path": str(tmp_path / "store")}
+    redis_url = request.getfixturevalue("redis_url")
+    return {"backend": "redis", "url": redis_url, "prefix": f"test:{os.urandom(6).hex()}"}
+
+
+PUBLIC = {"engine": "matcho", "matcho": {"uri": "#^/public"}}
+UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def writes_total(metrics: str) -> float:
+    """Every `authz_api_writes_total` sample added up."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("authz_api_writes_total{")
+    )
+
+
+async def test_post_creates_at_a_server_id_and_the_policy_decides(
+    api: StartApi, idp: DevIdentityProvider, store_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await api(config_with_api(store_config, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    assert (await service.check("/public/x", token=token)).http_status == 403  # no policies yet
+    caplog.set_level(logging.INFO, "authz_service")
+
+    created = await service.request("POST", "/AccessPolicy", "engine: matcho\nmatcho: {uri: '#^/public'}\n")
+    assert created.status == 201, created.body
+    ident = created.body["id"]
+    assert UUID4.fullmatch(ident), ident
+    assert created.headers["Location"] == f"/AccessPolicy/{ident}"
+    assert created.body == {"resourceType": "AccessPolicy", "id": ident, **PUBLIC}
+    assert "Warning" not in created.headers
+    assert (await service.request("GET", created.headers["Location"])).body == created.body
+    assert (await service.check("/public/x", token=token)).allowed
+    assert (await service.check("/private", token=token)).http_status == 403
+
+    # A second POST of the same body is a second resource (a new id), as in Aidbox.
+    again = await service.request("POST", "/AccessPolicy", PUBLIC)
+    assert again.status == 201
+    assert again.body["id"] not in (ident, None)
+    # An id in the body is kept (Aidbox's habit); it must be new: replacing is PUT's.
+    named = await service.request("POST", "/User", {"id": "ann", "name": "Ann"})
+    assert (named.status, named.headers["Location"], named.body["id"]) == (201, "/User/ann", "ann")
+    taken = await service.request("POST", "/User", {"id": "ann", "name": "Other"})
+    assert (taken.status, taken.diagnostics) == (
+        409,
+        ["User/ann already exists: PUT /User/ann replaces it; POST without an id creates a new one"],
+    )
+    assert (await service.request("GET", "/User/ann")).body["name"] == "Ann"
+    # Validated as a PUT is: an invalid policy is 422 and nothing is written.
+    invalid = await service.request("POST", "/AccessPolicy", {"engine": "matcho", "matcho": {"uri": "#("}})
+    assert invalid.status == 422
+    assert invalid.diagnostics[0].startswith("policy '")
+    assert (await service.request("GET", "/AccessPolicy")).body["total"] == 2
+    # Allow-everything: accepted with the same Warning header as a PUT.
+    wide = await service.request("POST", "/AccessPolicy", "engine: allow\n")
+    assert wide.status == 201
+    wide_id = wide.body["id"]
+    assert wide.headers["Warning"] == (
+        f'299 - "AccessPolicy/{wide_id}: its rule (engine: allow) allows every request, even one without a token"'
+    )
+
+    lines = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "resource written"]
+    assert [(f["writer"], f["request"], f["resource"], f["action"]) for f in lines] == [
+        ("api-token", "POST /AccessPolicy", f"AccessPolicy/{ident}", "create"),
+        ("api-token", "POST /AccessPolicy", f"AccessPolicy/{again.body['id']}", "create"),
+        ("api-token", "POST /User", "User/ann", "create"),
+        ("api-token", "POST /AccessPolicy", f"AccessPolicy/{wide_id}", "create"),
+    ]
+    metrics = (await service.request("GET", "/metrics", token=None)).body
+    assert 'authz_api_writes_total{action="create",type="AccessPolicy",writer="api-token"} 3.0' in metrics
+    assert 'authz_api_allow_everything_writes_total{writer="api-token"} 1.0' in metrics
+
+
+def transaction(*entries: dict[str, Any], kind: str = "transaction") -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def entry(method: str, url: str, resource: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A Bundle entry as Aidbox takes it."""
+    item: dict[str, Any] = {"request": {"method": method, "url": url}}
+    if resource is not None:
+        item["resource"] = dict(resource)
+    return item
+
+
+async def test_a_transaction_applies_every_entry_or_none(
+    api: StartApi, idp: DevIdentityProvider, store_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await api(config_with_api(store_config, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    assert (
+        await service.request("PUT", "/AccessPolicy/p2", {"engine": "matcho", "matcho": {"uri": "#^/old"}})
+    ).status == 201
+    assert (await service.check("/old/x", token=token)).allowed
+    caplog.set_level(logging.INFO, "authz_service")
+
+    # One bad entry (a regex that does not compile): nothing changes, and the entry is named.
+    bad = transaction(
+        entry("PUT", "/AccessPolicy/p1", PUBLIC),
+        entry("DELETE", "/AccessPolicy/p2"),
+        entry("POST", "/AccessPolicy", {"id": "broken", "engine": "matcho", "matcho": {"uri": "#("}}),
+    )
+    rejected = await service.request("POST", "/", bad)
+    assert rejected.status == 422
+    assert rejected.diagnostics == [f"entry 2: {bad_regex_problem('broken')}"]
+    assert (await service.request("GET", "/AccessPolicy/p1")).status == 404
+    assert (await service.request("GET", "/AccessPolicy/p2")).status == 200
+    assert (await service.check("/old/x", token=token)).allowed
+    assert (await service.check("/public/x", token=token)).http_status == 403
+    # Every entry that cannot apply is named, with its own status (the first decides the answer's).
+    missing = transaction(
+        entry("DELETE", "/AccessPolicy/nope"),
+        entry("POST", "/User", {"id": "dup"}),
+        entry("PUT", "/User/dup", {"name": "x"}),
+    )
+    refused = await service.request("POST", "/", missing)
+    assert (refused.status, refused.diagnostics) == (
+        422,
+        ["entry 2: User/dup is also in entry 1: a transaction changes each resource once"],
+    )
+    gone = await service.request("POST", "/", transaction(entry("DELETE", "/AccessPolicy/nope")))
+    assert (gone.status, gone.diagnostics) == (404, ["entry 0: AccessPolicy/nope does not exist"])
+    assert not [r for r in caplog.records if r.getMessage() == "resource written"]
+
+    good = transaction(
+        entry("PUT", "/AccessPolicy/p1", PUBLIC),
+        entry("DELETE", "/AccessPolicy/p2"),
+        entry("POST", "/User", {"name": "Bob"}),
+        {"request": {"method": "PUT", "url": "Role/r1"}, "resource": {"name": "reader", "user": {"id": "ann"}}},
+    )
+    applied = await service.request("POST", "/", good)
+    assert applied.status == 200, applied.body
+    assert applied.body["resourceType"] == "Bundle"
+    assert applied.body["type"] == "transaction-response"
+    responses = [e["response"] for e in applied.body["entry"]]
+    user_id = applied.body["entry"][2]["resource"]["id"]
+    assert UUID4.fullmatch(user_id)
+    assert responses == [
+        {"status": "201 Created", "location": "/AccessPolicy/p1"},
+        {"status": "204 No Content"},
+        {"status": "201 Created", "location": f"/User/{user_id}"},
+        {"status": "201 Created", "location": "/Role/r1"},
+    ]
+    assert applied.body["entry"][0]["resource"] == {"resourceType": "AccessPolicy", "id": "p1", **PUBLIC}
+    assert "resource" not in applied.body["entry"][1]
+    assert (await service.check("/public/x", token=token)).allowed
+    assert (await service.check("/old/x", token=token)).http_status == 403
+    assert (await service.request("GET", f"/User/{user_id}")).body["name"] == "Bob"
+    lines = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "resource written"]
+    assert [(f["request"], f["resource"], f["action"]) for f in lines] == [
+        ("POST / (transaction)", "AccessPolicy/p1", "create"),
+        ("POST / (transaction)", "AccessPolicy/p2", "delete"),
+        ("POST / (transaction)", f"User/{user_id}", "create"),
+        ("POST / (transaction)", "Role/r1", "create"),
+    ]
+    # One store write: every line carries the same version.
+    assert len({f["version"] for f in lines}) == 1
+
+    # The same Bundle sent to PUT / (the bulk endpoint) is read as Aidbox's too.
+    again = await service.request("PUT", "/", transaction(entry("PUT", "/AccessPolicy/p1", PUBLIC)))
+    assert again.body["entry"][0]["response"] == {"status": "200 OK"}
+    # An allow-everything entry: accepted, warned in the header and in the entry's outcome.
+    wide = await service.request("POST", "/", transaction(entry("PUT", "/AccessPolicy/wide", {"engine": "allow"})))
+    warning = "AccessPolicy/wide: its rule (engine: allow) allows every request, even one without a token"
+    assert wide.headers["Warning"] == f'299 - "{warning}"'
+    assert wide.body["entry"][0]["response"]["outcome"] == {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "warning", "code": "security", "diagnostics": warning}],
+    }
+
+
+async def test_a_batch_applies_each_entry_on_its_own(
+    api: StartApi, idp: DevIdentityProvider, store_config: dict[str, Any]
+) -> None:
+    service = await api(config_with_api(store_config, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    batch = transaction(
+        entry("PUT", "/AccessPolicy/public", PUBLIC),
+        entry("PUT", "/AccessPolicy/broken", {"engine": "matcho", "matcho": {"uri": "#("}}),
+        entry("DELETE", "/AccessPolicy/nope"),
+        {"resource": {"resourceType": "User", "id": "u"}},
+        entry("PUT", "/User/u", {"name": "U"}),
+        entry("PUT", "/Role/r", {"name": "reader", "user": {"id": "nobody-yet"}}),
+        kind="batch",
+    )
+    reply = await service.request("POST", "/", batch)
+    assert reply.status == 200, reply.body
+    assert reply.body["type"] == "batch-response"
+    statuses = [e["response"]["status"] for e in reply.body["entry"]]
+    assert statuses == [
+        "201 Created",
+        "422 Unprocessable Entity",
+        "404 Not Found",
+        "422 Unprocessable Entity",
+        "201 Created",
+        "201 Created",
+    ]
+    outcomes = [e["response"].get("outcome") for e in reply.body["entry"]]
+    assert outcomes[1]["issue"][0]["diagnostics"] == bad_regex_problem("broken")
+    assert outcomes[2]["issue"][0]["diagnostics"] == "AccessPolicy/nope does not exist"
+    assert outcomes[3]["issue"][0]["diagnostics"].startswith(
+        "entry 3: request is missing (what to do with the entry): "
+    )
+    assert '"method": "PUT"' in outcomes[3]["issue"][0]["diagnostics"]  # the shape that works
+    assert (await service.check("/public/x", token=token)).allowed
+    assert (await service.request("GET", "/AccessPolicy/broken")).status == 404
+    assert (await service.request("GET", "/User/u")).body["name"] == "U"
+    # The entries are validated together (one validation): one may name what a later one creates.
+    introspector = {"type": "jwt", "jwt": {"iss": "https://x", "secret": LONG_SECRET}}
+    together = transaction(
+        entry("PUT", "/AccessPolicy/scoped", {**PUBLIC, "introspectors": ["later"]}),
+        entry("PUT", "/TokenIntrospector/later", introspector),
+        entry("PUT", "/AccessPolicy/scoped", {**PUBLIC, "introspectors": ["later"]}),
+        kind="batch",
+    )
+    statuses = [e["response"]["status"] for e in (await service.request("POST", "/", together)).body["entry"]]
+    assert statuses == ["201 Created", "201 Created", "200 OK"]
+    # A problem in no entry's resource (a delete leaves a stored policy naming what it deleted):
+    # the entries are then validated one at a time, and only the delete is refused.
+    breaking = transaction(entry("DELETE", "/TokenIntrospector/later"), entry("PUT", "/User/v", {}), kind="batch")
+    answered = (await service.request("POST", "/", breaking)).body["entry"]
+    assert [e["response"]["status"] for e in answered] == ["422 Unprocessable Entity", "201 Created"]
+    assert answered[0]["response"]["outcome"]["issue"][0]["diagnostics"].startswith("policy 'scoped': ")
+    assert (await service.request("GET", "/TokenIntrospector/later")).status == 200
+
+
+async def test_a_dry_run_validates_everything_and_writes_nothing(
+    api: StartApi, idp: DevIdentityProvider, store_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await api(config_with_api(store_config, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    assert (
+        await service.request("PUT", "/AccessPolicy/old", {"engine": "matcho", "matcho": {"uri": "#^/old"}})
+    ).status == 201
+    sync = service.service.sync
+    assert sync is not None
+    assert sync.store is not None
+    store_before = (await sync.store.load()).resources
+    caplog.set_level(logging.INFO, "authz_service")
+    writes_before = writes_total((await service.request("GET", "/metrics", token=None)).body)
+    tag = {"system": "urn:authz-service", "code": "dry-run", "display": "dry run: nothing was written"}
+
+    put = await service.request("PUT", "/AccessPolicy/public?_dry_run=true", PUBLIC)
+    assert (put.status, put.headers["Location"]) == (201, "/AccessPolicy/public")
+    assert put.body == {"resourceType": "AccessPolicy", "id": "public", **PUBLIC, "meta": {"tag": [tag]}}
+    post = await service.request("POST", "/User?_dry_run=true", {"name": "X"})
+    assert post.status == 201
+    deleted = await service.request("DELETE", "/AccessPolicy/old?_dry_run=true")
+    assert deleted.status == 200
+    bulk = await service.request("PUT", "/?_dry_run=true", [{"resourceType": "AccessPolicy", "id": "public", **PUBLIC}])
+    assert bulk.diagnostics == ["dry run: nothing was written", "AccessPolicy/public: created"]
+    bundle = await service.request(
+        "POST",
+        "/?_dry_run=true",
+        transaction(entry("PUT", "/AccessPolicy/public", PUBLIC), entry("DELETE", "/AccessPolicy/old")),
+    )
+    assert bundle.body["meta"] == {"tag": [tag]}
+    assert [e["response"]["status"] for e in bundle.body["entry"]] == ["201 Created", "204 No Content"]
+    wide = await service.request("PUT", "/AccessPolicy/wide?_dry_run=true", "engine: allow\n")
+    assert "allows every request" in wide.headers["Warning"]  # what the write would be warned about
+
+    # Validated as the write would be: the effective config, the store's own rules, the file's ids.
+    invalid = await service.request(
+        "PUT", "/AccessPolicy/bad?_dry_run=true", {"engine": "matcho", "matcho": {"uri": "#("}}
+    )
+    assert (invalid.status, invalid.diagnostics) == (422, [bad_regex_problem("bad")])
+    breaking = await service.request("DELETE", "/TokenIntrospector/nope?_dry_run=true")
+    assert breaking.status == 404
+    taken = await service.request("POST", "/AccessPolicy?_dry_run=true", {"id": "old", **PUBLIC})
+    assert taken.status == 409
+    bad_value = await service.request("PUT", "/AccessPolicy/x?_dry_run=yes", PUBLIC)
+    assert (bad_value.status, bad_value.diagnostics) == (400, ["_dry_run must be given once, as true or false"])
+
+    # Nothing changed: the store, the decisions, the audit, the counts.
+    assert (await sync.store.load()).resources == store_before
+    assert (await service.request("GET", "/AccessPolicy/public")).status == 404
+    assert (await service.request("GET", "/AccessPolicy/old")).status == 200
+    assert (await service.check("/public/x", token=token)).http_status == 403
+    assert (await service.check("/old/x", token=token)).allowed
+    assert not [r for r in caplog.records if r.getMessage() == "resource written"]
+    assert not [r for r in caplog.records if "allows every request" in r.getMessage()]
+    dry = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "resource write dry run"]
+    assert dry[0] == {
+        "writer": "api-token",
+        "request": "PUT /AccessPolicy/public",
+        "dry_run": True,
+        "would": ["AccessPolicy/public: create"],
+    }
+    assert writes_total((await service.request("GET", "/metrics", token=None)).body) == writes_before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "diagnostics"),
+    [
+        ("PATCH", "/AccessPolicy/x", {}, 405, "PATCH is not supported: PUT the whole resource to /AccessPolicy/x"),
+        (
+            "POST",
+            "/AccessPolicy/x",
+            {},
+            405,
+            "POST /AccessPolicy/x is not supported: PUT /AccessPolicy/x creates or replaces it; "
+            "POST /AccessPolicy creates one with a new id",
+        ),
+        (
+            "DELETE",
+            "/AccessPolicy",
+            None,
+            405,
+            "DELETE /AccessPolicy is not supported: GET /AccessPolicy lists, POST /AccessPolicy creates; "
+            "DELETE /AccessPolicy/<id> deletes one",
+        ),
+        (
+            "GET",
+            "/",
+            None,
+            405,
+            "GET / is not supported: POST / takes a transaction or batch Bundle, PUT / a list of resources; "
+            "GET /<Type> lists the resources of a type",
+        ),
+        (
+            "GET",
+            "/Patient",
+            None,
+            404,
+            "there is no resource type 'Patient' here: TokenIntrospector, AccessPolicy, User, Role",
+        ),
+        (
+            "POST",
+            "/",
+            {"resourceType": "Bundle", "type": "collection", "entry": []},
+            422,
+            "a Bundle of type 'collection' cannot be applied: use type transaction or batch",
+        ),
+        ("POST", "/", [{"resourceType": "User", "id": "u"}], 422, "POST / takes a Bundle: {"),
+        (
+            "POST",
+            "/",
+            transaction({"resource": {"resourceType": "User", "id": "u"}}),
+            422,
+            'entry 0: request is missing (what to do with the entry): {"request": {"method": "PUT", '
+            '"url": "/<Type>/<id>"}',
+        ),
+        (
+            "POST",
+            "/",
+            transaction(entry("PATCH", "/User/u", {})),
+            422,
+            "entry 0: PATCH is not supported: PUT the whole resource",
+        ),
+        (
+            "POST",
+            "/",
+            transaction(entry("PUT", "/User", {})),
+            422,
+            "entry 0: PUT needs request.url /User/<id>; POST to /User creates one with a new id",
+        ),
+        (
+            "POST",
+            "/",
+            transaction(entry("POST", "/User/u", {})),
+            422,
+            "entry 0: POST goes to /User (the id is the resource's own, or a new one); PUT /User/u writes at that id",
+        ),
+        (
+            "POST",
+            "/",
+            transaction(entry("PUT", "/Patient/p", {})),
+            422,
+            "entry 0: request.url: there is no resource type 'Patient' here: "
+            "TokenIntrospector, AccessPolicy, User, Role",
+        ),
+        (
+            "POST",
+            "/",
+            transaction(entry("PUT", "/User?name=x", {})),
+            422,
+            "entry 0: request.url '/User?name=x' has a query: conditional writes are not supported; "
+            "name the resource, /<Type>/<id>",
+        ),
+        (
+            "POST",
+            "/",
+            transaction(entry("PUT", "/User/u")),
+            422,
+            "entry 0: resource is missing: PUT carries the resource",
+        ),
+    ],
+)
+async def test_every_refusal_names_what_works_instead(
+    api: StartApi, method: str, path: str, body: Any, status: int, diagnostics: str
+) -> None:
+    service = await api()
+    reply = await service.request(method, path, body)
+    assert reply.status == status, reply.body
+    assert reply.diagnostics[0].startswith(diagnostics), reply.diagnostics
+    assert (await service.request("GET", "/User")).body["total"] == 0
+
+
+async def test_a_conditional_create_is_refused_not_ignored(api: StartApi) -> None:
+    service = await api()
+    reply = await service.request("POST", "/User", {"name": "x"}, headers={"If-None-Exist": "name=x"})
+    assert (reply.status, reply.diagnostics) == (
+        400,
+        [
+            "If-None-Exist (a conditional create) is not supported: give the resource an id and POST it "
+            "(409 when it exists), or PUT /User/<id>"
+        ],
+    )
+    assert (await service.request("GET", "/User")).body["total"] == 0
+
+
+async def test_bundles_cannot_write_the_config_files_resources(api: StartApi, tmp_path: Path) -> None:
+    service = await api(file_store(tmp_path, introspectors=[FILE_INTROSPECTOR]))
+    body = {"type": "jwt", "jwt": {"iss": "https://x", "secret": LONG_SECRET}}
+    reply = await service.request("POST", "/", transaction(entry("PUT", "/TokenIntrospector/from-file", body)))
+    assert reply.status == 409
+    assert reply.diagnostics[0].startswith("entry 0: TokenIntrospector/from-file is defined in the config file ")
+    batch = await service.request(
+        "POST", "/", transaction(entry("PUT", "/TokenIntrospector/from-file", body), kind="batch")
+    )
+    assert batch.body["entry"][0]["response"]["status"] == "409 Conflict"
+
+
+@pytest.mark.slow  # a Python subprocess per command
+async def test_apply_dry_run_validates_against_the_running_service_and_writes_nothing(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    good = tmp_path / "good.yaml"
+    good.write_text("policies:\n  - {id: public, engine: matcho, matcho: {uri: '#^/public'}}\nusers:\n  - id: basic\n")
+    code, out, err = await run_cli("apply", "--dry-run", "-f", str(good), "--url", service.url, "--token", API_TOKEN)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"dry run: {service.url} answered HTTP 200, nothing was written",
+        "  AccessPolicy/public: created",
+        "  User/basic: created",
+    ]
+    assert (await service.request("GET", "/AccessPolicy/public")).status == 404
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").glob("*.yaml"))
+    assert (await service.check("/public/x", token=token)).http_status == 403
+    # What the service would refuse, it refuses in a dry run too: with the config file's introspector.
+    scoped = tmp_path / "scoped.yaml"
+    scoped.write_text("- {resourceType: AccessPolicy, id: p, engine: allow, introspectors: [nope]}\n")
+    code, out, err = await run_cli("apply", "--dry-run", "-f", str(scoped), "--url", service.url, "--token", API_TOKEN)
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0] == f"rejected: {service.url} answered HTTP 422"
+    assert "nope" in err
+    # The same file, applied for real, then decides.
+    code, out, _ = await run_cli("apply", "-f", str(good), "--url", service.url, "--token", API_TOKEN)
+    assert code == 0
+    assert out.splitlines()[0] == f"applied: {service.url} answered HTTP 200"
+    assert (await service.check("/public/x", token=token)).allowed
+
+
+APPLY_TRANSACTION = """\
+resourceType: Bundle
+type: transaction
+entry:
+  - request: {method: PUT, url: /AccessPolicy/public}
+    resource: {engine: matcho, matcho: {uri: '#^/public'}}
+  - request: {method: DELETE, url: /AccessPolicy/old}
+"""
+
+
+@pytest.mark.slow  # a Python subprocess per command
+async def test_apply_sends_aidbox_bundles_as_they_are_to_post(
+    api: StartApi, idp: DevIdentityProvider, tmp_path: Path
+) -> None:
+    service = await api(file_store(tmp_path, introspectors=[jwks_introspector(idp)]))
+    token = await minted(idp)
+    assert (
+        await service.request("PUT", "/AccessPolicy/old", {"engine": "matcho", "matcho": {"uri": "#^/old"}})
+    ).status == 201
+    bundle = tmp_path / "transaction.yaml"
+    bundle.write_text(APPLY_TRANSACTION)
+    code, out, err = await run_cli("apply", "--dry-run", "-f", str(bundle), "--url", service.url, "--token", API_TOKEN)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"dry run: {service.url} answered HTTP 200, nothing was written",
+        "  entry 0 AccessPolicy/public: 201 Created",
+        "  entry 1: 204 No Content",
+    ]
+    assert (await service.check("/old/x", token=token)).allowed
+    code, out, _ = await run_cli("apply", "-f", str(bundle), "--url", service.url, "--token", API_TOKEN)
+    assert (code, out.splitlines()[0]) == (0, f"applied: {service.url} answered HTTP 200")
+    assert (await service.check("/public/x", token=token)).allowed
+    assert (await service.check("/old/x", token=token)).http_status == 403
+    # A batch with an entry that cannot apply: the rest is applied, the command says so and exits 1.
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(APPLY_TRANSACTION.replace("type: transaction", "type: batch"))
+    code, out, err = await run_cli("apply", "-f", str(batch), "--url", service.url, "--token", API_TOKEN)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"applied: {service.url} answered HTTP 200; 1 of 2 entries not applied",
+        "  entry 0 AccessPolicy/public: 200 OK",
+        "  entry 1: 404 Not Found",
+        "    error: AccessPolicy/old does not exist",
+    ]

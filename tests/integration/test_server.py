@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -19,11 +20,15 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_service.decisionlog import log_internal_error
+from authz_service.decisionlog import log_via_logging as log_decision
 from authz_service.devstack.idp import DevIdentityProvider
-from authz_service.model import Identity
+from authz_service.model import Decision, Identity, Outcome
+from authz_service.server import grpc as grpc_shell
+from authz_service.server.grpc import AuthorizationServicer
 from authz_service.tokens.base import Credential
 from tests.conftest import StartService, jwks_introspector
-from tests.harness import Answer, HealthClient, watched_status
+from tests.harness import Answer, HealthClient, check_request, watched_status
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 
@@ -138,6 +143,88 @@ async def test_unexpected_error_denies_and_server_keeps_serving(
     assert token not in logged
     monkeypatch.undo()
     assert (await service.check(token=token)).allowed
+
+
+class _WaitingCaller:
+    """The one thing Check asks of its context: how long the caller still waits (no deadline)."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+async def test_checks_are_counted_in_flight_until_answered(
+    idp: DevIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp)]})
+    servicer = AuthorizationServicer(
+        service.service.current_engine,
+        service.service.metrics,
+        log_decision=log_decision,
+        log_internal_error=log_internal_error,
+    )
+    introspector = service.service.engine.introspectors["idp"]
+    verify = introspector.introspect
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(credential: Credential) -> Identity:
+        entered.set()
+        await release.wait()
+        return await verify(credential)
+
+    monkeypatch.setattr(introspector, "introspect", held)
+    raw = check_request("/x", token=idp.mint()).SerializeToString()
+    caller: Any = _WaitingCaller()
+    pending = asyncio.ensure_future(servicer.Check(raw, caller))
+    await entered.wait()
+    assert servicer.runner.in_flight == 1
+    release.set()
+    assert Answer.of(pb.CheckResponse.FromString(await pending)).allowed
+    assert servicer.runner.in_flight == 0
+
+
+async def test_an_allow_that_cannot_be_counted_is_not_sent(
+    idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp)]})
+    counted: list[Decision] = []
+
+    class BrokenMetrics:
+        def observe(self, decision: Decision, seconds: float, protocol: str) -> None:
+            if decision.outcome is Outcome.ALLOW:
+                raise RuntimeError("metrics down")
+            counted.append(decision)
+
+    servicer = AuthorizationServicer(
+        service.service.current_engine,
+        BrokenMetrics(),
+        log_decision=log_decision,
+        log_internal_error=log_internal_error,
+    )
+    caller: Any = _WaitingCaller()
+    raw = check_request("/x", token=idp.mint()).SerializeToString()
+    answer = Answer.of(pb.CheckResponse.FromString(await servicer.Check(raw, caller)))
+    assert (answer.http_status, answer.response.status.message) == (503, "internal_error")
+    assert "RuntimeError" in caplog.text
+    denied = Answer.of(
+        pb.CheckResponse.FromString(await servicer.Check(check_request("/x").SerializeToString(), caller))
+    )
+    assert (denied.http_status, [d.reason.label for d in counted]) == (401, ["missing_token"])
+    assert servicer.runner.in_flight == 0
+
+
+async def test_an_adapter_that_raises_denies_and_server_keeps_serving(
+    idp: DevIdentityProvider, start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await start_service({"introspectors": [jwks_introspector(idp)]})
+
+    def broken_adapter(raw: bytes) -> Any:
+        raise ValueError("adapter bug")
+
+    monkeypatch.setattr(grpc_shell, "decode_check", broken_adapter)  # outside the Authorizer
+    answer = await service.check(token=idp.mint())
+    assert (answer.http_status, answer.response.status.message) == (503, "internal_error")
+    monkeypatch.undo()
+    assert (await service.check(token=idp.mint())).allowed
 
 
 def _with_bad_utf8_method() -> bytes:

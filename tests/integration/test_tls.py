@@ -7,9 +7,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
+from authz_service.registries import parse_config
 from tests.certs import Pki, make_pki
 from tests.conftest import StartService, jwks_introspector
 from tests.harness import Answer, AuthorizationClient, check_request

@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 
-from authz_service.config.validate import parse_config
-from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ConfigError
+from authz_service.registries import parse_config
 from tests.conftest import StartService, jwks_introspector, new_idp, opaque_introspector
+from tests.hostile_idp import HostileIdentityProvider
 
 
-def _iap(idp: DevIdentityProvider) -> dict[str, Any]:
+def _iap(idp: HostileIdentityProvider) -> dict[str, Any]:
     return jwks_introspector(idp, id="iap", from_headers=[{"name": "x-goog-iap-jwt-assertion"}])
 
 
-async def test_named_header_without_prefix(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_named_header_without_prefix(idp: HostileIdentityProvider, start_service: StartService) -> None:
     service = await start_service({"introspectors": [_iap(idp)]})
     answer = await service.check(headers={"x-goog-iap-jwt-assertion": idp.mint({"sub": "iap-user"})})
     assert answer.allowed
@@ -28,7 +28,7 @@ async def test_named_header_without_prefix(idp: DevIdentityProvider, start_servi
     assert answer.metadata["introspector"] == "iap"
 
 
-async def test_named_header_with_its_own_prefix(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_named_header_with_its_own_prefix(idp: HostileIdentityProvider, start_service: StartService) -> None:
     config = jwks_introspector(idp, from_headers=[{"name": "X-Api-Token", "prefix": "Token "}])
     service = await start_service({"introspectors": [config]})
     token = idp.mint({"sub": "api-client"})
@@ -40,7 +40,9 @@ async def test_named_header_with_its_own_prefix(idp: DevIdentityProvider, start_
     assert (bare.http_status, bare.response.status.message) == (401, "missing_token")
 
 
-async def test_query_parameter_token_is_removed_upstream(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_query_parameter_token_is_removed_upstream(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     config = jwks_introspector(idp, from_params=["access_token"])
     service = await start_service({"introspectors": [config]})
     answer = await service.check(f"/download?file=a.pdf&access_token={idp.mint({'sub': 'ws'})}")
@@ -49,14 +51,16 @@ async def test_query_parameter_token_is_removed_upstream(idp: DevIdentityProvide
     assert list(answer.response.ok_response.query_parameters_to_remove) == ["access_token"]
 
 
-async def test_two_values_of_a_token_parameter_are_400(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_two_values_of_a_token_parameter_are_400(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
     service = await start_service({"introspectors": [jwks_introspector(idp, from_params=["access_token"])]})
     answer = await service.check(f"/x?access_token={idp.mint()}&access_token={idp.mint()}")
     assert answer.http_status == 400
     assert answer.body["error"] == "invalid_request"
 
 
-async def test_a_source_is_bound_to_its_introspector(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_a_source_is_bound_to_its_introspector(idp: HostileIdentityProvider, start_service: StartService) -> None:
     # The IAP header belongs to `iap`; a valid token of the other issuer sent there is refused
     # (its iss is not iap's), never handed to the introspector that claims that iss.
     other = await new_idp("https://other.example")
@@ -74,7 +78,7 @@ async def test_a_source_is_bound_to_its_introspector(idp: DevIdentityProvider, s
         assert answer.response.status.message == "untrusted_issuer"
 
 
-async def test_sources_are_read_in_config_order(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_sources_are_read_in_config_order(idp: HostileIdentityProvider, start_service: StartService) -> None:
     second = await new_idp("https://second.example")
     async with second:
         config = {
@@ -95,7 +99,7 @@ async def test_sources_are_read_in_config_order(idp: DevIdentityProvider, start_
         assert query_then_cookie.headers["x-user-id"] == "b"
 
 
-async def test_aspxauth_reads_the_aspxauth_cookie(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_aspxauth_reads_the_aspxauth_cookie(idp: HostileIdentityProvider, start_service: StartService) -> None:
     config = {**opaque_introspector(idp, id="aspx"), "type": "aspxauth"}
     service = await start_service({"introspectors": [config]})
     token = idp.issue_opaque({"sub": "forms-user"})
@@ -107,7 +111,7 @@ async def test_aspxauth_reads_the_aspxauth_cookie(idp: DevIdentityProvider, star
     assert (await service.check(headers={"cookie": f"other={token}"})).http_status == 401
 
 
-async def test_aspxauth_cookie_name_can_be_changed(idp: DevIdentityProvider, start_service: StartService) -> None:
+async def test_aspxauth_cookie_name_can_be_changed(idp: HostileIdentityProvider, start_service: StartService) -> None:
     config = {**opaque_introspector(idp, id="aspx"), "type": "aspxauth", "cookie": "AUTHCOOKIE"}
     service = await start_service({"introspectors": [config]})
     token = idp.issue_opaque()

@@ -150,3 +150,55 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _samples(text: str, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of every sample of `name` in a /metrics text."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            head, _, value = line.rpartition(" ")
+            found.append((head[len(name) :], float(value)))
+    return found
+
+
+def _rss(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1]) * 1024
+    return 0.0
+
+
+async def test_metrics_of_a_supervisor_and_its_workers(idp: DevIdentityProvider, spawn: Spawn) -> None:
+    admin = free_port()
+    public = {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public"}}
+    quiet = {"id": "quiet", "engine": "matcho", "matcho": {"uri": "#^/quiet"}}
+    spawned = await spawn(
+        {"introspectors": [jwks_introspector(idp)], "policies": [public, quiet]},
+        server={"workers": 2, "admin_address": f"127.0.0.1:{admin}"},
+    )
+    await _ready(admin)
+    workers = await _workers(spawned.process.pid, 2)
+    token = idp.mint()
+    for _ in range(6):
+        assert (await _check(spawned.port, token, "/public/x")).allowed
+    assert (await _check(spawned.port, token, "/private")).http_status == 403
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+        text = await response.text()
+    # Per-policy allows, added up across the workers; a configured policy that never allowed shows 0.
+    assert _samples(text, "authz_policy_allows_total") == [('{policy="public"}', 6.0), ('{policy="quiet"}', 0.0)]
+    # One build line, one in-flight gauge (the workers' sum), whatever the number of workers.
+    [(labels, one)] = _samples(text, "authz_build_info")
+    assert one == 1
+    assert 'version="' in labels
+    assert [value for _, value in _samples(text, "authz_checks_in_flight")] == [0.0]
+    assert _samples(text, "python_info")
+    # process_* is the group's: the supervisor's and every worker's memory, read at the scrape.
+    group = [spawned.process.pid, *workers]
+    [(_, rss)] = _samples(text, "process_resident_memory_bytes")
+    expected = await asyncio.to_thread(lambda: sum(_rss(pid) for pid in group))
+    assert 0.8 * expected <= rss <= 1.2 * expected, (rss, expected)
+    [(_, cpu)] = _samples(text, "process_cpu_seconds_total")
+    assert cpu > 0
+    assert len(_samples(text, "process_start_time_seconds")) == 1
+    assert "_created" not in text  # the same rule as a single process

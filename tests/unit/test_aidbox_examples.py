@@ -54,12 +54,12 @@ import pytest
 
 from authz_service.config import yamlload
 from authz_service.config.model import Config
-from authz_service.config.validate import parse_config
 from authz_service.engine import Engine, build_engine
 from authz_service.errors import ConfigError
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.policy.matcho import matches
 from authz_service.policytest import PolicyTestError, parse_policy_test, run_policy_test
+from authz_service.registries import parse_config
 from authz_service.tokens.cache import CacheFactory
 from tests.unit.fakes import FakeIdpClient, hs_token
 

@@ -18,11 +18,10 @@ from authz_service.tokens.cache import (
     CacheFactory,
     CacheStats,
     TokenCache,
-    dumps,
-    loads,
     token_key,
 )
 from authz_service.tokens.redis_cache import REDIS_OPERATION_TIMEOUT, RedisCache
+from authz_service.tokens.stored import dumps, loads
 from tests.unit.fakes import CannedIdp, FakeClock
 
 ANSWER = {"active": True, "sub": "user-1", "exp": 1_800_000_300}

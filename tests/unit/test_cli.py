@@ -196,6 +196,30 @@ def test_check_config_strict_turns_warnings_into_exit_2(tmp_path: Path) -> None:
     assert strict.stdout == ""
 
 
+def test_check_config_warns_about_matcho_rules_no_request_can_match(tmp_path: Path) -> None:
+    path = tmp_path / "policies.yaml"
+    policies = (
+        "policies:\n"
+        "  - {id: shouty, engine: matcho, matcho: {request-method: GET}}\n"
+        "  - {id: typo, engine: matcho, matcho: {requst-method: get}}\n"
+        "  - {id: loose, engine: matcho, matcho: {uri: '#/fhir/Patient'}}\n"
+        "  - {id: fine, engine: matcho, matcho: {request-method: get, uri: '#^/fhir/Patient'}}\n"
+    )
+    path.write_text(GOOD + policies, encoding="utf-8")
+    result = run_cli("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "4 policy(ies)" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: policy")]
+    assert [line.split(":")[1].strip() for line in warnings] == ["policy 'shouty'", "policy 'typo'", "policy 'loose'"]
+    assert "request-method is lower case" in warnings[0]
+    assert "no request context has 'requst-method'" in warnings[1]
+    assert "not anchored with '^'" in warnings[2]
+    strict = run_cli("check-config", "--strict", str(path), cwd=tmp_path)
+    assert strict.returncode == 2
+    assert strict.stdout == ""
+    assert "3 warning(s), and --strict makes them problems" in strict.stderr
+
+
 def test_check_config_validates_a_resources_file_with_the_config(tmp_path: Path, good: Path) -> None:
     resources = tmp_path / "resources.yaml"
     resources.write_text(
@@ -285,3 +309,87 @@ def test_run_with_missing_config_file_refuses(tmp_path: Path) -> None:
     result = run_cli("--config", str(missing), cwd=tmp_path)
     assert_clean_failure(result)
     assert str(missing) in result.stderr
+
+
+# --------------------------------------------------------------------------- apply --dry-run
+
+
+class _RecordingApi:
+    """A loopback HTTP server that records each request and answers one canned reply."""
+
+    def __init__(self, status: int, body: str) -> None:
+        import http.server
+        import threading
+
+        self.seen: list[tuple[str, str, str]] = []  # method, path, Authorization
+        recording = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                recording.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Quiet: pytest shows what the test asserts."""
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+DRY_RUN_ANSWER = (
+    '{"resourceType": "OperationOutcome", "issue": ['
+    '{"severity": "information", "code": "informational", "diagnostics": "dry run: nothing was written"}, '
+    '{"severity": "information", "code": "informational", "diagnostics": "User/basic: created"}]}'
+)
+
+
+def test_apply_dry_run_sends_the_bulk_put_with_dry_run_and_says_nothing_was_written(tmp_path: Path) -> None:
+    api = _RecordingApi(200, DRY_RUN_ANSWER)
+    try:
+        resources = tmp_path / "resources.yaml"
+        resources.write_text("- {resourceType: User, id: basic}\n", encoding="utf-8")
+        result = run_cli(
+            "apply", "--dry-run", "-f", str(resources), "--url", api.url, cwd=tmp_path, env={"AUTHZ_API_TOKEN": "t0k"}
+        )
+        assert (result.returncode, result.stderr) == (0, "")
+        assert result.stdout.splitlines() == [
+            f"dry run: {api.url} answered HTTP 200, nothing was written",
+            "  User/basic: created",  # the service's own dry-run line is the heading's, not repeated
+        ]
+        without = run_cli("apply", "-f", str(resources), "--url", api.url, cwd=tmp_path, env={"AUTHZ_API_TOKEN": "t0k"})
+        assert without.stdout.splitlines()[0] == f"applied: {api.url} answered HTTP 200"
+        assert api.seen == [("PUT", "/?_dry_run=true", "Bearer t0k"), ("PUT", "/", "Bearer t0k")]
+    finally:
+        api.close()
+
+
+def test_apply_dry_run_rejected_exits_1_with_the_problems_on_stderr(tmp_path: Path) -> None:
+    refusal = (
+        '{"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid", '
+        "\"diagnostics\": \"policy 'p': introspectors names unknown introspector 'nope'\"}]}"
+    )
+    api = _RecordingApi(422, refusal)
+    try:
+        resources = tmp_path / "resources.yaml"
+        resources.write_text("- {resourceType: AccessPolicy, id: p, engine: allow}\n", encoding="utf-8")
+        result = run_cli("apply", "--dry-run", "-f", str(resources), "--url", api.url, "--token", "t", cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr.splitlines() == [
+            f"rejected: {api.url} answered HTTP 422",
+            "  error: policy 'p': introspectors names unknown introspector 'nope'",
+        ]
+        assert [path for _, path, _ in api.seen] == ["/?_dry_run=true"]
+    finally:
+        api.close()

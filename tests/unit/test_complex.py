@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from authz_service.config.model import PolicyConfig, Predicate
-from authz_service.config.validate import parse_config
+from authz_service.config.model import PolicyConfig
 from authz_service.errors import ConfigError, PolicyError
 from authz_service.policy import ENGINES, matcho, schema
 from authz_service.policy.complex import MAX_DEPTH, compile_rule, explain_rule
+from authz_service.policy.evaluate import Predicate, allows
+from authz_service.registries import parse_config
 
 GET_PATIENT: dict[str, Any] = {
     "request-method": "get",
@@ -85,9 +86,9 @@ def test_a_config_policy_compiles_through_the_registry() -> None:
         "complex",
         {"and": [is_get(), {"engine": "json-schema", "schema": {"required": ["user"]}}]},
     )
-    assert policy.allows(GET_PATIENT, None)
-    assert not policy.allows(POST_OBSERVATION, None)
-    assert not policy.allows({k: v for k, v in GET_PATIENT.items() if k != "user"}, None)
+    assert allows(policy, GET_PATIENT, None)
+    assert not allows(policy, POST_OBSERVATION, None)
+    assert not allows(policy, {k: v for k, v in GET_PATIENT.items() if k != "user"}, None)
 
 
 # --------------------------------------------------------------------------- semantics

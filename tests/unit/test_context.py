@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from authz_service.config.model import ResponseConfig
-from authz_service.config.validate import parse_config
-from authz_service.context import build_context, query_params, strip_empty
+from authz_service.config.model import ResponseConfig, RoleConfig
+from authz_service.context import (
+    CONTEXT_KEYS,
+    LIST_KEYS,
+    MAP_KEYS,
+    STRING_KEYS,
+    build_context,
+    query_params,
+    strip_empty,
+)
 from authz_service.engine import IdentityShaper
 from authz_service.model import HttpRequest, Identity
+from authz_service.registries import parse_config
 
 
 def test_context_fields_and_empty_values_removed() -> None:
@@ -62,3 +70,28 @@ def test_strip_empty_keeps_false_and_zero() -> None:
         "c": [1],
     }
     assert query_params("a=1&a=2&b=3") == {"a": ["1", "2"], "b": "3"}
+
+
+def test_the_declared_context_keys_are_what_build_context_builds() -> None:
+    # check-config's matcho warnings (a key no context has, a literal of the wrong type) trust these.
+    request = HttpRequest(
+        method="GET",
+        path="/fhir/Patient/pt-1?_elements=id",
+        host="api.local",
+        scheme="https",
+        headers={"x-trace": "1"},
+        remote_addr="10.0.0.1",
+        context_extensions={"route": "fhir"},
+    )
+    role = RoleConfig("r", "doctor", "u-1", {"id": "r", "name": "doctor"})
+    jwt = build_context(
+        request, Identity("u-1", {"sub": "u-1", "client_id": "app"}, "idp", "jwt"), {"id": "u-1"}, [role]
+    )
+    opaque = build_context(request, Identity("u-1", {"sub": "u-1"}, "op", "opaque"), None)
+    assert jwt.keys() | opaque.keys() == CONTEXT_KEYS
+    for context in (jwt, opaque):
+        for key, value in context.items():
+            kind = str if key in STRING_KEYS else dict if key in MAP_KEYS else list
+            assert isinstance(value, kind), key
+    assert not STRING_KEYS & MAP_KEYS
+    assert not (STRING_KEYS | MAP_KEYS) & LIST_KEYS

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from authz_service.config.model import PolicyConfig
-from authz_service.config.validate import validate_config
 from authz_service.decide import Authorizer
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
-from authz_service.tokens.jwt import MAX_TOKEN_BYTES
+from authz_service.registries import validate_config
+from authz_service.tokens.jws import MAX_TOKEN_BYTES
 from authz_service.tokens.router import IntrospectorRouter
 from authz_service.tokens.sources import CredentialFinder
 from tests.unit.fakes import FakeIntrospector
@@ -278,3 +278,58 @@ async def test_a_bound_credential_goes_to_its_introspector() -> None:
     assert decision.identity is not None
     assert decision.identity.user_id == "cookie-user"
     assert s.idp.calls == []
+
+
+# --------------------------------------------------------------------------- who judged (the decision log)
+
+
+async def test_a_policy_deny_names_the_introspector_that_verified_the_token() -> None:
+    s = Setup(policy("admins", is_admin))
+    vouched(s)
+    decision = await s.check(token=TOKEN)
+    assert (decision.outcome, decision.introspector) == (Outcome.FORBIDDEN, "idp")
+    no_policies = Setup()
+    vouched(no_policies)
+    decision = await no_policies.check(token=TOKEN)
+    assert (decision.reason, decision.introspector) == (Reason.NO_POLICIES, "idp")
+
+
+async def test_an_allow_names_its_introspector() -> None:
+    s = Setup(policy("everyone", Seen(True)))
+    vouched(s)
+    decision = await s.check(token=TOKEN)
+    assert (decision.outcome, decision.policy, decision.introspector) == (Outcome.ALLOW, "everyone", "idp")
+
+
+def cookie_setup() -> Setup:
+    # curl -b "sid=$TOKEN" ...  (the `ext` introspector reads the sid cookie, so it alone judges it)
+    resource = {"id": "ext", "type": "opaque", "introspection_endpoint": {"url": "https://x"}, "cookie": "sid"}
+    return Setup(
+        policy("everyone", Seen(True)),
+        finder=CredentialFinder(validate_config({"introspectors": [resource]}, None).introspectors),
+    )
+
+
+async def test_a_refused_bound_token_names_the_introspector_that_refused_it() -> None:
+    s = cookie_setup()
+    s.ext.reject(TOKEN, Reason.INACTIVE)
+    decision = await s.check(cookie=f"sid={TOKEN}")
+    assert (decision.outcome, decision.reason, decision.introspector) == (
+        Outcome.UNAUTHENTICATED,
+        Reason.INACTIVE,
+        "ext",
+    )
+    assert decision.identity is None
+
+
+async def test_an_unavailable_idp_behind_a_bound_source_is_named() -> None:
+    s = cookie_setup()
+    s.ext.fail(TOKEN)
+    decision = await s.check(cookie=f"sid={TOKEN}")
+    assert (decision.outcome, decision.introspector) == (Outcome.UNAVAILABLE, "ext")
+
+
+async def test_an_anonymous_request_names_no_introspector() -> None:
+    s = Setup(policy("public", public_path))
+    assert (await s.check("/public")).introspector is None
+    assert (await s.check("/private")).introspector is None

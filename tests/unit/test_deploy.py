@@ -21,8 +21,8 @@ import yaml
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.config.model import Config, JwtIntrospectorConfig, ServerConfig
-from authz_service.config.validate import parse_config
 from authz_service.devstack.idp import JWKS_PATH
+from authz_service.registries import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -603,13 +603,17 @@ def test_deployment_runs_the_images_entrypoint_with_the_config() -> None:
     assert the("Deployment", "apps/")["spec"]["replicas"] >= 2
 
 
-def test_probes_use_grpc_health_on_the_grpc_port() -> None:
+def test_readiness_is_grpc_health_and_liveness_the_admin_healthz() -> None:
     main = container()
     readiness, liveness = main["readinessProbe"], main["livenessProbe"]
     assert readiness["grpc"]["port"] == container_port("grpc")
     assert readiness["grpc"]["service"] == AUTHORIZATION_SERVICE
-    assert liveness["grpc"]["port"] == container_port("grpc")
-    assert liveness["grpc"].get("service", "") == ""
+    # Liveness must not wait for keys (gRPC "" does): an IdP outage would restart healthy pods.
+    assert "grpc" not in liveness
+    assert liveness["httpGet"]["path"] == "/healthz"
+    admin = k8s_config().server.admin_listen
+    assert admin is not None
+    assert container_port(liveness["httpGet"]["port"]) == admin.port
 
 
 def test_termination_grace_outlasts_the_drain() -> None:

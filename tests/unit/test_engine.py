@@ -15,9 +15,9 @@ import pytest
 
 from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.config.model import Config, ResponseConfig
-from authz_service.config.validate import validate_config
 from authz_service.engine import Engine, IdentityShaper, build_engine
 from authz_service.model import HttpRequest, Identity, Outcome, Reason, header_pairs
+from authz_service.registries import validate_config
 from authz_service.tokens.cache import CacheFactory
 from authz_service.tokens.discovery import OidcDiscovery
 from authz_service.tokens.jwks import JwksKeySource
@@ -224,3 +224,53 @@ async def test_discovery_with_another_issuer_is_a_failed_fetch(issuer: str | Non
     assert source is not None
     assert source.keyset is None  # never a silent accept
     assert [url for _, url in client.calls] == ["https://login.example/tenant/.well-known/openid-configuration"]
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+async def test_readiness_waits_for_the_keys_of_every_required_jwks_introspector() -> None:
+    client = FakeIdpClient(jwks(SIGNER))
+    client.failure = "http_404"
+    optional = {**JWKS, "id": "spare", "jwt": {"iss": "https://spare.example"}, "optional": True}
+    built = engine(config(HMAC, OPAQUE, JWKS, optional), client)
+    await built.warm_up()
+    readiness = built.readiness()
+    assert not readiness.ready
+    assert readiness.introspectors == {
+        "hmac": "ready",  # static keys: ready at once
+        "ext": "ready",  # opaque: nothing to fetch first
+        "keys": "no keys yet: http_404 from https://keys.example/jwks",
+        "spare": "no keys yet: http_404 from https://keys.example/jwks (optional: readiness does not wait for it)",
+    }
+    assert [source.name for source in built.keys_pending()] == ["keys"]
+    client.failure = None
+    keys = built.built["keys"].jwks
+    assert keys is not None
+    assert await keys.warm_up()
+    assert built.readiness().ready  # the optional one still has none
+    assert built.readiness().introspectors["keys"] == "ready"
+
+
+def test_static_keys_and_opaque_introspectors_are_ready_at_once() -> None:
+    readiness = engine(config(HMAC, OPAQUE)).readiness()
+    assert readiness.ready
+    assert readiness.introspectors == {"hmac": "ready", "ext": "ready"}
+
+
+async def test_a_reload_stops_the_retries_of_replaced_key_sources_only() -> None:
+    client = FakeIdpClient(jwks(SIGNER))
+    client.failure = "connect_error"
+    other = {**JWKS, "id": "other", "jwt": {"iss": "https://other.example"}}
+    first = engine(config(JWKS, other), client)
+    first.retry_missing_keys()
+    kept, replaced = first.built["keys"].jwks, first.built["other"].jwks
+    assert kept is not None
+    assert replaced is not None
+    second = engine(config(JWKS, {**other, "cache_ttl": 60}), client, previous=first)
+    assert second.built["keys"].jwks is kept
+    first.stop_retries(successor=second)
+    assert kept.retrying  # the introspector the reload kept keeps trying
+    assert not replaced.retrying
+    second.stop_retries()
+    assert not kept.retrying

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.config.validate import parse_config, validate_policies
 from authz_service.policy import ENGINES
 from authz_service.policy.explain import REDACTED, Redactor, explain_policies, explain_policy
 from authz_service.policy.matcho import compile_pattern, explain_rule
+from authz_service.registries import parse_config, validate_policies
 
 NO_SECRETS = Redactor((), (), {})
 CONTEXT: dict[str, Any] = {

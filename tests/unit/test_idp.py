@@ -1,4 +1,4 @@
-"""Tests for the development identity provider, against its real HTTP server."""
+"""Tests for the development identity provider (and the tests' hostile one), against their real HTTP servers."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from authz_service.devstack.idp import DevIdentityProvider
+from tests.hostile_idp import HostileIdentityProvider
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHORT = aiohttp.ClientTimeout(total=0.2)
@@ -30,6 +31,13 @@ SHORT = aiohttp.ClientTimeout(total=0.2)
 async def idp() -> AsyncIterator[DevIdentityProvider]:
     """A running provider on an ephemeral port."""
     async with DevIdentityProvider() as provider:
+        yield provider
+
+
+@pytest_asyncio.fixture
+async def hostile() -> AsyncIterator[HostileIdentityProvider]:
+    """The tests' identity provider, with failure modes, on an ephemeral port."""
+    async with HostileIdentityProvider() as provider:
         yield provider
 
 
@@ -139,12 +147,11 @@ def test_hs256_and_ps256_tokens() -> None:
     jwt.decode(ps, provider.public_pem("PS256"), algorithms=["PS256"], audience="authz-service")
 
 
-def test_mint_claim_and_header_overrides() -> None:
+def test_mint_claim_and_kid_overrides() -> None:
     provider = DevIdentityProvider(issuer="iss")
-    token = provider.mint({"exp": None, "aud": ["a", "b"], "sub": "alice"}, kid=None, headers={"typ": "at+jwt"})
+    token = provider.mint({"exp": None, "aud": ["a", "b"], "sub": "alice"}, kid=None)
     header = jwt.get_unverified_header(token)
-    assert "kid" not in header
-    assert header["typ"] == "at+jwt"
+    assert header == {"alg": "RS256", "typ": "JWT"}
     claims = jwt.decode(token, options={"verify_signature": False})
     assert "exp" not in claims
     assert claims["aud"] == ["a", "b"]
@@ -171,8 +178,25 @@ def test_mint_with_foreign_key_keeps_kid_but_fails_verification() -> None:
         )
 
 
-def test_mint_alg_confusion_and_none() -> None:
+def test_the_dev_idp_mints_no_hostile_token() -> None:
+    """The wheel's IdP signs with real keys only: no `alg: none`, no PEM as an HMAC secret."""
     provider = DevIdentityProvider(issuer="i")
+    with pytest.raises(ValueError, match="unsupported alg 'none'"):
+        provider.mint(alg="none")
+    with pytest.raises(jwt.InvalidKeyError):
+        provider.mint(alg="HS256", key=provider.public_pem("RS256"))
+    assert not any(name.endswith("_mode") for name in vars(provider))
+
+
+def test_hostile_mint_header_overrides() -> None:
+    provider = HostileIdentityProvider(issuer="iss")
+    token = provider.mint(kid=None, headers={"typ": "at+jwt", "jku": "https://attacker.example"})
+    assert jwt.get_unverified_header(token) == {"alg": "RS256", "typ": "at+jwt", "jku": "https://attacker.example"}
+    jwt.decode(token, provider.public_pem("RS256"), algorithms=["RS256"], audience="authz-service")
+
+
+def test_hostile_mint_alg_confusion_and_none() -> None:
+    provider = HostileIdentityProvider(issuer="i")
     pem = provider.public_pem("RS256")
     confused = provider.mint(alg="HS256", key=pem)
     signing_input, _, signature = confused.rpartition(".")
@@ -221,9 +245,6 @@ async def test_introspection_lifecycle(idp: DevIdentityProvider, http: aiohttp.C
     assert body["client_id"] == "authz-service"
     assert body["iss"] == idp.issuer
     assert body["token_type"] == "Bearer"
-    assert idp.last_introspection is not None
-    assert idp.last_introspection["form"] == {"token": token, "token_type_hint": "access_token"}
-    assert idp.last_introspection["headers"]["Accept"] == "application/json"
 
     assert await introspect(http, idp, "unknown") == (200, {"active": False})
     idp.revoke(token)
@@ -281,7 +302,28 @@ async def test_introspection_client_auth_is_checked_as_rfc_6749_says() -> None:
 
 
 @pytest.mark.asyncio
-async def test_introspection_oauth_error_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+async def test_the_dev_idp_has_no_failure_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+    for path in ("/moved/jwks.json", "/moved/introspect", "/moved/openid-configuration"):
+        async with http.get(idp.url + path) as resp:
+            assert resp.status == 404
+    async with http.get(idp.discovery_url) as resp:
+        assert await resp.json() == idp.discovery()
+
+
+@pytest.mark.asyncio
+async def test_hostile_idp_records_the_last_introspection(
+    hostile: HostileIdentityProvider, http: aiohttp.ClientSession
+) -> None:
+    token = hostile.issue_opaque()
+    assert (await introspect(http, hostile, token))[0] == 200
+    assert hostile.last_introspection is not None
+    assert hostile.last_introspection["form"] == {"token": token, "token_type_hint": "access_token"}
+    assert hostile.last_introspection["headers"]["Accept"] == "application/json"
+
+
+@pytest.mark.asyncio
+async def test_introspection_oauth_error_modes(hostile: HostileIdentityProvider, http: aiohttp.ClientSession) -> None:
+    idp = hostile
     token = idp.issue_opaque()
     for mode in ("invalid_token", "unsupported_token_type", "invalid_request"):
         idp.introspect_mode = mode
@@ -303,7 +345,9 @@ async def test_keys_can_be_published_without_kid(idp: DevIdentityProvider, http:
 
 
 @pytest.mark.asyncio
-async def test_jwks_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+async def test_jwks_modes(hostile: HostileIdentityProvider, http: aiohttp.ClientSession) -> None:
+    idp = hostile
+
     async def get(mode: str) -> tuple[int, str, bytes]:
         idp.jwks_mode = mode
         async with http.get(idp.jwks_uri, allow_redirects=False) as resp:
@@ -341,7 +385,8 @@ async def test_jwks_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession)
 
 
 @pytest.mark.asyncio
-async def test_introspect_modes(idp: DevIdentityProvider, http: aiohttp.ClientSession) -> None:
+async def test_introspect_modes(hostile: HostileIdentityProvider, http: aiohttp.ClientSession) -> None:
+    idp = hostile
     token = idp.issue_opaque()
 
     async def post(mode: str) -> tuple[int, str, bytes]:
@@ -412,7 +457,8 @@ async def test_offline_refuses_connections_and_online_reuses_port(
 
 
 @pytest.mark.asyncio
-async def test_stop_is_prompt_with_a_hanging_request(idp: DevIdentityProvider) -> None:
+async def test_stop_is_prompt_with_a_hanging_request(hostile: HostileIdentityProvider) -> None:
+    idp = hostile
     idp.jwks_mode = "hang"
     async with aiohttp.ClientSession() as session:
         pending = asyncio.create_task(session.get(idp.jwks_uri))
@@ -426,15 +472,20 @@ async def test_stop_is_prompt_with_a_hanging_request(idp: DevIdentityProvider) -
 
 
 @pytest.mark.asyncio
-async def test_command_line_serves_until_sigterm() -> None:
+@pytest.mark.parametrize(
+    ("module", "args", "keys"),
+    [("authz_service.devstack.idp", [], 3), ("tests.hostile_idp", ["--jwks-mode", "empty"], 0)],
+)
+async def test_command_line_serves_until_sigterm(module: str, args: list[str], keys: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "authz_service.devstack.idp",
+        module,
         "--port",
         "0",
         "--issuer",
         "https://x.example",
+        *args,
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -445,7 +496,7 @@ async def test_command_line_serves_until_sigterm() -> None:
         assert ready["jwks_uri"] == ready["url"] + "/.well-known/jwks.json"
         assert ready["introspection_url"] == ready["url"] + "/introspect"
         async with aiohttp.ClientSession() as session, session.get(ready["jwks_uri"]) as resp:
-            assert len((await resp.json())["keys"]) == 3
+            assert len((await resp.json())["keys"]) == keys
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
@@ -455,10 +506,7 @@ async def test_command_line_serves_until_sigterm() -> None:
 
 
 async def test_token_endpoint_mints_for_demo_users() -> None:
-    import aiohttp
     import jwt as pyjwt
-
-    from authz_service.devstack.idp import DevIdentityProvider
 
     async with DevIdentityProvider() as idp, aiohttp.ClientSession() as session:
         auth = {"Authorization": idp.introspection_authorization}

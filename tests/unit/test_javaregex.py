@@ -11,10 +11,10 @@ import re
 
 import pytest
 
-from authz_service.config.validate import parse_config
 from authz_service.errors import ConfigError, PolicyError
 from authz_service.policy.javaregex import ASCII_FLAGS, python_regex
 from authz_service.policy.matcho import PatternError, compile_pattern, matches
+from authz_service.registries import parse_config
 
 
 def java_finds(pattern: str, value: str) -> bool:

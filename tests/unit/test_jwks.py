@@ -2,12 +2,16 @@
 
 Cold start waits for one shared fetch (failure: 503); past 80% of cache_ttl a background refresh
 starts and nobody waits; expired keys are served up to max_stale while the IdP is down; an unknown
-kid causes at most one refetch per 5 s; the generation changes whenever the keys do.
+kid causes at most one refetch per 5 s; the generation changes whenever the keys do. Without
+keys, the source retries in the background with backoff capped at 5 s; every failed fetch is
+logged once, naming the introspector and the URL without its userinfo or query.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,11 +20,20 @@ import pytest
 import pytest_asyncio
 
 from authz_service.config.model import JwtIntrospectorConfig
-from authz_service.config.validate import validate_config
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Reason
+from authz_service.registries import validate_config
 from authz_service.tokens.base import Credential
-from authz_service.tokens.jwks import REFRESH_AHEAD, JwksKeySource, KeySet, parse_jwks
+from authz_service.tokens.discovery import OidcDiscovery
+from authz_service.tokens.jwks import (
+    FAILURE_LOG_EVERY,
+    REFRESH_AHEAD,
+    RETRY_CAP,
+    JwksKeySource,
+    KeySet,
+    parse_jwks,
+    retry_delay,
+)
 from authz_service.tokens.jwt import JwtIntrospector
 from authz_service.tokens.keys import load_jwk
 from authz_service.upstream import UpstreamClient
@@ -164,6 +177,169 @@ async def test_warm_up_reports_success_or_failure_without_raising() -> None:
     s.idp.failure = None
     assert await s.keys.warm_up() is True
     assert s.keys.keyset is not None
+
+
+# --------------------------------------------------------------------------- no keys yet: retries with backoff
+
+
+def test_retries_double_from_half_a_second_and_are_capped_at_5_seconds() -> None:
+    assert [retry_delay(n, 0.0) for n in range(7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert retry_delay(10_000, 0.0) == RETRY_CAP  # no overflow however long the IdP stays down
+    # Jitter spreads replicas out by shortening a wait, never by lengthening it past the cap.
+    assert all(4.0 <= retry_delay(n, 0.999) <= RETRY_CAP for n in range(4, 40))
+    assert retry_delay(0, 0.5) == pytest.approx(0.45)
+
+
+class SteppedSleep:
+    """The retry loop's sleep: records each wait and returns at once (no wall-clock wait)."""
+
+    def __init__(self, idp: FakeIdpClient, recover_after: int) -> None:
+        self.waits: list[float] = []
+        self._idp = idp
+        self._recover_after = recover_after
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        if len(self.waits) == self._recover_after:
+            self._idp.failure = None  # the IdP is back for the next attempt
+        await asyncio.sleep(0)
+
+
+async def test_without_keys_the_source_retries_with_backoff_until_they_arrive() -> None:
+    idp = FakeIdpClient(jwks(K1))
+    idp.failure = "http_404"
+    sleep = SteppedSleep(idp, recover_after=7)
+    keys = JwksKeySource(URI, idp, ttl=TTL, clock=FakeClock(0.0), sleep=sleep, jitter=lambda: 0.0)
+    assert await keys.warm_up() is False
+    keys.retry_in_background()
+    keys.retry_in_background()  # one loop, however often asked
+    async with asyncio.timeout(2):
+        await keys.keys_arrived.wait()
+    assert sleep.waits == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert len(idp.calls) == 1 + 7  # the warm-up, then one fetch after each wait
+    assert keys.keyset is not None
+    assert keys.status() == "ready"
+    keys.retry_in_background()  # with keys: nothing to do
+    await settle()
+    assert len(idp.calls) == 8
+
+
+async def test_retries_stop_when_keys_come_from_a_request_meanwhile() -> None:
+    idp = FakeIdpClient(jwks(K1))
+    waiting = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waiting.set()
+        await resume.wait()
+
+    keys = JwksKeySource(URI, idp, ttl=TTL, clock=FakeClock(0.0), sleep=sleep)
+    keys.retry_in_background()
+    await waiting.wait()
+    assert [k.kid for k in await keys.keys_for("k1", "ES256")] == ["k1"]  # a request fetched them
+    resume.set()
+    await settle()
+    assert len(idp.calls) == 1  # the loop saw the keys and made no fetch of its own
+
+
+async def test_stop_retrying_ends_the_loop() -> None:
+    idp = FakeIdpClient(jwks(K1))
+    idp.failure = "connect_error"
+    waiting = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waiting.set()
+        await asyncio.Event().wait()  # forever: only the cancellation ends it
+
+    keys = JwksKeySource(URI, idp, ttl=TTL, clock=FakeClock(0.0), sleep=sleep)
+    keys.retry_in_background()
+    await waiting.wait()
+    keys.stop_retrying()  # the introspector was replaced by a reload
+    idp.failure = None
+    await settle()
+    assert idp.calls == []
+    assert keys.keyset is None
+
+
+async def test_a_failed_fetch_is_logged_with_the_introspector_and_the_url_without_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="authz_service")
+    idp = FakeIdpClient(jwks(K1))
+    idp.failure = "http_404"
+    uri = "https://svc:pa55word@idp.example:8443/tenant/jwks?api_key=s3cr3t#frag"
+    keys = JwksKeySource(uri, idp, ttl=TTL, clock=FakeClock(0.0), name="idp")
+    assert await keys.warm_up() is False
+    [record] = [r for r in caplog.records if r.getMessage() == "JWKS fetch failed"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["introspector"] == "idp"
+    assert fields["url"] == "https://idp.example:8443/tenant/jwks"
+    assert (fields["endpoint"], fields["outcome"], fields["keys"]) == ("jwks", "http_404", "none")
+    logged = caplog.text + json.dumps(fields)
+    for secret in ("pa55word", "s3cr3t", "svc:", "frag"):
+        assert secret not in logged
+    assert keys.status() == "no keys yet: http_404 from https://idp.example:8443/tenant/jwks"
+    assert idp.calls == [("jwks", uri)]  # the request itself goes to the URL as configured
+
+
+async def test_an_ongoing_failure_is_logged_again_at_most_every_30_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    # Without keys every request fetches: a down IdP under traffic must not flood the log.
+    caplog.set_level(logging.INFO, logger="authz_service")
+    clock = FakeClock(0.0)
+    idp = FakeIdpClient(jwks(K1))
+    idp.failure = "connect_error"
+    keys = JwksKeySource(URI, idp, ttl=TTL, clock=clock, name="idp")
+    for _ in range(50):
+        await keys.warm_up()
+    idp.failure = "timeout"  # another failure: logged at once
+    await keys.warm_up()
+    clock.advance(FAILURE_LOG_EVERY)
+    await keys.warm_up()  # the same failure, 30 s later
+    idp.failure = None
+    await keys.warm_up()
+
+    def lines() -> list[tuple[str, Any, Any]]:
+        return [
+            (r.getMessage(), r.fields.get("outcome"), r.fields.get("unlogged_failures"))  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.getMessage().startswith("JWKS fetch")
+        ]
+
+    assert lines() == [
+        ("JWKS fetch failed", "connect_error", 0),
+        ("JWKS fetch failed", "timeout", 49),
+        ("JWKS fetch failed", "timeout", 0),
+        ("JWKS fetch recovered", None, None),
+    ]
+
+
+async def test_a_failed_discovery_names_the_discovery_document() -> None:
+    idp = FakeIdpClient()
+    idp.by_url = {"https://login.example/t/.well-known/openid-configuration": {"issuer": "https://other.example"}}
+    location = OidcDiscovery("https://login.example/t", idp, 1.0)
+    keys = JwksKeySource(location, idp, ttl=TTL, clock=FakeClock(0.0), name="oidc")
+    assert await keys.warm_up() is False
+    assert keys.status() == "no keys yet: issuer_mismatch from https://login.example/t/.well-known/openid-configuration"
+
+
+async def test_status_says_fresh_stale_or_expired_and_why() -> None:
+    clock = FakeClock(0.0)
+    idp = FakeIdpClient(jwks(K1))
+    keys = JwksKeySource(URI, idp, ttl=TTL, max_stale=50, clock=clock)
+    assert keys.status() == "no keys yet: first fetch under way"
+    await keys.warm_up()
+    assert keys.status() == "ready"
+    idp.failure = "http_503"
+    clock.advance(TTL * REFRESH_AHEAD)
+    assert await keys.warm_up() is False  # a refresh that failed: the keys stay
+    assert keys.status() == f"ready (last refresh failed: http_503 from {URI})"
+    clock.advance(TTL * (1 - REFRESH_AHEAD) + 10)
+    assert keys.status() == f"serving stale keys, 10 s past cache_ttl: http_503 from {URI}"
+    clock.advance(45)
+    assert keys.status() == f"keys expired, 55 s past cache_ttl: http_503 from {URI}"
+    idp.failure = None
+    await keys.warm_up()
+    assert keys.status() == "ready"
 
 
 # --------------------------------------------------------------------------- refresh ahead

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from authz_service.config.model import JwtIntrospectorConfig
-from authz_service.config.validate import validate_config
 from authz_service.errors import ConfigError, TokenRejected
 from authz_service.model import Reason
+from authz_service.registries import validate_config
 from authz_service.tokens.base import Credential
 from authz_service.tokens.discovery import OidcDiscovery
 from authz_service.tokens.jwks import JwksKeySource

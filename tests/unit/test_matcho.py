@@ -10,8 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from authz_service.config.model import RoleConfig
+from authz_service.context import build_context
 from authz_service.errors import AuthzError
-from authz_service.policy.matcho import PatternError, compile_pattern, matches
+from authz_service.model import HttpRequest, Identity
+from authz_service.policy.matcho import PatternError, compile_pattern, compile_rule, lint_rule, matches
 
 # A request context in the shape decide.py builds (empty values already removed).
 CTX: dict[str, Any] = {
@@ -614,3 +617,75 @@ FIXED_PATTERNS = [
 def test_evaluation_never_raises(value: Any, context: Any) -> None:
     for matcher in FIXED_PATTERNS:
         assert isinstance(matcher(value, context), bool)
+
+
+# --------------------------------------------------------------------------- lint (check-config warnings)
+
+
+def contexts() -> list[dict[str, Any]]:
+    """Contexts as build_context builds them, for every kind of request and identity we can think of."""
+    role = RoleConfig("r", "doctor", "u1", {"id": "r", "name": "doctor"})
+    jwt = Identity("u1", {"sub": "u1", "client_id": "app", "roles": ["admin"]}, "idp", "jwt")
+    opaque = Identity("u1", {"sub": "u1", "active": True}, "op", "opaque")
+    found = []
+    for method in ("GET", "post", "Trace", "M-SEARCH", "PROPFIND", "options"):
+        for path in ("/", "/fhir/Patient/p1?x=1", "/Patient?name=a", "/public/logo.png"):
+            request = HttpRequest(method=method, path=path, host="h", scheme="https", headers={"x-a": "1"})
+            found.append(build_context(request, None, None))
+            found.append(build_context(request, jwt, {"id": "u1"}, [role]))
+            found.append(build_context(request, opaque, None))
+    return found
+
+
+CONTEXTS = contexts()
+
+
+@pytest.mark.parametrize(
+    ("matcho", "warning"),
+    [
+        ({"request-method": "GET"}, "matcho.request-method: 'GET' never matches: request-method is lower case"),
+        (
+            {"request-method": {"$enum": ["POST"]}},
+            "matcho.request-method: 'POST' never matches: request-method is lower case",
+        ),
+        ({"request-method": "get patient"}, "matcho.request-method: 'get patient' never matches: request-method is an"),
+        ({"uri": 42}, "matcho.uri: 42 never matches: uri is always a string"),
+        ({"user": "u1"}, "matcho.user: 'u1' never matches: user is always a map"),
+        ({"params": {"$enum": ["a"]}}, "matcho.params: 'a' never matches: params is always a map"),
+        ({"roles": "doctor"}, "matcho.roles: 'doctor' never matches: roles is always a list"),
+        ({"request": {"method": "get"}}, "matcho.request: no request context has 'request' (it has client, "),
+        ({"body": {"resourceType": "Patient"}}, "matcho.body: no request context has 'body'"),
+        ({"uri": "#/fhir/Patient"}, "matcho.uri: '#/fhir/Patient' is not anchored with '^'"),
+        ({"uri": "#(?i)/fhir"}, "matcho.uri: '#(?i)/fhir' is not anchored with '^'"),
+    ],
+)
+def test_lint_warns_about_what_no_request_context_can_match(matcho: dict[str, Any], warning: str) -> None:
+    [found] = lint_rule({"matcho": matcho})
+    assert found.startswith(warning), found
+    if "never matches" in warning or "no request context" in warning:
+        # Sound: the warning is never about a rule some context would match.
+        assert not any(compile_rule({"matcho": matcho})(context) for context in CONTEXTS)
+
+
+def test_lint_names_each_value_of_an_enum_that_never_matches() -> None:
+    assert lint_rule({"matcho": {"request-method": {"$enum": ["get", "POST", 1]}}}) == [
+        "matcho.request-method: 'POST' never matches: request-method is lower case (get, post, ...)",
+        "matcho.request-method: 1 never matches: request-method is always a string",
+    ]
+
+
+@pytest.mark.parametrize(
+    "matcho",
+    [
+        {"request-method": "get", "uri": "#^/fhir/Patient"},
+        {"request-method": "trace"},  # any method can reach Check: only a spelling no method has warns
+        {"request-method": {"$enum": ["get", "m-search"]}},
+        {"request-method": ".jwt.method", "uri": "#\\A/fhir"},
+        {"uri": "#(?i)^/fhir", "user": {"id": ".jwt.sub"}, "roles": ["doctor"], "role": [{"name": "doctor"}]},
+        {"uri": "nil?", "jwt": "present?", "params": {"$not": {"x": "1"}}},
+        {"$one-of": [{"uri": "#^/a"}, {"uri": "#^/b"}]},
+        {"headers": {"x-a": "#1"}, "host": "#example", "query-string": "#x=1"},  # only `uri` regexes must be anchored
+    ],
+)
+def test_lint_is_silent_about_rules_a_context_can_match(matcho: dict[str, Any]) -> None:
+    assert lint_rule({"matcho": matcho}) == []

@@ -18,9 +18,9 @@ import pytest
 import pytest_asyncio
 
 from authz_service.config.model import OpaqueIntrospectorConfig
-from authz_service.config.validate import validate_config
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
+from authz_service.registries import validate_config
 from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, Credential, IdpErrorAnswer
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
 from authz_service.tokens.opaque import (

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,3 +52,44 @@ def test_the_container_image_installs_no_extra_and_no_group() -> None:
     for line in installs:
         assert "--no-default-groups" in line, line
         assert not [flag for flag in ("--extra", "--all-extras", "--group", "--all-groups") if flag in line], line
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel setuptools builds from a copy of the sources (no build/ or egg-info in the tree)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "authz_service", source / "authz_service", ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path_factory.mktemp("dist")
+    build = f"from setuptools import build_meta\nprint(build_meta.build_wheel({str(dist)!r}))"
+    result = subprocess.run(
+        [sys.executable, "-c", build], capture_output=True, text=True, timeout=120, cwd=source, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return dist / result.stdout.strip().splitlines()[-1]
+
+
+def test_the_wheels_idp_has_no_hostile_modes(wheel: Path) -> None:
+    """Failure modes and `alg: none` minting are the tests' (tests/hostile_idp.py), never the wheel's."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        idp_source = archive.read("authz_service/devstack/idp.py").decode()
+    assert not [name for name in names if name.startswith("tests/")]
+    for hostile in ("jwks_mode", "introspect_mode", "discovery_mode", '"none"', "/moved/", "garbage_keys", '"hang"'):
+        assert hostile not in idp_source, hostile
+    # The wheel's own module, imported from the wheel alone: it refuses to mint an unsigned token.
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(wheel)!r})\n"
+        "from authz_service.devstack import idp\n"
+        f"assert idp.__file__.startswith({str(wheel)!r}), idp.__file__\n"
+        "provider = idp.DevIdentityProvider(issuer='i')\n"
+        "assert not [name for name in vars(provider) if name.endswith('_mode')]\n"
+        "try:\n    provider.mint(alg='none')\nexcept ValueError:\n    print('refused')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=wheel.parent, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "refused"

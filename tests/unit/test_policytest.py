@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.config.validate import parse_config
 from authz_service.engine import Engine, build_engine
 from authz_service.envoy import to_http_request
 from authz_service.policytest import (
@@ -25,6 +24,7 @@ from authz_service.policytest import (
     read_cases,
     run_policy_test,
 )
+from authz_service.registries import parse_config
 from authz_service.tokens.cache import CacheFactory
 from authz_service.upstream import UpstreamClient
 from tests.harness import check_request

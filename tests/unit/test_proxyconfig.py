@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from authz_service import proxyconfig
-from authz_service.config.validate import load_config, parse_config
 from authz_service.devstack.envoy import envoy_binary
 from authz_service.devstack.nginx import nginx_binary
+from authz_service.registries import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.yaml"

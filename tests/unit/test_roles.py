@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from authz_service.config.model import Config
-from authz_service.config.validate import parse_config
 from authz_service.decide import Authorizer
 from authz_service.engine import build_engine
 from authz_service.errors import ConfigError
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
+from authz_service.registries import parse_config
 from authz_service.tokens.cache import CacheFactory
 from authz_service.tokens.sources import CredentialFinder
 from tests.unit.fakes import FakeIdpClient, FakeIntrospector, hs_token

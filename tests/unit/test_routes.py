@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authz_service.config.validate import parse_config
 from authz_service.context import build_context
 from authz_service.engine import Engine, build_engine
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
+from authz_service.registries import parse_config
 from authz_service.routes import (
     OPERATION_NAME,
     ORGANIZATION_ID,

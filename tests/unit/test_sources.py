@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from authz_service.config.validate import validate_config
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import HttpRequest, Reason
+from authz_service.registries import validate_config
 from authz_service.tokens.base import Credential
-from authz_service.tokens.jwt import MAX_TOKEN_BYTES
+from authz_service.tokens.jws import MAX_TOKEN_BYTES
 from authz_service.tokens.sources import CredentialFinder
 
 ENDPOINT = {"url": "https://idp.example/introspect"}

@@ -49,8 +49,8 @@ def test_spans_off_record_nothing() -> None:
 
 
 def test_tracing_config_is_validated() -> None:
-    from authz_service.config.validate import validate_config
     from authz_service.errors import ConfigError
+    from authz_service.registries import validate_config
 
     config = validate_config({"tracing": {"otlp_endpoint": "http://127.0.0.1:4317"}}, None)
     assert (config.tracing.otlp_endpoint, config.tracing.service_name) == ("http://127.0.0.1:4317", "authz-service")

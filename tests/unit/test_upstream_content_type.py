@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 
 from authz_service.config.model import OpaqueIntrospectorConfig
-from authz_service.config.validate import validate_config
 from authz_service.errors import UpstreamUnavailable
+from authz_service.registries import validate_config
 from authz_service.tokens.base import Credential
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache
 from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector

@@ -2,7 +2,8 @@
 
 An entry lives until `introspector.trusted_until(identity)` (a JWT: min(exp + leeway, the keys'
 trust)), dies with any key rotation of its introspector, and is never reused for a credential
-bound to another introspector.
+bound to another introspector. A hit pokes its JWKS key source's refresh once one is due, so
+tokens served from memory keep the keys fresh (checked against a real JWKS server on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ import asyncio
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
+import pytest_asyncio
 
 from authz_service.config.model import JwtIntrospectorConfig
-from authz_service.config.validate import validate_config
 from authz_service.errors import TokenRejected, UpstreamUnavailable
 from authz_service.model import Identity, Reason
+from authz_service.registries import validate_config
 from authz_service.tokens.base import Credential
+from authz_service.tokens.jwks import REFRESH_AHEAD, JwksKeySource
 from authz_service.tokens.jwt import JwtIntrospector, StaticKeySource
 from authz_service.tokens.keys import VerificationKey
 from authz_service.tokens.router import IntrospectorRouter
 from authz_service.tokens.verified import VerifiedTokens, token_digest
-from tests.unit.fakes import EPOCH, FakeClock, FakeIntrospector, hs_token
+from authz_service.upstream import UpstreamClient
+from tests.unit.fakes import EPOCH, CannedIdp, EcSigner, FakeClock, FakeIntrospector, hs_token, jwks
 
 
 class Shaper:
@@ -303,3 +307,69 @@ async def test_concurrent_misses_share_one_verification() -> None:
     answers = await asyncio.gather(*(s.check("t1") for _ in range(10)))
     assert len(s.ext.calls) == 1
     assert all(answer is answers[0] for answer in answers)
+
+
+# --------------------------------------------------------------------------- hits keep JWKS keys fresh
+
+
+class Clocks:
+    """The monotonic clock of the key source and the wall clock of deadlines, moving together."""
+
+    def __init__(self) -> None:
+        self.monotonic = FakeClock(0.0)
+        self.wall = FakeClock()
+
+    def advance(self, seconds: float) -> None:
+        self.monotonic.advance(seconds)
+        self.wall.advance(seconds)
+
+
+@pytest_asyncio.fixture
+async def canned() -> AsyncIterator[CannedIdp]:
+    async with CannedIdp() as server:
+        yield server
+
+
+async def test_a_hit_starts_the_due_key_refresh_so_the_next_miss_never_waits(
+    canned: CannedIdp, client: UpstreamClient
+) -> None:
+    ttl = 100.0
+    signer = EcSigner("k1")
+    canned.answer(jwks(signer))
+    clocks = Clocks()
+    resource = {"id": "idp", "type": "jwt", "jwks_uri": canned.url + "/jwks", "jwt": {"iss": ISS}}
+    [config] = validate_config({"introspectors": [resource]}, None).introspectors
+    assert isinstance(config, JwtIntrospectorConfig)
+    keys = JwksKeySource(config.jwks_uri or "", client, ttl=ttl, clock=clocks.monotonic, wall_clock=clocks.wall)
+    verified = VerifiedTokens(
+        IntrospectorRouter([JwtIntrospector(config, keys, clock=clocks.wall)]),
+        Shaper(),
+        10,
+        clock=clocks.wall,
+        key_refresh={"idp": keys},
+    )
+    credential = Credential(signer.sign({"iss": ISS, "sub": "user-1", "exp": clocks.wall.now + 10 * ttl}))
+    await verified.introspect(credential)  # a miss: the first fetch; the entry lives as long as these keys
+    assert canned.paths() == ["/jwks"]
+
+    clocks.advance(ttl * REFRESH_AHEAD - 1)
+    await verified.introspect(credential)
+    assert verified.hits == 1
+    assert canned.paths() == ["/jwks"]  # not due yet: a hit costs a comparison, nothing more
+
+    clocks.advance(2)  # past 80% of cache_ttl: due
+    gate = canned.hang()
+    await asyncio.wait_for(verified.introspect(credential), 1)  # answered while the IdP holds the refresh
+    assert verified.hits == 2
+    await gate.reached(1)
+    gate.open()
+    await keys.warm_up()  # joins the refresh in flight: it has landed once this returns
+    assert canned.paths() == ["/jwks", "/jwks"]
+
+    clocks.advance(ttl * (1 - REFRESH_AHEAD))  # past the first keys' cache_ttl: the entry died with them
+    held = canned.hang()  # a fetch now would hang: the check below must need none
+    identity = await asyncio.wait_for(verified.introspect(credential), 1)
+    held.open()
+    assert identity.user_id == "user-1"
+    assert (verified.hits, verified.misses) == (2, 2)
+    assert canned.paths() == ["/jwks", "/jwks"]  # verified again with the refreshed keys, at once

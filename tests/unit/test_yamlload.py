@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from authz_service.config import yamlload
-from authz_service.config.validate import parse_config
 from authz_service.errors import ConfigError
+from authz_service.registries import parse_config
 
 # Aidbox's token introspection tutorial, "Cryptographic keys": the body has resourceType and id twice.
 SEED_GUIDE_KEYS_EXAMPLE = """\

@@ -1,0 +1,123 @@
+"""One Check, whatever the protocol: convert, decide, answer, count, log; never raise.
+
+Every shell (server/grpc.py, server/http.py) hands a check to its `CheckRunner` with the pure
+adapter that reads it (`envoy.decode_check`, `httpmode.ext_authz_request`, ...) and writes back
+what the runner returns (encoded CheckResponse bytes, an `HttpAnswer`) with its own framework. So
+the fail-closed wrapper, the overload bound, the metrics and the decision log are written once.
+No aiohttp or grpc here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
+
+if TYPE_CHECKING:
+    from authz_service.engine import Engine
+
+INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+OVERLOADED = Decision(Outcome.UNAVAILABLE, Reason.OVERLOADED)
+# What the decision log shows for a check refused before it could be read.
+_EMPTY_REQUEST = HttpRequest()
+
+Answer = TypeVar("Answer")
+Raw = TypeVar("Raw")
+
+
+class CheckMetrics(Protocol):
+    """Where a decision and its latency are counted (metrics.Metrics)."""
+
+    def observe(self, decision: Decision, seconds: float, protocol: str) -> None: ...
+
+
+class DecisionLog(Protocol):
+    """Writes one decision line at `level` (None: off); decisionlog.DecisionLog.log_decision."""
+
+    def __call__(
+        self, request: HttpRequest, decision: Decision, seconds: float, level: int | None, protocol: str
+    ) -> None: ...
+
+
+class CheckRunner(Generic[Answer]):
+    """Runs the checks of one protocol's listener, and counts those in flight.
+
+    `answer(engine, decision)` is the protocol's Decision -> answer; `internal_error` is its answer
+    to a check that failed unexpectedly, built once, so that failing closed needs nothing that
+    could fail again. `max_in_flight`: past that many checks in flight a check is answered 503
+    `overloaded` at once (None: the server bounds them itself, as grpc does).
+    """
+
+    def __init__(
+        self,
+        protocol: str,
+        engine: Callable[[], Engine],
+        metrics: CheckMetrics,
+        log_decision: DecisionLog,
+        log_internal_error: Callable[[BaseException], None],
+        *,
+        answer: Callable[[Engine, Decision], Answer],
+        internal_error: Answer,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self.protocol = protocol
+        self._engine = engine  # read once per check: a reload swaps it between checks, never during one
+        self._metrics = metrics
+        self._log_decision = log_decision
+        self._log_internal_error = log_internal_error
+        self._answer = answer
+        self._internal_error = internal_error
+        self._max_in_flight = sys.maxsize if max_in_flight is None else max_in_flight
+        self.in_flight = 0  # checks started and not yet answered
+
+    async def check(self, convert: Callable[[Raw], HttpRequest | Decision], raw: Raw) -> Answer:
+        """The answer to one check: `convert(raw)` reads it (or refuses it), the Authorizer decides."""
+        started = time.perf_counter()
+        engine = self._engine()
+        http = _EMPTY_REQUEST
+        self.in_flight += 1
+        try:
+            if self.in_flight > self._max_in_flight:
+                # Bounded queueing: a fast 503 rather than a wait behind thousands of checks.
+                decision = OVERLOADED
+            else:
+                original = convert(raw)
+                if isinstance(original, Decision):
+                    decision = original  # the request does not say what it asks, or contradicts itself
+                else:
+                    http = original
+                    decision = await engine.authorizer.check(http)
+            answer = self._answer(engine, decision)
+        except Exception as err:  # fail closed, keep serving
+            self._log_internal_error(err)
+            decision = INTERNAL_ERROR
+            answer = self._internal_error
+        finally:
+            self.in_flight -= 1
+        return self._finish(engine, http, decision, answer, time.perf_counter() - started)
+
+    def refuse(self, decision: Decision) -> Answer:
+        """The answer to a check refused before it was read (unparsable, its caller gone), counted
+        and logged as every decision, with no latency of its own."""
+        engine = self._engine()
+        try:
+            answer = self._answer(engine, decision)
+        except Exception as err:  # fail closed, keep serving
+            self._log_internal_error(err)
+            decision = INTERNAL_ERROR
+            answer = self._internal_error
+        return self._finish(engine, _EMPTY_REQUEST, decision, answer, 0.0)
+
+    def _finish(self, engine: Engine, http: HttpRequest, decision: Decision, answer: Answer, seconds: float) -> Answer:
+        try:
+            self._metrics.observe(decision, seconds, self.protocol)
+            self._log_decision(http, decision, seconds, engine.config.logging.decisions, self.protocol)
+        except Exception as err:
+            # No answer goes out without its count and its decision line: an allow that cannot be
+            # accounted for is an internal error.
+            self._log_internal_error(err)
+            return self._internal_error
+        return answer
