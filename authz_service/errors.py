@@ -96,23 +96,36 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_failure(address: str, err: OSError | None = None) -> ListenError:
-    """The ListenError for an address that would not bind: the OS's reason, from `err` or, when the
-    binder gave none (grpc's RuntimeError), from a plain bind of the same address."""
+def bind_problem(address: str, reuse_port: bool = False) -> ListenError | None:
+    """Why `address` would not bind now, or None: a bind of a plain socket with the options the
+    listeners set (SO_REUSEADDR; SO_REUSEPORT for supervised workers), closed at once. Binders that
+    give no reason of their own (grpc logs a C++ error line and raises a bare RuntimeError) are asked
+    after this, so a busy port ends start-up in one line of ours."""
     import errno
     import os
     import socket
 
-    if err is not None and err.errno is not None:
-        return ListenError(address, os.strerror(err.errno))
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind((host, int(port)))
     except OSError as probed:
         return ListenError(address, os.strerror(probed.errno or errno.EADDRNOTAVAIL))
     except ValueError:
         return ListenError(address, "not a host:port address")
-    return ListenError(address, "the address could not be bound")
+    return None
+
+
+def bind_failure(address: str, err: OSError | None = None) -> ListenError:
+    """The ListenError for an address that would not bind: the OS's reason, from `err` or, when the
+    binder gave none (grpc's RuntimeError), from a probe of the same address."""
+    import os
+
+    if err is not None and err.errno is not None:
+        return ListenError(address, os.strerror(err.errno))
+    return bind_problem(address) or ListenError(address, "the address could not be bound")

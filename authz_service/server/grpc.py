@@ -18,7 +18,7 @@ from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
 from authz_service.config.model import TlsConfig
 from authz_service.engine import Engine
 from authz_service.envoy import decode_check, encode_denial
-from authz_service.errors import bind_failure
+from authz_service.errors import bind_failure, bind_problem
 from authz_service.model import Decision, Outcome, Reason
 from authz_service.server.runner import INTERNAL_ERROR, CheckMetrics, CheckRunner, DecisionLog
 
@@ -124,10 +124,15 @@ def create_server(
     return server
 
 
-def bind(server: grpc.aio.Server, addresses: Sequence[str], tls: TlsConfig | None) -> list[int]:
+def bind(
+    server: grpc.aio.Server, addresses: Sequence[str], tls: TlsConfig | None, *, reuse_port: bool = False
+) -> list[int]:
     """Listen on each address, with TLS (and client certificates) when configured; the bound ports."""
     ports = []
     for address in addresses:
+        problem = bind_problem(address, reuse_port)
+        if problem is not None:
+            raise problem  # before grpc tries: it would log a C++ error line of its own first
         try:
             if tls is None:
                 port = server.add_insecure_port(address)

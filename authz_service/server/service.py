@@ -176,7 +176,7 @@ class AuthzService:
         addresses = [settings.grpc_address]
         if worker is not None and settings.worker_base_port is not None:
             addresses.append(host_port(settings.grpc_listen.host, settings.worker_base_port + worker.index))
-        port = bind(server, addresses, settings.tls)[0]
+        port = bind(server, addresses, settings.tls, reuse_port=reuse_port)[0]
         await server.start()
         self._server = server
         self.port = port
