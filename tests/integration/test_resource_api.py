@@ -625,7 +625,8 @@ async def test_checks_in_flight_finish_on_the_engine_they_started_with(
     token = idp.issue_opaque({"sub": "carol"})
     idp.delay = 1.0
     in_flight = asyncio.ensure_future(service.check("/x", token=token))
-    await asyncio.sleep(0.3)
+    # In flight once the IdP holds its introspection call (answered after idp.delay).
+    await eventually(lambda: asyncio.sleep(0), lambda _: idp.hits["introspect"] == 1, 3.0, every=0.01)
     assert (await service.request("PUT", "/AccessPolicy/only-x", "engine: matcho\nmatcho: {uri: /x}\n")).status == 201
     started_before = await in_flight
     # Started with no policies (nothing allowed), it finishes so even though the new policy allows /x.
