@@ -165,6 +165,7 @@ _NGINX = r"""# nginx in front of an application, with authz-service (HTTP mode, 
 #   - the application (and authz-service's policies) see @IDENTITY_LIST@
 #     only as authz-service set them: a client's copies are removed;
 #   - denials reach the client with authz-service's status, JSON body and one WWW-Authenticate;
+#   - a browser that `responses.unauthenticated.redirect` sends to a login page gets that 302;
 #   - the token parameters (@TOKEN_PARAMS@) never reach the application nor the access log;
 #   - authz-service unreachable or broken: 503, never an allow;
 #   - every file nginx writes is under its prefix, so it runs as any user (docs/proxies.md):
@@ -234,6 +235,9 @@ http {
             auth_request_set $authz_challenge $upstream_http_www_authenticate;
             auth_request_set $authz_error $upstream_http_x_authz_error;
             auth_request_set $authz_error_description $upstream_http_x_authz_error_description;
+            # A login redirect (`responses.unauthenticated.redirect`): auth_request cannot pass a 302
+            # on, so /_authz asks for it as a 401 naming the target (X-Authz-Redirect-As below).
+            auth_request_set $authz_location $upstream_http_x_authz_location;
 
             # Replace (or, when empty, remove) whatever identity headers the client sent.
             @UPSTREAM_IDENTITY@
@@ -270,6 +274,8 @@ http {
             # authz-service reads the last entry, the one nginx appends: a client cannot forge it.
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Request-ID $request_id;
+            # A redirect comes back as 401 + X-Authz-Location; @authz_unauthorized sends the 302.
+            proxy_set_header X-Authz-Redirect-As 401;
             # Policies never see a client's identity headers either.
             @AUTHZ_IDENTITY@
             proxy_http_version 1.1;
@@ -279,8 +285,12 @@ http {
             proxy_connect_timeout 1s;
         }
 
-        # auth_request has already copied authz-service's WWW-Authenticate onto a 401.
+        # auth_request has already copied authz-service's WWW-Authenticate onto a 401 (a redirect's
+        # 401 carries none: the client gets a plain 302 to the login page).
         location @authz_unauthorized {
+            if ($authz_location) {
+                return 302 $authz_location;
+            }
             return 401 '{"error": "$authz_error", "error_description": "$authz_error_description"}';
         }
 
