@@ -214,6 +214,11 @@ def _minter(token_config: object, previous: Engine | None) -> IdentityTokenMinte
     return IdentityTokenMinter(token_config)
 
 
+def well_known_documents(config: Config) -> Mapping[str, bytes]:
+    """The /.well-known/ documents of a config (a supervisor's admin listener, which has no engine)."""
+    return _well_known(_minter(config.response.identity_token, None))
+
+
 def _well_known(minter: IdentityTokenMinter | None) -> Mapping[str, bytes]:
     """The documents the admin listener serves for verifiers: the public keys, and the discovery
     document whose jwks_uri is under the issuer (the URL the admin listener is reached at)."""

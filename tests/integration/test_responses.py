@@ -4,8 +4,10 @@ against the JWKS the admin listener serves. Real servers on 127.0.0.1, the test 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import grpc
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from yarl import URL
@@ -23,8 +27,8 @@ from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.envoy import encode_denial
 from authz_service.model import Outcome, Reason
-from tests.conftest import StartService, free_port, jwks_introspector, sleep_past
-from tests.harness import Harness, check_request, config_from
+from tests.conftest import Spawn, StartService, free_port, jwks_introspector, sleep_past
+from tests.harness import Answer, AuthorizationClient, Harness, check_request, config_from
 
 LOGIN = "https://login.example.com/start?rd={url}"
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
@@ -378,3 +382,48 @@ async def test_well_known_documents_are_404_without_an_identity_token(
     for path in ("/.well-known/jwks.json", "/.well-known/openid-configuration"):
         async with client.get(f"http://127.0.0.1:{port}{path}") as response:
             assert response.status == 404
+
+
+async def test_workers_publish_the_keys_on_the_supervisors_admin_listener_and_follow_a_reload(
+    idp: DevIdentityProvider, spawn: Spawn, client: aiohttp.ClientSession
+) -> None:
+    admin_port = free_port()
+    admin = f"http://127.0.0.1:{admin_port}"
+    first = [{"kid": "k1", "alg": "ES256", "private_pem": PEMS["ES256"]}]
+    config = _identity_config(idp, admin_port, first, authentication_only=True)
+    settings = {"workers": 2, "admin_address": f"127.0.0.1:{admin_port}", "drain_delay": 0}
+    spawned = await spawn({k: v for k, v in config.items() if k != "server"}, server=settings)
+    await _workers_ready(client, admin)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{spawned.port}") as channel:
+        answer = Answer.of(
+            await AuthorizationClient(channel).Check(check_request("/a", token=idp.mint({"sub": "dan"})), timeout=10)
+        )
+    assert (await _verify(client, admin, answer.headers["x-identity-token"]))["sub"] == "dan"
+
+    # Rotation, step one: the new key second (published, not signing), then SIGHUP.
+    rotated = _identity_config(idp, admin_port, [*first, {"kid": "k2", "alg": "EdDSA", "private_pem": PEMS["EdDSA"]}])
+    written = yaml.safe_load(spawned.path.read_text())
+    written["response"] = rotated["response"]
+    spawned.path.write_text(yaml.safe_dump(written))
+    spawned.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while True:
+        async with client.get(admin + "/.well-known/jwks.json") as response:
+            kids = [key["kid"] for key in (await response.json())["keys"]]
+        if kids == ["k1", "k2"]:
+            break
+        assert time.monotonic() < deadline, kids
+        await asyncio.sleep(0.1)
+
+
+async def _workers_ready(client: aiohttp.ClientSession, admin: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            async with client.get(admin + "/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "the supervisor never became ready"
+        await asyncio.sleep(0.1)
