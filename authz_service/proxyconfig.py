@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from authz_service.config.model import Config
+from authz_service.denials import Responses
 
 KINDS: Final = ("nginx", "envoy-http", "envoy-grpc", "traefik")
 # RFC 6750 2.3's parameter: always removed, also when no introspector reads it, so an upstream
@@ -37,6 +38,9 @@ class ProxyNeeds:
     identity_headers: tuple[str, ...]  # lower case: removed from client requests, copied from an allow
     user_id_header: str
     token_params: tuple[str, ...]  # query parameters removed before the application
+    # Headers of the `responses` block's deny answers (location, its templated headers): passed to
+    # the client by a proxy that filters them.
+    deny_headers: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, config: Config) -> ProxyNeeds:
@@ -46,6 +50,7 @@ class ProxyNeeds:
             identity_headers=tuple(dict.fromkeys(h.lower() for h in config.response.identity_headers)),
             user_id_header=config.response.user_id_header.lower(),
             token_params=tuple(dict.fromkeys(params)),
+            deny_headers=config.responses.header_names() if isinstance(config.responses, Responses) else (),
         )
 
 
@@ -344,6 +349,7 @@ def envoy_http(needs: ProxyNeeds) -> str:
         {
             "STRIP_IDENTITY": _strip_identity_filter(needs),
             "UPSTREAM_HEADERS": [f"- {{exact: {h}}}" for h in needs.identity_headers],
+            "DENY_HEADERS": [f"- {{exact: {h}}}" for h in needs.deny_headers],
             "USER_ID_HEADER": needs.user_id_header,
             "TOKEN_PARAMS": [f"- remove: {p}" for p in needs.token_params],
         },
@@ -588,6 +594,7 @@ static_resources:
                             patterns:
                               - {exact: www-authenticate}
                               - {exact: content-type}
+                              @DENY_HEADERS@
                           dynamic_metadata_from_headers:
                             patterns: [{exact: @USER_ID_HEADER@}]
                   # A token may come in the query (from_params): the upstream never sees it.

@@ -1,7 +1,9 @@
-"""Issue #23 through the real nginx: its auth_request cannot pass a 302 on, so the nginx template
-(deploy/nginx/nginx.conf is its output for examples/demo.yaml) asks the service for the login
-redirect as a 401 naming the target and sends the 302 itself; the identity token reaches the
-upstream, and a client's own copy never does. The service runs as a subprocess in HTTP mode."""
+"""Issue #23 through the real proxies, with the configs `authz-service proxy-config` writes for a
+service config with a `responses` block and an identity token (the shipped files are its output
+for examples/demo.yaml). nginx's auth_request cannot pass a 302 on, so its config asks the service
+for the login redirect as a 401 naming the target and sends the 302 itself; Envoy's http_service
+passes the 302, and the block's headers its allowed_client_headers lists. The identity token
+reaches the upstream, and a client's own copy never does. The service runs as a subprocess."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from authz_service import proxyconfig
 from authz_service.devstack.echo import EchoUpstream
+from authz_service.devstack.envoy import Envoy, StartError, on_loopback
+from authz_service.devstack.envoy import load_config as load_envoy_config
 from authz_service.registries import load_config
 from tests.conftest import free_port, jwks_introspector, new_idp, run_service, tail
 from tests.e2e.conftest import START_TIMEOUT, stop_process, wait_until
@@ -105,5 +109,91 @@ async def test_nginx_sends_the_login_redirect_on_and_the_identity_token_upstream
                 claims = jwt.decode(token, key.key, algorithms=["ES256"], audience="app")
                 assert claims["sub"] == "alice"
                 assert claims["introspector"] == "idp"
+        finally:
+            assert await stop_process(process) == 0
+
+
+async def test_envoy_http_passes_the_redirect_the_block_s_headers_and_the_identity_token(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    http_port, admin_port = free_port(), free_port()
+    async with await new_idp() as idp, EchoUpstream() as echo:
+        config = {
+            "server": {
+                "grpc_address": f"127.0.0.1:{free_port()}",
+                "http_address": f"127.0.0.1:{http_port}",
+                "admin_address": f"127.0.0.1:{admin_port}",
+                "drain_delay": 0,
+            },
+            "authentication_only": True,
+            "responses": {
+                "unauthenticated": {
+                    "redirect": {"url": "/login?rd={url}"},
+                    "headers": {"x-reason": "{reason}"},
+                    "body": {"content_type": "application/json", "text": '{"why": "{description}"}'},
+                }
+            },
+            "response": {
+                "identity_token": {
+                    "issuer": f"http://127.0.0.1:{admin_port}",
+                    "audience": "app",
+                    "keys": [{"kid": "k1", "alg": "ES256", "private_pem": PEM}],
+                }
+            },
+            "introspectors": [jwks_introspector(idp)],
+        }
+        path = tmp_path / "authz.yaml"
+        path.write_text(yaml.safe_dump(config))
+        process = await run_service(path, tmp_path / "authz.log")
+        try:
+
+            async def serving() -> bool:
+                assert process.returncode is None, tail(tmp_path / "authz.log")
+                try:
+                    async with session.get(f"http://127.0.0.1:{http_port}/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(serving, START_TIMEOUT, "the HTTP listener to be ready")
+            generated = tmp_path / "envoy-http.yaml"
+            generated.write_text(proxyconfig.render("envoy-http", load_config(path)))
+            envoy_config = on_loopback(
+                load_envoy_config(generated),
+                listener=free_port(),
+                admin=free_port(),
+                clusters={"authz_http": http_port, "upstream": echo.port},
+            )
+            envoy = Envoy.start(envoy_config, tmp_path)
+            try:
+                try:
+                    await envoy.wait_ready(session, {"authz_http": 1}, START_TIMEOUT)
+                except StartError as err:
+                    pytest.fail(f"{err}:\n{envoy.child.tail(30)}")
+                async with session.get(
+                    envoy.url + "/orders/7", headers={"Accept": BROWSER}, allow_redirects=False
+                ) as response:
+                    assert response.status == 302
+                    assert response.headers["Location"].startswith("/login?rd=http%3A%2F%2F127.0.0.1%3A")
+                    assert response.headers["Location"].endswith("%2Forders%2F7")
+                    assert response.headers["x-reason"] == "missing_token"
+                async with session.get(envoy.url + "/orders/7") as response:
+                    assert response.status == 401
+                    assert response.headers["x-reason"] == "missing_token"
+                    assert response.headers["www-authenticate"] == 'Bearer realm="authz-service"'
+                    assert await response.json() == {"why": "authentication required"}
+                assert echo.requests == []
+
+                credential = idp.mint({"sub": "erin"})
+                headers = {"Authorization": f"Bearer {credential}", "X-Identity-Token": "forged"}
+                async with session.get(envoy.url + "/orders/7", headers=headers) as response:
+                    assert response.status == 200
+                    seen = await response.json()
+                (token,) = seen["headers"]["x-identity-token"]
+                async with session.get(f"http://127.0.0.1:{admin_port}/.well-known/jwks.json") as response:
+                    key = jwt.PyJWKSet.from_dict(await response.json())["k1"]
+                assert jwt.decode(token, key.key, algorithms=["ES256"], audience="app")["sub"] == "erin"
+            finally:
+                await envoy.stop()
         finally:
             assert await stop_process(process) == 0
