@@ -427,3 +427,39 @@ async def _workers_ready(client: aiohttp.ClientSession, admin: str) -> None:
             pass
         assert time.monotonic() < deadline, "the supervisor never became ready"
         await asyncio.sleep(0.1)
+
+
+async def test_a_failure_in_the_token_or_the_deny_answer_fails_closed(
+    idp: DevIdentityProvider,
+    start_service: StartService,
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    keys = [{"kid": "k1", "alg": "ES256", "private_pem": PEMS["ES256"]}]
+    config = _identity_config(idp, port, keys, authentication_only=True)
+    config["responses"] = {"unauthenticated": {"headers": {"x-reason": "{reason}"}}}
+    harness = await start_service(config)
+    engine = harness.service.engine
+    assert engine.minter is not None
+    assert harness.service.http is not None
+    http = f"http://127.0.0.1:{harness.service.http.port}"
+
+    def explode(*args: object, **kwargs: object) -> Any:
+        raise RuntimeError("signer down")
+
+    monkeypatch.setattr(engine.minter, "token_for", explode)
+    monkeypatch.setattr(engine.config.responses, "render", explode)
+    credential = idp.mint({"sub": "frank"})
+    allowed = await harness.check("/a", token=credential)
+    assert (allowed.http_status, allowed.response.status.message) == (503, "internal_error")
+    denied = await harness.check("/a")
+    assert (denied.http_status, denied.response.status.message) == (503, "internal_error")
+    async with client.get(http + "/ext_authz/a", headers={"Authorization": f"Bearer {credential}"}) as response:
+        assert response.status == 503
+        assert "x-identity-token" not in response.headers
+    async with client.get(http + "/ext_authz/a") as response:
+        assert response.status == 503
+    monkeypatch.undo()
+    assert (await harness.check("/a", token=credential)).allowed
+    assert (await harness.check("/a")).headers["x-reason"] == "missing_token"
