@@ -235,6 +235,18 @@ class Responses:
     def __bool__(self) -> bool:
         return bool(self._answers)
 
+    def header_names(self) -> tuple[str, ...]:
+        """The headers an answer of this block may carry besides content-type and www-authenticate:
+        what a proxy that filters a denial's headers (Envoy's allowed_client_headers) must let through."""
+        names: list[str] = []
+        for spec in self._answers.values():
+            if spec.redirect is not None:
+                names.append("location")
+            if spec.body is not None:
+                names.append("x-content-type-options")
+            names += (name for name, _ in spec.headers)
+        return tuple(dict.fromkeys(names))
+
     def render(
         self, outcome: Outcome, reason: Reason, request_url: str, method: str, path: str, accept: str | None
     ) -> DenyAnswer | None:

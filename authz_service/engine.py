@@ -27,7 +27,9 @@ from authz_service.config.model import (
 )
 from authz_service.context import strip_empty
 from authz_service.decide import Authorizer
+from authz_service.denials import Responses
 from authz_service.envoy import HttpAnswers, IdentityHeaders, ResponseBuilder
+from authz_service.identity_token import JWKS_PATH, IdentityTokenConfig, IdentityTokenMinter
 from authz_service.model import Identity, header_pairs
 from authz_service.tokens.base import IdpClient, Introspector
 from authz_service.tokens.cache import CacheFactory
@@ -94,6 +96,10 @@ class Engine:
     http_answers: HttpAnswers  # HTTP-mode answers, from the same table
     verified: VerifiedTokens
     built: Mapping[str, Built]
+    # `response.identity_token`'s signer (None: not configured), and what the admin listener serves
+    # under /.well-known/ (jwks.json, openid-configuration), built once here.
+    minter: IdentityTokenMinter | None = None
+    well_known: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def introspectors(self) -> Mapping[str, Introspector]:
@@ -162,9 +168,12 @@ def build_engine(
     )
     # Verified identities survive a reload: entries of replaced introspectors are dropped on their
     # next lookup, and entries shaped for another response config or policy set are reshaped.
+    token_config = config.response.identity_token
+    minter = _minter(token_config, previous)
     verified = VerifiedTokens(
         router,
-        IdentityShaper(config.response, keep_claims=bool(config.policies)),
+        # The identity token copies its listed claims and is capped by `exp`: kept without policies too.
+        IdentityShaper(config.response, keep_claims=bool(config.policies) or minter is not None),
         config.cache.max_entries,
         on_event=on_cache_event,
         entries=previous.verified.carried_over() if previous is not None else None,
@@ -180,8 +189,47 @@ def build_engine(
         config.roles,
         authentication_only=config.authentication_only,
     )
-    responses = ResponseBuilder(config.response, remove_params=credentials.token_params)
-    return Engine(config, authorizer, responses, HttpAnswers(config.response), verified, MappingProxyType(built))
+    denials = config.responses if isinstance(config.responses, Responses) else None
+    responses = ResponseBuilder(config.response, remove_params=credentials.token_params, denials=denials, minter=minter)
+    http_answers = HttpAnswers(config.response, denials=denials, minter=minter)
+    return Engine(
+        config,
+        authorizer,
+        responses,
+        http_answers,
+        verified,
+        MappingProxyType(built),
+        minter,
+        _well_known(minter),
+    )
+
+
+def _minter(token_config: object, previous: Engine | None) -> IdentityTokenMinter | None:
+    """The identity token's minter: the previous engine's when the block did not change (its
+    cache of minted tokens survives a reload), else a new one; None when not configured."""
+    if not isinstance(token_config, IdentityTokenConfig):
+        return None
+    if previous is not None and previous.minter is not None and previous.minter.config == token_config:
+        return previous.minter
+    return IdentityTokenMinter(token_config)
+
+
+def well_known_documents(config: Config) -> Mapping[str, bytes]:
+    """The /.well-known/ documents of a config (a supervisor's admin listener, which has no engine)."""
+    return _well_known(_minter(config.response.identity_token, None))
+
+
+def _well_known(minter: IdentityTokenMinter | None) -> Mapping[str, bytes]:
+    """The documents the admin listener serves for verifiers: the public keys, and the discovery
+    document whose jwks_uri is under the issuer (the URL the admin listener is reached at)."""
+    if minter is None:
+        return MappingProxyType({})
+    return MappingProxyType(
+        {
+            JWKS_PATH: minter.jwks_document(),
+            "/.well-known/openid-configuration": minter.openid_configuration(minter.config.issuer),
+        }
+    )
 
 
 def build_introspectors(

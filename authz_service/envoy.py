@@ -12,8 +12,8 @@ import base64
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Struct
@@ -167,6 +167,75 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append=BoolValue(value=False))
 
 
+# --- What the config's optional answers plug in (issue #23): denials.Responses and
+# identity_token.IdentityTokenMinter, built by the engine; described here by what envoy reads, so
+# that this module stays independent of both.
+
+
+class ShapedDenial(Protocol):
+    """A deny answer from the `responses` block (denials.DenyAnswer)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+class DenialShaper(Protocol):
+    """The compiled `responses` block (denials.Responses)."""
+
+    def render(
+        self, outcome: Outcome, reason: Reason, request_url: str, method: str, path: str, accept: str | None
+    ) -> ShapedDenial | None: ...
+
+
+class TokenMinter(Protocol):
+    """The identity token's signer with its cache (identity_token.IdentityTokenMinter)."""
+
+    @property
+    def header(self) -> str: ...
+
+    def token_for(
+        self,
+        user_id: str | None,
+        claims: Mapping[str, Any],
+        policy: str | None,
+        introspector: str | None,
+        cache_key: Hashable,
+        not_after: float | None = None,
+    ) -> str: ...
+
+
+_NO_REQUEST = HttpRequest()
+
+
+def shaped_denial(shaper: DenialShaper, decision: Decision, request: HttpRequest) -> ShapedDenial | None:
+    """The `responses` block's answer to a denial, from the original request's URL, method, path
+    and Accept; None when the block leaves this outcome to the precomputed answer."""
+    target = request.path
+    url = f"{request.scheme or 'http'}://{request.host}{target}"
+    path = target.partition("?")[0]
+    return shaper.render(decision.outcome, decision.reason, url, request.method, path, request.headers.get("accept"))
+
+
+def minted_token(minter: TokenMinter, decision: Decision, identity: Identity) -> str:
+    """The identity token of an allow, from the minter's cache when this credential and policy had
+    one recently. The credential is named by what its identity carries: the introspector, user id
+    and the identity headers (whose claims header holds every claim, `exp` and `jti` included).
+    The token never outlives the credential: its `exp` claim, else until when the service trusts it."""
+    key = (identity.introspector, identity.user_id, decision.headers)
+    exp = identity.claims.get("exp")
+    not_after = exp if isinstance(exp, int | float) and not isinstance(exp, bool) else identity.answer_until
+    return minter.token_for(identity.user_id, identity.claims, decision.policy, identity.introspector, key, not_after)
+
+
+# The deny answers of the `responses` block kept encoded: those built once per (outcome, reason)
+# repeat; those that quote the request ({url}, {path}) churn through a few.
+SHAPED_MEMO_ENTRIES = 256
+
+
 # The allow answers kept encoded, per ResponseBuilder (and per HttpAnswers): the most recent
 # identities'. One costs ~600 bytes (its ~450-byte answer, key and slot); building one again costs
 # ~12 µs. A user's requests come in bursts (a page's dozens of calls within a second), so 4,096
@@ -185,7 +254,13 @@ class ResponseBuilder:
     """
 
     def __init__(
-        self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES, remove_params: tuple[str, ...] = ()
+        self,
+        response: ResponseConfig,
+        memo_entries: int = ALLOW_MEMO_ENTRIES,
+        remove_params: tuple[str, ...] = (),
+        *,
+        denials: DenialShaper | None = None,
+        minter: TokenMinter | None = None,
     ) -> None:
         self._identity_headers = response.identity_headers
         # Query parameters that may carry a token (from_params): the upstream never sees them,
@@ -193,11 +268,19 @@ class ResponseBuilder:
         self._remove_params = remove_params
         self._encoded_denials: dict[tuple[Outcome, Reason], bytes] = {}
         self._allowed: Lru[tuple[Any, ...], bytes] = Lru(memo_entries)
+        # The config's `responses` block and identity token; None (the default) leaves every answer
+        # as it was: precomputed denials, allows without a token.
+        self._denials = denials
+        self._minter = minter
+        self._shaped: Lru[ShapedDenial, bytes] = Lru(SHAPED_MEMO_ENTRIES)
 
-    def encode(self, decision: Decision) -> bytes:
-        """The serialized CheckResponse for a decision."""
+    def encode(self, decision: Decision, request: HttpRequest = _NO_REQUEST) -> bytes:
+        """The serialized CheckResponse for a decision (`request`: the original request, which the
+        `responses` block's templates may quote)."""
         if decision.outcome is Outcome.ALLOW:
             identity = decision.identity
+            if self._minter is not None and identity is not None:
+                return self._allow_with_token(decision, identity, self._minter)
             key = (
                 (identity.introspector, identity.user_id, decision.headers, decision.policy)
                 if identity
@@ -208,14 +291,33 @@ class ResponseBuilder:
                 encoded = self._allow(decision).SerializeToString()
                 self._allowed.put(key, encoded)
             return encoded
+        if self._denials is not None:
+            shaped = shaped_denial(self._denials, decision, request)
+            if shaped is not None:
+                encoded = self._shaped.get(shaped)
+                if encoded is None:
+                    encoded = encode_shaped_denial(decision.outcome, decision.reason, shaped)
+                    self._shaped.put(shaped, encoded)
+                return encoded
         key2 = (decision.outcome, decision.reason)
         denial = self._encoded_denials.get(key2)
         if denial is None:
             denial = self._encoded_denials[key2] = encode_denial(*key2)
         return denial
 
-    def _allow(self, decision: Decision) -> external_auth_pb2.CheckResponse:
-        set_names = set(decision.headers[::2])
+    def _allow_with_token(self, decision: Decision, identity: Identity, minter: TokenMinter) -> bytes:
+        """An allow carrying the identity token: the token (cached by the minter) is part of the key,
+        so a re-minted token makes a new answer and a repeated one costs two lookups."""
+        token = minted_token(minter, decision, identity)
+        key = (identity.introspector, identity.user_id, decision.headers, decision.policy, token)
+        encoded = self._allowed.get(key)
+        if encoded is None:
+            encoded = self._allow(decision, (minter.header, token)).SerializeToString()
+            self._allowed.put(key, encoded)
+        return encoded
+
+    def _allow(self, decision: Decision, extra: tuple[str, ...] = ()) -> external_auth_pb2.CheckResponse:
+        set_names = set(decision.headers[::2]) | set(extra[::2])
         metadata = Struct()
         identity = decision.identity
         if identity is not None:
@@ -227,7 +329,7 @@ class ResponseBuilder:
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header(name, value) for name, value in header_pairs(decision.headers)],
+                headers=[_header(name, value) for name, value in header_pairs(decision.headers + extra)],
                 headers_to_remove=[name for name in self._identity_headers if name not in set_names],
                 query_parameters_to_remove=self._remove_params,
             ),
@@ -244,6 +346,19 @@ def encode_denial(outcome: Outcome, reason: Reason) -> bytes:
             status=http_status_pb2.HttpStatus(code=denial.http_status),  # type: ignore[arg-type]
             headers=[_header(name, value) for name, value in denial.headers],
             body=denial.body,
+        ),
+    ).SerializeToString()
+
+
+def encode_shaped_denial(outcome: Outcome, reason: Reason, shaped: ShapedDenial) -> bytes:
+    """The serialized CheckResponse of a deny answered as the `responses` block says (a 302 with
+    its Location, or the outcome's status with the block's headers and body)."""
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=OUTCOMES[outcome][0], message=reason.label),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=shaped.status),  # type: ignore[arg-type]
+            headers=[_header(name, value) for name, value in shaped.headers],
+            body=shaped.body.decode("utf-8", "replace"),
         ),
     ).SerializeToString()
 
@@ -278,6 +393,14 @@ def http_denial(outcome: Outcome, reason: Reason) -> HttpAnswer:
     return HttpAnswer(status, headers, shaped.body.encode())
 
 
+# A proxy that cannot pass a 302 from its auth request on (nginx's auth_request turns it into a
+# 500) says so with this request header; a redirect is then answered 401 with the target in
+# x-authz-location (and no www-authenticate, which nginx would copy onto its own 302).
+REDIRECT_AS = "x-authz-redirect-as"
+LOCATION_HEADER = "x-authz-location"
+_REDIRECT_STATUS = 302
+
+
 class HttpAnswers:
     """Turns Decisions into HTTP-mode answers for one response config (the same table as gRPC).
 
@@ -287,17 +410,28 @@ class HttpAnswers:
     auth_request drops a denial's body, and its shipped config rebuilds the body from these.
     """
 
-    def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES) -> None:
+    def __init__(
+        self,
+        response: ResponseConfig,
+        memo_entries: int = ALLOW_MEMO_ENTRIES,
+        *,
+        denials: DenialShaper | None = None,
+        minter: TokenMinter | None = None,
+    ) -> None:
         self._identity_headers = response.identity_headers
         self._denials: dict[tuple[Outcome, Reason], HttpAnswer] = {}
         # An allow depends only on the identity headers: the answers of the most recent identities
         # are kept built, as ResponseBuilder keeps its encoded ones.
         self._allowed: Lru[tuple[str, ...], HttpAnswer] = Lru(memo_entries)
+        self._shaper = denials  # the `responses` block; None: every denial precomputed
+        self._minter = minter  # the identity token; None: allows carry none
 
-    def answer(self, decision: Decision) -> HttpAnswer:
-        """The answer for a decision."""
+    def answer(self, decision: Decision, request: HttpRequest = _NO_REQUEST) -> HttpAnswer:
+        """The answer for a decision (`request`: the original request, for the `responses` block)."""
         if decision.outcome is Outcome.ALLOW:
             flat = decision.headers
+            if self._minter is not None and decision.identity is not None:
+                flat = (*flat, self._minter.header, minted_token(self._minter, decision, decision.identity))
             allowed = self._allowed.get(flat)
             if allowed is None:
                 set_names = set(flat[::2])
@@ -311,4 +445,17 @@ class HttpAnswers:
         denial = self._denials.get(key)
         if denial is None:
             denial = self._denials[key] = http_denial(*key)
+        if self._shaper is not None:
+            shaped = shaped_denial(self._shaper, decision, request)
+            if shaped is not None:
+                return _http_shaped(shaped, denial.headers[-2:], request)
         return denial
+
+
+def _http_shaped(shaped: ShapedDenial, errors: tuple[tuple[str, str], ...], request: HttpRequest) -> HttpAnswer:
+    """The `responses` block's answer in HTTP mode, with x-authz-error and its description as every
+    denial carries them; a redirect as nginx can pass it on when the proxy asked (REDIRECT_AS)."""
+    if shaped.status == _REDIRECT_STATUS and request.headers.get(REDIRECT_AS) == "401":
+        headers = [(LOCATION_HEADER if name == "location" else name, value) for name, value in shaped.headers]
+        return HttpAnswer(401, (*headers, *errors), b"")
+    return HttpAnswer(shaped.status, (*shaped.headers, *errors), shaped.body)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from authz_service.config.model import Config
+from authz_service.denials import Responses
 
 KINDS: Final = ("nginx", "envoy-http", "envoy-grpc", "traefik")
 # RFC 6750 2.3's parameter: always removed, also when no introspector reads it, so an upstream
@@ -37,6 +38,9 @@ class ProxyNeeds:
     identity_headers: tuple[str, ...]  # lower case: removed from client requests, copied from an allow
     user_id_header: str
     token_params: tuple[str, ...]  # query parameters removed before the application
+    # Headers of the `responses` block's deny answers (location, its templated headers): passed to
+    # the client by a proxy that filters them.
+    deny_headers: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, config: Config) -> ProxyNeeds:
@@ -46,6 +50,7 @@ class ProxyNeeds:
             identity_headers=tuple(dict.fromkeys(h.lower() for h in config.response.identity_headers)),
             user_id_header=config.response.user_id_header.lower(),
             token_params=tuple(dict.fromkeys(params)),
+            deny_headers=config.responses.header_names() if isinstance(config.responses, Responses) else (),
         )
 
 
@@ -165,6 +170,7 @@ _NGINX = r"""# nginx in front of an application, with authz-service (HTTP mode, 
 #   - the application (and authz-service's policies) see @IDENTITY_LIST@
 #     only as authz-service set them: a client's copies are removed;
 #   - denials reach the client with authz-service's status, JSON body and one WWW-Authenticate;
+#   - a browser that `responses.unauthenticated.redirect` sends to a login page gets that 302;
 #   - the token parameters (@TOKEN_PARAMS@) never reach the application nor the access log;
 #   - authz-service unreachable or broken: 503, never an allow;
 #   - every file nginx writes is under its prefix, so it runs as any user (docs/proxies.md):
@@ -234,6 +240,9 @@ http {
             auth_request_set $authz_challenge $upstream_http_www_authenticate;
             auth_request_set $authz_error $upstream_http_x_authz_error;
             auth_request_set $authz_error_description $upstream_http_x_authz_error_description;
+            # A login redirect (`responses.unauthenticated.redirect`): auth_request cannot pass a 302
+            # on, so /_authz asks for it as a 401 naming the target (X-Authz-Redirect-As below).
+            auth_request_set $authz_location $upstream_http_x_authz_location;
 
             # Replace (or, when empty, remove) whatever identity headers the client sent.
             @UPSTREAM_IDENTITY@
@@ -270,6 +279,8 @@ http {
             # authz-service reads the last entry, the one nginx appends: a client cannot forge it.
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Request-ID $request_id;
+            # A redirect comes back as 401 + X-Authz-Location; @authz_unauthorized sends the 302.
+            proxy_set_header X-Authz-Redirect-As 401;
             # Policies never see a client's identity headers either.
             @AUTHZ_IDENTITY@
             proxy_http_version 1.1;
@@ -279,8 +290,12 @@ http {
             proxy_connect_timeout 1s;
         }
 
-        # auth_request has already copied authz-service's WWW-Authenticate onto a 401.
+        # auth_request has already copied authz-service's WWW-Authenticate onto a 401 (a redirect's
+        # 401 carries none: the client gets a plain 302 to the login page).
         location @authz_unauthorized {
+            if ($authz_location) {
+                return 302 $authz_location;
+            }
             return 401 '{"error": "$authz_error", "error_description": "$authz_error_description"}';
         }
 
@@ -334,6 +349,7 @@ def envoy_http(needs: ProxyNeeds) -> str:
         {
             "STRIP_IDENTITY": _strip_identity_filter(needs),
             "UPSTREAM_HEADERS": [f"- {{exact: {h}}}" for h in needs.identity_headers],
+            "DENY_HEADERS": [f"- {{exact: {h}}}" for h in needs.deny_headers],
             "USER_ID_HEADER": needs.user_id_header,
             "TOKEN_PARAMS": [f"- remove: {p}" for p in needs.token_params],
         },
@@ -578,6 +594,7 @@ static_resources:
                             patterns:
                               - {exact: www-authenticate}
                               - {exact: content-type}
+                              @DENY_HEADERS@
                           dynamic_metadata_from_headers:
                             patterns: [{exact: @USER_ID_HEADER@}]
                   # A token may come in the query (from_params): the upstream never sees it.

@@ -8,7 +8,7 @@ key loaders, and is what callers import: `load_config(path)`, `parse_config(text
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from authz_service.config import validate
@@ -16,6 +16,8 @@ from authz_service.config.model import Config, PolicyConfig, StaticKey
 from authz_service.config.registry import Registries, Rejected
 from authz_service.config.validate import read_config_text
 from authz_service.context import strip_empty
+from authz_service.denials import parse_responses
+from authz_service.identity_token import parse_identity_token
 from authz_service.policy import ENGINES, RULE_FIELDS, unknown_engine
 from authz_service.routes import with_aidbox_references
 from authz_service.tokens.keys import HMAC_MIN_BYTES, KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
@@ -73,6 +75,15 @@ def _stored_resource(raw: Mapping[str, Any]) -> dict[str, Any]:
     return stored
 
 
+def _identity_token(raw: Mapping[str, Any]) -> tuple[str, object]:
+    parsed = parse_identity_token(raw)
+    return parsed.header, parsed
+
+
+def _responses(raw: Mapping[str, Any], token_params: Collection[str]) -> object:
+    return parse_responses(raw, token_params=token_params)
+
+
 REGISTRIES = Registries(
     engines=ENGINES,
     rule_fields=RULE_FIELDS,
@@ -80,6 +91,8 @@ REGISTRIES = Registries(
     static_key=_loaded_key,
     hmac_min_bytes=HMAC_MIN_BYTES,
     stored_resource=_stored_resource,
+    responses=_responses,
+    identity_token=_identity_token,
 )
 
 

@@ -111,11 +111,16 @@ class ResponseConfig:
     user_id_header: str = "x-user-id"
     claims_header: str = "x-auth-claims"
     claim_headers: tuple[tuple[str, str], ...] = ()  # (claim, header)
+    # `identity_token`: its header, and the validated block (identity_token.IdentityTokenConfig,
+    # opaque here: config sits below the module that signs); None when not configured.
+    identity_token_header: str | None = None
+    identity_token: Any = field(default=None, repr=False)
 
     @property
     def identity_headers(self) -> tuple[str, ...]:
         """Every header this service owns: set on allow, removed when not set."""
-        return (self.user_id_header, self.claims_header, *(h for _, h in self.claim_headers))
+        token = (self.identity_token_header,) if self.identity_token_header is not None else ()
+        return (self.user_id_header, self.claims_header, *(h for _, h in self.claim_headers), *token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +296,9 @@ class Config:
     # never allows more.
     authentication_only: bool = False
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    # The `responses` block as compiled at load (denials.Responses, opaque here); None when absent
+    # or empty, so that every denial keeps its precomputed answer.
+    responses: Any = field(default=None, compare=False, repr=False)
 
     def summary(self) -> str:
         """One line for check-config and the start-up log."""

@@ -7,7 +7,7 @@ in `authz_service/registries.py`, so that config imports nothing above it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,3 +60,9 @@ class Registries:
     hmac_min_bytes: Mapping[str, int]  # an OCT key's minimum secret length by alg
     # A User or Role as policies see it (empty values removed, references also as {resourceType, id}).
     stored_resource: Callable[[Mapping[str, Any]], dict[str, Any]]
+    # The `responses` block compiled (denials.parse_responses) with the query parameters that may
+    # carry a token; raises errors.ConfigError naming each field. Config holds the value opaque.
+    responses: Callable[[Mapping[str, Any], Collection[str]], object] | None = None
+    # `response.identity_token` validated (identity_token.parse_identity_token): its header name
+    # and the opaque value; raises errors.ConfigError naming each field.
+    identity_token: Callable[[Mapping[str, Any]], tuple[str, object]] | None = None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from authz_service.config.fields import Fields, Sections
 from authz_service.config.model import (
@@ -20,6 +22,7 @@ from authz_service.config.model import (
     TlsConfig,
     TracingConfig,
 )
+from authz_service.errors import ConfigError, Problem
 
 MIN_API_TOKEN_CHARS = 16
 _SERVER = ServerConfig()
@@ -244,16 +247,52 @@ class ServerSections(Sections):
             name = f.header_name(f"claim_headers.{claim}", header)
             if name is not None:
                 claim_headers.append((claim, name))
+        token_header, token = self._identity_token(f, f.get("identity_token", dict, None))
         f.reject_unknown()
         result = ResponseConfig(
             user_id or _RESPONSE.user_id_header,
             claims or _RESPONSE.claims_header,
             tuple(claim_headers),
+            identity_token_header=token_header,
+            identity_token=token,
         )
         names = result.identity_headers
         if len(set(names)) != len(names):
-            f.problem("", "user_id_header, claims_header and claim_headers must all be different headers")
+            f.problem(
+                "",
+                "user_id_header, claims_header, claim_headers and identity_token.header must all be different headers",
+            )
         return result
+
+    def _identity_token(self, f: Fields, raw: Mapping[str, Any] | None) -> tuple[str | None, object]:
+        """`response.identity_token`, validated by the registry (identity_token.py signs above config)."""
+        if raw is None:
+            return None, None
+        parse = self.registries.identity_token
+        if parse is None:
+            f.problem("identity_token", "is not supported by this build")
+            return None, None
+        try:
+            return parse(raw)
+        except ConfigError as err:
+            self.problems.extend(err.problems)
+            return None, None
+
+    def responses(self, raw: Mapping[str, Any] | None, token_params: Collection[str]) -> object:
+        """The top-level `responses` block compiled by the registry (denials.py, above config); None
+        when absent or empty, so that denials keep their precomputed answers."""
+        if raw is None:
+            return None
+        parse = self.registries.responses
+        if parse is None:
+            self.problems.append(Problem("responses", "", "is not supported by this build"))
+            return None
+        try:
+            compiled = parse(raw, token_params)
+        except ConfigError as err:
+            self.problems.extend(err.problems)
+            return None
+        return compiled if compiled else None
 
 
 def loopback(address: str | None) -> bool:

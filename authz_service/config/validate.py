@@ -98,6 +98,8 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
         api = self.api(top.section("api"), server)
         authentication_only = bool(top.get("authentication_only", bool, False))
         tracing = self.tracing(top.section("tracing"))
+        token_params = dict.fromkeys(p for i in introspectors for p in i.from_params)
+        responses = self.responses(top.get("responses", dict, None), token_params)
         if authentication_only and policies:
             top.problem(
                 "authentication_only",
@@ -123,4 +125,5 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
             api=api,
             authentication_only=authentication_only,
             tracing=tracing,
+            responses=responses,
         )

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import ENVOY_YAML, SHIPPED, Envoy, load_config, on_loopback
@@ -143,11 +144,22 @@ def service_env(ports: Ports, api_token: str, store: Path) -> dict[str, str]:
         "AUTHZ_API_TOKEN": api_token,
         "AUTHZ_API_STORE": str(store),
         "DEMO_IDP_URL": idp_url,
+        # The identity token's signing key, fresh each run, and its issuer: the admin listener.
+        "AUTHZ_IDENTITY_KEY": identity_key(),
+        "AUTHZ_IDENTITY_ISSUER": f"http://{HOST}:{ports.admin}",
         "DEMO_IDP_ISSUER": idp_url,
         # No drain on shutdown: nothing needs to move traffic away, and Ctrl-C should be quick.
         "AUTHZ_DRAIN_DELAY": "0",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def identity_key() -> str:
+    """A new ES256 private key (PEM) for the demo's identity token."""
+    pem: bytes = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    return pem.decode()
 
 
 async def http_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -252,6 +264,8 @@ class Example:
     method: str = "GET"
     body: str | None = None  # sent as text/yaml
     admin: bool = False  # to the service's admin listener (the resource API), not through Envoy
+    headers: tuple[tuple[str, str], ...] = ()  # more request headers (-H)
+    after: tuple[str, ...] = ()  # comment lines printed under the command
 
     def lines(self, base_url: str, number: int, admin_url: str = "") -> list[str]:
         """A comment ending in `-> STATUS`, then the curl command on one line (easy to copy, easy to parse)."""
@@ -261,10 +275,12 @@ class Example:
         command += f" {admin_url if self.admin else base_url}{self.path}"
         if self.token is not None:
             command += f" -H 'Authorization: Bearer {self.token}'"
+        for name, value in self.headers:
+            command += f" -H {shlex.quote(f'{name}: {value}')}"
         if self.body is not None:
             command += f" -H 'Content-Type: text/yaml' --data-binary {shlex.quote(self.body)}"
         note = f", {self.note}" if self.note else ""
-        return [f"# {number}. {self.title} -> {self.status}{note}", command]
+        return [f"# {number}. {self.title} -> {self.status}{note}", command, *self.after]
 
 
 # Through the resource API, as Aidbox's tutorials do it: a policy that lets readers GET /admin/...
@@ -275,10 +291,13 @@ LIVE_POLICY: Final = (
 )
 
 
-def examples(idp: DevIdentityProvider, api_token: str = "") -> list[Example]:
+def examples(
+    idp: DevIdentityProvider, api_token: str = "", listener_url: str = "", admin_url: str = ""
+) -> list[Example]:
     """The requests the demo suggests, with tokens minted now (see examples/demo.yaml's policies)."""
     alice = {"sub": "alice", "email": "alice@example.com", "roles": ["admin"]}
     bob = idp.mint({"sub": "bob", "roles": ["reader"]}, alg="ES256", ttl=TOKEN_TTL)
+    carol = idp.issue_opaque({"sub": "carol", "username": "carol", "email": "carol@example.com"}, ttl=TOKEN_TTL)
     # Same claims and kid, signed with a key the IdP never published: the signature cannot verify.
     stranger = ec.generate_private_key(ec.SECP256R1())
     return [
@@ -301,7 +320,7 @@ def examples(idp: DevIdentityProvider, api_token: str = "") -> list[Example]:
             "carol: opaque token, checked by RFC 7662 introspection (policy 'signed-in')",
             200,
             "/api/orders",
-            idp.issue_opaque({"sub": "carol", "username": "carol"}, ttl=TOKEN_TTL),
+            carol,
         ),
         Example("public path, no token (policy 'public')", 200, "/public/hello"),
         Example(
@@ -320,7 +339,40 @@ def examples(idp: DevIdentityProvider, api_token: str = "") -> list[Example]:
             "/admin/reports",
             bob,
         ),
+        Example(
+            "a browser without a token (Accept: text/html): redirected to the login page",
+            302,
+            "/api/orders",
+            note="Location: the IdP's /login with rd=<this URL>; without the Accept header: 401",
+            headers=(("Accept", "text/html"),),
+        ),
+        Example(
+            "carol again: the upstream gets x-identity-token, a JWT signed by authz-service",
+            200,
+            "/api/orders",
+            carol,
+            note="see x-identity-token in the echo",
+            after=(
+                "#    verify it with PyJWT against the admin listener's JWKS (in authz-service's Python environment):",
+                f"#    {verify_command(listener_url, admin_url, carol)}",
+            ),
+        ),
     ]
+
+
+# The identity token's audience in examples/demo.yaml.
+DEMO_AUDIENCE: Final = "demo-upstream"
+
+
+def verify_command(listener_url: str, admin_url: str, token: str) -> str:
+    """A shell pipeline: the request again, its identity token out of the echo, verified by PyJWT
+    against the service's JWKS (the signature, iss and aud), its claims printed."""
+    script = (
+        "import json,sys,jwt; t=json.load(sys.stdin)['headers']['x-identity-token'][0]; "
+        f"k=jwt.PyJWKClient('{admin_url}/.well-known/jwks.json').get_signing_key_from_jwt(t); "
+        f"print(jwt.decode(t,k.key,algorithms=['ES256'],audience='{DEMO_AUDIENCE}',issuer='{admin_url}'))"
+    )
+    return f"curl -s {listener_url}/api/orders -H 'Authorization: Bearer {token}' | python -c {shlex.quote(script)}"
 
 
 def banner(ports: Ports, workdir: Path, idp: DevIdentityProvider, api_token: str = "") -> Iterator[str]:
@@ -331,11 +383,12 @@ def banner(ports: Ports, workdir: Path, idp: DevIdentityProvider, api_token: str
     yield f"Ready. Envoy on {listener} asks authz-service about every request."
     yield f"Tokens below are valid for {TOKEN_TTL // 60} minutes; each command says the status to expect."
     yield ""
-    for number, example in enumerate(examples(idp, api_token), start=1):
+    for number, example in enumerate(examples(idp, api_token, listener, admin), start=1):
         yield from example.lines(listener, number, admin)
     yield ""
     yield f"Envoy admin:           http://{HOST}:{ports.envoy_admin}/  (/clusters, /stats)"
     yield f"authz-service metrics: {admin}/metrics  (/readyz, /healthz)"
+    yield f"identity token keys:   {admin}/.well-known/jwks.json  (/.well-known/openid-configuration)"
     yield f"resource API:          {admin}/AccessPolicy  (docs/resources.md; files in {workdir / 'resources'})"
     yield f"demo IdP JWKS:         {idp.jwks_uri}  (issuer {idp.issuer})"
     yield f"echo upstream:         http://{HOST}:{ports.upstream}/"

@@ -1,4 +1,5 @@
-"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics, and the resource API when enabled.
+"""The admin HTTP server (aiohttp): /healthz, /readyz, /metrics, the identity token's
+/.well-known/jwks.json and /.well-known/openid-configuration, and the resource API when enabled.
 
 With `server.admin_tls` it serves HTTPS only (the resource API's bearer tokens never cross the
 network in clear text); without it, plain HTTP, and a start-up warning when the API is on and the
@@ -35,6 +36,7 @@ class AdminServer:
         api: ResourceApi | None = None,
         details: Callable[[], Mapping[str, Any]] | None = None,
         tls: TlsConfig | None = None,
+        well_known: Callable[[], Mapping[str, bytes]] = dict,
     ) -> None:
         self._host = listen.host
         self._port = listen.port
@@ -45,6 +47,9 @@ class AdminServer:
         self._details = details  # more for /readyz to say (each introspector's keys, the resource store)
         self._runner: web.AppRunner | None = None
         self._tls = tls
+        # The current engine's /.well-known/ documents (the identity token's JWKS and discovery
+        # document), by path; read per request so a reload that adds or rotates keys shows at once.
+        self._well_known = well_known
         self.port: int | None = None
 
     @property
@@ -62,6 +67,9 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        # Unauthenticated: public keys and where they are. 404 when no identity token is configured.
+        app.router.add_get("/.well-known/jwks.json", self._document)
+        app.router.add_get("/.well-known/openid-configuration", self._document)
         if self._api is not None:
             self._api.register(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -95,6 +103,15 @@ class AdminServer:
             # once on a Redis outage. The body says so; the process decides with what it has.
             return web.json_response({"status": "ready", **details})
         return web.json_response({"status": "not_ready", **details}, status=503)
+
+    async def _document(self, request: web.Request) -> web.Response:
+        body = self._well_known().get(request.path)
+        if body is None:
+            return web.json_response({"error": "not_found"}, status=404)
+        # Verifiers cache the key set; a rotation publishes the next key before it signs (docs/responses.md).
+        return web.Response(
+            body=body, content_type="application/json", headers={"cache-control": "public, max-age=300"}
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self._collect()

@@ -19,7 +19,7 @@ from authz_service.config.model import TlsConfig
 from authz_service.engine import Engine
 from authz_service.envoy import decode_check, encode_denial
 from authz_service.errors import bind_failure, bind_problem
-from authz_service.model import Decision, Outcome, Reason
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.server.runner import INTERNAL_ERROR, CheckMetrics, CheckRunner, DecisionLog
 
 AUTHORIZATION_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
@@ -28,8 +28,8 @@ PROTOCOL = "grpc"
 _DEADLINE_EXCEEDED = Decision(Outcome.UNAVAILABLE, Reason.DEADLINE_EXCEEDED)
 
 
-def _encode(engine: Engine, decision: Decision) -> bytes:
-    return engine.responses.encode(decision)
+def _encode(engine: Engine, decision: Decision, request: HttpRequest) -> bytes:
+    return engine.responses.encode(decision, request)
 
 
 class AuthorizationServicer:

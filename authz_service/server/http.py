@@ -58,8 +58,8 @@ def unparsable(error: HttpProcessingError) -> Decision:
     return UNPARSABLE
 
 
-def _answer(engine: Engine, decision: Decision) -> HttpAnswer:
-    return engine.http_answers.answer(decision)
+def _answer(engine: Engine, decision: Decision, request: HttpRequest) -> HttpAnswer:
+    return engine.http_answers.answer(decision, request)
 
 
 def _peer(request: BaseRequest) -> str:

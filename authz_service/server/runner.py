@@ -45,10 +45,11 @@ class DecisionLog(Protocol):
 class CheckRunner(Generic[Answer]):
     """Runs the checks of one protocol's listener, and counts those in flight.
 
-    `answer(engine, decision)` is the protocol's Decision -> answer; `internal_error` is its answer
-    to a check that failed unexpectedly, built once, so that failing closed needs nothing that
-    could fail again. `max_in_flight`: past that many checks in flight a check is answered 503
-    `overloaded` at once (None: the server bounds them itself, as grpc does).
+    `answer(engine, decision, request)` is the protocol's Decision -> answer (`request`: the
+    original one, empty when it could not be read; the `responses` block's templates quote it);
+    `internal_error` is its answer to a check that failed unexpectedly, built once, so that
+    failing closed needs nothing that could fail again. `max_in_flight`: past that many checks in
+    flight a check is answered 503 `overloaded` at once (None: the server bounds them itself, as grpc does).
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class CheckRunner(Generic[Answer]):
         log_decision: DecisionLog,
         log_internal_error: Callable[[BaseException], None],
         *,
-        answer: Callable[[Engine, Decision], Answer],
+        answer: Callable[[Engine, Decision, HttpRequest], Answer],
         internal_error: Answer,
         max_in_flight: int | None = None,
     ) -> None:
@@ -90,7 +91,7 @@ class CheckRunner(Generic[Answer]):
                 else:
                     http = original
                     decision = await engine.authorizer.check(http)
-            answer = self._answer(engine, decision)
+            answer = self._answer(engine, decision, http)
         except Exception as err:  # fail closed, keep serving
             self._log_internal_error(err)
             decision = INTERNAL_ERROR
@@ -104,7 +105,7 @@ class CheckRunner(Generic[Answer]):
         and logged as every decision, with no latency of its own."""
         engine = self._engine()
         try:
-            answer = self._answer(engine, decision)
+            answer = self._answer(engine, decision, _EMPTY_REQUEST)
         except Exception as err:  # fail closed, keep serving
             self._log_internal_error(err)
             decision = INTERNAL_ERROR

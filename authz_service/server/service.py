@@ -214,6 +214,7 @@ class AuthzService:
                 api=api,
                 details=self.readiness_details,
                 tls=settings.admin_tls,
+                well_known=lambda: self.engine.well_known,
             )
             await self.admin.start()
         await self.engine.warm_up()

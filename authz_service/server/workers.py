@@ -30,7 +30,7 @@ from prometheus_client import multiprocess
 
 from authz_service import loop
 from authz_service.config.model import Config
-from authz_service.engine import Engine, build_engine
+from authz_service.engine import Engine, build_engine, well_known_documents
 from authz_service.errors import ConfigError, ListenError
 from authz_service.logs import setup_logging
 from authz_service.metrics import MULTIPROC_ENV, ApiMetrics, supervisor_registry
@@ -80,6 +80,8 @@ class Supervisor:
     def __init__(self, path: str, config: Config, log_level: str | None) -> None:
         self.path = path
         self.config = config
+        self._documents_for: Config | None = None  # the config self._documents were built from
+        self._documents: Mapping[str, bytes] = {}
         self.exit_code = 0
         self.log_level = log_level
         self.metrics_dir = os.environ.get(MULTIPROC_ENV) or ""
@@ -148,6 +150,7 @@ class Supervisor:
                 api=api,
                 details=details,
                 tls=self.config.server.admin_tls,
+                well_known=self._well_known,
             )
             await admin.start()  # before any worker: a busy admin port stops the start with nothing to clean
         for index in range(self.config.server.workers):
@@ -197,6 +200,15 @@ class Supervisor:
                 raise
         self.sync = ConfigSync(file, store, snapshot, apply=None)
         return store
+
+    def _well_known(self) -> Mapping[str, bytes]:
+        """The identity token's documents for the supervisor's admin listener, from the config file
+        as last read (a reload that rotates keys publishes them here too), built once per read."""
+        config = self.sync.file.config if self.sync is not None else self.config
+        if config is not self._documents_for:
+            self._documents = well_known_documents(config)
+            self._documents_for = config
+        return self._documents
 
     def _on_hup(self) -> None:
         self.signal_workers(signal.SIGHUP)  # a worker still starting reads the file as it is now

@@ -13,10 +13,12 @@ import re
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -26,7 +28,7 @@ from authz_service.devstack.demo import Ports
 READY_TIMEOUT = 40.0  # first line to "Press Ctrl-C": Python start-up, IdP keys, service, Envoy
 EXIT_TIMEOUT = 20.0
 READY_LINE = "Press Ctrl-C to stop everything."
-PROMISED = [200, 401, 401, 403, 200, 200, 201, 200]
+PROMISED = [200, 401, 401, 403, 200, 200, 201, 200, 302, 200]
 
 pytestmark = [
     pytest.mark.e2e,
@@ -225,14 +227,16 @@ async def test_demo_prints_working_curl_commands_and_stops_cleanly_on_ctrl_c(sta
     assert [example.promised for example in examples] == PROMISED, demo.output()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         answers = []
+        locations: list[str | None] = []
         # In the printed order: #7 changes a policy through the resource API, #8 sees the change.
         for example in examples:
             port = ports.admin if example.method == "PUT" else ports.listener
             assert example.url.startswith(f"http://127.0.0.1:{port}/"), example
             async with session.request(
-                example.method, example.url, headers=example.headers, data=example.body
+                example.method, example.url, headers=example.headers, data=example.body, allow_redirects=False
             ) as response:
                 answers.append((response.status, response.headers.get("www-authenticate"), await response.text()))
+                locations.append(response.headers.get("location"))
     assert [status for status, _, _ in answers] == PROMISED, answers
     # #8 is #4's request again: forbidden before the PUT, allowed by the new policy after it.
     assert (examples[7].url, examples[7].headers) == (examples[3].url, examples[3].headers)
@@ -246,6 +250,30 @@ async def test_demo_prints_working_curl_commands_and_stops_cleanly_on_ctrl_c(sta
     assert 'error="invalid_token"' in (answers[2][1] or "")
     assert json.loads(answers[4][2])["headers"]["x-user-id"] == ["carol"]
     assert "x-user-id" not in json.loads(answers[5][2])["headers"]
+    # #9: a browser without a token is sent to the login page with its URL; #2 (no Accept) kept its 401.
+    assert examples[8].headers == {"Accept": "text/html"}
+    assert locations[8] == f"http://127.0.0.1:{ports.idp}/login?rd=" + quote(examples[8].url, safe="")
+    # #10: the upstream got the identity token; the printed pipeline verifies it against the
+    # admin listener's JWKS (run here with this Python, the pipeline's curl replaced by #10's answer).
+    (token,) = json.loads(answers[9][2])["headers"]["x-identity-token"]
+    verify = lines[lines.index(next(line for line in lines if line.startswith("# 10. "))) + 3]
+    assert verify.startswith(f"#    curl -s {examples[9].url} ")
+    script = shlex.split(verify.partition(" | ")[2])
+    assert script[:2] == ["python", "-c"]
+    verified = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script[2]],
+        input=answers[9][2],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "'sub': 'carol'" in verified.stdout
+    assert "'email': 'carol@example.com'" in verified.stdout
+    assert "'policy': 'signed-in'" in verified.stdout
+    assert token.count(".") == 2
 
     demo.process.send_signal(signal.SIGINT)
     assert await demo.exit_code() == 0, demo.output()

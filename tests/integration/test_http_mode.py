@@ -271,8 +271,8 @@ async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
     harness, url = await http_service(start_service, idp)
     token = idp.mint()
     stopping = asyncio.ensure_future(harness.service.stop(grace=1, drain_delay=0.6))
-    while harness.service.ready:  # stop() turns unready before its first await
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: stop() turns unready before its first await
+    assert not harness.service.ready
     async with client.get(url + "/readyz") as response:
         assert response.status == 503  # Envoy's health check moves checks away ...
     async with client.get(url + "/ext_authz/reports/1", headers=bearer(token)) as response:

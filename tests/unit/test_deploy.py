@@ -688,11 +688,11 @@ def test_istio_walkthrough_names_every_file_it_applies() -> None:
 def test_envoy_yaml_judges_the_path_it_forwards_and_strips_client_identity_headers() -> None:
     """Normalized paths, %2F/%5C refused, no query in the access log, and a client's identity headers
     removed before the check (the service also overwrites them, but never sees the client's)."""
-    from tests.unit.test_deploy_http import IDENTITY, _hcm, assert_paths_are_normalized_and_logged_without_query
+    from tests.unit.test_deploy_http import DEMO_IDENTITY, _hcm, assert_paths_are_normalized_and_logged_without_query
 
     hcm = _hcm(envoy_config())
     assert_paths_are_normalized_and_logged_without_query(hcm)
     first, second, *_ = hcm["http_filters"]
     assert first["name"] == "strip_client_identity_headers"
-    assert {m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]} == IDENTITY
+    assert {m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]} == DEMO_IDENTITY
     assert second["name"] == "envoy.filters.http.ext_authz"

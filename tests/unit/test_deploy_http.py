@@ -27,6 +27,8 @@ CONFIGMAP = ROOT / "deploy" / "kubernetes" / "configmap.yaml"
 SERVICE = ROOT / "deploy" / "kubernetes" / "service.yaml"
 # The identity headers of the shipped examples: the defaults plus the email claim header.
 IDENTITY = {*ResponseConfig().identity_headers, "x-user-email"}
+# The proxy configs generated from examples/demo.yaml also carry its identity token's header.
+DEMO_IDENTITY = IDENTITY | {"x-identity-token"}
 HTTP_PORT = 9003
 
 
@@ -68,7 +70,7 @@ def test_envoy_http_config_speaks_the_services_http_mode() -> None:
     assert ext_authz["failure_mode_allow"] is False
     response = service["authorization_response"]
     upstream = {p["exact"] for p in response["allowed_upstream_headers"]["patterns"]}
-    assert upstream == IDENTITY
+    assert upstream == DEMO_IDENTITY
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
     assert "www-authenticate" in client
     # A client's identity headers are removed before the check; the query token after it, before routing.
@@ -80,7 +82,7 @@ def test_envoy_http_config_speaks_the_services_http_mode() -> None:
     ]
     filters = {f["name"]: f["typed_config"] for f in _hcm(config)["http_filters"]}
     stripped = {m["remove"] for m in filters["strip_client_identity_headers"]["mutations"]["request_mutations"]}
-    assert stripped == IDENTITY
+    assert stripped == DEMO_IDENTITY
     query = filters["strip_query_tokens"]["mutations"]["query_parameter_mutations"]
     assert {"remove": "access_token"} in query
     hcm = _hcm(config)
@@ -120,13 +122,13 @@ def test_nginx_config_overwrites_every_identity_header_and_asks_forward_auth() -
     text = NGINX.read_text()
     main, authz = _location(text, "/"), _location(text, "= /_authz")
     set_headers = {m.lower() for m in re.findall(r"proxy_set_header\s+([\w-]+)\s+\$authz_", main)}
-    assert set_headers == IDENTITY
+    assert set_headers == DEMO_IDENTITY
     # Not even the policies see a client's copy: cleared in the check request too.
     cleared = {m.lower() for m in re.findall(r'proxy_set_header\s+([\w-]+)\s+"";', authz)} - {
         "content-length",
         "connection",
     }
-    assert cleared == IDENTITY
+    assert cleared == DEMO_IDENTITY
     assert f"proxy_pass http://authz_service{FORWARD_AUTH};" in authz
     assert re.search(rf"upstream authz_service \{{\s*server 127\.0\.0\.1:{HTTP_PORT};", text)
 
@@ -160,11 +162,11 @@ def test_traefik_config_uses_forward_auth_with_every_identity_header() -> None:
     middleware = config["http"]["middlewares"]["authz-service"]["forwardAuth"]
     assert middleware["address"] == f"http://127.0.0.1:{HTTP_PORT}{FORWARD_AUTH}"
     assert middleware["trustForwardHeader"] is False
-    assert {h.lower() for h in middleware["authResponseHeaders"]} == IDENTITY
+    assert {h.lower() for h in middleware["authResponseHeaders"]} == DEMO_IDENTITY
     # First a headers middleware removes (empty value) the client's identity and X-Original-* headers.
     strip = config["http"]["middlewares"]["authz-strip-client-headers"]["headers"]["customRequestHeaders"]
     assert set(strip.values()) == {""}
-    assert {h.lower() for h in strip} == IDENTITY | {"x-original-uri", "x-original-method"}
+    assert {h.lower() for h in strip} == DEMO_IDENTITY | {"x-original-uri", "x-original-method"}
     (router,) = config["http"]["routers"].values()
     assert router["middlewares"] == ["authz-strip-client-headers", "authz-service"]
 
