@@ -6,9 +6,13 @@ The config field, the Authorizer's split, the answers on the Decision, the decis
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +21,15 @@ from prometheus_client import CollectorRegistry
 
 from authz_service.config.model import PolicyConfig
 from authz_service.decisionlog import decision_fields
+from authz_service.engine import build_engine
 from authz_service.errors import ConfigError, PolicyTimeout
 from authz_service.metrics import Metrics
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
+from authz_service.policy.explain import Redactor, explain_policies
+from authz_service.policytest import FileCase, PolicyTestError, describe, parse_policy_test, run_policy_test
 from authz_service.registries import parse_config
+from authz_service.tokens.cache import CacheFactory
+from authz_service.upstream import UpstreamClient
 from tests.unit.test_decide import TOKEN, Seen, Setup, is_admin, public_path, vouched
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
@@ -280,3 +289,88 @@ def test_dry_run_answers_are_counted_for_configured_dry_run_policies_only(in_fil
     metrics.set_policies(["enforced", "new", "newer"], dry_run=["newer"])
     metrics.observe(Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, dry_run=(("new", "allow"),)), 0.001)
     assert (count("new", "allow"), count("newer", "deny")) == (None, 0)
+
+
+# --------------------------------------------------------------------------- test-policy and explain
+
+EXPLAIN_CONFIG = f"""
+introspectors:
+  - id: idp
+    type: jwt
+    jwt: {{iss: "https://idp.example.com", secret: {SECRET}}}
+policies:
+  - {{id: public, engine: matcho, matcho: {{uri: '#^/public/'}}}}
+  - {{id: reports, mode: dry-run, engine: matcho, matcho: {{uri: '#^/reports/', jwt: {{sub: present?}}}}}}
+"""
+
+
+def run_case(body: Mapping[str, Any], config_text: str = EXPLAIN_CONFIG) -> tuple[Any, dict[str, Any]]:
+    config = parse_config(config_text, {})
+    engine = build_engine(config, UpstreamClient(), CacheFactory(config.cache))
+    test = parse_policy_test(body, config)
+    return test, asyncio.run(run_policy_test(engine.authorizer, config, test))
+
+
+def test_test_policy_marks_dry_run_policies_and_reports_what_they_would_do() -> None:
+    body = {"request": {"path": "/reports/1"}, "identity": {"introspector": "idp", "claims": {"sub": "alice"}}}
+    test, answer = run_case(body)
+    assert (answer["decision"], answer["policy"]) == ("forbidden", None)
+    assert answer["dry_run"] == [{"policy": "reports", "would": "allow"}]
+    assert answer["policies"] == [
+        {"id": "public", "matched": False, "why": [answer["policies"][0]["why"][0]]},
+        {"id": "reports", "matched": True, "why": [], "mode": "dry-run"},
+    ]
+    text = describe(FileCase("reports", body, "forbidden"), test, answer, verbose=True).splitlines()
+    assert text[0] == "reports: GET /reports/1 -> forbidden (forbidden); dry-run 'reports' would allow  ok"
+    assert "  policy reports (dry-run): would allow" in text
+    assert "  policy public: not matched" in text
+
+
+def test_test_policy_without_dry_run_policies_answers_as_before() -> None:
+    body = {"request": {"path": "/public/x"}}
+    _, answer = run_case(body, EXPLAIN_CONFIG.replace("mode: dry-run, ", ""))
+    assert "dry_run" not in answer
+    assert all("mode" not in policy for policy in answer["policies"])
+
+
+def test_tried_policies_may_be_dry_run_and_a_bad_mode_is_422() -> None:
+    tried = [{"id": "try", "mode": "dry-run", "engine": "allow"}]
+    _, answer = run_case({"request": {"path": "/x"}, "policies": tried})
+    # Only a dry-run policy tried: nothing enforces, so nothing is allowed (a missing token: 401).
+    assert (answer["decision"], answer["dry_run"]) == ("unauthenticated", [{"policy": "try", "would": "allow"}])
+    with pytest.raises(PolicyTestError) as caught:
+        run_case({"request": {"path": "/x"}, "policies": [{"id": "try", "mode": "on", "engine": "allow"}]})
+    assert caught.value.status == 422
+    assert "policy 'try': mode must be one of enforce, dry-run, got 'on'" in caught.value.problems
+
+
+def test_a_dry_run_policy_past_its_regex_budget_is_explained_as_would_deny() -> None:
+    def stalls(context: Mapping[str, Any]) -> bool:
+        raise PolicyTimeout("slow", "matcho.uri")
+
+    slow = PolicyConfig("slow", "matcho", {"uri": "x"}, stalls, mode="dry-run")
+    redactor = Redactor((), (), {})
+    [explained] = explain_policies([slow], {"uri": "/"}, None, redactor)
+    assert (explained.matched, explained.dry_run) == (False, True)
+    assert explained.why[0].endswith("counts as would deny")
+    assert explained.as_json()["mode"] == "dry-run"
+
+
+def test_explain_json_is_still_a_list_and_marks_dry_run(tmp_path: Path) -> None:
+    config, cases = tmp_path / "config.yaml", tmp_path / "cases.yaml"
+    config.write_text(EXPLAIN_CONFIG)
+    cases.write_text(
+        "request: {path: /reports/1}\nidentity: {introspector: idp, claims: {sub: alice}}\nexpect: forbidden\n"
+    )
+    command = [sys.executable, "-m", "authz_service", "explain", "-c", str(config), "-r", str(cases)]
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    [answer] = json.loads(result.stdout)
+    assert answer["dry_run"] == [{"policy": "reports", "would": "allow"}]
+    assert by_id(answer["policies"])["reports"]["mode"] == "dry-run"
+    text = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert text.stdout.strip() == "case 1: GET /reports/1 -> forbidden (forbidden); dry-run 'reports' would allow  ok"
+
+
+def by_id(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {item["id"]: item for item in items}
