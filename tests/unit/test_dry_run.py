@@ -374,3 +374,14 @@ def test_explain_json_is_still_a_list_and_marks_dry_run(tmp_path: Path) -> None:
 
 def by_id(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {item["id"]: item for item in items}
+
+
+def test_the_rollout_body_in_the_docs_is_a_valid_dry_run_policy() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "policies.md").read_text(encoding="utf-8")
+    rollout = docs[docs.index("### The rollout") :]
+    body = rollout[rollout.index("--data-binary '") + len("--data-binary '") :]
+    resource = yaml.safe_load(body[: body.index("'\n")])
+    config = parse_config(config_text({"id": "practitioners-read", **resource}), {})
+    [policy] = config.policies
+    assert policy.dry_run
+    assert "mode: enforce" in rollout  # and the way back to enforcing
