@@ -111,6 +111,25 @@ async def test_http_mode_the_answer_is_unchanged_and_the_line_and_metric_say_wha
     assert (dry_run_count(harness, "reports", "allow"), dry_run_count(harness, "reports", "deny")) == (2, 1)
 
 
+async def test_authentication_only_with_a_dry_run_policy_allows_every_valid_token(
+    idp: DevIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="authz_service.decision")
+    rule = {"jwt": {"roles": {"$contains": "admin"}}}
+    admins = {"id": "admins", "mode": "dry-run", "engine": "matcho", "matcho": rule}
+    harness = await start_service(
+        {"authentication_only": True, "introspectors": [jwks_introspector(idp)], "policies": [admins]}
+    )
+    answer = await harness.check("/anything", token=idp.mint({"sub": "alice", "roles": ["reader"]}))
+    assert (answer.allowed, answer.headers["x-user-id"], answer.metadata.get("policy")) == (True, "alice", None)
+    assert (await harness.check("/anything")).http_status == 401
+    assert [line["dry_run"] for line in decision_lines(caplog)] == [
+        [{"policy": "admins", "would": "deny"}],
+        [{"policy": "admins", "would": "deny"}],
+    ]
+    assert dry_run_count(harness, "admins", "deny") == 2
+
+
 # --------------------------------------------------------------------------- the rollout, through the resource API
 
 

@@ -385,3 +385,24 @@ def test_the_rollout_body_in_the_docs_is_a_valid_dry_run_policy() -> None:
     [policy] = config.policies
     assert policy.dry_run
     assert "mode: enforce" in rollout  # and the way back to enforcing
+
+
+AUTH_ONLY = "authentication_only: true\n"
+
+
+def test_authentication_only_goes_with_dry_run_policies_only() -> None:
+    config = parse_config(AUTH_ONLY + config_text(matcho("watched", mode="dry-run")), {})
+    assert config.authentication_only
+    assert not config.warnings
+    with pytest.raises(ConfigError) as caught:
+        parse_config(AUTH_ONLY + config_text(matcho("watched", mode="dry-run"), matcho("enforced")), {})
+    [problem] = [str(p) for p in caught.value.problems]
+    assert "authentication_only" in problem
+    assert "mode: dry-run" in problem
+
+
+def test_only_dry_run_policies_without_authentication_only_warn_that_nothing_is_allowed() -> None:
+    config = parse_config(config_text(matcho("watched", mode="dry-run")), {})
+    assert any("every policy is mode: dry-run" in warning for warning in config.warnings), config.warnings
+    enforced = parse_config(config_text(matcho("watched", mode="dry-run"), matcho("enforced")), {})
+    assert not any("dry-run" in warning for warning in enforced.warnings)
