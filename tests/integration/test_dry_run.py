@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import pytest
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.logs import JsonFormatter
 from tests.api_harness import ApiService, config_with_api, start_api_service
-from tests.conftest import StartService, jwks_introspector
+from tests.conftest import Spawn, StartService, exit_code, free_port, jwks_introspector
 from tests.harness import Harness
+from tests.integration.test_workers import _check, _ready, _samples
 
 PUBLIC = {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/", "request-method": "get"}}
 # The policy being rolled out: signed-in users may read reports.
@@ -188,3 +190,37 @@ async def test_a_bad_mode_through_the_api_names_the_resource_and_field(idp: DevI
     refused = await service.request("PUT", "/AccessPolicy/reports", {"engine": "matcho", "matcho": {}, "mode": "watch"})
     assert refused.status == 422
     assert any("'reports'" in d and "mode" in d and "dry-run" in d for d in refused.diagnostics), refused.diagnostics
+
+
+# --------------------------------------------------------------------------- a real process with workers
+
+
+@pytest.mark.slow  # a supervisor and two worker processes
+async def test_workers_count_dry_run_answers_in_their_files_and_write_them_in_their_lines(
+    idp: DevIdentityProvider, spawn: Spawn
+) -> None:
+    # The service as deployed: decision lines through each worker's writer thread (the hand-built
+    # line), counts through prometheus-client's multiprocess files, added up by the supervisor.
+    admin = free_port()
+    spawned = await spawn(
+        {"introspectors": [jwks_introspector(idp)], "policies": [PUBLIC, WATCHED]},
+        server={"workers": 2, "admin_address": f"127.0.0.1:{admin}"},
+    )
+    await _ready(admin)
+    token = idp.mint({"sub": "alice"})
+    for _ in range(3):
+        assert (await _check(spawned.port, token, "/reports/1")).http_status == 403  # as without it
+    assert (await _check(spawned.port, token, "/public/x")).allowed
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+        text = await response.text()
+    assert _samples(text, "authz_policy_dry_run_total") == [
+        ('{policy="reports",would="allow"}', 3.0),
+        ('{policy="reports",would="deny"}', 1.0),
+    ]
+    spawned.process.send_signal(signal.SIGTERM)  # the writers flush before their processes exit
+    assert await exit_code(spawned.process, 15) == 0
+    lines = [json.loads(line) for line in spawned.log.read_text().splitlines() if '"msg": "decision"' in line]
+    assert sorted((line["path"], line["decision"], json.dumps(line["dry_run"])) for line in lines) == [
+        ("/public/x", "allow", '[{"policy": "reports", "would": "deny"}]'),
+        *[("/reports/1", "forbidden", '[{"policy": "reports", "would": "allow"}]')] * 3,
+    ]
