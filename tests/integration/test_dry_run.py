@@ -224,3 +224,19 @@ async def test_workers_count_dry_run_answers_in_their_files_and_write_them_in_th
         ("/public/x", "allow", '[{"policy": "reports", "would": "deny"}]'),
         *[("/reports/1", "forbidden", '[{"policy": "reports", "would": "allow"}]')] * 3,
     ]
+
+
+async def test_a_dry_run_policy_that_would_allow_everything_is_not_warned_until_it_enforces(
+    idp: DevIdentityProvider, api: StartApi
+) -> None:
+    service = await api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
+    watched = await service.request("PUT", "/AccessPolicy/wide", "engine: allow\nmode: dry-run\n")
+    assert watched.status == 201, watched.body
+    assert "Warning" not in watched.headers  # it lets nothing through
+    assert (await service.check("/private")).http_status == 401
+    enforced = await service.request("PUT", "/AccessPolicy/wide", "engine: allow\nmode: enforce\n")
+    assert enforced.status == 200, enforced.body
+    assert "allows every request, even one without a token" in enforced.headers["Warning"]
+    assert (await service.check("/private")).allowed
+    metrics = (await service.request("GET", "/metrics", token=None)).body
+    assert 'authz_api_allow_everything_writes_total{writer="api-token"} 1.0' in metrics
