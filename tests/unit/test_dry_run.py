@@ -159,6 +159,9 @@ async def test_anonymous_checks_reach_dry_run_policies() -> None:
     assert decision.dry_run == (("docs", "allow"),)
     allowed = await s.check("/public/logo.png")
     assert (allowed.outcome, allowed.reason, allowed.dry_run) == (Outcome.ALLOW, Reason.ANONYMOUS, (("docs", "deny"),))
+    # The answers are set on each check's own Decision: the first one's are still its own.
+    assert decision.dry_run == (("docs", "allow"),)
+    assert allowed is not decision
 
 
 async def test_only_dry_run_policies_decide_as_no_policies() -> None:
