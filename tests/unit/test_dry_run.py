@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from authz_service.config.model import PolicyConfig
 from authz_service.decisionlog import decision_fields
@@ -409,3 +409,22 @@ def test_only_dry_run_policies_without_authentication_only_warn_that_nothing_is_
     assert any("every policy is mode: dry-run" in warning for warning in config.warnings), config.warnings
     enforced = parse_config(config_text(matcho("watched", mode="dry-run"), matcho("enforced")), {})
     assert not any("dry-run" in warning for warning in enforced.warnings)
+
+
+def test_plain_counts_expose_the_dry_run_family_as_prometheus_client_would() -> None:
+    plain, files = Metrics(CollectorRegistry(), in_files=False), Metrics(CollectorRegistry(), in_files=True)
+    decisions = [
+        Decision(Outcome.ALLOW, Reason.ALLOWED, policy="e", dry_run=(("a", "deny"), ("b", "allow"))),
+        Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, dry_run=(("a", "allow"), ("b", "allow"), ("gone", "allow"))),
+    ]
+    for metrics in (plain, files):
+        metrics.set_policies(["e", "a", "b"], dry_run=["a", "b"])
+        for decision in decisions * 3:
+            metrics.observe(decision, 0.001)
+
+    def family(metrics: Metrics) -> list[str]:
+        text = generate_latest(metrics.registry).decode()
+        return [line for line in text.splitlines() if "authz_policy_dry_run" in line]
+
+    assert family(plain) == family(files)
+    assert 'authz_policy_dry_run_total{policy="b",would="allow"} 6.0' in family(plain)
