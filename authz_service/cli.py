@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,8 +170,8 @@ def check_config(path: str, strict: bool = False, resources_path: str | None = N
 def _with_resources(config_path: str, resources_path: str) -> Config | None:
     """The config file composed with a resources file's resources (as a bulk PUT / would apply them);
     None after printing every problem."""
-    from authz_service.apply import UsageError, read_resources
-    from authz_service.store.base import KINDS
+    from authz_service.apply import UsageError, aidbox_bundle, read_resources
+    from authz_service.store.base import KINDS, id_problem
     from authz_service.store.resources import compose, read_config_file
 
     try:
@@ -181,8 +181,10 @@ def _with_resources(config_path: str, resources_path: str) -> Config | None:
         print(f"authz-service check-config: cannot read {resources_path}: {reason}", file=sys.stderr)
         return None
     notes: list[str] = []
+    deleted: list[tuple[str, str]] = []
     try:
-        resources = read_resources(text, notes)
+        bundle = aidbox_bundle(text)  # what `apply` sends to POST / as it is
+        resources = _bundle_writes(bundle, deleted, notes) if bundle is not None else read_resources(text, notes)
         file = read_config_file(config_path)
     except UsageError as err:
         print(f"authz-service check-config: {resources_path}: {err}", file=sys.stderr)
@@ -198,7 +200,22 @@ def _with_resources(config_path: str, resources_path: str) -> Config | None:
             f"authz-service check-config: {resources_path}: unknown resourceType {', '.join(unknown)}", file=sys.stderr
         )
         return None
+    # As the resource API refuses them (PUT /): an id it would not take, the same resource twice.
+    seen: set[tuple[str, str]] = set()
+    refused = []
+    for index, r in enumerate(resources):
+        why, key = id_problem(r.get("id")), (str(r["resourceType"]), str(r.get("id")))
+        if why is not None:
+            refused.append(f"resource {index + 1} ({r['resourceType']}): id {why}")
+        elif key in seen:
+            refused.append(f"resource {index + 1}: {key[0]}/{key[1]} is in the file twice")
+        seen.add(key)
+    if refused:
+        for problem in refused:
+            print(f"authz-service check-config: {resources_path}: {problem}", file=sys.stderr)
+        return None
     clashes = [f"{r['resourceType']}/{r.get('id')}" for r in resources if r.get("id") in file.ids(r["resourceType"])]
+    clashes += [f"DELETE {kind}/{ident}" for kind, ident in deleted if ident in file.ids(kind)]
     if clashes:
         print(
             f"authz-service check-config: {resources_path}: {', '.join(clashes)} defined by the config file "
@@ -211,6 +228,40 @@ def _with_resources(config_path: str, resources_path: str) -> Config | None:
     except ConfigError as err:
         _print_problems(err)
         return None
+
+
+def _bundle_writes(bundle: Mapping[str, Any], deleted: list[tuple[str, str]], notes: list[str]) -> list[dict[str, Any]]:
+    """The resources an Aidbox transaction or batch Bundle writes, each entry read as POST / reads it
+    (UsageError naming every entry it would refuse); its DELETEs are added to `deleted` (the store
+    is not read here, so a DELETE is checked against the config file only)."""
+    from authz_service.apply import UsageError
+    from authz_service.server.api import ApiError, entry_operation
+
+    written: dict[tuple[str, str], dict[str, Any]] = {}
+    problems: list[str] = []
+    first: dict[tuple[str, str], int] = {}
+    for index, entry in enumerate(bundle.get("entry") or []):
+        try:
+            operation = entry_operation(index, entry)
+        except ApiError as err:
+            problems.extend(err.diagnostics)
+            continue
+        if bundle.get("type") == "transaction" and operation.key in first:
+            problems.append(
+                f"entry {index}: {'/'.join(operation.key)} is also in entry {first[operation.key]}: "
+                "a transaction changes each resource once"
+            )
+            continue
+        first.setdefault(operation.key, index)
+        if operation.resource is None:
+            deleted.append(operation.key)
+            written.pop(operation.key, None)
+            notes.append(f"entry {index}: DELETE {'/'.join(operation.key)} is checked against the config file only")
+        else:
+            written[operation.key] = dict(operation.resource)
+    if problems:
+        raise UsageError("; ".join(problems))
+    return list(written.values())
 
 
 def apply(path: str, url: str | None, token: str | None, timeout: float, dry_run: bool = False) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from authz_service.config.model import PolicyConfig, RoleConfig
 from authz_service.context import build_context
-from authz_service.decisionlog import log_internal_error, log_policy_timeout
+from authz_service.decisionlog import log_dry_run_error, log_internal_error, log_policy_timeout
 from authz_service.errors import MalformedRequest, PolicyTimeout, TokenRejected, UpstreamUnavailable
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.paths import normalized
@@ -48,7 +48,16 @@ class Authorizer:
         # Every valid token allowed: only when the config says so (never because policies ran out).
         self._authentication_only = authentication_only
         self._identities = identities
-        self._policies = tuple(policies)
+        self._all_policies = tuple(policies)
+        # Only enforcing policies decide; dry-run ones are split off once, here (None: there are
+        # none, and Check takes the path it takes without the feature). Each with its two answers
+        # prebuilt, so a check allocates no pair.
+        self._policies = tuple(policy for policy in self._all_policies if not policy.dry_run)
+        watched = [p for p in self._all_policies if p.dry_run]
+        # `scoped`: whether its introspectors, roleName or link must be asked before its rule.
+        self._dry_run: tuple[tuple[PolicyConfig, bool, tuple[str, str], tuple[str, str]], ...] | None = (
+            tuple((p, _scoped(p), (p.id, "allow"), (p.id, "deny")) for p in watched) if watched else None
+        )
         self._users = users or {}
         # A user's Role resources, in config order; only users the store knows have roles.
         by_user: dict[str, list[RoleConfig]] = {}
@@ -64,8 +73,8 @@ class Authorizer:
 
     @property
     def policies(self) -> tuple[PolicyConfig, ...]:
-        """The policies, in the order they are asked."""
-        return self._policies
+        """The policies, in config order, dry-run ones included (each says its `mode`)."""
+        return self._all_policies
 
     def with_policies(self, policies: Sequence[PolicyConfig]) -> Authorizer:
         """The same authorizer (credentials, identities, users, roles) deciding with other policies:
@@ -82,7 +91,7 @@ class Authorizer:
             judged = self.judged(request)
             credential = self._credentials.find(judged)
             identity = None if credential is None else await self._identities.introspect(credential)
-            decision = self._decide(judged, identity)
+            decision = self._decide(judged, identity) if self._dry_run is None else self._watched(judged, identity)
             return decision if judged is request else dataclasses.replace(decision, path=judged.path)
         except TokenRejected as err:
             # A source bound to one introspector (cookie, from_headers, from_params) names who refused it.
@@ -114,7 +123,8 @@ class Authorizer:
         """The policies' decision for a request whose identity is already known (None: anonymous).
         Never raises; `authz-service explain` uses it for identities it is given."""
         try:
-            return self._decide(self.judged(request), identity)
+            judged = self.judged(request)
+            return self._decide(judged, identity) if self._dry_run is None else self._watched(judged, identity)
         except MalformedRequest as err:
             return Decision(Outcome.INVALID_REQUEST, err.reason)
         except PolicyTimeout as err:
@@ -124,17 +134,20 @@ class Authorizer:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
 
-    def _decide(self, request: HttpRequest, identity: Identity | None) -> Decision:
+    def _decide(
+        self, request: HttpRequest, identity: Identity | None, context: Mapping[str, Any] | None = None
+    ) -> Decision:
+        """The enforcing policies' decision (`context`: already built, by `_watched`)."""
         if identity is None:
             # Anonymous: only a policy can let it through, and then with no identity headers.
             if self._policies:
-                allowing = self._allowing(build_context(request, None, None), None)
+                allowing = self._allowing(build_context(request, None, None) if context is None else context, None)
                 if allowing is not None:
                     return Decision(Outcome.ALLOW, Reason.ANONYMOUS, policy=allowing)
             return Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN)
         introspector = identity.introspector
         if self._policies:
-            allowing = self._allowing(self.context(request, identity), introspector)
+            allowing = self._allowing(self.context(request, identity) if context is None else context, introspector)
             if allowing is None:
                 return Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, identity, introspector=introspector)
             return Decision(
@@ -144,6 +157,28 @@ class Authorizer:
             return Decision(Outcome.ALLOW, Reason.ALLOWED, identity, identity.headers, introspector=introspector)
         # No policies and no declared authentication-only mode: nothing is allowed (as in Aidbox).
         return Decision(Outcome.FORBIDDEN, Reason.NO_POLICIES, identity, introspector=introspector)
+
+    def _watched(self, request: HttpRequest, identity: Identity | None) -> Decision:
+        """The enforcing decision, then every dry-run policy asked on the same context (built once),
+        their answers attached. They never change the decision: a dry-run policy that raises (a
+        regex past its time budget, an internal error) counts as would=deny and is logged by type;
+        an error of an enforcing policy ends the check as it would without dry-run policies."""
+        context = self.context(request, identity)
+        decision = self._decide(request, identity, context)
+        introspector = identity.introspector if identity is not None else None
+        answers: list[tuple[str, str]] = []
+        for policy, scoped, allow, deny in self._dry_run or ():
+            try:
+                matched = allows(policy, context, introspector) if scoped else policy.predicate(context)
+            except Exception as err:  # never the request's answer: only this policy's
+                matched = False
+                log_dry_run_error(policy.id, err)
+            answers.append(allow if matched else deny)
+        # Attached to the Decision `_decide` has just built for this check alone (no one else holds
+        # it yet): one slot set, where a second Decision (or dataclasses.replace) cost the bench
+        # 3-6 us a check (docs/performance.md).
+        object.__setattr__(decision, "dry_run", tuple(answers))
+        return decision
 
     def context(self, request: HttpRequest, identity: Identity | None) -> dict[str, Any]:
         """The policy context of a request, with the identity's user and roles (test-policy uses it too)."""
@@ -163,6 +198,11 @@ class Authorizer:
             except PolicyTimeout as err:  # the rule knows where it stalled; the policy id is known here
                 raise PolicyTimeout(policy.id, err.what) from None
         return None
+
+
+def _scoped(policy: PolicyConfig) -> bool:
+    """Whether a policy applies to some requests only (policy/evaluate.py `applies`)."""
+    return policy.introspectors is not None or policy.role_name is not None or policy.links is not None
 
 
 def _bound(credential: Credential | None) -> str | None:

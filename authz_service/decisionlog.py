@@ -49,6 +49,8 @@ def decision_fields(request: HttpRequest, decision: Decision, seconds: float, pr
         "latency_ms": round(seconds * 1000, 3),
         "protocol": protocol,
         "policy": decision.policy,
+        # Only when dry-run policies were asked: lines of configs without them stay as they were.
+        **({"dry_run": [{"policy": p, "would": w} for p, w in decision.dry_run]} if decision.dry_run else {}),
     }
 
 
@@ -61,7 +63,10 @@ def iso_timestamp(created: float) -> str:
 # path, not the request (the identity is the cached one). A queued line waits up to ~50 ms for the
 # writer's next batch, and a stalled log reader lets 10,000 of them wait: each request held with its
 # headers dict and header strings was ~2.7 KB (26.6 MB for a full queue), these are ~350 bytes.
-DecisionItem = tuple[float, int, str, str, str, Outcome, Reason, str | None, Identity | None, str | None, float, str]
+DryRunAnswers = tuple[tuple[str, str], ...]  # Decision.dry_run: (policy id, "allow" | "deny") pairs
+DecisionItem = tuple[
+    float, int, str, str, str, Outcome, Reason, str | None, Identity | None, str | None, float, str, DryRunAnswers
+]
 
 
 class DecisionWriter:
@@ -105,6 +110,7 @@ class DecisionWriter:
                     decision.policy,
                     seconds,
                     protocol,
+                    decision.dry_run,  # a tuple of (policy id, "allow" | "deny") string pairs
                 )
             )
         else:
@@ -187,6 +193,7 @@ def _render(
     policy: str | None,
     seconds: float,
     protocol: str,
+    dry_run: DryRunAnswers = (),
 ) -> str:
     """The JSON line JsonFormatter would write for decision_fields(...), built by hand: the writer
     thread holds the GIL while it formats, so every microsecond here is taken from Check (9 µs with
@@ -208,8 +215,15 @@ def _render(
         f'"user_id": {_quote(redact.user_id(user)) if user is not None else "null"}, '
         f'"method": {_quote(redact.method(method))}, "path": {_quote(redact.path(path))}, '
         f'"latency_ms": {round(seconds * 1000, 3)!r}, "protocol": {_quote(protocol)}, '
-        f'"policy": {_quote(policy) if policy is not None else "null"}}}'
+        f'"policy": {_quote(policy) if policy is not None else "null"}'
+        f"{_dry_run(dry_run) if dry_run else ''}}}"
     )
+
+
+def _dry_run(answers: DryRunAnswers) -> str:
+    """`, "dry_run": [{"policy": ID, "would": "allow"}, ...]`, as json.dumps writes the list."""
+    items = ", ".join(f'{{"policy": {_quote(policy)}, "would": {_quote(would)}}}' for policy, would in answers)
+    return f', "dry_run": [{items}]'
 
 
 class DecisionLog:
@@ -282,6 +296,13 @@ def log_internal_error(err: BaseException) -> None:
     stack = traceback.extract_tb(err.__traceback__)[-8:]
     frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(stack))
     log.error("internal error in Check: %s at %s", type(err).__name__, frames)
+
+
+def log_dry_run_error(policy: str, err: BaseException) -> None:
+    """A dry-run policy that raised (counted as would=deny, the request unaffected): the policy and
+    the error's type, or a timed-out rule part; never a message that could quote a value."""
+    what = err.what if isinstance(err, PolicyTimeout) else type(err).__name__
+    log.warning("dry-run policy failed; counted as would deny", extra={"fields": {"policy": policy, "error": what}})
 
 
 def log_policy_timeout(err: PolicyTimeout) -> None:

@@ -44,6 +44,11 @@ _CHECKS = ("authz_checks", "Checks by decision, reason and protocol (grpc: ext_a
 _LATENCY = ("authz_check_duration_seconds", "Check latency inside the service, by protocol")
 _CACHE_EVENTS = ("authz_cache_events", "Token cache lookups by cache and result (hit, miss, error)")
 _POLICY_ALLOWS = ("authz_policy_allows", "Checks allowed, by the configured AccessPolicy that allowed them first")
+_DRY_RUN = (
+    "authz_policy_dry_run",
+    "Dry-run AccessPolicies' answers (would allow, would deny) on the checks that reached the policies",
+)
+_WOULD = ("allow", "deny")
 # The histogram's `le` labels, written as prometheus-client writes them ("0.0005" ... "5.0", "+Inf").
 _LATENCY_LE = tuple(floatToGoString(bound) for bound in (*_LATENCY_BUCKETS, math.inf))  # type: ignore[no-untyped-call]
 
@@ -92,6 +97,7 @@ class _LoopCounts:
         self._latency: dict[str, list[float]] = {}
         self._cache: dict[tuple[str, str], int] = {}
         self._allows: dict[str, int] = {}  # configured policy ids only (set_policies)
+        self._dry_run: dict[tuple[str, str], int] = {}  # (policy, would) of configured dry-run policies only
         registry.register(self)
 
     def observe(self, decision: Decision, seconds: float, protocol: str = "grpc") -> None:
@@ -105,15 +111,21 @@ class _LoopCounts:
         policy = decision.policy
         if policy is not None and policy in self._allows:
             self._allows[policy] += 1
+        if decision.dry_run:
+            dry_run = self._dry_run
+            for answer in decision.dry_run:
+                if answer in dry_run:
+                    dry_run[answer] += 1
 
     def cache_event(self, cache: str, event: str) -> None:
         key = (cache, event)
         self._cache[key] = self._cache.get(key, 0) + 1
 
-    def set_policies(self, ids: Iterable[str]) -> None:
+    def set_policies(self, ids: Iterable[str], dry_run: Iterable[str] = ()) -> None:
         # A policy that is gone loses its series (ids are unbounded over a process's life: the
         # API writes them); one that stays keeps its count.
         self._allows = {policy: self._allows.get(policy, 0) for policy in ids}
+        self._dry_run = {(p, w): self._dry_run.get((p, w), 0) for p in dry_run for w in _WOULD}
 
     def describe(self) -> list[Metric]:
         """The families' names, so the registry refuses a second collector of the same names."""
@@ -122,6 +134,7 @@ class _LoopCounts:
             HistogramMetricFamily(*_LATENCY),
             CounterMetricFamily(*_CACHE_EVENTS),
             CounterMetricFamily(*_POLICY_ALLOWS),
+            CounterMetricFamily(*_DRY_RUN),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -143,6 +156,10 @@ class _LoopCounts:
         for policy, count in list(self._allows.items()):
             allows.add_metric([policy], count)
         yield allows
+        dry_run = CounterMetricFamily(*_DRY_RUN, labels=["policy", "would"])
+        for labels, count in list(self._dry_run.items()):
+            dry_run.add_metric(list(labels), count)
+        yield dry_run
 
 
 class _PrometheusCounts:
@@ -154,6 +171,8 @@ class _PrometheusCounts:
         self.latency = Histogram(*_LATENCY, ["protocol"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.cache_events = Counter(*_CACHE_EVENTS, ["cache", "event"], registry=registry)
         self.allows = Counter(*_POLICY_ALLOWS, ["policy"], registry=registry)
+        self.dry_run = Counter(*_DRY_RUN, ["policy", "would"], registry=registry)
+        self._dry_run_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[Outcome, Reason, str], Any] = {}
         self._latency_children: dict[str, Any] = {}
         self._cache_children: dict[tuple[str, str], Any] = {}
@@ -174,6 +193,11 @@ class _PrometheusCounts:
             allows = self._allow_children.get(policy)
             if allows is not None:
                 allows.inc()
+        if decision.dry_run:
+            for answer in decision.dry_run:
+                child = self._dry_run_children.get(answer)
+                if child is not None:
+                    child.inc()
 
     def cache_event(self, cache: str, event: str) -> None:
         child = self._cache_children.get((cache, event))
@@ -181,7 +205,8 @@ class _PrometheusCounts:
             child = self._cache_children[(cache, event)] = self.cache_events.labels(cache, event)
         child.inc()
 
-    def set_policies(self, ids: Iterable[str]) -> None:
+    def set_policies(self, ids: Iterable[str], dry_run: Iterable[str] = ()) -> None:
+        self._set_dry_run([(policy, would) for policy in dry_run for would in _WOULD])
         # The series of a policy that is gone stays in this worker's file (multiprocess files
         # cannot forget a key) until the supervisor restarts; it stops growing.
         wanted = dict.fromkeys(ids)  # in the config's order, as the plain numbers keep them
@@ -191,6 +216,15 @@ class _PrometheusCounts:
         for policy in wanted:
             if policy not in self._allow_children:
                 self._allow_children[policy] = self.allows.labels(policy)  # 0 until it allows
+
+    def _set_dry_run(self, wanted: list[tuple[str, str]]) -> None:
+        # As the allows above: a dry-run policy that is gone (or now enforces) stops counting.
+        for labels in [key for key in self._dry_run_children if key not in wanted]:
+            del self._dry_run_children[labels]
+            self.dry_run.remove(*labels)
+        for labels in wanted:
+            if labels not in self._dry_run_children:
+                self._dry_run_children[labels] = self.dry_run.labels(*labels)
 
 
 class _ReadAtScrape:
@@ -336,10 +370,11 @@ class Metrics:
         """Count a JWKS key we could not use (tokens/keys.py SkippedKey reasons)."""
         self.jwks_skipped_keys.labels(introspector, reason).inc()
 
-    def set_policies(self, ids: Iterable[str]) -> None:
+    def set_policies(self, ids: Iterable[str], dry_run: Iterable[str] = ()) -> None:
         """The AccessPolicy ids `authz_policy_allows_total` may name: the configured ones, at start and
-        at every reload (an id from anywhere else never creates a series)."""
-        self._set_policies(ids)
+        at every reload (an id from anywhere else never creates a series); and `dry_run`, the ids of
+        the configured dry-run policies, the only ones `authz_policy_dry_run_total` names."""
+        self._set_policies(ids, dry_run)
 
     def reload(self, source: str, result: str) -> None:
         """Count a reload of the effective config (`result`: one of RELOAD_RESULTS)."""

@@ -100,6 +100,9 @@ class Decision:
     # The introspector that judged the request, when one is known: the identity's on an allow or a
     # policy deny, the credential's bound source when its token is refused or its IdP is down.
     introspector: str | None = None
+    # What the dry-run AccessPolicies would have done, in config order: (policy id, "allow" | "deny")
+    # pairs; empty when none is configured or the check did not reach the policies.
+    dry_run: tuple[tuple[str, str], ...] = ()
 
 
 def header_pairs(flat: tuple[str, ...]) -> Iterator[tuple[str, str]]:

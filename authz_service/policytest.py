@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from authz_service.config.model import Config, PolicyConfig
+from authz_service.config.model import DRY_RUN, Config, PolicyConfig
 from authz_service.decide import Authorizer
 from authz_service.engine import IdentityShaper
 from authz_service.errors import AuthzError, ConfigError, MalformedRequest
@@ -194,8 +194,11 @@ async def run_policy_test(authorizer: Authorizer, config: Config, test: PolicyTe
         policies = [item.as_json() for item in explain_policies(authorizer.policies, context, introspector, redactor)]
     else:
         why = _not_asked(decision)
-        policies = [{"id": policy.id, "matched": False, "why": [why]} for policy in authorizer.policies]
-    return {
+        policies = [
+            {"id": policy.id, "matched": False, "why": [why], **({"mode": DRY_RUN} if policy.dry_run else {})}
+            for policy in authorizer.policies
+        ]
+    answer: dict[str, Any] = {
         "decision": decision.outcome.value,
         "reason": decision.reason.label,
         "policy": decision.policy,
@@ -204,6 +207,9 @@ async def run_policy_test(authorizer: Authorizer, config: Config, test: PolicyTe
         "context": redactor.context(context),
         "policies": policies,
     }
+    if decision.dry_run:  # as the decision log line: only when dry-run policies were asked
+        answer["dry_run"] = [{"policy": policy, "would": would} for policy, would in decision.dry_run]
+    return answer
 
 
 def _supplied(supplied: SuppliedIdentity, config: Config) -> Identity:
@@ -281,17 +287,19 @@ def describe(case: FileCase, test: PolicyTest, answer: Mapping[str, Any], verbos
     # The path as the shown context has it: a token in the query is redacted there.
     context = answer["context"]
     path = context.get("uri", "") + (f"?{context['query-string']}" if context.get("query-string") else "")
+    watched = "".join(f"; dry-run {item['policy']!r} would {item['would']}" for item in answer.get("dry_run", ()))
     lines = [
         f"{case.name}: {test.request.method} {_shown_path(path)} -> "
-        f"{answer['decision']} ({answer['reason']}){allowing}{verdict}"
+        f"{answer['decision']} ({answer['reason']}){allowing}{watched}{verdict}"
     ]
     if verdict == "  ok" and not verbose:
         return lines[0]
     for policy in answer["policies"]:
+        name = f"policy {policy['id']}" + (" (dry-run)" if policy.get("mode") == DRY_RUN else "")
         if policy["matched"]:
-            lines.append(f"  policy {policy['id']}: matched")
+            lines.append(f"  {name}: " + ("would allow" if policy.get("mode") == DRY_RUN else "matched"))
             continue
-        lines.append(f"  policy {policy['id']}: not matched")
+        lines.append(f"  {name}: " + ("would deny" if policy.get("mode") == DRY_RUN else "not matched"))
         lines.extend(f"    - {why}" for why in policy["why"])
     return "\n".join(lines)
 

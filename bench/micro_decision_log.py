@@ -162,6 +162,7 @@ class _OrjsonLine:
         policy: str | None,
         seconds: float,
         protocol: str,
+        dry_run: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
         second = int(created)
         if self._second != second:
@@ -184,6 +185,7 @@ class _OrjsonLine:
                 "latency_ms": round(seconds * 1000, 3),
                 "protocol": protocol,
                 "policy": policy,
+                **({"dry_run": [{"policy": p, "would": w} for p, w in dry_run]} if dry_run else {}),
             }
         )
         return line

@@ -220,6 +220,12 @@ class PolicyLinks:
     operations: frozenset[str] = frozenset()
 
 
+DRY_RUN = "dry-run"
+POLICY_MODES = ("enforce", DRY_RUN)
+"""AccessPolicy `mode` (not an Aidbox field): enforce (the default) decides; dry-run is evaluated
+after the enforcing policies and only reported (decision log `dry_run`, authz_policy_dry_run_total)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """An AccessPolicy: its rule as written (for explanations) and compiled (for Check), and whom it
@@ -232,6 +238,12 @@ class PolicyConfig:
     introspectors: frozenset[str] | None = None  # None: applies to every request
     role_name: str | None = None  # only for users holding a Role of this name
     links: PolicyLinks | None = None  # only for requests of these users, clients or operations
+    mode: str = "enforce"  # one of POLICY_MODES; dry-run: evaluated and reported, never deciding
+
+    @property
+    def dry_run(self) -> bool:
+        """Whether the policy is only watched (`mode: dry-run`): decide.py never lets it decide."""
+        return self.mode == DRY_RUN
 
 
 @dataclass(frozen=True, slots=True)

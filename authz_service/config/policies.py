@@ -7,7 +7,7 @@ from types import MappingProxyType
 from typing import Any
 
 from authz_service.config.fields import Fields, Sections
-from authz_service.config.model import CompiledRule, PolicyConfig, PolicyLinks, RoleConfig
+from authz_service.config.model import POLICY_MODES, CompiledRule, PolicyConfig, PolicyLinks, RoleConfig
 from authz_service.errors import PolicyError, Problem
 
 
@@ -47,6 +47,9 @@ class PolicySections(Sections):
                     "roleName", "must be a non-empty role name (leave it out for a policy that applies to everyone)"
                 )
             links = self._links(f)
+            mode = f.get("mode", str, "enforce")
+            if mode is not None and mode not in POLICY_MODES:
+                f.problem("mode", f"must be one of {', '.join(POLICY_MODES)}, got {mode!r}")
             rule: dict[str, Any] = {}
             predicate: CompiledRule | None = None
             kind = self.registries.engines.get(engine) if engine is not None else None
@@ -69,7 +72,9 @@ class PolicySections(Sections):
                         f.problem(kind.fields[0] if kind.fields else "engine", "is nested too deeply")
             f.reject_unknown()
             if predicate is not None and isinstance(ident, str):
-                result.append(PolicyConfig(ident, str(engine), rule, predicate, introspectors, role_name, links))
+                result.append(
+                    PolicyConfig(ident, str(engine), rule, predicate, introspectors, role_name, links, str(mode))
+                )
         return tuple(result)
 
     @staticmethod

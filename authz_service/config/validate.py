@@ -100,11 +100,18 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
         tracing = self.tracing(top.section("tracing"))
         token_params = dict.fromkeys(p for i in introspectors for p in i.from_params)
         responses = self.responses(top.get("responses", dict, None), token_params)
-        if authentication_only and policies:
+        enforcing = [p.id for p in policies if not p.dry_run]  # dry-run ones decide nothing: they may stay
+        if authentication_only and enforcing:
             top.problem(
                 "authentication_only",
                 "is true, so every valid token is allowed and policies are never asked: "
-                "remove the policies, or set authentication_only: false",
+                "remove the policies (or make them mode: dry-run), or set authentication_only: false",
+            )
+        if policies and not enforcing and not authentication_only:
+            self.warnings.append(
+                "policies: every policy is mode: dry-run, so none decides and no request is allowed (403 "
+                "no_policies, as with no policies); set authentication_only: true to allow every valid token "
+                "while they are watched"
             )
         top.reject_unknown()
         if api.enabled and server.admin_tls is None and not loopback(server.admin_address):

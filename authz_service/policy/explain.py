@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from authz_service.config.model import PolicyConfig
+from authz_service.config.model import DRY_RUN, PolicyConfig
 from authz_service.errors import PolicyTimeout
 from authz_service.policy import ENGINES
 from authz_service.policy.budget import budget_ms
@@ -37,10 +37,14 @@ class PolicyExplanation:
     id: str
     matched: bool
     why: tuple[str, ...] = ()
+    dry_run: bool = False  # `mode: dry-run`: matched means it would allow; it decides nothing
 
     def as_json(self) -> dict[str, Any]:
-        """The SPEC's `{"id", "matched", "why"}`."""
-        return {"id": self.id, "matched": self.matched, "why": list(self.why)}
+        """The SPEC's `{"id", "matched", "why"}`, with `"mode": "dry-run"` for a dry-run policy."""
+        shown: dict[str, Any] = {"id": self.id, "matched": self.matched, "why": list(self.why)}
+        if self.dry_run:
+            shown["mode"] = DRY_RUN
+        return shown
 
 
 class Redactor:
@@ -117,17 +121,16 @@ def explain_policy(
     time budget here as in Check is one reason: Check denies the request)."""
     scope = _out_of_scope(policy, context, introspector, redactor)
     if scope is not None:
-        return PolicyExplanation(policy.id, False, (scope,))
+        return PolicyExplanation(policy.id, False, (scope,), policy.dry_run)
     try:
         if policy.predicate(context):
-            return PolicyExplanation(policy.id, True)
+            return PolicyExplanation(policy.id, True, dry_run=policy.dry_run)
         reasons = ENGINES[policy.engine].explain(policy.rule, context, redactor.show) or ["does not match"]
     except PolicyTimeout as err:
-        reasons = [
-            f"{err.what}: ran past its time budget ({budget_ms()} ms of regex matching), "
-            "so Check denies the request (403 policy_timeout)"
-        ]
-    return PolicyExplanation(policy.id, False, tuple(_cut(redactor.scrub(reason), MAX_REASON) for reason in reasons))
+        outcome = "counts as would deny" if policy.dry_run else "so Check denies the request (403 policy_timeout)"
+        reasons = [f"{err.what}: ran past its time budget ({budget_ms()} ms of regex matching), {outcome}"]
+    why = tuple(_cut(redactor.scrub(reason), MAX_REASON) for reason in reasons)
+    return PolicyExplanation(policy.id, False, why, policy.dry_run)
 
 
 def _out_of_scope(

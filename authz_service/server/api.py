@@ -446,7 +446,7 @@ class ResourceApi:
         parsed: list[Operation | ApiError] = []
         for index, entry in enumerate(entries):
             try:
-                parsed.append(_entry_operation(index, entry))
+                parsed.append(entry_operation(index, entry))
             except ApiError as err:
                 parsed.append(err)
         what = f"{path} ({kind})"
@@ -788,7 +788,7 @@ def _unsupported(method: str, kind: str, ident: str) -> str:
     return f"{method} /{kind}/{ident} is not supported: GET, PUT or DELETE it"
 
 
-def _entry_operation(index: int, entry: Any) -> Operation:
+def entry_operation(index: int, entry: Any) -> Operation:
     """The write a Bundle entry asks for (Aidbox's `request: {method, url}` and `resource`), or
     ApiError naming the entry, what is wrong, and the shape that works."""
     where = f"entry {index}"

@@ -72,7 +72,9 @@ class AuthzService:
         # Where decision lines go: `serve` passes a writer thread on stderr; without one, stdlib logging.
         self.decisions = decisions or DecisionLog()
         self.metrics.track_decision_log(self.decisions.dropped)
-        self.metrics.set_policies(policy.id for policy in config.policies)
+        self.metrics.set_policies(
+            (policy.id for policy in config.policies), dry_run=(p.id for p in config.policies if p.dry_run)
+        )
         self.client = UpstreamClient(on_call=self.metrics.upstream_call)
         self.caches = CacheFactory(config.cache, on_event=self.metrics.cache_event)
         self.engine = build_engine(
@@ -310,7 +312,9 @@ class AuthzService:
         if not self._draining:
             engine.retry_missing_keys()
         self._engine_changed.set()
-        self.metrics.set_policies(policy.id for policy in config.policies)
+        self.metrics.set_policies(
+            (policy.id for policy in config.policies), dry_run=(p.id for p in config.policies if p.dry_run)
+        )
         kept = [ident for ident, built in engine.built.items() if old.built.get(ident) is built]
         # Once ready, a reload never makes the process unready (see the module docstring): the
         # introspectors still without keys are named here, in their fetch failures and in /readyz.

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from authz_service.config.model import DRY_RUN
 from authz_service.store.base import Resource
 from authz_service.store.resources import without_secrets
 
@@ -49,6 +50,8 @@ def allows_everything(resource: Resource) -> str | None:
     (or when that cannot be told without a request: only these plain shapes are recognized)."""
     if resource.get("resourceType", "AccessPolicy") != "AccessPolicy":
         return None
+    if resource.get("mode") == DRY_RUN:
+        return None  # it decides nothing: the write that makes it enforce is the one warned about
     why = _rule_allows_everything(resource)
     if why is None:
         return None

@@ -252,6 +252,8 @@ def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, u
         Decision(Outcome.ALLOW, Reason.ALLOWED, Identity(user_id, {}, 'i"d', "jwt"), introspector='i"d'),
         Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
         Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque"), introspector="idp"),
+        # Dry-run answers (policy ids are config strings: the hostile ones here stand for any).
+        Decision(Outcome.ALLOW, Reason.ANONYMOUS, policy="p", dry_run=((request_id, "allow"), (user_id, "deny"))),
     ):
         writer = DecisionWriter(1, logging.INFO)  # not started: the line stays queued
         writer.submit(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")

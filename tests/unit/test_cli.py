@@ -240,6 +240,82 @@ def test_check_config_validates_a_resources_file_with_the_config(tmp_path: Path,
     assert "User/alice defined by the config file" in clash.stderr
 
 
+def test_check_config_refuses_a_zero_byte_file_and_warns_about_a_type_that_never_matches(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_bytes(b"")
+    result = run_cli("check-config", str(empty), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_clean_failure(result)
+    assert "config: is empty" in result.stderr
+    path = tmp_path / "typed.yaml"
+    path.write_text(GOOD + "policies:\n  - {id: numeric, engine: matcho, matcho: {uri: 42}}\n", encoding="utf-8")
+    typed = run_cli("check-config", str(path), cwd=tmp_path)
+    assert typed.returncode == 0, typed.stderr
+    assert "warning: policy 'numeric': matcho.uri: 42 never matches: uri is always a string" in typed.stderr
+    assert run_cli("check-config", "--strict", str(path), cwd=tmp_path).returncode == 2
+
+
+def test_check_config_resources_refuses_what_the_api_refuses(tmp_path: Path, good: Path) -> None:
+    # What `apply` sends as PUT / is refused there for a bad id or a resource given twice: here too.
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(
+        "- {resourceType: AccessPolicy, id: a, engine: matcho, matcho: {uri: '#^/a'}}\n"
+        "- {resourceType: AccessPolicy, id: a, engine: matcho, matcho: {uri: '#^/b'}}\n",
+        encoding="utf-8",
+    )
+    twice = run_cli("check-config", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert twice.returncode == 2
+    assert_clean_failure(twice)
+    assert "resource 2: AccessPolicy/a is in the file twice" in twice.stderr
+    resources.write_text("- {resourceType: AccessPolicy, id: 'a b', engine: matcho, matcho: {uri: '#^/a'}}\n")
+    bad_id = run_cli("check-config", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert bad_id.returncode == 2
+    assert "resource 1 (AccessPolicy): id may only contain" in bad_id.stderr
+    # A resources file's warnings are warnings of the check, --strict included.
+    resources.write_text("- {resourceType: AccessPolicy, id: loose, engine: matcho, matcho: {uri: '#/a'}}\n")
+    warned = run_cli("check-config", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: policy 'loose': matcho.uri: '#/a' is not anchored" in warned.stderr
+    strict = run_cli("check-config", "--strict", str(good), "--resources", str(resources), cwd=tmp_path)
+    assert strict.returncode == 2
+
+
+def test_check_config_resources_reads_aidbox_bundles_as_apply_sends_them(tmp_path: Path, good: Path) -> None:
+    bundle = tmp_path / "bundle.yaml"
+    bundle.write_text(
+        """\
+resourceType: Bundle
+type: transaction
+entry:
+  - request: {method: PUT, url: /AccessPolicy/admins}
+    resource: {engine: matcho, matcho: {uri: '#^/admin/'}, mode: dry-run}
+  - request: {method: POST, url: /User}
+    resource: {email: bob@example.com}
+  - request: {method: DELETE, url: /AccessPolicy/old}
+""",
+        encoding="utf-8",
+    )
+    ok = run_cli("check-config", str(good), "--resources", str(bundle), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "1 policy(ies), 2 user(s)" in ok.stdout
+    assert "DELETE AccessPolicy/old is checked against the config file only" in ok.stderr
+    bundle.write_text(
+        bundle.read_text().replace("{engine: matcho, matcho: {uri: '#^/admin/'}, mode: dry-run}", "{engine: matcho}")
+    )
+    invalid = run_cli("check-config", str(good), "--resources", str(bundle), cwd=tmp_path)
+    assert invalid.returncode == 2
+    assert "policy 'admins': matcho is required for engine matcho" in invalid.stderr
+    bundle.write_text(bundle.read_text().replace("url: /AccessPolicy/old", "url: /User/alice"))
+    clash = run_cli("check-config", str(good), "--resources", str(bundle), cwd=tmp_path)
+    assert clash.returncode == 2
+    assert "DELETE User/alice defined by the config file" in clash.stderr
+    bundle.write_text("resourceType: Bundle\ntype: batch\nentry:\n  - request: {method: PATCH, url: /User/x}\n")
+    patch = run_cli("check-config", str(good), "--resources", str(bundle), cwd=tmp_path)
+    assert patch.returncode == 2
+    assert_clean_failure(patch)
+    assert "entry 0: PATCH is not supported: PUT the whole resource" in patch.stderr
+
+
 # --------------------------------------------------------------------------- running the service
 
 
