@@ -26,7 +26,7 @@ from authz_service._pb.envoy.type.v3 import http_status_pb2
 from authz_service.config.model import ResponseConfig
 from authz_service.errors import TokenRejected
 from authz_service.lru import Lru
-from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
+from authz_service.model import SENDER_CHALLENGES, Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,20 @@ class Denial(NamedTuple):
     description: str
 
     @classmethod
-    def of(cls, outcome: Outcome, reason: Reason) -> Denial:
-        """The answer for a deny, from the one OUTCOMES table."""
+    def of(cls, outcome: Outcome, reason: Reason, dpop_algs: str = "") -> Denial:
+        """The answer for a deny, from the one OUTCOMES table. `dpop_algs`: the DPoP proof
+        algorithms a DPoP challenge advertises (RFC 9449 7.1), space-separated."""
         grpc_code, http_status, error = OUTCOMES[outcome]
+        sender = SENDER_CHALLENGES.get(reason)
         if reason is Reason.MISSING_TOKEN:
             error = _NO_CREDENTIALS_ERROR
             challenge = f'Bearer realm="{REALM}"'
+        elif sender is not None:
+            # A sender-constrained token's refusal: the DPoP scheme's own challenge.
+            error = sender[1]
+            challenge = f'DPoP error="{error}", error_description="{reason.description}"'
+            if dpop_algs:
+                challenge += f', algs="{dpop_algs}"'
         else:
             challenge = f'Bearer realm="{REALM}", error="{error}", error_description="{reason.description}"'
         headers = [("content-type", "application/json")]
@@ -145,6 +153,8 @@ def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         scheme=http.scheme,
         headers=headers,
         remote_addr=attributes.source.address.socket_address.address,
+        # Set by Envoy's `include_peer_certificate: true` (URL-encoded PEM): certificate-bound tokens.
+        certificate=attributes.source.certificate,
         # Envoy's (and Istio's) x-request-id is what its access log and the upstream see; the stream
         # id (attributes.request.http.id) means nothing outside this Envoy, so it is only a fallback.
         request_id=headers.get("x-request-id") or http.id,
@@ -185,9 +195,14 @@ class ResponseBuilder:
     """
 
     def __init__(
-        self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES, remove_params: tuple[str, ...] = ()
+        self,
+        response: ResponseConfig,
+        memo_entries: int = ALLOW_MEMO_ENTRIES,
+        remove_params: tuple[str, ...] = (),
+        dpop_algs: str = "",
     ) -> None:
         self._identity_headers = response.identity_headers
+        self._dpop_algs = dpop_algs
         # Query parameters that may carry a token (from_params): the upstream never sees them,
         # whichever source the token of this request came from.
         self._remove_params = remove_params
@@ -211,7 +226,7 @@ class ResponseBuilder:
         key2 = (decision.outcome, decision.reason)
         denial = self._encoded_denials.get(key2)
         if denial is None:
-            denial = self._encoded_denials[key2] = encode_denial(*key2)
+            denial = self._encoded_denials[key2] = encode_denial(*key2, dpop_algs=self._dpop_algs)
         return denial
 
     def _allow(self, decision: Decision) -> external_auth_pb2.CheckResponse:
@@ -235,9 +250,9 @@ class ResponseBuilder:
         )
 
 
-def encode_denial(outcome: Outcome, reason: Reason) -> bytes:
-    """The serialized CheckResponse of a deny (it depends on nothing else)."""
-    denial = Denial.of(outcome, reason)
+def encode_denial(outcome: Outcome, reason: Reason, dpop_algs: str = "") -> bytes:
+    """The serialized CheckResponse of a deny (it depends on nothing else but the config's DPoP algorithms)."""
+    denial = Denial.of(outcome, reason, dpop_algs)
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=denial.grpc_code, message=reason.label),
         denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -266,9 +281,9 @@ class HttpAnswer(NamedTuple):
     body: bytes
 
 
-def http_denial(outcome: Outcome, reason: Reason) -> HttpAnswer:
-    """The HTTP-mode answer of a deny (it depends on nothing else)."""
-    shaped = Denial.of(outcome, reason)
+def http_denial(outcome: Outcome, reason: Reason, dpop_algs: str = "") -> HttpAnswer:
+    """The HTTP-mode answer of a deny (it depends on nothing else but the config's DPoP algorithms)."""
+    shaped = Denial.of(outcome, reason, dpop_algs)
     headers = (
         *shaped.headers,
         ("x-authz-error", shaped.error),
@@ -287,8 +302,9 @@ class HttpAnswers:
     auth_request drops a denial's body, and its shipped config rebuilds the body from these.
     """
 
-    def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES) -> None:
+    def __init__(self, response: ResponseConfig, memo_entries: int = ALLOW_MEMO_ENTRIES, dpop_algs: str = "") -> None:
         self._identity_headers = response.identity_headers
+        self._dpop_algs = dpop_algs
         self._denials: dict[tuple[Outcome, Reason], HttpAnswer] = {}
         # An allow depends only on the identity headers: the answers of the most recent identities
         # are kept built, as ResponseBuilder keeps its encoded ones.
@@ -310,5 +326,5 @@ class HttpAnswers:
         key = (decision.outcome, decision.reason)
         denial = self._denials.get(key)
         if denial is None:
-            denial = self._denials[key] = http_denial(*key)
+            denial = self._denials[key] = http_denial(*key, dpop_algs=self._dpop_algs)
         return denial

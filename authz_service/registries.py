@@ -18,6 +18,7 @@ from authz_service.config.validate import read_config_text
 from authz_service.context import strip_empty
 from authz_service.policy import ENGINES, RULE_FIELDS, unknown_engine
 from authz_service.routes import with_aidbox_references
+from authz_service.tokens.dpop import DPOP_ALGORITHMS
 from authz_service.tokens.keys import HMAC_MIN_BYTES, KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
 
 _KEY_FIELDS = frozenset({"kty", "alg", "kid", "format", "pub", "k", "use"})
@@ -80,6 +81,7 @@ REGISTRIES = Registries(
     static_key=_loaded_key,
     hmac_min_bytes=HMAC_MIN_BYTES,
     stored_resource=_stored_resource,
+    dpop_algorithms=DPOP_ALGORITHMS,
 )
 
 

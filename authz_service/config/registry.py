@@ -60,3 +60,5 @@ class Registries:
     hmac_min_bytes: Mapping[str, int]  # an OCT key's minimum secret length by alg
     # A User or Role as policies see it (empty values removed, references also as {resourceType, id}).
     stored_resource: Callable[[Mapping[str, Any]], dict[str, Any]]
+    # The DPoP proof algorithms `sender_constraints.algorithms` may name (tokens/dpop.py: asymmetric only).
+    dpop_algorithms: frozenset[str] = frozenset()

@@ -98,6 +98,7 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
         api = self.api(top.section("api"), server)
         authentication_only = bool(top.get("authentication_only", bool, False))
         tracing = self.tracing(top.section("tracing"))
+        sender_constraints = self.sender_constraints(top.section("sender_constraints"))
         if authentication_only and policies:
             top.problem(
                 "authentication_only",
@@ -123,4 +124,5 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
             api=api,
             authentication_only=authentication_only,
             tracing=tracing,
+            sender_constraints=sender_constraints,
         )

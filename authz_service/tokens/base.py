@@ -41,6 +41,10 @@ class Credential:
     token: str
     introspector: str | None = None  # set by per-introspector sources (cookie, from_headers, from_params)
     jwt: ParsedJwt | None = None  # the token already parsed as a JWS, when routing needed its `iss`
+    # The Authorization scheme it came with, lower case: "bearer" (also every per-introspector
+    # source) or "dpop" (RFC 9449 7.1), and then the request's DPoP proof (tokens/dpop.py).
+    scheme: str = "bearer"
+    proof: str | None = None
 
 
 class Introspector(Protocol):

@@ -14,13 +14,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from jwcrypto import jwk, jws  # type: ignore[import-untyped]  # no type information shipped
 
+from authz_service.model import Confirmation
 from authz_service.tokens.dpop import (
     DEFAULT_PROOF_LEEWAY,
     DEFAULT_PROOF_WINDOW,
     DPOP_ALGORITHMS,
     MAX_PROOF_BYTES,
     CertificateBindingRejected,
-    Confirmation,
     InvalidDPoPProof,
     MemoryReplayCache,
     ProofClaims,
