@@ -36,7 +36,7 @@ from authz_service.lru import Lru
 from authz_service.model import Confirmation, HttpRequest, Reason
 from authz_service.tokens.base import Credential
 from authz_service.tokens.jws import parse_jwt
-from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, SkippedKey, read_jwk
+from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, SkippedKey, VerificationKey, read_jwk
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
@@ -58,6 +58,9 @@ DEFAULT_PROOF_WINDOW = 60.0
 DEFAULT_PROOF_LEEWAY = 5.0
 DEFAULT_REPLAY_ENTRIES = 200_000  # ~35 MB at ~170 bytes an entry; 2,200 new proofs a second at 90 s
 REPLAY_KEY_PREFIX = "authz:dpop:v1:"
+# Proof keys loaded (read_jwk: ~110 µs, a third of a proof's cost), by their exact JWK: a client
+# signs every proof with one key. ~1 KB an entry.
+PROOF_KEY_ENTRIES = 4096
 REDIS_OPERATION_TIMEOUT = 0.25  # seconds, as the token cache's (tokens/redis_cache.py)
 
 # RFC 7638 3.2: the members of each key type that a thumbprint covers.
@@ -228,6 +231,7 @@ def verify_dpop_proof(
     window: float,
     leeway: float,
     algorithms: frozenset[str] = DPOP_ALGORITHMS,
+    keys: Lru[str, VerificationKey] | None = None,
 ) -> ProofClaims:
     """Verify a DPoP proof for one request per RFC 9449 4.3; raise InvalidDPoPProof otherwise.
 
@@ -282,14 +286,27 @@ def verify_dpop_proof(
     ath = claims.get("ath")
     if not isinstance(ath, str) or not _same(ath, access_token_hash(token)):
         raise InvalidDPoPProof("ath_mismatch", "DPoP proof is not bound to this token")
-    key = read_jwk(jwk)  # public keys only: private members, weak RSA, off-curve points refused
-    if isinstance(key, SkippedKey):
-        raise InvalidDPoPProof("bad_jwk", "DPoP proof key not usable")
+    key = _proof_key(jwk, keys)
     if alg not in key.algorithms:
         raise InvalidDPoPProof("bad_alg", "DPoP proof algorithm does not match its key")
     if not key.verify(alg, parsed.signing_input, parsed.signature):
         raise InvalidDPoPProof("bad_signature", "DPoP proof signature verification failed")
     return ProofClaims(proof_jkt, jti, float(iat), htm, htu)
+
+
+def _proof_key(jwk: Mapping[str, Any], keys: Lru[str, VerificationKey] | None) -> VerificationKey:
+    """The proof's public key (read_jwk: private members, weak RSA, off-curve points refused),
+    from `keys` when the very same JWK (every member, canonical JSON) was loaded before."""
+    exact = json.dumps(jwk, sort_keys=True, separators=(",", ":")) if keys is not None else ""
+    key = keys.get(exact) if keys is not None else None
+    if key is None:
+        loaded = read_jwk(jwk)
+        if isinstance(loaded, SkippedKey):
+            raise InvalidDPoPProof("bad_jwk", "DPoP proof key not usable")
+        key = loaded
+        if keys is not None:
+            keys.put(exact, key)
+    return key
 
 
 class ReplayCache(Protocol):
@@ -503,6 +520,7 @@ class SenderConstraints:
         self._window = window
         self._leeway = leeway
         self._algorithms = algorithms
+        self._keys: Lru[str, VerificationKey] = Lru(PROOF_KEY_ENTRIES)
         self._ttl = replay_ttl(window, leeway)
         self._clock = clock
 
@@ -551,6 +569,7 @@ class SenderConstraints:
             window=self._window,
             leeway=self._leeway,
             algorithms=self._algorithms,
+            keys=self._keys,
         )
         if await self._replay.seen(claims.replay_key, self._ttl):
             raise InvalidDPoPProof("replayed", "DPoP proof already used")

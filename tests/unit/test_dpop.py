@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from jwcrypto import jwk, jws  # type: ignore[import-untyped]  # no type information shipped
 
+from authz_service.lru import Lru
 from authz_service.model import Confirmation
 from authz_service.tokens.dpop import (
     DEFAULT_PROOF_LEEWAY,
@@ -40,6 +41,7 @@ from authz_service.tokens.dpop import (
     www_authenticate_dpop,
     x5t_s256,
 )
+from authz_service.tokens.keys import VerificationKey
 from tests.certs import make_pki
 from tests.unit.fakes import EPOCH, FakeClock
 
@@ -264,6 +266,18 @@ def test_a_private_key_in_the_jwk_is_refused() -> None:
     assert rejected(EC.proof(header={"jwk": private})) == "bad_jwk"
     rsa = HOLDERS["RS256"]
     assert rejected(rsa.proof(header={"jwk": rsa.key.export_private(as_dict=True)}), rsa) == "bad_jwk"
+
+
+def test_a_loaded_proof_key_is_reused_only_for_the_very_same_jwk() -> None:
+    keys: Lru[str, VerificationKey] = Lru(8)
+    assert verify(EC.proof(), keys=keys).jkt == EC.jkt
+    assert len(keys) == 1
+    assert verify(EC.proof(), keys=keys).jkt == EC.jkt  # from the cache
+    assert len(keys) == 1
+    # Same thumbprint, other members: loaded (and refused) on its own, never taken from the cache.
+    private = EC.key.export_private(as_dict=True)
+    assert rejected(EC.proof(header={"jwk": private}), keys=keys) == "bad_jwk"
+    assert len(keys) == 1
 
 
 def test_a_weak_rsa_key_is_refused() -> None:
