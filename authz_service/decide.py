@@ -107,8 +107,8 @@ class Authorizer:
         except UpstreamUnavailable as err:
             return Decision(Outcome.UNAVAILABLE, err.reason, introspector=_bound(credential))
         except ReplayCacheUnavailable as err:
-            # Fail closed: a proof that may be a replay is never accepted.
-            log_internal_error(err)
+            # Fail closed: a proof that may be a replay is never accepted. Not an internal error:
+            # the decision log and authz_checks_total say `dpop_replay_unavailable`.
             return Decision(Outcome.UNAVAILABLE, err.reason, introspector=_bound(credential))
         except PolicyTimeout as err:
             log_policy_timeout(err)

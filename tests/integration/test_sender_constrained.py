@@ -19,13 +19,14 @@ from urllib.parse import quote
 import aiohttp
 import grpc
 import pytest
+import redis.asyncio  # noqa: F401  # imported up front: the service's first import of it would block the test's loop
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from jwcrypto import jwk, jws  # type: ignore[import-untyped]  # no type information shipped
 
 from authz_service.tokens.dpop import access_token_hash
 from tests.certs import make_pki
-from tests.conftest import Spawn, StartService, jwks_introspector, opaque_introspector
+from tests.conftest import Spawn, StartService, free_port, jwks_introspector, opaque_introspector
 from tests.harness import Answer, AuthorizationClient, Harness, check_request
 from tests.hostile_idp import HostileIdentityProvider
 
@@ -275,3 +276,18 @@ def _hs256(token: str) -> str:
     signed = jws.JWS(json.dumps(payload))
     signed.add_signature(key, alg="HS256", protected=json.dumps(protected))
     return str(signed.serialize(compact=True))
+
+
+async def test_a_replay_cache_that_cannot_answer_fails_closed(
+    idp: HostileIdentityProvider, start_service: StartService
+) -> None:
+    """Redis unreachable: the token cache misses (the IdP is asked), the replay check cannot be
+    made, so a valid proof is a 503, never an allow."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    harness = await start_service({**config(idp), "cache": {"backend": "redis", "url": dead}})
+    holder = Holder()
+    token = idp.mint({"cnf": {"jkt": holder.jkt}})
+    request = check_request(PATH, headers={"authorization": f"DPoP {token}", "dpop": holder.proof(token)}, host=HOST)
+    answer = Answer.of(await harness.stub.Check(request, timeout=10))
+    assert (answer.http_status, answer.response.status.message) == (503, "dpop_replay_unavailable")
+    assert (await harness.check(token=idp.mint())).allowed  # plain bearer tokens never ask it

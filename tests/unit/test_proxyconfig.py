@@ -203,6 +203,11 @@ def test_a_client_certificate_header_is_only_ever_the_proxys(tmp_path: Path) -> 
         f["name"]: f["typed_config"] for f in _http_filters(yaml.safe_load(proxyconfig.render("envoy-grpc", config)))
     }
     assert grpc_filters["envoy.filters.http.ext_authz"]["include_peer_certificate"] is True  # type: ignore[index]
+    # HTTP-mode Envoy passes every request header to the check: the `dpop` proof header included.
+    http_filters = _http_filters(yaml.safe_load(proxyconfig.render("envoy-http", config)))
+    ext_authz = {f["name"]: f["typed_config"] for f in http_filters}["envoy.filters.http.ext_authz"]
+    patterns = ext_authz["allowed_headers"]["patterns"]  # type: ignore[index]
+    assert any(re.fullmatch(p["safe_regex"]["regex"], "dpop") for p in patterns if "safe_regex" in p)
     nginx = proxyconfig.render("nginx", config)
     assert "proxy_set_header X-Client-Cert $ssl_client_escaped_cert;" in nginx
     path = tmp_path / "nginx.conf"
