@@ -291,3 +291,32 @@ async def test_a_replay_cache_that_cannot_answer_fails_closed(
     answer = Answer.of(await harness.stub.Check(request, timeout=10))
     assert (answer.http_status, answer.response.status.message) == (503, "dpop_replay_unavailable")
     assert (await harness.check(token=idp.mint())).allowed  # plain bearer tokens never ask it
+
+
+async def test_forward_auth_checks_the_proof_against_the_forwarded_request(
+    idp: HostileIdentityProvider, start_service: StartService, session: aiohttp.ClientSession
+) -> None:
+    """nginx and Traefik: htm and htu are the X-Forwarded-* request's (scheme, host, path)."""
+    harness = await start_service(config(idp))
+    assert harness.service.http is not None
+    holder = Holder()
+    token = idp.mint({"cnf": {"jkt": holder.jkt}})
+    forwarded = {
+        "x-forwarded-method": "POST",
+        "x-forwarded-proto": "https",
+        "x-forwarded-host": HOST,
+        "x-forwarded-uri": PATH + "?page=2",
+        "authorization": f"DPoP {token}",
+    }
+    target = f"http://127.0.0.1:{harness.service.http.port}/forward_auth"
+
+    async def status(proof: str) -> tuple[int, str]:
+        async with session.get(target, headers={**forwarded, "dpop": proof}) as response:
+            return response.status, response.headers.get("www-authenticate", "")
+
+    proof = holder.proof(token, htm="POST", htu=f"https://{HOST}{PATH}")
+    assert (await status(proof))[0] == 200
+    assert (await status(proof))[0] == 401  # replayed
+    refused, challenge = await status(holder.proof(token, htm="POST"))  # http://, the proxy said https
+    assert refused == 401
+    assert "htu does not match" in challenge
