@@ -86,17 +86,16 @@ class Authorizer:
         try:
             judged = self.judged(request)
             credential = self._credentials.find(judged)
-            identity = None if credential is None else await self._identities.introspect(credential)
-            # The sender constraint, on every request (a cached identity is no proof of possession):
-            # a plain bearer token costs these two attribute reads.
-            if (
-                credential is not None
-                and identity is not None
-                and (identity.confirmation is not None or credential.proof is not None)
-            ):
-                refused = await self._sender_constraint(identity, credential, request)
-                if refused is not None:
-                    return refused
+            if credential is None:
+                identity = None
+            else:
+                identity = await self._identities.introspect(credential)
+                # The sender constraint, on every request (a cached identity is no proof of
+                # possession): a plain bearer token costs these two reads.
+                if identity.confirmation is not None or credential.proof is not None:
+                    refused = await self._sender_constraint(identity, credential, request)
+                    if refused is not None:
+                        return refused
             decision = self._decide(judged, identity)
             return decision if judged is request else dataclasses.replace(decision, path=judged.path)
         except TokenRejected as err:

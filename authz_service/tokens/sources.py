@@ -23,7 +23,7 @@ from urllib.parse import unquote_plus
 from authz_service.config.model import HeaderSource, IntrospectorConfig
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import HttpRequest, Reason
-from authz_service.tokens.base import Credential
+from authz_service.tokens.base import Credential, DPoPCredential
 from authz_service.tokens.dpop import InvalidDPoPProof, proof_header
 from authz_service.tokens.jws import MAX_TOKEN_BYTES
 
@@ -104,7 +104,7 @@ class CredentialFinder:
                 proof = proof_header(headers)
                 if not proof:
                     raise InvalidDPoPProof("missing_proof", "DPoP proof required")
-                return Credential(_checked(rest.strip()), scheme="dpop", proof=proof)
+                return DPoPCredential(_checked(rest.strip()), proof=proof)
             # Another scheme (Basic, ...) is not ours to judge: the request counts as anonymous,
             # exactly as Envoy's jwt_authn treats it.
         if not self._sources:

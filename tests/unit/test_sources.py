@@ -14,7 +14,7 @@ import pytest
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import HttpRequest, Reason
 from authz_service.registries import validate_config
-from authz_service.tokens.base import Credential
+from authz_service.tokens.base import Credential, DPoPCredential
 from authz_service.tokens.jws import MAX_TOKEN_BYTES
 from authz_service.tokens.sources import CredentialFinder
 
@@ -258,11 +258,14 @@ def test_an_earlier_introspector_wins_whatever_its_source() -> None:
 
 def test_a_dpop_scheme_credential_carries_its_proof() -> None:
     found = BEARER_ONLY.find(HttpRequest(headers={"authorization": "DPoP tok", "dpop": " a.b.c "}))
-    assert found == Credential("tok", scheme="dpop", proof="a.b.c")
+    assert found == DPoPCredential("tok", proof="a.b.c")
+    assert (found.scheme, found.proof) == ("dpop", "a.b.c")
     assert BEARER_ONLY.find(HttpRequest(headers={"authorization": "dpop tok", "dpop": "a.b.c"})) == found
     # Bearer stays Bearer, a proof beside it or not: the binding decides what it needs.
     bearer = BEARER_ONLY.find(HttpRequest(headers={"authorization": "Bearer tok", "dpop": "a.b.c"}))
     assert bearer == Credential("tok")
+    assert bearer is not None
+    assert (bearer.scheme, bearer.proof) == ("bearer", None)
 
 
 @pytest.mark.parametrize(
