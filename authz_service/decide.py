@@ -20,6 +20,7 @@ from authz_service.paths import normalized
 from authz_service.policy.evaluate import allows
 from authz_service.routes import unrouted
 from authz_service.tokens.base import Credential
+from authz_service.tokens.dpop import ReplayCacheUnavailable, SenderConstraints
 from authz_service.tokens.sources import CredentialFinder
 
 
@@ -43,8 +44,12 @@ class Authorizer:
         roles: Sequence[RoleConfig] = (),
         *,
         authentication_only: bool = False,
+        senders: SenderConstraints | None = None,
     ) -> None:
         self._credentials = credentials
+        # Checks a sender-constrained token's proof (DPoP, client certificate); None: any `cnf`
+        # or DPoP-scheme credential is refused (a binding nobody checks is no binding).
+        self._senders = senders
         # Every valid token allowed: only when the config says so (never because policies ran out).
         self._authentication_only = authentication_only
         self._identities = identities
@@ -79,7 +84,7 @@ class Authorizer:
     def with_policies(self, policies: Sequence[PolicyConfig]) -> Authorizer:
         """The same authorizer (credentials, identities, users, roles) deciding with other policies:
         test-policy's "try these instead"."""
-        other = Authorizer(self._credentials, self._identities, policies)
+        other = Authorizer(self._credentials, self._identities, policies, senders=self._senders)
         other._users, other._roles = self._users, self._roles
         # Trying policies means deciding by them: an empty trial set allows nothing.
         return other
@@ -90,7 +95,16 @@ class Authorizer:
         try:
             judged = self.judged(request)
             credential = self._credentials.find(judged)
-            identity = None if credential is None else await self._identities.introspect(credential)
+            if credential is None:
+                identity = None
+            else:
+                identity = await self._identities.introspect(credential)
+                # The sender constraint, on every request (a cached identity is no proof of
+                # possession): a plain bearer token costs these two reads.
+                if identity.confirmation is not None or credential.proof is not None:
+                    refused = await self._sender_constraint(identity, credential, request)
+                    if refused is not None:
+                        return refused
             decision = self._decide(judged, identity) if self._dry_run is None else self._watched(judged, identity)
             return decision if judged is request else dataclasses.replace(decision, path=judged.path)
         except TokenRejected as err:
@@ -100,12 +114,30 @@ class Authorizer:
             return Decision(Outcome.INVALID_REQUEST, err.reason)
         except UpstreamUnavailable as err:
             return Decision(Outcome.UNAVAILABLE, err.reason, introspector=_bound(credential))
+        except ReplayCacheUnavailable as err:
+            # Fail closed: a proof that may be a replay is never accepted. Not an internal error:
+            # the decision log and authz_checks_total say `dpop_replay_unavailable`.
+            return Decision(Outcome.UNAVAILABLE, err.reason, introspector=_bound(credential))
         except PolicyTimeout as err:
             log_policy_timeout(err)
             return Decision(Outcome.FORBIDDEN, Reason.POLICY_TIMEOUT)
         except Exception as err:
             log_internal_error(err)
             return Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR)
+
+    async def _sender_constraint(
+        self, identity: Identity, credential: Credential, request: HttpRequest
+    ) -> Decision | None:
+        """The 401 (naming the introspector that vouched for the token) unless the request proves
+        possession of what the token is bound to; None when it does. ReplayCacheUnavailable (503)
+        when a proof's freshness cannot be checked."""
+        try:
+            if self._senders is None:
+                raise TokenRejected(Reason.DPOP_UNBOUND_TOKEN)
+            await self._senders.check(identity.confirmation, credential, request)
+        except TokenRejected as err:
+            return Decision(Outcome.UNAUTHENTICATED, err.reason, introspector=identity.introspector)
+        return None
 
     def judged(self, request: HttpRequest) -> HttpRequest:
         """The request as it is judged: its path as the upstream will route it (paths.py). Raise

@@ -34,6 +34,7 @@ from authz_service.model import Identity, header_pairs
 from authz_service.tokens.base import IdpClient, Introspector
 from authz_service.tokens.cache import CacheFactory
 from authz_service.tokens.discovery import OidcDiscovery
+from authz_service.tokens.dpop import DPOP_ALGORITHMS, SenderConstraints
 from authz_service.tokens.jwks import JwksKeySource
 from authz_service.tokens.jwt import JwtIntrospector, StaticKeySource
 from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
@@ -181,6 +182,16 @@ def build_engine(
         key_refresh={ident: b.jwks for ident, b in built.items() if b.jwks is not None},
     )
     credentials = CredentialFinder(config.introspectors)
+    senders_config = config.sender_constraints
+    dpop_algorithms = frozenset(senders_config.algorithms) or DPOP_ALGORITHMS
+    dpop_algs = " ".join(sorted(dpop_algorithms))  # advertised in DPoP challenges (RFC 9449 7.1)
+    senders = SenderConstraints(
+        caches.replay_cache(senders_config.replay_max_entries),
+        window=senders_config.proof_window,
+        leeway=senders_config.proof_leeway,
+        algorithms=dpop_algorithms,
+        certificate_header=senders_config.client_certificate_header,
+    )
     authorizer = Authorizer(
         credentials,
         verified,
@@ -188,10 +199,13 @@ def build_engine(
         config.users,
         config.roles,
         authentication_only=config.authentication_only,
+        senders=senders,
     )
     denials = config.responses if isinstance(config.responses, Responses) else None
-    responses = ResponseBuilder(config.response, remove_params=credentials.token_params, denials=denials, minter=minter)
-    http_answers = HttpAnswers(config.response, denials=denials, minter=minter)
+    responses = ResponseBuilder(
+        config.response, remove_params=credentials.token_params, denials=denials, minter=minter, dpop_algs=dpop_algs
+    )
+    http_answers = HttpAnswers(config.response, denials=denials, minter=minter, dpop_algs=dpop_algs)
     return Engine(
         config,
         authorizer,

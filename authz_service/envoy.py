@@ -26,7 +26,7 @@ from authz_service._pb.envoy.type.v3 import http_status_pb2
 from authz_service.config.model import ResponseConfig
 from authz_service.errors import TokenRejected
 from authz_service.lru import Lru
-from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
+from authz_service.model import SENDER_CHALLENGES, Decision, HttpRequest, Identity, Outcome, Reason, header_pairs
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,20 @@ class Denial(NamedTuple):
     description: str
 
     @classmethod
-    def of(cls, outcome: Outcome, reason: Reason) -> Denial:
-        """The answer for a deny, from the one OUTCOMES table."""
+    def of(cls, outcome: Outcome, reason: Reason, dpop_algs: str = "") -> Denial:
+        """The answer for a deny, from the one OUTCOMES table. `dpop_algs`: the DPoP proof
+        algorithms a DPoP challenge advertises (RFC 9449 7.1), space-separated."""
         grpc_code, http_status, error = OUTCOMES[outcome]
+        sender = SENDER_CHALLENGES.get(reason)
         if reason is Reason.MISSING_TOKEN:
             error = _NO_CREDENTIALS_ERROR
             challenge = f'Bearer realm="{REALM}"'
+        elif sender is not None:
+            # A sender-constrained token's refusal: the DPoP scheme's own challenge.
+            error = sender[1]
+            challenge = f'DPoP error="{error}", error_description="{reason.description}"'
+            if dpop_algs:
+                challenge += f', algs="{dpop_algs}"'
         else:
             challenge = f'Bearer realm="{REALM}", error="{error}", error_description="{reason.description}"'
         headers = [("content-type", "application/json")]
@@ -145,6 +153,8 @@ def to_http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         scheme=http.scheme,
         headers=headers,
         remote_addr=attributes.source.address.socket_address.address,
+        # Set by Envoy's `include_peer_certificate: true` (URL-encoded PEM): certificate-bound tokens.
+        certificate=attributes.source.certificate,
         # Envoy's (and Istio's) x-request-id is what its access log and the upstream see; the stream
         # id (attributes.request.http.id) means nothing outside this Envoy, so it is only a fallback.
         request_id=headers.get("x-request-id") or http.id,
@@ -211,13 +221,32 @@ class TokenMinter(Protocol):
 _NO_REQUEST = HttpRequest()
 
 
-def shaped_denial(shaper: DenialShaper, decision: Decision, request: HttpRequest) -> ShapedDenial | None:
+class _Rechallenged(NamedTuple):
+    """A `responses` answer whose challenge was swapped for the DPoP scheme's (see shaped_denial)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def shaped_denial(
+    shaper: DenialShaper, decision: Decision, request: HttpRequest, dpop_algs: str = ""
+) -> ShapedDenial | None:
     """The `responses` block's answer to a denial, from the original request's URL, method, path
-    and Accept; None when the block leaves this outcome to the precomputed answer."""
+    and Accept; None when the block leaves this outcome to the precomputed answer. A refused
+    sender-constrained token keeps the DPoP scheme's challenge (RFC 9449 7.1) in the block's answer:
+    the block writes Bearer's."""
     target = request.path
     url = f"{request.scheme or 'http'}://{request.host}{target}"
     path = target.partition("?")[0]
-    return shaper.render(decision.outcome, decision.reason, url, request.method, path, request.headers.get("accept"))
+    shaped = shaper.render(decision.outcome, decision.reason, url, request.method, path, request.headers.get("accept"))
+    if shaped is None or decision.reason not in SENDER_CHALLENGES:
+        return shaped
+    challenge = dict(Denial.of(decision.outcome, decision.reason, dpop_algs).headers).get("www-authenticate")
+    if challenge is None:
+        return shaped
+    headers = tuple((name, challenge if name == "www-authenticate" else value) for name, value in shaped.headers)
+    return _Rechallenged(shaped.status, headers, shaped.body)
 
 
 def minted_token(minter: TokenMinter, decision: Decision, identity: Identity) -> str:
@@ -261,8 +290,10 @@ class ResponseBuilder:
         *,
         denials: DenialShaper | None = None,
         minter: TokenMinter | None = None,
+        dpop_algs: str = "",
     ) -> None:
         self._identity_headers = response.identity_headers
+        self._dpop_algs = dpop_algs
         # Query parameters that may carry a token (from_params): the upstream never sees them,
         # whichever source the token of this request came from.
         self._remove_params = remove_params
@@ -292,7 +323,7 @@ class ResponseBuilder:
                 self._allowed.put(key, encoded)
             return encoded
         if self._denials is not None:
-            shaped = shaped_denial(self._denials, decision, request)
+            shaped = shaped_denial(self._denials, decision, request, self._dpop_algs)
             if shaped is not None:
                 encoded = self._shaped.get(shaped)
                 if encoded is None:
@@ -302,7 +333,7 @@ class ResponseBuilder:
         key2 = (decision.outcome, decision.reason)
         denial = self._encoded_denials.get(key2)
         if denial is None:
-            denial = self._encoded_denials[key2] = encode_denial(*key2)
+            denial = self._encoded_denials[key2] = encode_denial(*key2, dpop_algs=self._dpop_algs)
         return denial
 
     def _allow_with_token(self, decision: Decision, identity: Identity, minter: TokenMinter) -> bytes:
@@ -337,9 +368,9 @@ class ResponseBuilder:
         )
 
 
-def encode_denial(outcome: Outcome, reason: Reason) -> bytes:
-    """The serialized CheckResponse of a deny (it depends on nothing else)."""
-    denial = Denial.of(outcome, reason)
+def encode_denial(outcome: Outcome, reason: Reason, dpop_algs: str = "") -> bytes:
+    """The serialized CheckResponse of a deny (it depends on nothing else but the config's DPoP algorithms)."""
+    denial = Denial.of(outcome, reason, dpop_algs)
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=denial.grpc_code, message=reason.label),
         denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -381,9 +412,9 @@ class HttpAnswer(NamedTuple):
     body: bytes
 
 
-def http_denial(outcome: Outcome, reason: Reason) -> HttpAnswer:
-    """The HTTP-mode answer of a deny (it depends on nothing else)."""
-    shaped = Denial.of(outcome, reason)
+def http_denial(outcome: Outcome, reason: Reason, dpop_algs: str = "") -> HttpAnswer:
+    """The HTTP-mode answer of a deny (it depends on nothing else but the config's DPoP algorithms)."""
+    shaped = Denial.of(outcome, reason, dpop_algs)
     headers = (
         *shaped.headers,
         ("x-authz-error", shaped.error),
@@ -417,8 +448,10 @@ class HttpAnswers:
         *,
         denials: DenialShaper | None = None,
         minter: TokenMinter | None = None,
+        dpop_algs: str = "",
     ) -> None:
         self._identity_headers = response.identity_headers
+        self._dpop_algs = dpop_algs
         self._denials: dict[tuple[Outcome, Reason], HttpAnswer] = {}
         # An allow depends only on the identity headers: the answers of the most recent identities
         # are kept built, as ResponseBuilder keeps its encoded ones.
@@ -444,9 +477,9 @@ class HttpAnswers:
         key = (decision.outcome, decision.reason)
         denial = self._denials.get(key)
         if denial is None:
-            denial = self._denials[key] = http_denial(*key)
+            denial = self._denials[key] = http_denial(*key, dpop_algs=self._dpop_algs)
         if self._shaper is not None:
-            shaped = shaped_denial(self._shaper, decision, request)
+            shaped = shaped_denial(self._shaper, decision, request, self._dpop_algs)
             if shaped is not None:
                 return _http_shaped(shaped, denial.headers[-2:], request)
         return denial

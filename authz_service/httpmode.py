@@ -129,7 +129,8 @@ def _repeats_an_original(pairs: HeaderPairs) -> bool:
 
 def too_large(start: bytes) -> Decision:
     """The denial for a header (or the request line) over the server's size limit, from the start
-    of it that the parser quotes: a Bearer token is judged as a token (401), as Check judges one."""
-    if start.lower().startswith((b"bearer ", b"authorization:")):
+    of it that the parser quotes: a Bearer (or DPoP-scheme) token is judged as a token (401), as
+    Check judges one; a `DPoP:` proof header (`dpop:`, or a value `eyJ...`) is a header (431)."""
+    if start.lower().startswith((b"bearer ", b"dpop ", b"authorization:")):
         return TOKEN_TOO_LARGE
     return HEADERS_TOO_LARGE

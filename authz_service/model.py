@@ -49,7 +49,35 @@ class Reason(enum.Enum):
     CONFLICTING_ORIGINAL = ("conflicting_original", "the proxy's original-request headers disagree")
     HEADERS_TOO_LARGE = ("headers_too_large", "request headers too large")
     UNKNOWN_ISSUER = ("unknown_issuer", "no introspector accepts tokens from this issuer")
-    SENDER_CONSTRAINED = ("sender_constrained", "the token is bound to a key and needs a proof of possession")
+    # Sender-constrained tokens (tokens/dpop.py): a DPoP proof (RFC 9449) that fails, ...
+    DPOP_MISSING_PROOF = ("dpop_missing_proof", "DPoP proof required")
+    DPOP_MULTIPLE_PROOFS = ("dpop_multiple_proofs", "more than one DPoP proof")
+    DPOP_PROOF_TOO_LARGE = ("dpop_proof_too_large", "DPoP proof too large")
+    DPOP_MALFORMED = ("dpop_malformed", "malformed DPoP proof")
+    DPOP_BAD_TYP = ("dpop_bad_typ", "DPoP proof typ must be dpop+jwt")
+    DPOP_BAD_ALG = ("dpop_bad_alg", "DPoP proof algorithm not allowed")
+    DPOP_BAD_JWK = ("dpop_bad_jwk", "DPoP proof key not usable")
+    DPOP_JKT_MISMATCH = ("dpop_jkt_mismatch", "DPoP proof key does not match the token")
+    DPOP_BAD_JTI = ("dpop_bad_jti", "DPoP proof jti missing or invalid")
+    DPOP_HTM_MISMATCH = ("dpop_htm_mismatch", "DPoP proof htm does not match the request")
+    DPOP_HTU_MISMATCH = ("dpop_htu_mismatch", "DPoP proof htu does not match the request")
+    DPOP_BAD_IAT = ("dpop_bad_iat", "DPoP proof iat missing or invalid")
+    DPOP_STALE = ("dpop_stale", "DPoP proof is too old")
+    DPOP_ISSUED_IN_FUTURE = ("dpop_issued_in_future", "DPoP proof issued in the future")
+    DPOP_ATH_MISMATCH = ("dpop_ath_mismatch", "DPoP proof is not bound to this token")
+    DPOP_BAD_SIGNATURE = ("dpop_bad_signature", "DPoP proof signature verification failed")
+    DPOP_REPLAYED = ("dpop_replayed", "DPoP proof already used")
+    # ... a token and scheme that do not go together, ...
+    DPOP_UNBOUND_TOKEN = ("dpop_unbound_token", "the token is not bound to a DPoP key")
+    DPOP_REQUIRED = ("dpop_required", "the token is bound to a key and needs a DPoP proof")
+    SENDER_CONSTRAINT_REQUIRED = ("sender_constraint_required", "the token must be sender-constrained")
+    BAD_CNF = ("bad_cnf", "the token's confirmation is malformed")
+    UNSUPPORTED_CNF = ("unsupported_cnf", "the token's confirmation method is not supported")
+    # ... or a certificate-bound token (RFC 8705) without its client certificate.
+    NO_CLIENT_CERTIFICATE = ("no_client_certificate", "the token is bound to a client certificate")
+    BAD_CLIENT_CERTIFICATE = ("bad_client_certificate", "the client certificate is unreadable")
+    CERTIFICATE_MISMATCH = ("certificate_mismatch", "the token is bound to another certificate")
+    DPOP_REPLAY_UNAVAILABLE = ("dpop_replay_unavailable", "the DPoP replay cache is unavailable")
     POLICY_TIMEOUT = ("policy_timeout", "an access policy took too long to evaluate")
     INTROSPECTION_CLIENT_AUTH = ("introspection_client_auth", "identity provider unavailable")
     IDP_UNAVAILABLE = ("idp_unavailable", "identity provider unavailable")
@@ -61,6 +89,30 @@ class Reason(enum.Enum):
     def __init__(self, label: str, description: str) -> None:
         self.label = label
         self.description = description
+
+
+# The WWW-Authenticate challenge of a sender-constraint refusal (RFC 9449 7.1, RFC 6750 3.1):
+# reason -> (scheme, OAuth error code). Every other 401 is a `Bearer` `invalid_token` challenge.
+SENDER_CHALLENGES: Mapping[Reason, tuple[str, str]] = MappingProxyType(
+    {
+        **{
+            reason: ("DPoP", "invalid_dpop_proof")
+            for reason in Reason
+            if reason.label.startswith("dpop_") and reason not in (Reason.DPOP_UNBOUND_TOKEN, Reason.DPOP_REQUIRED)
+        },
+        Reason.DPOP_UNBOUND_TOKEN: ("DPoP", "invalid_token"),
+        Reason.DPOP_REQUIRED: ("DPoP", "invalid_token"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """A token's `cnf` (RFC 7800) as far as we verify it: a DPoP key thumbprint (RFC 9449 6), a
+    client certificate hash (RFC 8705 3.1); tokens/dpop.py reads and checks it."""
+
+    jkt: str | None = None
+    x5t_s256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +134,10 @@ class Identity:
     # (header_pairs() reads it as pairs): a tuple of pair tuples would cost ~100 bytes more for
     # each of the 100,000 identities a cache may hold.
     headers: tuple[str, ...] = ()
+    # The token's `cnf`, kept apart from the claims (shaping may drop those): a request with this
+    # identity must prove possession (decide.py, on every request, cache hit or not). None: a plain
+    # bearer token, the common case, which costs one `is None` a check.
+    confirmation: Confirmation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +184,6 @@ class HttpRequest(NamedTuple):
     remote_addr: str = ""
     request_id: str = ""
     context_extensions: Mapping[str, str] = _NO_STRINGS
+    # The client's TLS certificate as the proxy passed it (Envoy's `include_peer_certificate`:
+    # URL-encoded PEM), "" without one: what a certificate-bound token (cnf.x5t#S256) is checked against.
+    certificate: str = ""

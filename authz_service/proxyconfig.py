@@ -41,6 +41,8 @@ class ProxyNeeds:
     # Headers of the `responses` block's deny answers (location, its templated headers): passed to
     # the client by a proxy that filters them.
     deny_headers: tuple[str, ...] = ()
+    # sender_constraints.client_certificate_header: a client's own copy never reaches the check.
+    client_certificate_header: str | None = None
 
     @classmethod
     def of(cls, config: Config) -> ProxyNeeds:
@@ -51,6 +53,7 @@ class ProxyNeeds:
             user_id_header=config.response.user_id_header.lower(),
             token_params=tuple(dict.fromkeys(params)),
             deny_headers=config.responses.header_names() if isinstance(config.responses, Responses) else (),
+            client_certificate_header=config.sender_constraints.client_certificate_header,
         )
 
 
@@ -140,6 +143,10 @@ def nginx(needs: ProxyNeeds) -> str:
     ]
     upstream_set = [f"proxy_set_header {_title(h)} $authz_{_nginx_var(h)};" for h in needs.identity_headers]
     authz_clear = [f'proxy_set_header {_title(h)} "";' for h in needs.identity_headers]
+    if needs.client_certificate_header is not None:
+        # The client certificate a certificate-bound token is checked against: nginx's own (empty,
+        # so not sent, without a verified TLS client), never a client's copy of the header.
+        authz_clear.append(f"proxy_set_header {_title(needs.client_certificate_header)} $ssl_client_escaped_cert;")
     return _fill(
         _NGINX,
         {
@@ -333,8 +340,15 @@ def _strip_identity_filter(needs: ProxyNeeds) -> list[str]:
         '    "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation',
         "    mutations:",
         "      request_mutations:",
-        *(f"        - remove: {h}" for h in needs.identity_headers),
+        *(f"        - remove: {h}" for h in (*needs.identity_headers, *_client_certificate_header(needs))),
     ]
+
+
+def _client_certificate_header(needs: ProxyNeeds) -> tuple[str, ...]:
+    """The certificate header to strip from a client's request: none for x-forwarded-client-cert,
+    which Envoy's connection manager itself sanitizes (forward_client_cert_details) before any filter."""
+    header = needs.client_certificate_header
+    return () if header is None or header == "x-forwarded-client-cert" else (header,)
 
 
 def envoy_grpc(needs: ProxyNeeds) -> str:
@@ -450,6 +464,8 @@ static_resources:
                       # Fail closed: an unreachable, slow or broken authz service never lets a request through.
                       failure_mode_allow: false
                       status_on_error: {code: ServiceUnavailable}
+                      # The client's TLS certificate (on a TLS listener), for certificate-bound tokens (RFC 8705).
+                      include_peer_certificate: true
                       grpc_service:
                         envoy_grpc: {cluster_name: authz}
                         # Above the service's own IdP timeout (2 s), so the service answers 503 itself.
@@ -656,7 +672,9 @@ def traefik(needs: ProxyNeeds) -> str:
     return _fill(
         _TRAEFIK,
         {
-            "STRIP_HEADERS": [f'{_title(h)}: ""' for h in needs.identity_headers],
+            "STRIP_HEADERS": [
+                f'{_title(h)}: ""' for h in (*needs.identity_headers, *filter(None, [needs.client_certificate_header]))
+            ],
             "RESPONSE_HEADERS": [f"- {_title(h)}" for h in needs.identity_headers],
             "TOKEN_PARAMS": ", ".join(needs.token_params),
         },

@@ -20,6 +20,7 @@ from authz_service.denials import parse_responses
 from authz_service.identity_token import parse_identity_token
 from authz_service.policy import ENGINES, RULE_FIELDS, unknown_engine
 from authz_service.routes import with_aidbox_references
+from authz_service.tokens.dpop import DPOP_ALGORITHMS
 from authz_service.tokens.keys import HMAC_MIN_BYTES, KTY_ALGORITHMS, MAX_KID_LENGTH, BadKey, load_static_key
 
 _KEY_FIELDS = frozenset({"kty", "alg", "kid", "format", "pub", "k", "use"})
@@ -93,6 +94,7 @@ REGISTRIES = Registries(
     stored_resource=_stored_resource,
     responses=_responses,
     identity_token=_identity_token,
+    dpop_algorithms=DPOP_ALGORITHMS,
 )
 
 

@@ -30,6 +30,7 @@ class _Common(NamedTuple):
     from_headers: tuple[HeaderSource, ...]
     from_params: tuple[str, ...]
     optional: bool  # readiness does not wait for it (issue #22: an optional IdP never holds /readyz)
+    sender_constraint: str  # optional | required (tokens/dpop.py)
 
 
 class IntrospectorSections(Sections):
@@ -87,7 +88,13 @@ class IntrospectorSections(Sections):
         timeout = f.number_in("timeout", 2.0, 0, 30)
         cookie = f.cookie_name("cookie", f.get("cookie", str, default_cookie))
         optional = bool(f.get("optional", bool, False))
-        return _Common(cache_ttl, timeout, cookie, self._from_headers(f), self._from_params(f), optional)
+        sender_constraint = f.get("sender_constraint", str, "optional")
+        if sender_constraint not in ("optional", "required"):
+            f.problem("sender_constraint", f"must be optional or required, got {sender_constraint!r}")
+            sender_constraint = "optional"
+        return _Common(
+            cache_ttl, timeout, cookie, self._from_headers(f), self._from_params(f), optional, sender_constraint
+        )
 
     @staticmethod
     def _from_headers(f: Fields) -> tuple[HeaderSource, ...]:
@@ -204,6 +211,7 @@ class IntrospectorSections(Sections):
             from_params=common.from_params,
             max_lifetime=max_lifetime if max_lifetime is not None and max_lifetime >= 1 else None,
             optional=common.optional,
+            sender_constraint=common.sender_constraint,
         )
 
     def opaque_introspector(self, f: Fields, ident: str, kind: str) -> OpaqueIntrospectorConfig | None:
@@ -249,6 +257,7 @@ class IntrospectorSections(Sections):
             client_secret=client_secret,
             client_auth=client_auth,
             optional=common.optional,
+            sender_constraint=common.sender_constraint,
         )
 
 

@@ -105,6 +105,21 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SenderConstraintsConfig:
+    """`sender_constraints`: how DPoP proofs (RFC 9449) and certificate bindings (RFC 8705) are checked."""
+
+    proof_window: int = 60  # seconds a DPoP proof stays acceptable after its iat
+    proof_leeway: int = 5  # seconds a proof's iat may lie in the future (the client's clock ahead)
+    # The proof algorithms accepted (asymmetric only); empty: every one tokens/dpop.py supports.
+    algorithms: tuple[str, ...] = ()
+    # The header a proxy in front sets to the client's TLS certificate (nginx's
+    # $ssl_client_escaped_cert, Envoy's x-forwarded-client-cert); None: Envoy's
+    # include_peer_certificate only. The shipped proxy configs strip a client's own copy.
+    client_certificate_header: str | None = None
+    replay_max_entries: int = 200_000  # the memory replay cache's bound (cache.backend memory)
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseConfig:
     """Which headers carry the identity upstream."""
 
@@ -164,6 +179,9 @@ class JwtIntrospectorConfig:
     # max_lifetime; None: no limit (the issuer decides), as jwt_authn and Aidbox.
     max_lifetime: int | None = None
     optional: bool = False  # true: readiness does not wait for this introspector (its keys, its IdP)
+    # optional: a token with `cnf` is verified (DPoP, mTLS), one without passes; required: one
+    # without `cnf` is refused.
+    sender_constraint: str = "optional"
 
     kind = "jwt"
 
@@ -190,6 +208,7 @@ class OpaqueIntrospectorConfig:
     client_secret: str | None = field(default=None, repr=False)
     client_auth: str = "client_secret_basic"  # or client_secret_post
     optional: bool = False  # true: readiness does not wait for this introspector (its IdP)
+    sender_constraint: str = "optional"  # as JwtIntrospectorConfig's
 
     @property
     def kind(self) -> str:
@@ -311,6 +330,7 @@ class Config:
     # The `responses` block as compiled at load (denials.Responses, opaque here); None when absent
     # or empty, so that every denial keeps its precomputed answer.
     responses: Any = field(default=None, compare=False, repr=False)
+    sender_constraints: SenderConstraintsConfig = field(default_factory=SenderConstraintsConfig)
 
     def summary(self) -> str:
         """One line for check-config and the start-up log."""

@@ -66,3 +66,5 @@ class Registries:
     # `response.identity_token` validated (identity_token.parse_identity_token): its header name
     # and the opaque value; raises errors.ConfigError naming each field.
     identity_token: Callable[[Mapping[str, Any]], tuple[str, object]] | None = None
+    # The DPoP proof algorithms `sender_constraints.algorithms` may name (tokens/dpop.py: asymmetric only).
+    dpop_algorithms: frozenset[str] = frozenset()

@@ -17,6 +17,7 @@ from authz_service.config.model import (
     CacheConfig,
     LoggingConfig,
     ResponseConfig,
+    SenderConstraintsConfig,
     ServerConfig,
     StoreConfig,
     TlsConfig,
@@ -32,6 +33,29 @@ _RESPONSE = ResponseConfig()
 
 class ServerSections(Sections):
     """The sections about this process: where it listens, what it caches, logs and exports."""
+
+    def sender_constraints(self, f: Fields | None) -> SenderConstraintsConfig:
+        """How sender-constrained tokens are checked (tokens/dpop.py): the DPoP proof window, its
+        algorithms, and the header a proxy passes the client certificate in."""
+        if f is None:
+            return SenderConstraintsConfig()
+        default = SenderConstraintsConfig()
+        window = f.int_in("proof_window", default.proof_window, 1, 3600)
+        leeway = f.int_in("proof_leeway", default.proof_leeway, 0, 300)
+        algorithms: list[str] = []
+        for i, alg in enumerate(f.get("algorithms", list, []) or []):
+            if alg not in self.registries.dpop_algorithms:
+                known = " ".join(sorted(self.registries.dpop_algorithms))
+                f.problem(f"algorithms[{i}]", f"must be an asymmetric JWS algorithm ({known}), got {alg!r}")
+            else:
+                algorithms.append(alg)
+        header = f.header_name("client_certificate_header", f.get("client_certificate_header", str, None))
+        if header is not None and header in ("authorization", "cookie", "host", "dpop"):
+            f.problem("client_certificate_header", f"must not be {header!r}")
+            header = None
+        entries = f.int_in("replay_max_entries", default.replay_max_entries, 1, 10_000_000)
+        f.reject_unknown()
+        return SenderConstraintsConfig(window, leeway, tuple(dict.fromkeys(algorithms)), header, entries)
 
     def tracing(self, f: Fields | None) -> TracingConfig:
         """OpenTelemetry export: an OTLP/gRPC endpoint and the service name spans carry."""

@@ -101,6 +101,7 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
         token_params = dict.fromkeys(p for i in introspectors for p in i.from_params)
         responses = self.responses(top.get("responses", dict, None), token_params)
         enforcing = [p.id for p in policies if not p.dry_run]  # dry-run ones decide nothing: they may stay
+        sender_constraints = self.sender_constraints(top.section("sender_constraints"))
         if authentication_only and enforcing:
             top.problem(
                 "authentication_only",
@@ -133,4 +134,5 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
             authentication_only=authentication_only,
             tracing=tracing,
             responses=responses,
+            sender_constraints=sender_constraints,
         )

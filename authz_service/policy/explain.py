@@ -24,7 +24,8 @@ from authz_service.policy.budget import budget_ms
 from authz_service.policy.evaluate import admits
 
 REDACTED = "<redacted>"
-ALWAYS_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
+# `dpop`: a DPoP proof (RFC 9449) is a credential too, replayable within its window.
+ALWAYS_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "dpop")
 MIN_SCRUBBED = 6  # shorter secret values are redacted where they sit, not hunted for in every text
 MAX_VALUE = 120  # characters of a value shown in a reason
 MAX_REASON = 400

@@ -42,6 +42,30 @@ class Credential:
     introspector: str | None = None  # set by per-introspector sources (cookie, from_headers, from_params)
     jwt: ParsedJwt | None = None  # the token already parsed as a JWS, when routing needed its `iss`
 
+    # The Authorization scheme it came with, lower case: "bearer" here (also every per-introspector
+    # source), "dpop" for a DPoPCredential. Properties rather than fields: a frozen dataclass sets
+    # each field through object.__setattr__, and every Check builds one Credential.
+    @property
+    def scheme(self) -> str:
+        """`bearer`; `dpop` for a DPoPCredential."""
+        return "bearer"
+
+    @property
+    def proof(self) -> str | None:
+        """The request's DPoP proof (RFC 9449): only a DPoPCredential has one."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPCredential(Credential):
+    """A token sent as `Authorization: DPoP <token>` (RFC 9449 7.1), with the request's `DPoP` proof."""
+
+    proof: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "dpop"
+
 
 class Introspector(Protocol):
     """Turns a credential into an Identity, or raises TokenRejected / UpstreamUnavailable."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from authz_service.config.model import CacheConfig
 from authz_service.lru import ExactLru
+from authz_service.tokens.dpop import MemoryReplayCache, RedisReplayCache, ReplayCache
 from authz_service.tokens.stored import dumps
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class CacheFactory:
         self.config = config
         self.stats = CacheStats(on_event)
         self._redis: CacheBackend | None = None
+        self._replay: ReplayCache | None = None
 
     def token_cache(self, name: str, fingerprint: str) -> TokenCache:
         """The cache of introspector `name`; `fingerprint` changes when its endpoint does."""
@@ -166,6 +168,25 @@ class CacheFactory:
             return TokenCache(self._redis, name, namespace, self.stats)
         # Each introspector has its own memory cache: no namespace, so keys stay 64 characters.
         return TokenCache(BoundedMemoryCache(self.config.max_entries), name, None, self.stats, keeps_active=False)
+
+    def replay_cache(self, max_entries: int) -> ReplayCache:
+        """The DPoP replay cache (tokens/dpop.py) of this process: on the Redis of `cache.backend:
+        redis` (shared by every worker and replica), else in memory, bounded. One per factory, so
+        a reload does not forget the proofs already seen."""
+        if self._replay is None:
+            if self.config.backend == "redis":
+                assert self.config.url is not None  # guaranteed by config validation
+                if self._redis is None:
+                    from authz_service.tokens.redis_cache import RedisCache  # redis-py: only here
+
+                    self._redis = RedisCache(self.config.url)
+                from authz_service.tokens.redis_cache import RedisCache
+
+                assert isinstance(self._redis, RedisCache)
+                self._replay = RedisReplayCache(self._redis.client)
+            else:
+                self._replay = MemoryReplayCache(max_entries)
+        return self._replay
 
     async def close(self) -> None:
         if self._redis is not None:

@@ -33,8 +33,10 @@ from cryptography import x509
 from authz_service import paths
 from authz_service.errors import AuthzError, TokenRejected
 from authz_service.lru import Lru
+from authz_service.model import Confirmation, HttpRequest, Reason
+from authz_service.tokens.base import Credential
 from authz_service.tokens.jws import parse_jwt
-from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, SkippedKey, read_jwk
+from authz_service.tokens.keys import EC_ALGS, OKP_ALGS, RSA_ALGS, SkippedKey, VerificationKey, read_jwk
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
@@ -53,9 +55,12 @@ DPOP_ALGS_ADVERTISED = " ".join(sorted(DPOP_ALGORITHMS))
 # Defaults for the configuration: how old a proof may be, and how far in the future its `iat` may
 # lie (the caller's clock running ahead), in seconds.
 DEFAULT_PROOF_WINDOW = 60.0
-DEFAULT_PROOF_LEEWAY = 30.0
+DEFAULT_PROOF_LEEWAY = 5.0
 DEFAULT_REPLAY_ENTRIES = 200_000  # ~35 MB at ~170 bytes an entry; 2,200 new proofs a second at 90 s
 REPLAY_KEY_PREFIX = "authz:dpop:v1:"
+# Proof keys loaded (read_jwk: ~110 µs, a third of a proof's cost), by their exact JWK: a client
+# signs every proof with one key. ~1 KB an entry.
+PROOF_KEY_ENTRIES = 4096
 REDIS_OPERATION_TIMEOUT = 0.25  # seconds, as the token cache's (tokens/redis_cache.py)
 
 # RFC 7638 3.2: the members of each key type that a thumbprint covers.
@@ -73,11 +78,32 @@ _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)--
 _BASE64_BODY = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 
-class SenderConstraintRejected(AuthzError):
+# A refusal's detail (and scheme) -> the Reason Check answers with (model.SENDER_CHALLENGES gives
+# each its WWW-Authenticate challenge).
+_REASONS: Mapping[tuple[str, str], Reason] = {
+    **{
+        ("DPoP", reason.label.removeprefix("dpop_")): reason
+        for reason in Reason
+        if reason.label.startswith("dpop_") and reason is not Reason.DPOP_REPLAY_UNAVAILABLE
+    },
+    ("DPoP", "too_large"): Reason.DPOP_PROOF_TOO_LARGE,
+    ("DPoP", "unbound_token"): Reason.DPOP_UNBOUND_TOKEN,
+    ("DPoP", "dpop_required"): Reason.DPOP_REQUIRED,
+    ("Bearer", "unbound_token"): Reason.SENDER_CONSTRAINT_REQUIRED,
+    ("Bearer", "bad_cnf"): Reason.BAD_CNF,
+    ("Bearer", "unsupported_cnf"): Reason.UNSUPPORTED_CNF,
+    ("Bearer", "no_certificate"): Reason.NO_CLIENT_CERTIFICATE,
+    ("Bearer", "bad_certificate"): Reason.BAD_CLIENT_CERTIFICATE,
+    ("Bearer", "certificate_mismatch"): Reason.CERTIFICATE_MISMATCH,
+}
+
+
+class SenderConstraintRejected(TokenRejected):
     """A sender-constrained token came without a valid proof of possession (answered 401).
 
     `detail` is a short label for logs and tests (`htu_mismatch`); `description` is what the
-    client reads; `scheme` and `error` make its WWW-Authenticate challenge.
+    client reads; `scheme` and `error` make its WWW-Authenticate challenge; `reason` is what
+    Check answers (a TokenRejected: decide.py answers it as any refused token).
     """
 
     scheme = "Bearer"
@@ -88,7 +114,8 @@ class SenderConstraintRejected(AuthzError):
         self.description = description
         if scheme is not None:
             self.scheme = scheme
-        super().__init__(f"{detail}: {description}")
+        self.reason = _REASONS[(self.scheme, detail)]
+        AuthzError.__init__(self, f"{detail}: {description}")
 
 
 class InvalidDPoPProof(SenderConstraintRejected):
@@ -104,6 +131,8 @@ class CertificateBindingRejected(SenderConstraintRejected):
 
 class ReplayCacheUnavailable(AuthzError):
     """The replay cache cannot say whether a proof is new (answered 503: fail closed, never allow)."""
+
+    reason = Reason.DPOP_REPLAY_UNAVAILABLE
 
     def __init__(self, outcome: str) -> None:
         self.outcome = outcome  # a short label: "full", "timeout", "ConnectionError"
@@ -201,6 +230,8 @@ def verify_dpop_proof(
     now: float,
     window: float,
     leeway: float,
+    algorithms: frozenset[str] = DPOP_ALGORITHMS,
+    keys: Lru[str, VerificationKey] | None = None,
 ) -> ProofClaims:
     """Verify a DPoP proof for one request per RFC 9449 4.3; raise InvalidDPoPProof otherwise.
 
@@ -219,7 +250,7 @@ def verify_dpop_proof(
     if not isinstance(typ, str) or typ.lower() != DPOP_TYP:
         raise InvalidDPoPProof("bad_typ", "DPoP proof typ must be dpop+jwt")
     alg = parsed.alg
-    if alg not in DPOP_ALGORITHMS:
+    if alg not in algorithms or alg not in DPOP_ALGORITHMS:
         raise InvalidDPoPProof("bad_alg", "DPoP proof algorithm not allowed")
     jwk = header.get("jwk")
     if not isinstance(jwk, dict):
@@ -255,14 +286,27 @@ def verify_dpop_proof(
     ath = claims.get("ath")
     if not isinstance(ath, str) or not _same(ath, access_token_hash(token)):
         raise InvalidDPoPProof("ath_mismatch", "DPoP proof is not bound to this token")
-    key = read_jwk(jwk)  # public keys only: private members, weak RSA, off-curve points refused
-    if isinstance(key, SkippedKey):
-        raise InvalidDPoPProof("bad_jwk", "DPoP proof key not usable")
+    key = _proof_key(jwk, keys)
     if alg not in key.algorithms:
         raise InvalidDPoPProof("bad_alg", "DPoP proof algorithm does not match its key")
     if not key.verify(alg, parsed.signing_input, parsed.signature):
         raise InvalidDPoPProof("bad_signature", "DPoP proof signature verification failed")
     return ProofClaims(proof_jkt, jti, float(iat), htm, htu)
+
+
+def _proof_key(jwk: Mapping[str, Any], keys: Lru[str, VerificationKey] | None) -> VerificationKey:
+    """The proof's public key (read_jwk: private members, weak RSA, off-curve points refused),
+    from `keys` when the very same JWK (every member, canonical JSON) was loaded before."""
+    exact = json.dumps(jwk, sort_keys=True, separators=(",", ":")) if keys is not None else ""
+    key = keys.get(exact) if keys is not None else None
+    if key is None:
+        loaded = read_jwk(jwk)
+        if isinstance(loaded, SkippedKey):
+            raise InvalidDPoPProof("bad_jwk", "DPoP proof key not usable")
+        key = loaded
+        if keys is not None:
+            keys.put(exact, key)
+    return key
 
 
 class ReplayCache(Protocol):
@@ -423,14 +467,6 @@ def verify_certificate_binding(cnf_x5t: str, certificate: str | bytes | None) ->
         raise CertificateBindingRejected("certificate_mismatch", "the token is bound to another certificate")
 
 
-@dataclass(frozen=True, slots=True)
-class Confirmation:
-    """A token's `cnf` (RFC 7800) as far as we verify it: a DPoP key thumbprint, a certificate hash."""
-
-    jkt: str | None = None
-    x5t_s256: str | None = None
-
-
 def read_confirmation(claims: Mapping[str, Any]) -> Confirmation | None:
     """The token's confirmation, None when it has no `cnf`; raise SenderConstraintRejected for a
     `cnf` we cannot verify (a `jwk`, `kid`, ... or a malformed one): an unchecked binding is no binding."""
@@ -446,6 +482,16 @@ def read_confirmation(claims: Mapping[str, Any]) -> Confirmation | None:
         if value is not None and not (isinstance(value, str) and _SHA256_B64URL.fullmatch(value)):
             raise SenderConstraintRejected("bad_cnf", "the token's confirmation is malformed")
     return Confirmation(jkt, x5t)
+
+
+def confirmation_of(claims: Mapping[str, Any], *, required: bool) -> Confirmation | None:
+    """`read_confirmation`, and for an introspector with `sender_constraint: required` a refusal
+    (401 `sender_constraint_required`) of a token without `cnf`. Depends only on the token and the
+    config: the introspectors call it, so an identity the verified-token cache keeps has passed it."""
+    confirmation = read_confirmation(claims)
+    if confirmation is None and required:
+        raise SenderConstraintRejected("unbound_token", "the token must be sender-constrained")
+    return confirmation
 
 
 class SenderConstraints:
@@ -465,11 +511,16 @@ class SenderConstraints:
         *,
         window: float = DEFAULT_PROOF_WINDOW,
         leeway: float = DEFAULT_PROOF_LEEWAY,
+        algorithms: frozenset[str] = DPOP_ALGORITHMS,
+        certificate_header: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._replay = replay
+        self._certificate_header = certificate_header
         self._window = window
         self._leeway = leeway
+        self._algorithms = algorithms
+        self._keys: Lru[str, VerificationKey] = Lru(PROOF_KEY_ENTRIES)
         self._ttl = replay_ttl(window, leeway)
         self._clock = clock
 
@@ -517,6 +568,45 @@ class SenderConstraints:
             now=self._clock(),
             window=self._window,
             leeway=self._leeway,
+            algorithms=self._algorithms,
+            keys=self._keys,
         )
         if await self._replay.seen(claims.replay_key, self._ttl):
             raise InvalidDPoPProof("replayed", "DPoP proof already used")
+
+    async def check(self, confirmation: Confirmation | None, credential: Credential, request: HttpRequest) -> None:
+        """`verify` for one Check: the proof, method and URL (RFC 9449 4.3: scheme, host and path,
+        without query and fragment) and the client certificate of `request` (Envoy's peer
+        certificate, else the configured header a proxy sets)."""
+        await self.verify(
+            confirmation,
+            required=False,  # enforced when the token was verified (confirmation_of)
+            scheme=credential.scheme,
+            token=credential.token,
+            proof=credential.proof,
+            method=request.method,
+            url=f"{request.scheme or 'http'}://{request.host}{request.path}",
+            certificate=request.certificate or self._header_certificate(request.headers),
+        )
+
+    def _header_certificate(self, headers: Mapping[str, str]) -> str | None:
+        name = self._certificate_header
+        if name is None:
+            return None
+        value = headers.get(name)
+        if value is None or name != XFCC:
+            return value
+        return xfcc_certificate(value)
+
+
+XFCC = "x-forwarded-client-cert"
+_XFCC_CERT = re.compile(r'(?:^|[;,])\s*Cert="([^"]*)"', re.IGNORECASE)
+
+
+def xfcc_certificate(value: str) -> str:
+    """The `Cert` of an x-forwarded-client-cert value Envoy set (`forward_client_cert_details`
+    with `set_current_client_cert_details: {cert: true}`): URL-encoded PEM. A value with no Cert,
+    or with more than one (elements of several proxies), gives "", which no binding accepts:
+    which one is the client's cannot be told for certain."""
+    found = _XFCC_CERT.findall(value)
+    return found[0] if len(found) == 1 else ""

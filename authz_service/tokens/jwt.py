@@ -17,6 +17,7 @@ from authz_service.config.model import JwtIntrospectorConfig
 from authz_service.errors import TokenRejected
 from authz_service.model import Identity, Reason
 from authz_service.tokens.base import Credential
+from authz_service.tokens.dpop import confirmation_of
 from authz_service.tokens.jws import ParsedJwt, parse_jwt
 from authz_service.tokens.keys import (
     VERIFIABLE_ALGORITHMS,
@@ -97,14 +98,6 @@ def check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> None
         raise TokenRejected(Reason.BAD_AUDIENCE)
     if audiences.isdisjoint(presented):
         raise TokenRejected(Reason.BAD_AUDIENCE)
-
-
-def refuse_sender_constrained(claims: Mapping[str, Any]) -> None:
-    """A token bound to a key (`cnf`: RFC 9449 DPoP `jkt`, RFC 8705 mTLS `x5t#S256`, RFC 7800) is
-    only as good as the proof of possession that comes with it, and a Bearer request carries none:
-    refuse it (TokenRejected(SENDER_CONSTRAINED)) rather than let a stolen bound token be replayed."""
-    if "cnf" in claims:
-        raise TokenRejected(Reason.SENDER_CONSTRAINED)
 
 
 def _verified(token: ParsedJwt, keys: Sequence[VerificationKey]) -> bool:
@@ -220,5 +213,6 @@ class JwtIntrospector:
             now=self._clock(),
             max_lifetime=config.max_lifetime,
         )
-        refuse_sender_constrained(claims)
-        return Identity(user_id_of(claims), claims, self.id, "jwt", float(claims["exp"]))
+        # `cnf` (a DPoP key, a client certificate): kept for decide.py to check on every request.
+        confirmation = confirmation_of(claims, required=config.sender_constraint == "required")
+        return Identity(user_id_of(claims), claims, self.id, "jwt", float(claims["exp"]), confirmation=confirmation)

@@ -27,7 +27,8 @@ from authz_service.model import Identity, Reason
 from authz_service.singleflight import SingleFlight
 from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, Credential, IdpClient, IdpErrorAnswer
 from authz_service.tokens.cache import TokenCache, token_key
-from authz_service.tokens.jwt import check_audience, is_numeric_date, refuse_sender_constrained, user_id_of
+from authz_service.tokens.dpop import confirmation_of
+from authz_service.tokens.jwt import check_audience, is_numeric_date, user_id_of
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,14 @@ class OpaqueIntrospector:
                 raise TokenRejected(Reason.BAD_CLAIMS)
         if self.config.audiences is not None:
             check_audience(result, self.config.audiences)
-        refuse_sender_constrained(result)
+        confirmation = confirmation_of(result, required=self.config.sender_constraint == "required")
         return Identity(
-            user_id_of(result, "username"), result, self.id, "opaque", float(exp) if exp is not None else None
+            user_id_of(result, "username"),
+            result,
+            self.id,
+            "opaque",
+            float(exp) if exp is not None else None,
+            confirmation=confirmation,
         )
 
 

@@ -1,6 +1,7 @@
 """Where a request's token comes from.
 
-Order (SPEC): `Authorization: Bearer` first; then each introspector's own sources, introspectors
+Order (SPEC): `Authorization: Bearer` (or `DPoP`, RFC 9449 7.1, with its `DPoP` proof header)
+first; then each introspector's own sources, introspectors
 in config order, and within one introspector its `from_headers` (in order), its `from_params` (in
 order), then its `cookie`. A token from an introspector's own source is bound to that
 introspector: no other may vouch for it.
@@ -22,7 +23,8 @@ from urllib.parse import unquote_plus
 from authz_service.config.model import HeaderSource, IntrospectorConfig
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import HttpRequest, Reason
-from authz_service.tokens.base import Credential
+from authz_service.tokens.base import Credential, DPoPCredential
+from authz_service.tokens.dpop import InvalidDPoPProof, proof_header
 from authz_service.tokens.jws import MAX_TOKEN_BYTES
 
 # Visible ASCII only: RFC 6750's b64token is a subset, and opaque tokens and cookies stay inside it.
@@ -94,8 +96,15 @@ class CredentialFinder:
         authorization = headers.get("authorization")
         if authorization is not None:
             scheme, _, rest = _single(authorization).strip().partition(" ")
-            if scheme.lower() == "bearer":
+            folded = scheme.lower()
+            if folded == "bearer":
                 return Credential(_checked(rest.strip()))
+            if folded == "dpop":
+                # A DPoP-bound token without its proof is refused before any introspection (RFC 9449 7.1).
+                proof = proof_header(headers)
+                if not proof:
+                    raise InvalidDPoPProof("missing_proof", "DPoP proof required")
+                return DPoPCredential(_checked(rest.strip()), proof=proof)
             # Another scheme (Basic, ...) is not ours to judge: the request counts as anonymous,
             # exactly as Envoy's jwt_authn treats it.
         if not self._sources:

@@ -158,6 +158,7 @@ class VerifiedTokens:
             None,
             deadline,
             identity.headers,
+            identity.confirmation,
             stamp,
         )
 

@@ -13,12 +13,12 @@ import pytest_asyncio
 import redis.asyncio as redis
 from jwcrypto import jwk, jws  # type: ignore[import-untyped]  # no type information shipped
 
+from authz_service.model import Confirmation
 from authz_service.tokens.dpop import (
     DEFAULT_PROOF_LEEWAY,
     DEFAULT_PROOF_WINDOW,
     REDIS_OPERATION_TIMEOUT,
     REPLAY_KEY_PREFIX,
-    Confirmation,
     InvalidDPoPProof,
     RedisReplayCache,
     ReplayCacheUnavailable,

@@ -129,13 +129,15 @@ async def test_each_rejection_reason_is_a_401(idp: HostileIdentityProvider, star
         "not yet valid": (idp.mint({"nbf": now + 600}), "not_yet_valid"),
         "issued in the future": (idp.mint({"iat": now + 600}), "issued_in_future"),
         "wrong iss": (idp.mint({"iss": "https://evil.example"}), "unknown_issuer"),
-        "bound to a DPoP key": (
-            idp.mint({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}),
-            ("sender_constrained"),
-        ),
+        # Sent as Bearer, without the client certificate (a DPoP-bound one gets a DPoP challenge:
+        # tests/integration/test_sender_constrained.py).
         "bound to a client certificate": (
+            idp.mint({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}),
+            ("no_client_certificate"),
+        ),
+        "a confirmation that cannot be checked": (
             idp.mint({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9"}}),
-            ("sender_constrained"),
+            ("bad_cnf"),
         ),
         "wrong aud": (idp.mint({"aud": "someone-else"}), "bad_audience"),
         "missing aud": (idp.mint({"aud": None}), "bad_audience"),

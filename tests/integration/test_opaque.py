@@ -310,9 +310,13 @@ async def test_a_sender_constrained_opaque_token_is_refused_as_a_bearer(
     idp: HostileIdentityProvider, start_service: StartService
 ) -> None:
     service = await start_service({"introspectors": [opaque_introspector(idp)]})
-    for cnf in ({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}, {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9"}):
+    for cnf, reason, scheme in (
+        ({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}, "dpop_required", "DPoP "),
+        ({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}, "no_client_certificate", "Bearer "),
+    ):
         answer = await service.check(token=idp.issue_opaque({"cnf": cnf}))
-        assert (answer.http_status, answer.response.status.message) == (401, "sender_constrained")
+        assert (answer.http_status, answer.response.status.message) == (401, reason)
+        assert answer.headers["www-authenticate"].startswith(scheme)
         assert 'error="invalid_token"' in answer.headers["www-authenticate"]
 
 

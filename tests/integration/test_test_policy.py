@@ -211,6 +211,9 @@ async def test_invalid_bodies_are_named(idp: DevIdentityProvider, api: StartApi)
     assert reply.status == 401
 
 
+PROOF = "eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJqdGkiOiJwcm9vZiJ9.c2lnbmF0dXJl"
+
+
 async def test_no_secret_reaches_the_answer(idp: DevIdentityProvider, api: StartApi) -> None:
     introspector = jwks_introspector(
         idp, from_headers=[{"name": "x-api-token"}], from_params=["access_token"], cookie="session"
@@ -221,7 +224,7 @@ async def test_no_secret_reaches_the_answer(idp: DevIdentityProvider, api: Start
     )
     for where in ("header", "param", "cookie", "authorization"):
         token = idp.mint({"sub": f"via-{where}"})
-        headers = {"x-trace": f"trace-{token}", "proxy-authorization": "Basic c2VjcmV0LXZhbHVl"}
+        headers = {"x-trace": f"trace-{token}", "proxy-authorization": "Basic c2VjcmV0LXZhbHVl", "dpop": PROOF}
         path = "/fhir/Patient"
         if where == "header":
             headers["x-api-token"] = token
@@ -236,6 +239,7 @@ async def test_no_secret_reaches_the_answer(idp: DevIdentityProvider, api: Start
         text = json.dumps(answer)
         assert token not in text
         assert "c2VjcmV0LXZhbHVl" not in text
+        assert PROOF not in text  # a DPoP proof is a credential too
         # The one reason quotes the header that carried the token inside it: scrubbed, not dropped.
         [reason] = verdicts(answer)["echo"][1]
         assert reason == "headers.x-trace: 'trace-<redacted>' does not match '#^never'"

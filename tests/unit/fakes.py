@@ -24,7 +24,7 @@ from jwt.algorithms import ECAlgorithm
 
 from authz_service.devstack.localhttp import LocalHttpServer
 from authz_service.errors import TokenRejected, UpstreamUnavailable
-from authz_service.model import Identity, Reason
+from authz_service.model import Confirmation, Identity, Reason
 from authz_service.tokens.base import Credential
 
 EPOCH = 1_800_000_000.0  # a fixed "now" for fake clocks (2027-01-15)
@@ -96,8 +96,11 @@ class FakeIntrospector:
         *,
         kind: str = "opaque",
         expires_at: float | None = None,
+        confirmation: Confirmation | None = None,
     ) -> Identity:
-        identity = Identity(user_id, dict(claims or {"sub": user_id}), self.id, kind, expires_at)
+        identity = Identity(
+            user_id, dict(claims or {"sub": user_id}), self.id, kind, expires_at, confirmation=confirmation
+        )
         self._answers[token] = identity
         return identity
 

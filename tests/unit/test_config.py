@@ -1029,3 +1029,52 @@ def test_numbers_from_environment_variables_are_numbers() -> None:
     config = parse_config(text, {"TTL": "120", "TIMEOUT": "0.5"})
     assert config.introspectors[0].cache_ttl == 120
     assert config.introspectors[0].timeout == 0.5
+
+
+# --------------------------------------------------------------------------- sender-constrained tokens
+
+
+def test_sender_constraints_defaults_and_values() -> None:
+    default = parse_config(dump({"introspectors": [jwt_introspector()]}))
+    assert default.sender_constraints.proof_window == 60
+    assert default.sender_constraints.proof_leeway == 5
+    assert default.sender_constraints.client_certificate_header is None
+    assert jwt_introspectors(default)[0].sender_constraint == "optional"
+    raw = {
+        "introspectors": [jwt_introspector(sender_constraint="required")],
+        "sender_constraints": {
+            "proof_window": 30,
+            "proof_leeway": 2,
+            "algorithms": ["ES256", "EdDSA"],
+            "client_certificate_header": "X-Client-Cert",
+        },
+    }
+    config = parse_config(dump(raw))
+    assert jwt_introspectors(config)[0].sender_constraint == "required"
+    assert config.sender_constraints.algorithms == ("ES256", "EdDSA")
+    assert config.sender_constraints.client_certificate_header == "x-client-cert"
+    assert (config.sender_constraints.proof_window, config.sender_constraints.proof_leeway) == (30, 2)
+
+
+def test_bad_sender_constraint_settings_name_the_resource_and_field() -> None:
+    assert single_problem(dump({"introspectors": [jwt_introspector(sender_constraint="always")]})) == (
+        "introspector 'a': sender_constraint must be optional or required, got 'always'"
+    )
+    problems = problems_of(
+        dump(
+            {
+                "introspectors": [jwt_introspector()],
+                "sender_constraints": {
+                    "proof_window": 0,
+                    "algorithms": ["HS256", "none"],
+                    "client_certificate_header": "dpop",
+                    "replay": 1,
+                },
+            }
+        )
+    )
+    assert problems[0] == "sender_constraints: proof_window must be between 1 and 3600, got 0"
+    assert problems[1].startswith("sender_constraints: algorithms[0] must be an asymmetric JWS algorithm")
+    assert problems[2].startswith("sender_constraints: algorithms[1] must be")
+    assert problems[3] == "sender_constraints: client_certificate_header must not be 'dpop'"
+    assert problems[4] == "sender_constraints: replay is not a known field"

@@ -14,7 +14,7 @@ import pytest
 
 from authz_service.config.model import PolicyConfig
 from authz_service.decide import Authorizer
-from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
+from authz_service.model import Confirmation, Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.registries import validate_config
 from authz_service.tokens.jws import MAX_TOKEN_BYTES
 from authz_service.tokens.router import IntrospectorRouter
@@ -333,3 +333,19 @@ async def test_an_anonymous_request_names_no_introspector() -> None:
     s = Setup(policy("public", public_path))
     assert (await s.check("/public")).introspector is None
     assert (await s.check("/private")).introspector is None
+
+
+# --------------------------------------------------------------------------- sender-constrained tokens
+
+
+async def test_a_bound_identity_without_a_proof_checker_is_refused() -> None:
+    # Fail closed: an Authorizer built without SenderConstraints never lets a bound token through.
+    s = Setup(authentication_only=True)
+    s.idp.vouch(TOKEN, confirmation=Confirmation(jkt="0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"))
+    decision = await s.check(token=TOKEN)
+    assert (decision.outcome, decision.reason, decision.introspector) == (
+        Outcome.UNAUTHENTICATED,
+        Reason.DPOP_UNBOUND_TOKEN,
+        "idp",
+    )
+    assert decision.identity is None  # an unproven identity is never reported as the caller

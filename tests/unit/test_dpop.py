@@ -14,13 +14,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from jwcrypto import jwk, jws  # type: ignore[import-untyped]  # no type information shipped
 
+from authz_service.lru import Lru
+from authz_service.model import Confirmation, HttpRequest
+from authz_service.tokens.base import Credential
 from authz_service.tokens.dpop import (
     DEFAULT_PROOF_LEEWAY,
     DEFAULT_PROOF_WINDOW,
     DPOP_ALGORITHMS,
     MAX_PROOF_BYTES,
+    XFCC,
     CertificateBindingRejected,
-    Confirmation,
     InvalidDPoPProof,
     MemoryReplayCache,
     ProofClaims,
@@ -39,7 +42,9 @@ from authz_service.tokens.dpop import (
     verify_dpop_proof,
     www_authenticate_dpop,
     x5t_s256,
+    xfcc_certificate,
 )
+from authz_service.tokens.keys import VerificationKey
 from tests.certs import make_pki
 from tests.unit.fakes import EPOCH, FakeClock
 
@@ -264,6 +269,18 @@ def test_a_private_key_in_the_jwk_is_refused() -> None:
     assert rejected(EC.proof(header={"jwk": private})) == "bad_jwk"
     rsa = HOLDERS["RS256"]
     assert rejected(rsa.proof(header={"jwk": rsa.key.export_private(as_dict=True)}), rsa) == "bad_jwk"
+
+
+def test_a_loaded_proof_key_is_reused_only_for_the_very_same_jwk() -> None:
+    keys: Lru[str, VerificationKey] = Lru(8)
+    assert verify(EC.proof(), keys=keys).jkt == EC.jkt
+    assert len(keys) == 1
+    assert verify(EC.proof(), keys=keys).jkt == EC.jkt  # from the cache
+    assert len(keys) == 1
+    # Same thumbprint, other members: loaded (and refused) on its own, never taken from the cache.
+    private = EC.key.export_private(as_dict=True)
+    assert rejected(EC.proof(header={"jwk": private}), keys=keys) == "bad_jwk"
+    assert len(keys) == 1
 
 
 def test_a_weak_rsa_key_is_refused() -> None:
@@ -540,3 +557,29 @@ async def test_a_full_replay_cache_is_an_outage_not_an_allow() -> None:
     await constraints.verify(Confirmation(jkt=EC.jkt), **Request.of(proof=EC.proof()))
     with pytest.raises(ReplayCacheUnavailable):
         await constraints.verify(Confirmation(jkt=EC.jkt), **Request.of(proof=EC.proof()))
+
+
+async def test_the_certificate_comes_from_the_peer_or_the_configured_header_only(
+    certificates: tuple[str, str],
+) -> None:
+    client, rogue = certificates
+    bound = Confirmation(x5t_s256=x5t_s256(client))
+    credential = Credential("opaque-token")
+    escaped = quote(client, safe="")
+    for header in ("x-client-cert", XFCC):
+        constraints = SenderConstraints(MemoryReplayCache(), certificate_header=header)
+        value = escaped if header != XFCC else f'By=spiffe://a;Hash=00;Cert="{escaped}";Subject="CN=envoy"'
+        await constraints.check(bound, credential, HttpRequest(headers={header: value}))
+        # Envoy's peer certificate comes first: a header cannot override it.
+        with pytest.raises(CertificateBindingRejected):
+            await constraints.check(bound, credential, HttpRequest(headers={header: value}, certificate=rogue))
+    # Not configured: the header is not read at all.
+    with pytest.raises(CertificateBindingRejected) as caught:
+        await SenderConstraints(MemoryReplayCache()).check(bound, credential, HttpRequest(headers={XFCC: escaped}))
+    assert caught.value.detail == "no_certificate"
+
+
+def test_xfcc_gives_its_one_cert_only() -> None:
+    assert xfcc_certificate('Hash=ab;Cert="PEM";Subject="CN=a,O=b"') == "PEM"
+    assert xfcc_certificate('By=x;Cert="ONE",By=y;Cert="TWO"') == ""  # two proxies' elements: whose is it?
+    assert xfcc_certificate("Hash=ab;Subject=x") == ""

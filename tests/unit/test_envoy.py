@@ -423,3 +423,45 @@ def test_http_mode_allow_setting_every_identity_header_removes_none() -> None:
     identity = Identity("u", claims, "idp", "jwt")
     decision = Decision(Outcome.ALLOW, Reason.ALLOWED, identity, IdentityHeaders(RESPONSE).build(identity))
     assert HEADERS_TO_REMOVE not in dict(HttpAnswers(RESPONSE).answer(decision).headers)
+
+
+# --------------------------------------------------------------------------- sender-constrained tokens
+
+
+@pytest.mark.parametrize(
+    ("reason", "challenge"),
+    [
+        (
+            Reason.DPOP_HTU_MISMATCH,
+            'DPoP error="invalid_dpop_proof", error_description="DPoP proof htu does not match the request", '
+            'algs="ES256 RS256"',
+        ),
+        (
+            Reason.DPOP_REQUIRED,
+            'DPoP error="invalid_token", error_description="the token is bound to a key and needs a DPoP proof", '
+            'algs="ES256 RS256"',
+        ),
+        (
+            Reason.CERTIFICATE_MISMATCH,
+            'Bearer realm="authz-service", error="invalid_token", '
+            'error_description="the token is bound to another certificate"',
+        ),
+    ],
+)
+def test_a_sender_constraint_refusal_carries_its_schemes_challenge(reason: Reason, challenge: str) -> None:
+    decision = Decision(Outcome.UNAUTHENTICATED, reason)
+    grpc_answer = pb.CheckResponse.FromString(ResponseBuilder(RESPONSE, dpop_algs="ES256 RS256").encode(decision))
+    assert grpc_answer.denied_response.status.code == 401
+    assert {o.header.key: o.header.value for o in grpc_answer.denied_response.headers}["www-authenticate"] == challenge
+    http_answer = HttpAnswers(RESPONSE, dpop_algs="ES256 RS256").answer(decision)
+    assert http_answer.status == 401
+    assert dict(http_answer.headers)["www-authenticate"] == challenge
+    error = "invalid_dpop_proof" if reason is Reason.DPOP_HTU_MISMATCH else "invalid_token"
+    assert json.loads(http_answer.body) == {"error": error, "error_description": reason.description}
+
+
+def test_the_peer_certificate_reaches_the_request() -> None:
+    check = check_request("/")
+    check.attributes.source.certificate = "-----BEGIN%20CERTIFICATE-----%0AMIIB"
+    assert to_http_request(check).certificate == "-----BEGIN%20CERTIFICATE-----%0AMIIB"
+    assert to_http_request(check_request("/")).certificate == ""

@@ -175,6 +175,9 @@ def test_the_client_address_is_the_last_forwarded_for_entry() -> None:
         (b"Bearer eyJhbGciOi", Reason.TOO_LARGE),
         (b"bearer eyJ", Reason.TOO_LARGE),
         (b"Authorization: Bearer eyJ", Reason.TOO_LARGE),
+        (b"DPoP eyJhbGciOi", Reason.TOO_LARGE),  # the DPoP scheme's token (RFC 9449 7.1)
+        (b"Authorization: DPoP eyJ", Reason.TOO_LARGE),
+        (b"DPoP: eyJ0eXAiOiJkcG9w", Reason.HEADERS_TOO_LARGE),  # the proof header itself
         (b"Cookie: sid=", Reason.HEADERS_TOO_LARGE),
         (b"/ext_authz/ppp", Reason.HEADERS_TOO_LARGE),
         (b"", Reason.HEADERS_TOO_LARGE),

@@ -11,7 +11,7 @@ import pytest
 
 from authz_service.config.model import JwtIntrospectorConfig
 from authz_service.errors import ConfigError, TokenRejected
-from authz_service.model import Reason
+from authz_service.model import Confirmation, Reason
 from authz_service.registries import validate_config
 from authz_service.tokens.base import Credential
 from authz_service.tokens.discovery import OidcDiscovery
@@ -389,16 +389,38 @@ def test_introspector_is_routed_by_its_issuer() -> None:
 # --------------------------------------------------------------------------- sender-constrained tokens
 
 
+JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+X5T = "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"
+
+
+async def test_a_bound_token_keeps_its_confirmation_for_the_proof_check() -> None:
+    # RFC 9449 DPoP and RFC 8705 mTLS: verified here, proved per request in decide.py.
+    for cnf, expected in (
+        ({"jkt": JKT}, Confirmation(jkt=JKT)),
+        ({"x5t#S256": X5T}, Confirmation(x5t_s256=X5T)),
+        (None, None),
+    ):
+        identity = await introspector().introspect(Credential(hs_token(claims(cnf=cnf), SECRET)))
+        assert identity.confirmation == expected, cnf
+
+
 @pytest.mark.parametrize(
-    "cnf",
+    ("cnf", "reason"),
     [
-        {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"},  # RFC 9449 DPoP
-        {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"},  # RFC 8705 mTLS
-        {},  # any confirmation claim: we cannot check one we do not know
+        ({}, Reason.BAD_CNF),
+        ({"jkt": "short"}, Reason.BAD_CNF),
+        ({"jwk": {"kty": "EC"}}, Reason.UNSUPPORTED_CNF),  # a confirmation we cannot check: refused
     ],
 )
-async def test_a_token_bound_to_a_key_is_refused_as_a_bearer(cnf: dict[str, str]) -> None:
-    assert await rejection(introspector(), hs_token(claims(cnf=cnf), SECRET)) is Reason.SENDER_CONSTRAINED
+async def test_a_confirmation_we_cannot_check_is_refused(cnf: dict[str, Any], reason: Reason) -> None:
+    assert await rejection(introspector(), hs_token(claims(cnf=cnf), SECRET)) is reason
+
+
+async def test_a_required_sender_constraint_refuses_a_plain_bearer_token() -> None:
+    required = jwt_config({"sender_constraint": "required"}, secret=SECRET.decode(), aud="api")
+    assert await rejection(introspector(required), hs_token(claims(), SECRET)) is Reason.SENDER_CONSTRAINT_REQUIRED
+    bound = await introspector(required).introspect(Credential(hs_token(claims(cnf={"jkt": JKT}), SECRET)))
+    assert bound.confirmation == Confirmation(jkt=JKT)
 
 
 async def test_static_keys_offer_nothing_more_after_a_bad_signature() -> None:

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from authz_service.config.model import OpaqueIntrospectorConfig
 from authz_service.errors import TokenRejected, UpstreamUnavailable
-from authz_service.model import Identity, Reason
+from authz_service.model import Confirmation, Identity, Reason
 from authz_service.registries import validate_config
 from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, Credential, IdpErrorAnswer
 from authz_service.tokens.cache import BoundedMemoryCache, CacheStats, TokenCache, token_key
@@ -391,18 +391,22 @@ async def test_without_aud_configured_any_audience_passes(idp: CannedIdp, client
     assert (await Cached(idp, client).check()).user_id == "user-1"
 
 
-@pytest.mark.parametrize(
-    "cnf",
-    [
-        {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"},
-        {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"},
-    ],
-)
-async def test_a_sender_constrained_answer_is_refused_to_a_bearer(
-    idp: CannedIdp, client: UpstreamClient, cnf: dict[str, str]
+async def test_a_sender_constrained_answer_keeps_its_confirmation(idp: CannedIdp, client: UpstreamClient) -> None:
+    jkt = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+    idp.answer(active(cnf={"jkt": jkt}))
+    assert (await Cached(idp, client).check()).confirmation == Confirmation(jkt=jkt)
+
+
+async def test_a_required_sender_constraint_refuses_an_answer_without_cnf(
+    idp: CannedIdp, client: UpstreamClient
 ) -> None:
-    idp.answer(active(cnf=cnf))
-    assert await Cached(idp, client).rejection() is Reason.SENDER_CONSTRAINED
+    idp.answer(active())
+    assert await Cached(idp, client, sender_constraint="required").rejection() is Reason.SENDER_CONSTRAINT_REQUIRED
+
+
+async def test_an_answer_with_a_confirmation_we_cannot_check_is_refused(idp: CannedIdp, client: UpstreamClient) -> None:
+    idp.answer(active(cnf={"jwk": {"kty": "EC"}}))
+    assert await Cached(idp, client).rejection() is Reason.UNSUPPORTED_CNF
 
 
 # --------------------------------------------------------------------------- client authentication

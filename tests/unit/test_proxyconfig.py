@@ -179,3 +179,48 @@ def test_an_unknown_proxy_and_a_template_mistake_are_errors() -> None:
     with pytest.raises(ValueError, match="own line"):
         proxyconfig._fill("a @X@ c\n", {"X": ["b"]})
     assert proxyconfig._fill("  @X@\nv=@Y@\n", {"X": ["a", "", "b"], "Y": "1"}) == "  a\n\n  b\nv=1\n"
+
+
+WITH_CERTIFICATE_HEADER = OTHER + "sender_constraints: {client_certificate_header: X-Client-Cert}\n"
+
+
+def test_a_client_certificate_header_is_only_ever_the_proxys(tmp_path: Path) -> None:
+    """Certificate-bound tokens (RFC 8705) are checked against the header the operator names: every
+    shipped proxy strips a client's copy of it (nginx sets its own from the TLS connection)."""
+    config = parse_config(WITH_CERTIFICATE_HEADER)
+    for kind in ("envoy-http", "envoy-grpc"):
+        text = proxyconfig.render(kind, config)
+        first = _http_filters(yaml.safe_load(text))[0]
+        removed = [m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]]  # type: ignore[index]
+        assert removed == [*_other().identity_headers, "x-client-cert"], kind
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(text)
+        result = subprocess.run(
+            [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    grpc_filters = {
+        f["name"]: f["typed_config"] for f in _http_filters(yaml.safe_load(proxyconfig.render("envoy-grpc", config)))
+    }
+    assert grpc_filters["envoy.filters.http.ext_authz"]["include_peer_certificate"] is True  # type: ignore[index]
+    # HTTP-mode Envoy passes every request header to the check: the `dpop` proof header included.
+    http_filters = _http_filters(yaml.safe_load(proxyconfig.render("envoy-http", config)))
+    ext_authz = {f["name"]: f["typed_config"] for f in http_filters}["envoy.filters.http.ext_authz"]
+    patterns = ext_authz["allowed_headers"]["patterns"]  # type: ignore[index]
+    assert any(re.fullmatch(p["safe_regex"]["regex"], "dpop") for p in patterns if "safe_regex" in p)
+    nginx = proxyconfig.render("nginx", config)
+    assert "proxy_set_header X-Client-Cert $ssl_client_escaped_cert;" in nginx
+    path = tmp_path / "nginx.conf"
+    path.write_text(nginx)
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-p", f"{tmp_path}/", "-c", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    traefik = yaml.safe_load(proxyconfig.render("traefik", config))
+    assert (
+        traefik["http"]["middlewares"]["authz-strip-client-headers"]["headers"]["customRequestHeaders"]["X-Client-Cert"]
+        == ""
+    )
+    # Envoy's connection manager sanitizes x-forwarded-client-cert itself: not removed by a filter.
+    xfcc = parse_config(OTHER + "sender_constraints: {client_certificate_header: x-forwarded-client-cert}\n")
+    assert "remove: x-forwarded-client-cert" not in proxyconfig.render("envoy-grpc", xfcc)

@@ -14,7 +14,7 @@ import pytest
 from authz_service.errors import MalformedCredentials, TokenRejected
 from authz_service.model import HttpRequest, Reason
 from authz_service.registries import validate_config
-from authz_service.tokens.base import Credential
+from authz_service.tokens.base import Credential, DPoPCredential
 from authz_service.tokens.jws import MAX_TOKEN_BYTES
 from authz_service.tokens.sources import CredentialFinder
 
@@ -251,3 +251,32 @@ def test_within_one_introspector_headers_then_params_then_cookie() -> None:
 def test_an_earlier_introspector_wins_whatever_its_source() -> None:
     two = finder(opaque("first", cookie="c"), opaque("second", from_headers=[{"name": "x-t"}]))
     assert find(two, x_t="H", cookie="c=C") == Credential("C", "first")
+
+
+# --------------------------------------------------------------------------- the DPoP scheme (RFC 9449 7.1)
+
+
+def test_a_dpop_scheme_credential_carries_its_proof() -> None:
+    found = BEARER_ONLY.find(HttpRequest(headers={"authorization": "DPoP tok", "dpop": " a.b.c "}))
+    assert found == DPoPCredential("tok", proof="a.b.c")
+    assert (found.scheme, found.proof) == ("dpop", "a.b.c")
+    assert BEARER_ONLY.find(HttpRequest(headers={"authorization": "dpop tok", "dpop": "a.b.c"})) == found
+    # Bearer stays Bearer, a proof beside it or not: the binding decides what it needs.
+    bearer = BEARER_ONLY.find(HttpRequest(headers={"authorization": "Bearer tok", "dpop": "a.b.c"}))
+    assert bearer == Credential("tok")
+    assert bearer is not None
+    assert (bearer.scheme, bearer.proof) == ("bearer", None)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"authorization": "DPoP tok"}, Reason.DPOP_MISSING_PROOF),
+        ({"authorization": "DPoP tok", "dpop": ""}, Reason.DPOP_MISSING_PROOF),
+        ({"authorization": "DPoP tok", "dpop": "a.b.c,d.e.f"}, Reason.DPOP_MULTIPLE_PROOFS),
+    ],
+)
+def test_a_dpop_scheme_credential_without_one_proof_is_refused(headers: dict[str, str], reason: Reason) -> None:
+    with pytest.raises(TokenRejected) as caught:
+        BEARER_ONLY.find(HttpRequest(headers=headers))
+    assert caught.value.reason is reason
