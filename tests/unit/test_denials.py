@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from authz_service._pb.envoy.service.auth.v3 import external_auth_pb2
+from authz_service.config.model import ResponseConfig
 from authz_service.denials import (
     DENY_STATUS,
     MAX_FILE_BYTES,
@@ -24,9 +26,9 @@ from authz_service.denials import (
     prefers,
     quality,
 )
-from authz_service.envoy import OUTCOMES, Denial, http_denial
+from authz_service.envoy import OUTCOMES, Denial, HttpAnswers, ResponseBuilder, http_denial
 from authz_service.errors import ConfigError
-from authz_service.model import Outcome, Reason
+from authz_service.model import Decision, HttpRequest, Outcome, Reason
 
 HOSTILE = [
     "a\r\nset-cookie: x=1",
@@ -445,3 +447,21 @@ def test_the_issue_example_loads(tmp_path: Path) -> None:
     )
     assert render(responses, accept=BROWSER).status == 302
     assert render(responses, Outcome.FORBIDDEN, Reason.FORBIDDEN).body == b"<h1>Forbidden</h1>"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_responses_answer_to_a_refused_dpop_proof_keeps_the_dpop_challenge(protocol: str) -> None:
+    # The block writes Bearer's challenge; a refused proof must still say DPoP (RFC 9449 7.1).
+    responses = parse_responses({"unauthenticated": {"headers": {"x-reason": "{reason}"}}})
+    decision = Decision(Outcome.UNAUTHENTICATED, Reason.DPOP_REPLAYED)
+    request = HttpRequest(method="GET", path="/a", host="api.example", scheme="https")
+    if protocol == "http":
+        answer = HttpAnswers(ResponseConfig(), denials=responses, dpop_algs="ES256").answer(decision, request)
+        headers = dict(answer.headers)
+    else:
+        raw = ResponseBuilder(ResponseConfig(), denials=responses, dpop_algs="ES256").encode(decision, request)
+        response = external_auth_pb2.CheckResponse.FromString(raw)
+        headers = {h.header.key: h.header.value for h in response.denied_response.headers}
+    assert headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+    assert 'algs="ES256"' in headers["www-authenticate"]
+    assert headers["x-reason"] == Reason.DPOP_REPLAYED.label
