@@ -21,11 +21,13 @@ from typing import Any
 from authz_service.errors import PolicyTimeout
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.redact import redact
+from authz_service.tracing import parse_traceparent
 
 log = logging.getLogger("authz_service")
 decision_log = logging.getLogger("authz_service.decision")
 
-# Adding a field to the decision line (trace_id, span_id, dry_run, ...) takes three edits, all here:
+# Adding a field to the decision line (dry_run, ...) takes three edits, all here (trace_id and span_id
+# are such fields: present only when the request carries a valid traceparent):
 #   1. `decision_fields`: the field as JsonFormatter writes it (the reference the tests hold the
 #      writer to: tests/integration/test_decision_log.py compares the two for hostile strings);
 #   2. `DecisionItem` and `DecisionWriter.submit`: append the raw value (a str, a bool or None, no
@@ -49,7 +51,15 @@ def decision_fields(request: HttpRequest, decision: Decision, seconds: float, pr
         "latency_ms": round(seconds * 1000, 3),
         "protocol": protocol,
         "policy": decision.policy,
+        **_trace_fields(request.headers.get("traceparent")),
     }
+
+
+def _trace_fields(traceparent: str | None) -> dict[str, str]:
+    """`trace_id` and `span_id` of a valid traceparent header (the caller's span: Envoy's, Istio's,
+    a client's), none otherwise: a line without trace context keeps exactly its former keys."""
+    parsed = parse_traceparent(traceparent)
+    return {} if parsed is None else {"trace_id": parsed.trace_id, "span_id": parsed.span_id}
 
 
 def iso_timestamp(created: float) -> str:
@@ -61,7 +71,11 @@ def iso_timestamp(created: float) -> str:
 # path, not the request (the identity is the cached one). A queued line waits up to ~50 ms for the
 # writer's next batch, and a stalled log reader lets 10,000 of them wait: each request held with its
 # headers dict and header strings was ~2.7 KB (26.6 MB for a full queue), these are ~350 bytes.
-DecisionItem = tuple[float, int, str, str, str, Outcome, Reason, str | None, Identity | None, str | None, float, str]
+# The last item is the request's traceparent header as sent (None without one, or when longer than
+# any valid one): the writer thread parses it, so Check pays a dict lookup for it.
+DecisionItem = tuple[
+    float, int, str, str, str, Outcome, Reason, str | None, Identity | None, str | None, float, str, str | None
+]
 
 
 class DecisionWriter:
@@ -91,6 +105,9 @@ class DecisionWriter:
         """On the loop: enqueue what the line says (about 0.3 µs), or drop and count when the writer
         is behind. The request's id, method and path, not the request: see DecisionItem."""
         if len(self._queue) < self._max_queue:
+            traceparent = request.headers.get("traceparent")
+            if traceparent is not None and len(traceparent) > _MAX_TRACEPARENT:
+                traceparent = None  # never valid: not worth keeping queued
             self._queue.append(
                 (
                     created,
@@ -105,6 +122,7 @@ class DecisionWriter:
                     decision.policy,
                     seconds,
                     protocol,
+                    traceparent,
                 )
             )
         else:
@@ -159,6 +177,7 @@ class DecisionWriter:
 
 
 _PIPE_BUF = 4096
+_MAX_TRACEPARENT = 512  # parse_traceparent's own limit
 _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
 
 # The C string encoder json.dumps itself uses (ensure_ascii=False): ~0.1 µs a string.
@@ -187,6 +206,7 @@ def _render(
     policy: str | None,
     seconds: float,
     protocol: str,
+    traceparent: str | None = None,
 ) -> str:
     """The JSON line JsonFormatter would write for decision_fields(...), built by hand: the writer
     thread holds the GIL while it formats, so every microsecond here is taken from Check (9 µs with
@@ -208,8 +228,16 @@ def _render(
         f'"user_id": {_quote(redact.user_id(user)) if user is not None else "null"}, '
         f'"method": {_quote(redact.method(method))}, "path": {_quote(redact.path(path))}, '
         f'"latency_ms": {round(seconds * 1000, 3)!r}, "protocol": {_quote(protocol)}, '
-        f'"policy": {_quote(policy) if policy is not None else "null"}}}'
+        f'"policy": {_quote(policy) if policy is not None else "null"}{_trace_suffix(traceparent)}}}'
     )
+
+
+def _trace_suffix(traceparent: str | None) -> str:
+    """`, "trace_id": ..., "span_id": ...` for a valid traceparent (lower-case hex: nothing to quote)."""
+    parsed = parse_traceparent(traceparent) if traceparent is not None else None
+    if parsed is None:
+        return ""
+    return f', "trace_id": "{parsed.trace_id}", "span_id": "{parsed.span_id}"'
 
 
 class DecisionLog:

@@ -38,6 +38,7 @@ from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
 from authz_service.tokens.router import IntrospectorRouter
 from authz_service.tokens.sources import CredentialFinder
 from authz_service.tokens.verified import VerifiedTokens
+from authz_service.tracing import Spans
 
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
@@ -94,6 +95,7 @@ class Engine:
     http_answers: HttpAnswers  # HTTP-mode answers, from the same table
     verified: VerifiedTokens
     built: Mapping[str, Built]
+    spans: Spans | None = None  # the process's span exporter; None unless tracing.otlp_endpoint is set
 
     @property
     def introspectors(self) -> Mapping[str, Introspector]:
@@ -150,11 +152,13 @@ def build_engine(
     previous: Engine | None = None,
     on_cache_event: Callable[[str, str], None] | None = None,
     on_skipped_key: Callable[[str, str], None] | None = None,
+    spans: Spans | None = None,
 ) -> Engine:
     """The Engine for a config, reusing the unchanged introspectors of `previous`.
 
     `on_skipped_key(introspector, reason)` counts the unusable keys of fetched JWKS documents
-    (metrics.Metrics.jwks_skipped_key)."""
+    (metrics.Metrics.jwks_skipped_key). `spans`: the process's exporter (tracing.Spans), kept
+    by the engine only when it exports, so a Check without tracing pays one None check."""
     built = build_introspectors(config, client, caches, previous.built if previous else None, on_skipped_key)
     router = IntrospectorRouter(
         [b.introspector for b in built.values()],
@@ -181,7 +185,15 @@ def build_engine(
         authentication_only=config.authentication_only,
     )
     responses = ResponseBuilder(config.response, remove_params=credentials.token_params)
-    return Engine(config, authorizer, responses, HttpAnswers(config.response), verified, MappingProxyType(built))
+    return Engine(
+        config,
+        authorizer,
+        responses,
+        HttpAnswers(config.response),
+        verified,
+        MappingProxyType(built),
+        spans if spans is not None and spans.enabled else None,
+    )
 
 
 def build_introspectors(

@@ -47,6 +47,7 @@ from authz_service.decisionlog import (
     DecisionLog,
     DecisionWriter,
     _render,
+    _trace_fields,
     decision_fields,
 )
 from authz_service.logs import JsonFormatter
@@ -162,6 +163,7 @@ class _OrjsonLine:
         policy: str | None,
         seconds: float,
         protocol: str,
+        traceparent: str | None = None,
     ) -> bytes:
         second = int(created)
         if self._second != second:
@@ -184,6 +186,7 @@ class _OrjsonLine:
                 "latency_ms": round(seconds * 1000, 3),
                 "protocol": protocol,
                 "policy": policy,
+                **_trace_fields(traceparent),
             }
         )
         return line

@@ -93,6 +93,7 @@ class TracingConfig:
 
     otlp_endpoint: str | None = None  # http://collector:4317 (https:// for TLS); None: no spans
     service_name: str = "authz-service"
+    sample_ratio: float = 1.0  # of traces that start here; a caller's traceparent decides for its own
 
 
 @dataclass(frozen=True, slots=True)
