@@ -105,7 +105,9 @@ class DecisionWriter:
         """On the loop: enqueue what the line says (about 0.3 µs), or drop and count when the writer
         is behind. The request's id, method and path, not the request: see DecisionItem."""
         if len(self._queue) < self._max_queue:
-            traceparent = request.headers.get("traceparent")
+            # `in` first: on gRPC's header map a missed get() costs ~3 times a membership test.
+            headers = request.headers
+            traceparent = headers["traceparent"] if "traceparent" in headers else None
             if traceparent is not None and len(traceparent) > _MAX_TRACEPARENT:
                 traceparent = None  # never valid: not worth keeping queued
             self._queue.append(
