@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tests.conftest import StartService, jwks_introspector, opaque_introspector, sleep_past
-from tests.harness import Harness
+from tests.harness import Harness, config_from
 from tests.hostile_idp import HostileIdentityProvider
 
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
@@ -230,3 +230,48 @@ async def test_a_background_key_refresh_is_a_trace_of_its_own(
     assert [s.parent_span_id for s in fetches] == [b""] * len(fetches)  # each a root span
     assert len({s.trace_id for s in fetches}) == len(fetches)  # each a trace of its own
     assert idp.hits["jwks"] >= 2
+
+
+async def test_an_idp_outage_is_an_error_span_with_its_label_and_a_503_check(
+    idp: HostileIdentityProvider,
+    start_service: StartService,
+    receiver: tuple[Receiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collected, endpoint = receiver
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    harness = await start_service({"introspectors": [opaque_introspector(idp)], "tracing": {"otlp_endpoint": endpoint}})
+    idp.introspect_mode = "error500"
+    trace_id, caller = "6e0c63257de34c92bf9efcd03927272e", "e457b5a2e4d86bd1"
+    token = idp.issue_opaque()
+    answer = await harness.check("/a", token=token, headers={"traceparent": traceparent(trace_id, caller)})
+    assert answer.http_status == 503
+
+    await collected.wait_for(lambda spans: check_span(spans, trace_id) is not None)
+    spans = [span for _, span in collected.spans]
+    check = check_span(spans, trace_id)
+    assert check is not None
+    assert attributes(check)["authz.decision"] == "unavailable"
+    assert check.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    (introspection,) = children(spans, check).values()
+    assert attributes(introspection)["authz.outcome"] == "http_500"
+    assert introspection.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert introspection.status.message == "http_500"
+    assert list(introspection.events) == []  # no exception event: its text could quote anything
+    for span in spans:
+        assert token.encode() not in span.SerializeToString()
+
+
+async def test_tracing_changes_take_effect_at_a_restart(
+    idp: HostileIdentityProvider, start_service: StartService, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = await start_service({"introspectors": [opaque_introspector(idp)]})
+    assert harness.service.engine.spans is None  # off: Check pays one None test
+    traced = config_from(
+        {"introspectors": [opaque_introspector(idp)], "tracing": {"otlp_endpoint": "http://127.0.0.1:4317"}}
+    )
+    with caplog.at_level(logging.WARNING):
+        await harness.service.reload(traced)
+    assert "config section 'tracing' changed: it takes effect only after a restart" in caplog.text
+    assert harness.service.engine.spans is None
+    assert harness.service.config.tracing.otlp_endpoint is None
