@@ -21,7 +21,7 @@ from typing import Any
 from authz_service.errors import PolicyTimeout
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.redact import redact
-from authz_service.tracing import parse_traceparent
+from authz_service.tracing import trace_ids
 
 log = logging.getLogger("authz_service")
 decision_log = logging.getLogger("authz_service.decision")
@@ -58,8 +58,8 @@ def decision_fields(request: HttpRequest, decision: Decision, seconds: float, pr
 def _trace_fields(traceparent: str | None) -> dict[str, str]:
     """`trace_id` and `span_id` of a valid traceparent header (the caller's span: Envoy's, Istio's,
     a client's), none otherwise: a line without trace context keeps exactly its former keys."""
-    parsed = parse_traceparent(traceparent)
-    return {} if parsed is None else {"trace_id": parsed.trace_id, "span_id": parsed.span_id}
+    ids = trace_ids(traceparent) if traceparent is not None else None
+    return {} if ids is None else {"trace_id": ids[0], "span_id": ids[1]}
 
 
 def iso_timestamp(created: float) -> str:
@@ -107,9 +107,11 @@ class DecisionWriter:
         if len(self._queue) < self._max_queue:
             # `in` first: on gRPC's header map a missed get() costs ~3 times a membership test.
             headers = request.headers
-            traceparent = headers["traceparent"] if "traceparent" in headers else None
-            if traceparent is not None and len(traceparent) > _MAX_TRACEPARENT:
-                traceparent = None  # never valid: not worth keeping queued
+            traceparent = None
+            if "traceparent" in headers:
+                traceparent = headers["traceparent"]
+                if len(traceparent) > _MAX_TRACEPARENT:
+                    traceparent = None  # never valid: not worth keeping queued
             self._queue.append(
                 (
                     created,
@@ -236,10 +238,10 @@ def _render(
 
 def _trace_suffix(traceparent: str | None) -> str:
     """`, "trace_id": ..., "span_id": ...` for a valid traceparent (lower-case hex: nothing to quote)."""
-    parsed = parse_traceparent(traceparent) if traceparent is not None else None
-    if parsed is None:
+    ids = trace_ids(traceparent) if traceparent is not None else None
+    if ids is None:
         return ""
-    return f', "trace_id": "{parsed.trace_id}", "span_id": "{parsed.span_id}"'
+    return f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"'
 
 
 class DecisionLog:

@@ -49,6 +49,20 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
     return TraceParent(trace_id, span_id, bool(int(flags, 16) & 1))
 
 
+_VERSION_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_ids(value: str) -> tuple[str, str] | None:
+    """(trace_id, span_id) of a traceparent, exactly when `parse_traceparent` accepts it: the
+    decision log's writer thread calls it per traced line, so the common version-00 header takes
+    a shorter path (one anchored match, two slices; about half of parse_traceparent's cost)."""
+    if len(value) == 55 and _VERSION_00.fullmatch(value):
+        trace_id, span_id = value[3:35], value[36:52]
+        return None if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN else (trace_id, span_id)
+    parsed = parse_traceparent(value)
+    return None if parsed is None else (parsed.trace_id, parsed.span_id)
+
+
 class Spans:
     """Where spans go: nowhere (`Spans.off()`), or an OTLP/gRPC collector.
 

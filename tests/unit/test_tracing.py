@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
-from authz_service.tracing import Spans, TraceParent, parse_traceparent
+from authz_service.tracing import Spans, TraceParent, parse_traceparent, trace_ids
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -35,6 +35,18 @@ def test_a_valid_traceparent_names_the_trace_and_the_callers_span() -> None:
 )
 def test_an_invalid_traceparent_is_ignored(value: str | None) -> None:
     assert parse_traceparent(value) is None
+    if value is not None:
+        assert trace_ids(value) is None  # the decision log's shorter path agrees
+
+
+@pytest.mark.parametrize(
+    "value",
+    [VALID, VALID[:-2] + "00", "01" + VALID[2:] + "-next", " " + VALID, VALID + " ", "00" + VALID[2:-2] + "ff"],
+)
+def test_the_decision_logs_short_path_reads_what_the_parser_reads(value: str) -> None:
+    parsed = parse_traceparent(value)
+    assert parsed is not None
+    assert trace_ids(value) == (parsed.trace_id, parsed.span_id)
 
 
 def test_a_future_version_may_append_fields() -> None:
