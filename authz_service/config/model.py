@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 CompiledRule = Callable[[Mapping[str, Any]], bool]
 """An AccessPolicy rule as its engine compiled it at load (policy/ evaluates it; config only holds it)."""
@@ -301,4 +302,11 @@ class Config:
             f"{len(self.policies)} policy(ies), {len(self.users)} user(s), {len(self.roles)} role(s), "
             f"cache {self.cache.backend}, grpc {self.server.grpc_address}"
             + (", authentication-only" if self.authentication_only else "")
+            + (f", spans to {_host_of(self.tracing.otlp_endpoint)}" if self.tracing.otlp_endpoint else "")
         )
+
+
+def _host_of(url: str) -> str:
+    """scheme://host[:port] of a URL: what a log line may show of an endpoint (no userinfo, path or query)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"

@@ -100,8 +100,8 @@ def children(spans: list[trace_pb2.Span], parent: trace_pb2.Span) -> dict[str, t
 async def test_a_check_with_a_traceparent_exports_its_span_tree(
     protocol: str,
     idp: HostileIdentityProvider,
+    receiver: tuple[Receiver, str],  # before start_service: it outlives the service's final flush
     start_service: StartService,
-    receiver: tuple[Receiver, str],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -198,8 +198,8 @@ async def send(protocol: str, harness: Harness, token: str, headers: dict[str, s
 
 async def test_a_background_key_refresh_is_a_trace_of_its_own(
     idp: HostileIdentityProvider,
+    receiver: tuple[Receiver, str],  # before start_service: it outlives the service's final flush
     start_service: StartService,
-    receiver: tuple[Receiver, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     collected, endpoint = receiver
@@ -234,8 +234,8 @@ async def test_a_background_key_refresh_is_a_trace_of_its_own(
 
 async def test_an_idp_outage_is_an_error_span_with_its_label_and_a_503_check(
     idp: HostileIdentityProvider,
+    receiver: tuple[Receiver, str],  # before start_service: it outlives the service's final flush
     start_service: StartService,
-    receiver: tuple[Receiver, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     collected, endpoint = receiver

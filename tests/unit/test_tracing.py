@@ -75,6 +75,10 @@ def test_tracing_config_is_validated() -> None:
 
     config = validate_config({"tracing": {"otlp_endpoint": "http://127.0.0.1:4317"}}, None)
     assert (config.tracing.otlp_endpoint, config.tracing.service_name) == ("http://127.0.0.1:4317", "authz-service")
+    assert config.summary().endswith(", spans to http://127.0.0.1:4317")  # check-config and the start-up line
+    with_userinfo = validate_config({"tracing": {"otlp_endpoint": "https://u:secret@otel.example:4317/x?k=v"}}, None)
+    assert with_userinfo.summary().endswith(", spans to https://otel.example:4317")
+    assert "spans" not in validate_config({}, None).summary()
     assert validate_config({}, None).tracing.otlp_endpoint is None
     with pytest.raises(ConfigError) as caught:
         validate_config({"tracing": {"otlp_endpoint": "collector:4317", "service_name": "a b", "x": 1}}, None)
