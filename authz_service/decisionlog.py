@@ -21,11 +21,13 @@ from typing import Any
 from authz_service.errors import PolicyTimeout
 from authz_service.model import Decision, HttpRequest, Identity, Outcome, Reason
 from authz_service.redact import redact
+from authz_service.tracing import trace_ids
 
 log = logging.getLogger("authz_service")
 decision_log = logging.getLogger("authz_service.decision")
 
-# Adding a field to the decision line (trace_id, span_id, dry_run, ...) takes three edits, all here:
+# Adding a field to the decision line (dry_run, ...) takes three edits, all here (trace_id and span_id
+# are such fields: present only when the request carries a valid traceparent):
 #   1. `decision_fields`: the field as JsonFormatter writes it (the reference the tests hold the
 #      writer to: tests/integration/test_decision_log.py compares the two for hostile strings);
 #   2. `DecisionItem` and `DecisionWriter.submit`: append the raw value (a str, a bool or None, no
@@ -51,7 +53,15 @@ def decision_fields(request: HttpRequest, decision: Decision, seconds: float, pr
         "policy": decision.policy,
         # Only when dry-run policies were asked: lines of configs without them stay as they were.
         **({"dry_run": [{"policy": p, "would": w} for p, w in decision.dry_run]} if decision.dry_run else {}),
+        **_trace_fields(request.headers.get("traceparent")),
     }
+
+
+def _trace_fields(traceparent: str | None) -> dict[str, str]:
+    """`trace_id` and `span_id` of a valid traceparent header (the caller's span: Envoy's, Istio's,
+    a client's), none otherwise: a line without trace context keeps exactly its former keys."""
+    ids = trace_ids(traceparent) if traceparent is not None else None
+    return {} if ids is None else {"trace_id": ids[0], "span_id": ids[1]}
 
 
 def iso_timestamp(created: float) -> str:
@@ -64,8 +74,23 @@ def iso_timestamp(created: float) -> str:
 # writer's next batch, and a stalled log reader lets 10,000 of them wait: each request held with its
 # headers dict and header strings was ~2.7 KB (26.6 MB for a full queue), these are ~350 bytes.
 DryRunAnswers = tuple[tuple[str, str], ...]  # Decision.dry_run: (policy id, "allow" | "deny") pairs
+# The last item is the request's traceparent header as sent (None without one, or when longer than
+# any valid one): the writer thread parses it, so Check pays a dict lookup for it.
 DecisionItem = tuple[
-    float, int, str, str, str, Outcome, Reason, str | None, Identity | None, str | None, float, str, DryRunAnswers
+    float,
+    int,
+    str,
+    str,
+    str,
+    Outcome,
+    Reason,
+    str | None,
+    Identity | None,
+    str | None,
+    float,
+    str,
+    DryRunAnswers,
+    str | None,
 ]
 
 
@@ -96,6 +121,13 @@ class DecisionWriter:
         """On the loop: enqueue what the line says (about 0.3 µs), or drop and count when the writer
         is behind. The request's id, method and path, not the request: see DecisionItem."""
         if len(self._queue) < self._max_queue:
+            # `in` first: on gRPC's header map a missed get() costs ~3 times a membership test.
+            headers = request.headers
+            traceparent = None
+            if "traceparent" in headers:
+                traceparent = headers["traceparent"]
+                if len(traceparent) > _MAX_TRACEPARENT:
+                    traceparent = None  # never valid: not worth keeping queued
             self._queue.append(
                 (
                     created,
@@ -111,6 +143,7 @@ class DecisionWriter:
                     seconds,
                     protocol,
                     decision.dry_run,  # a tuple of (policy id, "allow" | "deny") string pairs
+                    traceparent,
                 )
             )
         else:
@@ -165,6 +198,7 @@ class DecisionWriter:
 
 
 _PIPE_BUF = 4096
+_MAX_TRACEPARENT = 512  # parse_traceparent's own limit
 _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
 
 # The C string encoder json.dumps itself uses (ensure_ascii=False): ~0.1 µs a string.
@@ -194,6 +228,7 @@ def _render(
     seconds: float,
     protocol: str,
     dry_run: DryRunAnswers = (),
+    traceparent: str | None = None,
 ) -> str:
     """The JSON line JsonFormatter would write for decision_fields(...), built by hand: the writer
     thread holds the GIL while it formats, so every microsecond here is taken from Check (9 µs with
@@ -216,7 +251,7 @@ def _render(
         f'"method": {_quote(redact.method(method))}, "path": {_quote(redact.path(path))}, '
         f'"latency_ms": {round(seconds * 1000, 3)!r}, "protocol": {_quote(protocol)}, '
         f'"policy": {_quote(policy) if policy is not None else "null"}'
-        f"{_dry_run(dry_run) if dry_run else ''}}}"
+        f"{_dry_run(dry_run) if dry_run else ''}{_trace_suffix(traceparent)}}}"
     )
 
 
@@ -224,6 +259,14 @@ def _dry_run(answers: DryRunAnswers) -> str:
     """`, "dry_run": [{"policy": ID, "would": "allow"}, ...]`, as json.dumps writes the list."""
     items = ", ".join(f'{{"policy": {_quote(policy)}, "would": {_quote(would)}}}' for policy, would in answers)
     return f', "dry_run": [{items}]'
+
+
+def _trace_suffix(traceparent: str | None) -> str:
+    """`, "trace_id": ..., "span_id": ...` for a valid traceparent (lower-case hex: nothing to quote)."""
+    ids = trace_ids(traceparent) if traceparent is not None else None
+    if ids is None:
+        return ""
+    return f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"'
 
 
 class DecisionLog:

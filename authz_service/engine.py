@@ -41,6 +41,7 @@ from authz_service.tokens.opaque import CachedIntrospector, OpaqueIntrospector
 from authz_service.tokens.router import IntrospectorRouter
 from authz_service.tokens.sources import CredentialFinder
 from authz_service.tokens.verified import VerifiedTokens
+from authz_service.tracing import Spans
 
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
@@ -101,6 +102,7 @@ class Engine:
     # under /.well-known/ (jwks.json, openid-configuration), built once here.
     minter: IdentityTokenMinter | None = None
     well_known: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
+    spans: Spans | None = None  # the process's span exporter; None unless tracing.otlp_endpoint is set
 
     @property
     def introspectors(self) -> Mapping[str, Introspector]:
@@ -157,11 +159,13 @@ def build_engine(
     previous: Engine | None = None,
     on_cache_event: Callable[[str, str], None] | None = None,
     on_skipped_key: Callable[[str, str], None] | None = None,
+    spans: Spans | None = None,
 ) -> Engine:
     """The Engine for a config, reusing the unchanged introspectors of `previous`.
 
     `on_skipped_key(introspector, reason)` counts the unusable keys of fetched JWKS documents
-    (metrics.Metrics.jwks_skipped_key)."""
+    (metrics.Metrics.jwks_skipped_key). `spans`: the process's exporter (tracing.Spans), kept
+    by the engine only when it exports, so a Check without tracing pays one None check."""
     built = build_introspectors(config, client, caches, previous.built if previous else None, on_skipped_key)
     router = IntrospectorRouter(
         [b.introspector for b in built.values()],
@@ -215,6 +219,7 @@ def build_engine(
         MappingProxyType(built),
         minter,
         _well_known(minter),
+        spans if spans is not None and spans.enabled else None,
     )
 
 

@@ -426,6 +426,9 @@ static_resources:
                         json_format:
                           time: "%START_TIME%"
                           request_id: "%REQ(X-REQUEST-ID)%"
+                          # W3C trace context as it came (a client's, a mesh's): the decision log's
+                          # trace_id and span_id are read from the same header.
+                          traceparent: "%REQ(TRACEPARENT)%"
                           method: "%REQ(:METHOD)%"
                           # Without the query: a query may carry a token (from_params).
                           path: "%PATH(NQ)%"
@@ -559,6 +562,9 @@ static_resources:
                         json_format:
                           time: "%START_TIME%"
                           request_id: "%REQ(X-REQUEST-ID)%"
+                          # W3C trace context as it came (a client's, a mesh's): the decision log's
+                          # trace_id and span_id are read from the same header.
+                          traceparent: "%REQ(TRACEPARENT)%"
                           method: "%REQ(:METHOD)%"
                           # Without the query: a query may carry a token (from_params).
                           path: "%PATH(NQ)%"

@@ -29,6 +29,8 @@ import aiohttp
 from authz_service import strictjson
 from authz_service.errors import UpstreamUnavailable
 from authz_service.tokens.base import CLIENT_AUTH_FAILED, INVALID_TOKEN, IdpErrorAnswer
+from authz_service.tokens.discovery import public_url
+from authz_service.tracing import Spans
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_INTROSPECTION_BYTES = 64 * 1024
@@ -55,11 +57,14 @@ def is_json_media_type(content_type: str | None) -> bool:
 class UpstreamClient:
     """A shared aiohttp session, created lazily on the running loop."""
 
-    def __init__(self, on_call: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, on_call: Callable[[str, str], None] | None = None, spans: Spans | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
         # (endpoint, outcome) -> count, and the metrics hook called with the same pair.
         self.calls: Counter[tuple[str, str]] = Counter()
         self._on_call = on_call
+        # One client span per call when tracing exports (None: not traced), a child of the check
+        # span current in the caller's context, or a root span for a background key fetch.
+        self.spans = spans if spans is not None and spans.enabled else None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -106,6 +111,33 @@ class UpstreamClient:
         form: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         json_only: bool = False,
+    ) -> Any:
+        spans = self.spans
+        if spans is None:
+            return await self._send(endpoint, method, url, timeout, max_bytes, form, headers, json_only)
+        # The span names the endpoint's URL without userinfo, query or fragment, never the form.
+        with spans.call(endpoint, method, public_url(url)) as span:
+            try:
+                result = await self._send(endpoint, method, url, timeout, max_bytes, form, headers, json_only)
+            except IdpErrorAnswer as err:
+                spans.outcome(span, err.outcome, err.status)
+                raise
+            except UpstreamUnavailable as err:
+                spans.outcome(span, err.outcome)
+                raise
+            spans.outcome(span, "ok", 200)
+            return result
+
+    async def _send(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        timeout: float,
+        max_bytes: int,
+        form: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        json_only: bool,
     ) -> Any:
         outcome = "ok"
         try:

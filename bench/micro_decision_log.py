@@ -47,6 +47,7 @@ from authz_service.decisionlog import (
     DecisionLog,
     DecisionWriter,
     _render,
+    _trace_fields,
     decision_fields,
 )
 from authz_service.logs import JsonFormatter
@@ -163,6 +164,7 @@ class _OrjsonLine:
         seconds: float,
         protocol: str,
         dry_run: tuple[tuple[str, str], ...] = (),
+        traceparent: str | None = None,
     ) -> bytes:
         second = int(created)
         if self._second != second:
@@ -186,6 +188,7 @@ class _OrjsonLine:
                 "protocol": protocol,
                 "policy": policy,
                 **({"dry_run": [{"policy": p, "would": w} for p, w in dry_run]} if dry_run else {}),
+                **_trace_fields(traceparent),
             }
         )
         return line

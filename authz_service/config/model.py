@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 CompiledRule = Callable[[Mapping[str, Any]], bool]
 """An AccessPolicy rule as its engine compiled it at load (policy/ evaluates it; config only holds it)."""
@@ -93,6 +94,7 @@ class TracingConfig:
 
     otlp_endpoint: str | None = None  # http://collector:4317 (https:// for TLS); None: no spans
     service_name: str = "authz-service"
+    sample_ratio: float = 1.0  # of traces that start here; a caller's traceparent decides for its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,4 +342,11 @@ class Config:
             f"{len(self.policies)} policy(ies), {len(self.users)} user(s), {len(self.roles)} role(s), "
             f"cache {self.cache.backend}, grpc {self.server.grpc_address}"
             + (", authentication-only" if self.authentication_only else "")
+            + (f", spans to {_host_of(self.tracing.otlp_endpoint)}" if self.tracing.otlp_endpoint else "")
         )
+
+
+def _host_of(url: str) -> str:
+    """scheme://host[:port] of a URL: what a log line may show of an endpoint (no userinfo, path or query)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"

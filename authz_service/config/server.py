@@ -3,6 +3,7 @@ tracing and the resource API with its store."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from collections.abc import Collection, Mapping
@@ -29,6 +30,17 @@ MIN_API_TOKEN_CHARS = 16
 _SERVER = ServerConfig()
 _CACHE = CacheConfig()
 _RESPONSE = ResponseConfig()
+
+
+def _otel_installed() -> bool:
+    """Whether the [otel] extra's SDK and OTLP/gRPC exporter can be imported (without importing them)."""
+    try:
+        return all(
+            importlib.util.find_spec(name) is not None
+            for name in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+        )
+    except ImportError:  # a parent package is missing (or blocked)
+        return False
 
 
 class ServerSections(Sections):
@@ -63,11 +75,19 @@ class ServerSections(Sections):
             return TracingConfig()
         endpoint = f.get("otlp_endpoint", str, None)
         f.url("otlp_endpoint", endpoint)
+        if endpoint is not None and not _otel_installed():
+            f.problem(
+                "otlp_endpoint",
+                "needs OpenTelemetry, which is not installed: pip install 'authz-service[otel]' (the otel extra)",
+            )
         name = f.get("service_name", str, TracingConfig().service_name) or TracingConfig().service_name
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
             f.problem("service_name", "must be 1 to 64 letters, digits or '._-'")
+        ratio = float(f.get("sample_ratio", float, TracingConfig().sample_ratio))
+        if not 0.0 <= ratio <= 1.0:
+            f.problem("sample_ratio", f"must be between 0 and 1, got {ratio:g}")
         f.reject_unknown()
-        return TracingConfig(endpoint, name)
+        return TracingConfig(endpoint, name, ratio)
 
     def api(self, f: Fields | None, server: ServerConfig) -> ApiConfig:
         """The resource API: a bearer token, where written resources persist, a body size cap."""

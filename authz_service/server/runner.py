@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
+from authz_service.redact import redact
 
 if TYPE_CHECKING:
     from authz_service.engine import Engine
@@ -90,7 +91,12 @@ class CheckRunner(Generic[Answer]):
                     decision = original  # the request does not say what it asks, or contradicts itself
                 else:
                     http = original
-                    decision = await engine.authorizer.check(http)
+                    spans = engine.spans
+                    if spans is None:
+                        decision = await engine.authorizer.check(http)
+                    else:
+                        request_id = redact.identifier(http.request_id)
+                        decision = await spans.check(engine.authorizer.check, http, self.protocol, request_id)
             answer = self._answer(engine, decision, http)
         except Exception as err:  # fail closed, keep serving
             self._log_internal_error(err)

@@ -44,6 +44,7 @@ from authz_service.store import open_store
 from authz_service.store.base import ResourceStore, Snapshot
 from authz_service.store.resources import compose, read_config_file
 from authz_service.tokens.cache import CacheFactory
+from authz_service.tracing import Spans
 from authz_service.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,14 @@ class AuthzService:
         self.metrics.set_policies(
             (policy.id for policy in config.policies), dry_run=(p.id for p in config.policies if p.dry_run)
         )
-        self.client = UpstreamClient(on_call=self.metrics.upstream_call)
+        # Spans for checks and IdP calls when tracing.otlp_endpoint is set (fixed until a restart).
+        tracing = config.tracing
+        self.spans = (
+            Spans.otlp(tracing.otlp_endpoint, tracing.service_name, tracing.sample_ratio)
+            if tracing.otlp_endpoint is not None
+            else Spans.off()
+        )
+        self.client = UpstreamClient(on_call=self.metrics.upstream_call, spans=self.spans)
         self.caches = CacheFactory(config.cache, on_event=self.metrics.cache_event)
         self.engine = build_engine(
             config,
@@ -83,6 +91,7 @@ class AuthzService:
             self.caches,
             on_cache_event=self.caches.stats.count,
             on_skipped_key=self.metrics.jwks_skipped_key,
+            spans=self.spans,
         )
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -294,10 +303,12 @@ class AuthzService:
         """Swap in a new config atomically; checks in flight finish on the engine they started with.
         `source` says what changed it (file, sighup, watch, store, api), for the log."""
         old = self.engine
-        for section in ("server", "cache", "api"):
+        for section in ("server", "cache", "api", "tracing"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("config section %r changed: it takes effect only after a restart", section)
-        config = dataclasses.replace(config, server=old.config.server, cache=old.config.cache, api=old.config.api)
+        config = dataclasses.replace(
+            config, server=old.config.server, cache=old.config.cache, api=old.config.api, tracing=old.config.tracing
+        )
         engine = build_engine(
             config,
             self.client,
@@ -305,6 +316,7 @@ class AuthzService:
             previous=old,
             on_cache_event=self.caches.stats.count,
             on_skipped_key=self.metrics.jwks_skipped_key,
+            spans=self.spans,
         )
         await engine.warm_up()
         self.engine = engine
@@ -359,6 +371,9 @@ class AuthzService:
             await self.admin.stop()
             self.admin = None
         await self.close_store()
+        if self.spans.enabled:
+            # The spans still buffered go out now (at most ~2 s, plus one export's 5 s timeout).
+            await asyncio.to_thread(self.spans.shutdown)
 
     async def close_store(self) -> None:
         """Stop watching the config file and the store; release the store."""

@@ -28,6 +28,7 @@ seconds with the count of those not logged (without keys every request fetches: 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import random
@@ -310,8 +311,10 @@ class JwksKeySource:
 
     def _refresh_in_background(self, now: float) -> None:
         if _FETCH not in self._inflight and now >= self.refresh_due_at:
-            # The result lands in self._keyset; a failure is retried on a later request.
-            self._inflight.start(_FETCH, self._download)
+            # The result lands in self._keyset; a failure is retried on a later request. Started in
+            # an empty context: the request that pokes it does not wait for it, so the fetch is
+            # not part of that request's trace (tracing.py: a root span of its own).
+            contextvars.Context().run(self._inflight.start, _FETCH, self._download)
 
     async def _fetch(self) -> KeySet:
         # The fetch in flight, or a new one; one waiter being cancelled (Envoy gave up) does not

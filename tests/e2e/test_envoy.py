@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -44,6 +46,7 @@ class Shared:
     echo: EchoUpstream
     envoy: EnvoyProcess
     session: aiohttp.ClientSession
+    authz_log: Path  # the service's stderr: its decision lines
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -58,7 +61,7 @@ async def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     ):
         config = envoy_config(authz.port, echo.port, free_port(), free_port())
         async with launch_envoy(config, f"127.0.0.1:{authz.port}", session, workdir) as envoy:
-            yield Shared(idp, echo, envoy, session)
+            yield Shared(idp, echo, envoy, session, authz.log)
 
 
 @pytest.fixture
@@ -173,6 +176,36 @@ async def test_access_log_shows_the_user_id_and_policy_from_dynamic_metadata(sha
     assert allowed["upstream"]
     assert (denied["status"], denied["user_id"]) == (401, None)
     assert "UAEX" in denied["flags"]  # unauthorized by the external authorization service
+
+
+@on_shared_stack
+async def test_one_request_is_joined_from_the_access_log_to_the_decision_line_and_its_trace(shared: Shared) -> None:
+    """docs/operations.md, "Following one request": Envoy's request_id finds the decision line,
+    which names the trace and the caller's span of the traceparent Envoy logged."""
+    envoy, idp, session = shared.envoy, shared.idp, shared.session
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    traceparent = f"00-{trace_id}-{span_id}-01"
+    headers = {**bearer(idp.mint({"sub": "erin"})), "traceparent": traceparent}
+    async with session.get(envoy.url + "/traced", headers=headers) as response:
+        assert response.status == 200
+
+    def entry() -> dict[str, Any] | None:
+        return next((e for e in envoy.access_log_entries() if e["path"] == "/traced"), None)
+
+    logged = await wait_until(entry, 10, "the access log line")
+    assert logged["traceparent"] == traceparent
+    request_id = logged["request_id"]
+    assert request_id  # Envoy's UUID
+
+    def decided() -> dict[str, Any] | None:
+        for line in shared.authz_log.read_text().splitlines():
+            if f'"request_id": "{request_id}"' in line:
+                return cast(dict[str, Any], json.loads(line))
+        return None
+
+    line = await wait_until(decided, 10, "the decision line with Envoy's request id")
+    assert (line["decision"], line["user_id"], line["protocol"]) == ("allow", "erin", "grpc")
+    assert (line["trace_id"], line["span_id"]) == (trace_id, span_id)
 
 
 @on_shared_stack

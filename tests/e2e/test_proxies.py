@@ -13,13 +13,14 @@ import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -357,9 +358,11 @@ async def test_the_request_id_reaches_the_service_and_the_upstream(
     stack = await start_stack()
     # A client's own X-Request-ID is not what the service and the upstream see (nginx sets its own;
     # Envoy keeps an external one unless told otherwise, so only nginx is held to it).
-    async with session.get(
-        stack.url + "/orders/9", headers={**bearer(idp.mint()), "X-Request-ID": "client-chosen"}
-    ) as response:
+    # A traced client's traceparent reaches the service through every proxy: its decision line names
+    # the trace and the client's span.
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    headers = {**bearer(idp.mint()), "X-Request-ID": "client-chosen", "traceparent": f"00-{trace_id}-{span_id}-01"}
+    async with session.get(stack.url + "/orders/9", headers=headers) as response:
         assert response.status == 200
         seen = await response.json()
     (request_id,) = seen["headers"]["x-request-id"]
@@ -367,10 +370,14 @@ async def test_the_request_id_reaches_the_service_and_the_upstream(
         assert re.fullmatch(r"[0-9a-f]{32}", request_id)
     assert stack.authz_log is not None
 
-    def decided() -> bool:
-        return f'"request_id": "{request_id}"' in stack.authz_log.read_text()  # type: ignore[union-attr]
+    def decided() -> dict[str, Any] | None:
+        for line in stack.authz_log.read_text().splitlines():  # type: ignore[union-attr]
+            if f'"request_id": "{request_id}"' in line:
+                return cast(dict[str, Any], json.loads(line))
+        return None
 
-    await wait_until(decided, 10, "the service's decision line with the same request id")
+    line = await wait_until(decided, 10, "the service's decision line with the same request id")
+    assert (line["trace_id"], line["span_id"]) == (trace_id, span_id)
 
 
 @pytest.fixture

@@ -247,18 +247,45 @@ async def test_checks_are_answered_promptly_while_nobody_reads_the_log(
 )
 def test_the_hand_built_line_is_exactly_json_dumps(request_id: str, path: str, user_id: str, method: str) -> None:
     # The writer builds lines by hand (a third of json.dumps' cost): any string must come out the same.
-    request = HttpRequest(method=method, path=path, request_id=request_id)
-    for decision in (
-        Decision(Outcome.ALLOW, Reason.ALLOWED, Identity(user_id, {}, 'i"d', "jwt"), introspector='i"d'),
-        Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
-        Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque"), introspector="idp"),
-        # Dry-run answers (policy ids are config strings: the hostile ones here stand for any).
-        Decision(Outcome.ALLOW, Reason.ANONYMOUS, policy="p", dry_run=((request_id, "allow"), (user_id, "deny"))),
-    ):
-        writer = DecisionWriter(1, logging.INFO)  # not started: the line stays queued
-        writer.submit(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")
-        line = _render(*writer._queue[0])
-        record = logging.LogRecord("authz_service.decision", logging.WARNING, "", 0, "decision", (), None)
-        record.created = 1_800_000_000.123
-        record.fields = decision_fields(request, decision, 0.0123456, "http")
-        assert line == JsonFormatter().format(record)
+    for headers in TRACE_HEADERS:
+        request = HttpRequest(method=method, path=path, request_id=request_id, headers=headers)
+        for decision in (
+            Decision(Outcome.ALLOW, Reason.ALLOWED, Identity(user_id, {}, 'i"d', "jwt"), introspector='i"d'),
+            Decision(Outcome.UNAUTHENTICATED, Reason.MISSING_TOKEN),
+            Decision(Outcome.FORBIDDEN, Reason.FORBIDDEN, Identity(None, {}, "idp", "opaque"), introspector="idp"),
+            # Dry-run answers (policy ids are config strings: the hostile ones here stand for any).
+            Decision(Outcome.ALLOW, Reason.ANONYMOUS, policy="p", dry_run=((request_id, "allow"), (user_id, "deny"))),
+        ):
+            writer = DecisionWriter(1, logging.INFO)  # not started: the line stays queued
+            writer.submit(1_800_000_000.123, logging.WARNING, request, decision, 0.0123456, "http")
+            line = _render(*writer._queue[0])
+            record = logging.LogRecord("authz_service.decision", logging.WARNING, "", 0, "decision", (), None)
+            record.created = 1_800_000_000.123
+            record.fields = decision_fields(request, decision, 0.0123456, "http")
+            assert line == JsonFormatter().format(record)
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_HEADERS: list[dict[str, str]] = [
+    {},
+    {"traceparent": TRACEPARENT},
+    {"traceparent": TRACEPARENT, "tracestate": "vendor=x"},
+    {"traceparent": "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-future"},
+    {"traceparent": "garbage"},
+    {"traceparent": TRACEPARENT.upper()},
+    {"traceparent": '00-"},-' + "x" * 5000},
+]
+
+
+def test_a_traceparent_adds_the_trace_and_the_callers_span_and_nothing_else_changes() -> None:
+    without = HttpRequest(method="GET", path="/a", request_id="req-1")
+    with_trace = without._replace(headers={"traceparent": TRACEPARENT})
+    invalid = without._replace(headers={"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"})
+    writer = DecisionWriter(1, logging.INFO)  # not started: the lines stay queued
+    for request in (without, with_trace, invalid):
+        writer.submit(1_800_000_000.5, logging.INFO, request, ALLOW, 0.001, "grpc")
+    plain, traced, ignored = (json.loads(_render(*item)) for item in writer._queue)
+    assert traced == {**plain, "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
+    assert list(traced)[-2:] == ["trace_id", "span_id"]  # optional fields go last
+    assert ignored == plain  # an invalid traceparent: the line says nothing of it
+    assert not {"trace_id", "span_id"} & set(plain)
