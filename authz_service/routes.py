@@ -35,6 +35,7 @@ and the Role and User resources use.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -112,9 +113,19 @@ _NONE = Route(MappingProxyType({}), None)
 _RPC = Route(MappingProxyType({}), "rpc")
 
 
+ROUTE_MEMO_ENTRIES = 4096  # paths are the client's: bounded (functools' LRU, thread-safe)
+
+
+@functools.lru_cache(maxsize=ROUTE_MEMO_ENTRIES)
 def route(method: str, path: str) -> Route:
     """The route of `path` (no query) for a lower-case method; no params and no operation if it is
-    not a FHIR-style route."""
+    not a FHIR-style route. Remembered for the most recent paths (a Check asks twice: for
+    `unrouted` and for the context), its params read-only so no caller can change a remembered one."""
+    found = _route(method, path)
+    return found if found.params is _NONE.params else Route(MappingProxyType(dict(found.params)), found.operation)
+
+
+def _route(method: str, path: str) -> Route:
     first = path[1:2]
     # Most paths of a non-FHIR API end here: a route starts with a type, fhir, Organization, rpc or $.
     if not path.startswith("/") or not ("A" <= first <= "Z" or first in "fr$/" or path == "/"):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from authz_service.config.model import ResponseConfig, RoleConfig
 from authz_service.context import (
     CONTEXT_KEYS,
@@ -15,6 +20,7 @@ from authz_service.context import (
 from authz_service.engine import IdentityShaper
 from authz_service.model import HttpRequest, Identity
 from authz_service.registries import parse_config
+from authz_service.routes import ROUTE_PARAMS, route
 
 
 def test_context_fields_and_empty_values_removed() -> None:
@@ -95,3 +101,68 @@ def test_the_declared_context_keys_are_what_build_context_builds() -> None:
             assert isinstance(value, kind), key
     assert not STRING_KEYS & MAP_KEYS
     assert not (STRING_KEYS | MAP_KEYS) & LIST_KEYS
+
+
+def _reference_context(request: HttpRequest) -> dict[str, Any]:
+    """The request part of a context as Aidbox's rule defines it: everything, then strip_empty."""
+    path, _, query = request.path.partition("?")
+    method = request.method.lower()
+    params = query_params(query)
+    found = route(method, path)
+    params = {name: value for name, value in params.items() if name not in ROUTE_PARAMS}
+    params.update(found.params)
+    context = strip_empty(
+        {
+            "request-method": method,
+            "uri": path,
+            "query-string": query,
+            "params": params,
+            "headers": {name: value for name, value in request.headers.items() if not name.startswith(":")},
+            "host": request.host,
+            "scheme": request.scheme,
+            "remote-addr": request.remote_addr,
+            "context_extensions": dict(request.context_extensions),
+        }
+    )
+    if found.operation is not None:
+        context["operation"] = {"id": found.operation}
+    return dict(context)
+
+
+_TEXT = st.sampled_from(["", "a", "Patient", "pt-1", "_id", "x y", "%20", "=", "&"]) | st.text(max_size=6)
+_SEGMENTS = st.lists(st.sampled_from(["", "fhir", "Patient", "pt-1", "_history", "1", "$everything", "x"]), max_size=5)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "put", "DELETE", ""]),
+    segments=_SEGMENTS,
+    query=st.lists(st.tuples(_TEXT, _TEXT), max_size=4),
+    headers=st.dictionaries(st.sampled_from(["a", "b", ":path", "x-empty"]), _TEXT, max_size=4),
+    extensions=st.dictionaries(st.sampled_from(["k", "l"]), _TEXT, max_size=2),
+    host=_TEXT,
+    scheme=st.sampled_from(["", "https"]),
+    remote=st.sampled_from(["", "10.0.0.1"]),
+)
+def test_the_request_part_is_what_strip_empty_leaves_of_it(
+    method: str,
+    segments: list[str],
+    query: list[tuple[str, str]],
+    headers: dict[str, str],
+    extensions: dict[str, str],
+    host: str,
+    scheme: str,
+    remote: str,
+) -> None:
+    # build_context builds the stripped form directly (for speed); it must equal the rule's.
+    target = "/" + "/".join(segments) + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
+    request = HttpRequest(
+        method=method,
+        path=target,
+        host=host,
+        scheme=scheme,
+        headers=headers,
+        remote_addr=remote,
+        context_extensions=extensions,
+    )
+    assert build_context(request, None, None) == _reference_context(request)
