@@ -38,9 +38,16 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def http_service(start_service: StartService, idp: DevIdentityProvider, **extra: Any) -> tuple[Harness, str]:
+async def http_service(
+    start_service: StartService, idp: DevIdentityProvider, engine: str, **extra: Any
+) -> tuple[Harness, str]:
     config = {
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": None, "http_address": "127.0.0.1:0"},
+        "server": {
+            "grpc_address": "127.0.0.1:0",
+            "admin_address": None,
+            "http_address": "127.0.0.1:0",
+            "http_engine": engine,
+        },
         "response": {"claim_headers": {"email": "x-user-email"}},
         "introspectors": [jwks_introspector(idp)],
         "policies": POLICIES,
@@ -56,9 +63,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def test_ext_authz_allow_carries_the_identity_headers(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint({"sub": "alice", "email": "alice@example.com"})
     async with client.get(url + "/ext_authz/reports/1?format=pdf", headers=bearer(token)) as response:
         assert response.status == 200
@@ -76,9 +83,9 @@ async def test_ext_authz_allow_carries_the_identity_headers(
 
 
 async def test_ext_authz_denials_match_the_grpc_answers(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     cases = [
         ("/ext_authz/reports/1", {}, 401),
         ("/ext_authz/reports/1", bearer("not.a.token"), 401),
@@ -98,9 +105,9 @@ async def test_ext_authz_denials_match_the_grpc_answers(
 
 
 async def test_ext_authz_sees_the_original_method_and_path(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/ext_authz/public/a?x=1") as response:
         assert response.status == 200  # anonymous GET on /public/ is allowed by a policy
     async with client.post(url + "/ext_authz/public/a") as response:
@@ -110,19 +117,19 @@ async def test_ext_authz_sees_the_original_method_and_path(
 
 
 async def test_idp_down_with_nothing_cached_is_503(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
     await idp.go_offline()
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
         assert response.status == 503
         assert (await response.json())["error"] == "temporarily_unavailable"
 
 
 async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint({"sub": "writer"})
     traefik = {
         "X-Forwarded-Method": "POST",
@@ -144,18 +151,18 @@ async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
 
 
 async def test_forward_auth_without_the_original_uri_is_400(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/forward_auth", headers=bearer(idp.mint())) as response:
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_request"
 
 
 async def test_remote_addr_is_the_last_forwarded_for_entry(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint()
     office = {"X-Forwarded-Uri": "/office", **bearer(token)}
     # The proxy appended 192.0.2.10; a client-sent first entry is never read.
@@ -166,9 +173,9 @@ async def test_remote_addr_is_the_last_forwarded_for_entry(
 
 
 async def test_health_on_the_same_listener(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/healthz") as response:
         assert response.status == 200
     async with client.get(url + "/readyz") as response:
@@ -183,10 +190,11 @@ async def test_health_on_the_same_listener(
 async def test_http_checks_are_counted_and_logged_with_their_protocol(
     idp: DevIdentityProvider,
     start_service: StartService,
+    http_engine: str,
     client: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     with caplog.at_level(logging.INFO, logger="authz_service.decision"):
         async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
             assert response.status == 200
@@ -203,9 +211,9 @@ async def test_http_checks_are_counted_and_logged_with_their_protocol(
 
 
 async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     engine = harness.service.engine
     broken = engine.http_answers
 
@@ -225,13 +233,13 @@ async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
 
 
 async def test_a_request_as_traefik_sends_it(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
     """Traefik's forwardAuth (trustForwardHeader: false), as its documentation describes the request:
     GET to the address, the client's headers, and X-Forwarded-Method/-Proto/-Host/-Uri/-For set by
     Traefik. Traefik itself cannot be installed here; deploy/traefik/dynamic.yaml is checked
     structurally in tests/unit/test_deploy_http.py."""
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint({"sub": "writer", "email": "w@example.com"})
     recorded = {
         "User-Agent": "curl/8.5.0",
@@ -266,9 +274,9 @@ async def test_a_request_as_traefik_sends_it(
 
 
 async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     token = idp.mint()
     stopping = asyncio.ensure_future(harness.service.stop(grace=1, drain_delay=0.6))
     await asyncio.sleep(0.2)
