@@ -14,10 +14,13 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from authz_service.config.model import Listen
 from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.errors import ListenError
 from authz_service.model import Reason
-from authz_service.server.http import unparsable
-from tests.conftest import StartService, jwks_introspector
+from authz_service.server.http import HttpAuthServer, unparsable
+from authz_service.server.http_granian import GranianHttpServer
+from tests.conftest import StartService, jwks_introspector, opaque_introspector
 from tests.harness import Harness
 
 POLICIES = [
@@ -288,6 +291,77 @@ async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
     with pytest.raises(aiohttp.ClientConnectionError):
         async with client.get(url + "/healthz", headers={"Connection": "close"}):
             pass
+
+
+async def test_stop_lets_a_check_in_flight_finish_within_the_grace(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+) -> None:
+    harness, url = await http_service(start_service, idp, http_engine, introspectors=[opaque_introspector(idp)])
+    assert harness.service.http is not None
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> None:  # the IdP's answer to an introspection waits for the test
+        arrived.set()
+        await release.wait()
+
+    idp._wait = held  # type: ignore[method-assign]
+    token = idp.issue_opaque()
+
+    async def ask() -> int:
+        async with client.get(url + "/ext_authz/public/1", headers=bearer(token)) as response:
+            return response.status
+
+    order: list[str] = []
+    check = asyncio.ensure_future(ask())
+    check.add_done_callback(lambda _: order.append("answered"))
+    await arrived.wait()  # the check is in flight, waiting for its introspection
+    assert harness.service.http.runner.in_flight == 1
+    stopping = asyncio.ensure_future(harness.service.http.stop())  # shutdown_grace: 10 s
+    stopping.add_done_callback(lambda _: order.append("stopped"))
+    release.set()  # after stop() began: the ready queue runs it first
+    assert await check == 200
+    await stopping
+    assert order == ["answered", "stopped"]
+    assert harness.service.http.runner.in_flight == 0
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with client.get(url + "/healthz", headers={"Connection": "close"}):
+            pass
+
+
+async def test_workers_share_the_http_port_and_a_taken_one_is_named(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+) -> None:
+    harness, _ = await http_service(start_service, idp, http_engine)
+    service = harness.service
+    assert service.http is not None
+    engine_server = type(service.http)
+    assert engine_server.__name__ == {"granian": "GranianHttpServer", "aiohttp": "HttpAuthServer"}[http_engine]
+
+    def listener(port: int, reuse_port: bool) -> HttpAuthServer | GranianHttpServer:
+        return engine_server(
+            Listen("127.0.0.1", port),
+            service.current_engine,
+            service.metrics,
+            lambda: True,
+            log_decision=service.decisions.log_decision,
+            log_internal_error=service.decisions.log_internal_error,
+            reuse_port=reuse_port,
+        )
+
+    first = listener(0, reuse_port=True)
+    port = await first.start()
+    second = listener(port, reuse_port=True)  # a supervisor's workers: SO_REUSEPORT
+    try:
+        assert await second.start() == port
+        with pytest.raises(ListenError) as taken:
+            await listener(port, reuse_port=False).start()
+        assert taken.value.address == f"127.0.0.1:{port}"
+        for _ in range(4):
+            async with client.get(f"http://127.0.0.1:{port}/ext_authz/reports/1", headers=bearer(idp.mint())) as r:
+                assert r.status == 200
+    finally:
+        await second.stop()
+        await first.stop()
 
 
 def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> None:
