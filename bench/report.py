@@ -203,6 +203,13 @@ def report(bench: Bench, info: dict[str, str], profile: Profile, wall: float, ou
             if floor
             else "."
         )
+    granian_floor = bench.extra.get("http_granian_floor")
+    if granian_floor:
+        lines.append(
+            f"No-op granian floor: {granian_floor:,.0f} checks/s (median of {len(bench.noop_granian_rates)}: "
+            f"{', '.join(f'{r:,.0f}' for r in bench.noop_granian_rates)})"
+            + (f"; {granian_floor / http_floor:.2f} x the no-op aiohttp." if http_floor else ".")
+        )
     if bench.serving_times:
         times = [t for _, t in bench.serving_times]
         slowest = max(bench.serving_times, key=lambda item: item[1])

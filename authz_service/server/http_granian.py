@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import granian
@@ -44,7 +44,7 @@ from authz_service.httpmode import Route, ext_authz_request, forward_auth_reques
 from authz_service.model import Decision, HttpRequest
 from authz_service.server.runner import INTERNAL_ERROR, CheckMetrics, CheckRunner, DecisionLog
 
-__all__ = ["MAX_FIELD", "GranianHttpServer"]
+__all__ = ["MAX_FIELD", "Embedded", "GranianHttpServer"]
 
 PROTOCOL = "http"
 SHUTDOWN_TIMEOUT = 10.0
@@ -155,8 +155,7 @@ class GranianHttpServer:
         # granian queues requests past this many in progress: above the overload bound, so that
         # past max_concurrent_checks a check is answered 503 at once rather than left waiting.
         self._backpressure = max(2 * max_concurrent_checks, BACKLOG)
-        self._signal: WorkerSignal | None = None
-        self._stopped: asyncio.Future[None] | None = None
+        self._served: Embedded | None = None
         self.port: int | None = None
 
     @property
@@ -166,29 +165,9 @@ class GranianHttpServer:
 
     async def start(self) -> int:
         """Bind and serve; the bound port."""
-        loop = asyncio.get_running_loop()
         sock = self._bind()
         self.port = int(sock.getsockname()[1])
-        stopped: asyncio.Future[None] = loop.create_future()
-
-        def done() -> None:
-            if not stopped.done():
-                stopped.set_result(None)
-
-        def on_stopped() -> None:  # granian's thread, once its connections are done
-            loop.call_soon_threadsafe(done)
-
-        signal = WorkerSignal()
-        signal.add_cb(on_stopped)
-        try:
-            worker = _worker(_GRANIAN.SocketHolder(sock.fileno(), False, BACKLOG), self._backpressure)
-        except BaseException:
-            sock.close()
-            raise
-        sock.detach()  # the worker owns the descriptor now, and closes it when it stops
-        scheduler = _futures._new_cbscheduler(loop, self._watch, impl_asyncio=True)  # type: ignore[no-untyped-call]
-        worker.serve_async(scheduler, loop, signal)
-        self._signal, self._stopped = signal, stopped
+        self._served = Embedded(sock, self._watch, self._backpressure)
         return self.port
 
     def _bind(self) -> socket.socket:
@@ -214,14 +193,9 @@ class GranianHttpServer:
 
     async def stop(self) -> None:
         """Stop accepting; checks in flight get `shutdown_grace` seconds."""
-        signal, self._signal = self._signal, None
-        stopped, self._stopped = self._stopped, None
-        if signal is None or stopped is None:
-            return
-        signal.set()  # granian closes the listener, finishes the requests in progress, then calls back
-        # What still runs after the grace is cut off as the process ends, as aiohttp's runner cuts it off.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(stopped), self._shutdown_grace)
+        served, self._served = self._served, None
+        if served is not None:
+            await served.stop(self._shutdown_grace)
 
     async def _watch(self, watcher: Any) -> None:
         """granian's callback for one request: serve it, then tell granian how it ended."""
@@ -266,6 +240,41 @@ class GranianHttpServer:
         pairs = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
         request = _Request(scope["method"], target, pairs, scope["client"][0])
         return await self.runner.check(convert, request)
+
+
+class Embedded:
+    """granian serving a listening socket on the running loop: `callback(watcher)` is awaited for
+    each request (`watcher.scope`, `watcher.proto.send`; then `watcher.done()` or `watcher.err(e)`)."""
+
+    def __init__(self, sock: socket.socket, callback: Callable[[Any], Awaitable[None]], backpressure: int) -> None:
+        loop = asyncio.get_running_loop()
+        stopped: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            if not stopped.done():
+                stopped.set_result(None)
+
+        def on_stopped() -> None:  # granian's thread, once its connections are done
+            loop.call_soon_threadsafe(done)
+
+        signal = WorkerSignal()
+        signal.add_cb(on_stopped)
+        try:
+            worker = _worker(_GRANIAN.SocketHolder(sock.fileno(), False, BACKLOG), backpressure)
+        except BaseException:
+            sock.close()
+            raise
+        sock.detach()  # the worker owns the descriptor now, and closes it when it stops
+        scheduler = _futures._new_cbscheduler(loop, callback, impl_asyncio=True)  # type: ignore[no-untyped-call]
+        worker.serve_async(scheduler, loop, signal)
+        self._signal, self._stopped = signal, stopped
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; what is in progress gets `grace` seconds."""
+        self._signal.set()  # granian closes the listener, finishes the requests in progress, then calls back
+        # What still runs after the grace is cut off as the process ends, as aiohttp's runner cuts it off.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._stopped), grace)
 
 
 def _worker(sock: Any, backpressure: int) -> Any:
