@@ -38,7 +38,7 @@ from granian.http import HTTP1Settings
 
 from authz_service.config.model import Listen
 from authz_service.engine import Engine
-from authz_service.envoy import HttpAnswer, http_denial
+from authz_service.envoy import ALLOW_MEMO_ENTRIES, HttpAnswer, http_denial
 from authz_service.errors import bind_failure, host_port
 from authz_service.httpmode import Route, ext_authz_request, forward_auth_request, route, too_large
 from authz_service.model import Decision, HttpRequest
@@ -54,6 +54,8 @@ MAX_FIELD = 8190
 
 # granian's compiled module, typed by stubs older than its 2.8 signatures (ASGIWorker, SocketHolder).
 _GRANIAN: Any = _granian
+# Answers kept as ASGI messages: as many as HttpAnswers keeps built (its allows, plus the denials).
+ENCODED_ANSWERS = 2 * ALLOW_MEMO_ENTRIES
 _JSON = (b"content-type", b"application/json; charset=utf-8")
 _Message = dict[str, Any]
 
@@ -156,6 +158,7 @@ class GranianHttpServer:
         # past max_concurrent_checks a check is answered 503 at once rather than left waiting.
         self._backpressure = max(2 * max_concurrent_checks, BACKLOG)
         self._served: Embedded | None = None
+        self._encoded: dict[int, tuple[HttpAnswer, _Message, _Message]] = {}
         self.port: int | None = None
 
     @property
@@ -206,14 +209,24 @@ class GranianHttpServer:
             return
         watcher.done()
 
+    def _messages(self, answer: HttpAnswer) -> tuple[_Message, _Message]:
+        """The answer as ASGI's messages, built once per answer: the engine's HttpAnswers hands out
+        the same object for the same identity or denial, so its headers are encoded once, not per check."""
+        kept = self._encoded.get(id(answer))
+        if kept is None or kept[0] is not answer:  # (kept holds the answer: its id is not reused meanwhile)
+            if len(self._encoded) >= ENCODED_ANSWERS:
+                self._encoded.clear()
+            kept = self._encoded[id(answer)] = (answer, *_start(answer))
+        return kept[1], kept[2]
+
     async def _serve(self, scope: Mapping[str, Any], send: Callable[[_Message], Any]) -> None:
         raw_target = _target(scope)
         target = raw_target.decode("utf-8", "surrogateescape")
         match route(target):
             case Route.EXT_AUTHZ:
-                start, body = _start(await self._check(_ext_authz, scope, raw_target, target))
+                start, body = self._messages(await self._check(_ext_authz, scope, raw_target, target))
             case Route.FORWARD_AUTH:
-                start, body = _start(await self._check(_forward_auth, scope, raw_target, target))
+                start, body = self._messages(await self._check(_forward_auth, scope, raw_target, target))
             case Route.HEALTHZ:
                 start, body = _ALIVE
             case Route.READYZ:

@@ -17,9 +17,10 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from authz_service.config.model import Listen
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ListenError
+from authz_service.httpmode import HEADERS_TOO_LARGE, TOKEN_TOO_LARGE
 from authz_service.model import Reason
 from authz_service.server.http import HttpAuthServer, unparsable
-from authz_service.server.http_granian import GranianHttpServer
+from authz_service.server.http_granian import MAX_FIELD, GranianHttpServer, _oversized
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 from tests.harness import Harness
 
@@ -373,3 +374,11 @@ def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> 
     assert unparsable(LineTooLong(b"/ext_authz/ppp...", 8190)).reason is Reason.HEADERS_TOO_LARGE  # the URL
     assert unparsable(BadHttpMessage("Too many headers received")).reason is Reason.HEADERS_TOO_LARGE
     assert unparsable(BadHttpMessage("Invalid HTTP header: 'Bad Header'")).reason is Reason.UNDECODABLE_REQUEST
+
+
+def test_granian_refuses_a_field_over_aiohttps_limit_as_aiohttp_does() -> None:
+    at_limit = b"x" * MAX_FIELD
+    assert _oversized(b"/ext_authz/" + at_limit[11:], [(b"x-a", at_limit)]) is None
+    assert _oversized(b"/ext_authz/x", [(b"x-a", b"v"), (b"authorization", b"Bearer " + at_limit)]) == TOKEN_TOO_LARGE
+    assert _oversized(b"/ext_authz/x", [(b"cookie", at_limit + b"x")]) == HEADERS_TOO_LARGE
+    assert _oversized(b"/ext_authz/" + at_limit, []) == HEADERS_TOO_LARGE
