@@ -60,24 +60,16 @@ _JSON = (b"content-type", b"application/json; charset=utf-8")
 _Message = dict[str, Any]
 
 
-class _Request:
-    """What the adapters read of one ASGI request: method, target as sent, header pairs, peer."""
-
-    __slots__ = ("method", "pairs", "peer", "target")
-
-    def __init__(self, method: str, target: str, pairs: list[tuple[str, str]], peer: str) -> None:
-        self.method = method
-        self.target = target
-        self.pairs = pairs
-        self.peer = peer
+# What the adapters read of one ASGI request: method, target as sent, header pairs, peer.
+_Read = tuple[str, str, list[tuple[str, str]], str]
 
 
-def _ext_authz(request: _Request) -> HttpRequest:
-    return ext_authz_request(request.method, request.target, request.pairs, request.peer)
+def _ext_authz(request: _Read) -> HttpRequest:
+    return ext_authz_request(*request)
 
 
-def _forward_auth(request: _Request) -> HttpRequest | Decision:
-    return forward_auth_request(request.method, request.target, request.pairs, request.peer)
+def _forward_auth(request: _Read) -> HttpRequest | Decision:
+    return forward_auth_request(*request)
 
 
 def _answer(engine: Engine, decision: Decision) -> HttpAnswer:
@@ -241,7 +233,7 @@ class GranianHttpServer:
 
     async def _check(
         self,
-        convert: Callable[[_Request], HttpRequest | Decision],
+        convert: Callable[[_Read], HttpRequest | Decision],
         scope: Mapping[str, Any],
         raw_target: bytes,
         target: str,
@@ -251,8 +243,7 @@ class GranianHttpServer:
         if refused is not None:
             return self.runner.refuse(refused)
         pairs = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
-        request = _Request(scope["method"], target, pairs, scope["client"][0])
-        return await self.runner.check(convert, request)
+        return await self.runner.check(convert, (scope["method"], target, pairs, scope["client"][0]))
 
 
 class Embedded:
