@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from overload import s_overload
+from overload import s_overload, s_overload_http
 from scenarios import RSS_SCENARIO, Bench, Profile, Row
 from sweep import s_sweep, time_bound
 
@@ -36,6 +36,7 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
     "decision-log": Bench.s_decision_log,
     "overload-5x": lambda bench: s_overload(bench, "overload-5x"),
     "overload-5x-limit256": lambda bench: s_overload(bench, "overload-5x-limit256", 256),
+    "overload-5x-http": lambda bench: s_overload_http(bench, "overload-5x-http"),
     "sweep": s_sweep,
     RSS_SCENARIO: Bench.s_rss_100k,
 }
