@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -160,6 +161,8 @@ class GranianHttpServer:
 
     async def start(self) -> int:
         """Bind and serve; the bound port."""
+        # granian's own info lines ("Started worker-1" in every process) say less than our "serving" line.
+        logging.getLogger("_granian").setLevel(logging.WARNING)
         sock = self._bind()
         self.port = int(sock.getsockname()[1])
         self._served = Embedded(sock, self._watch, self._backpressure)
