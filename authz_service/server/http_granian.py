@@ -219,9 +219,21 @@ class GranianHttpServer:
         target = raw_target.decode("utf-8", "surrogateescape")
         match route(target):
             case Route.EXT_AUTHZ:
-                start, body = self._messages(await self._check(_ext_authz, scope, raw_target, target))
+                read = _read(scope, raw_target, target)
+                checked = (
+                    self.runner.refuse(read)
+                    if isinstance(read, Decision)
+                    else await self.runner.check(_ext_authz, read)
+                )
+                start, body = self._messages(checked)
             case Route.FORWARD_AUTH:
-                start, body = self._messages(await self._check(_forward_auth, scope, raw_target, target))
+                read = _read(scope, raw_target, target)
+                checked = (
+                    self.runner.refuse(read)
+                    if isinstance(read, Decision)
+                    else await self.runner.check(_forward_auth, read)
+                )
+                start, body = self._messages(checked)
             case Route.HEALTHZ:
                 start, body = _ALIVE
             case Route.READYZ:
@@ -234,19 +246,18 @@ class GranianHttpServer:
         await send(start)
         await send(body)
 
-    async def _check(
-        self,
-        convert: Callable[[_Read], HttpRequest | Decision],
-        scope: Mapping[str, Any],
-        raw_target: bytes,
-        target: str,
-    ) -> HttpAnswer:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        refused = _oversized(raw_target, headers)
-        if refused is not None:
-            return self.runner.refuse(refused)
+
+def _read(scope: Mapping[str, Any], raw_target: bytes, target: str) -> _Read | Decision:
+    """What the adapters read of an ASGI request, or the denial of a header or target over MAX_FIELD."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    refused = _oversized(raw_target, headers)
+    if refused is not None:
+        return refused
+    try:  # names are ASCII (granian checks them); values nearly always UTF-8: the fast decode
+        pairs = [(name.decode(), value.decode()) for name, value in headers]
+    except UnicodeDecodeError:  # as aiohttp reads them
         pairs = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
-        return await self.runner.check(convert, (scope["method"], target, pairs, scope["client"][0]))
+    return (scope["method"], target, pairs, scope["client"][0])
 
 
 class Embedded:

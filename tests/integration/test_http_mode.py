@@ -376,6 +376,21 @@ def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> 
     assert unparsable(BadHttpMessage("Invalid HTTP header: 'Bad Header'")).reason is Reason.UNDECODABLE_REQUEST
 
 
+async def test_a_header_value_that_is_not_utf8_is_read_as_aiohttp_reads_it(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str
+) -> None:
+    harness, _ = await http_service(start_service, idp, http_engine)
+    assert harness.service.http is not None
+    assert harness.service.http.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.service.http.port)
+    head = f"GET /ext_authz/reports/1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {idp.mint()}\r\n"
+    writer.write(head.encode() + b"X-Name: caf\xe9\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
 def test_granian_refuses_a_field_over_aiohttps_limit_as_aiohttp_does() -> None:
     at_limit = b"x" * MAX_FIELD
     assert _oversized(b"/ext_authz/" + at_limit[11:], [(b"x-a", at_limit)]) is None
