@@ -32,6 +32,7 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
     "envoy-ext-authz": Bench.s_envoy_ext_authz,
     "envoy-ext-authz-w2": Bench.s_envoy_ext_authz_w2,
     "envoy-http-ext-authz": Bench.s_envoy_http_ext_authz,
+    "envoy-http-ext-authz-aiohttp": lambda bench: bench.s_envoy_http_ext_authz("aiohttp"),
     "envoy-jwt-authn": Bench.s_envoy_jwt_authn,
     "decision-log": Bench.s_decision_log,
     "overload-5x": lambda bench: s_overload(bench, "overload-5x"),

@@ -892,19 +892,23 @@ class Bench:
         row.notes.insert(0, "CPU%/RSS: authz-service")
         self.extra[row.scenario] = row.rate
 
-    def s_envoy_http_ext_authz(self) -> Row:
+    def s_envoy_http_ext_authz(self, engine: str = "granian") -> Row:
         """wrk -> Envoy (shipped envoy-http.yaml, http_service) -> the service's HTTP mode -> echo."""
-        name = "envoy-http-ext-authz"
+        name = "envoy-http-ext-authz" + ("" if engine == "granian" else f"-{engine}")
         row = Row(
             name,
-            "wrk -> Envoy (shipped envoy-http.yaml) -> HTTP ext_authz (ES256 JWKS) -> echo",
+            f"wrk -> Envoy (shipped envoy-http.yaml) -> HTTP ext_authz on {engine} (ES256 JWKS) -> echo",
             floor="",
         )
         why = "server.http_address set: Envoy's http_service asks the service's HTTP mode"
+        config = self.cfg_jwks()
+        if engine != "granian":
+            config.setdefault("server", {})["http_engine"] = engine
+            why += f"; server.http_engine {engine}, the other HTTP server"
         echo, echo_port = start_echo(self.work, f"echo-{name}")
         procs: list[Proc] = [echo]
         try:
-            authz = self.start_service(row, self.cfg_jwks(), why, http=True)
+            authz = self.start_service(row, config, why, http=True)
             procs.append(authz.proc)
             assert authz.http_port is not None
             self._through_envoy(
