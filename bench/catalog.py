@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from overload import s_overload
+from overload import s_overload, s_overload_http
 from scenarios import RSS_SCENARIO, Bench, Profile, Row
 from sweep import s_sweep, time_bound
 
 SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
     "noop": Bench.s_noop,
     "noop-http": Bench.s_noop_http,
+    "noop-http-granian": Bench.s_noop_http_granian,
     "hs256": Bench.s_hs256,
     "rs256-jwks": Bench.s_rs256_jwks,
     "es256-jwks": Bench.s_es256_jwks,
@@ -26,23 +27,33 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
     "hs256-matcho": Bench.s_hs256_matcho,
     "http-forward-auth-es256": Bench.s_http_forward_auth,
     "http-forward-auth-decisions-off": Bench.s_http_forward_auth_decisions_off,
+    "http-forward-auth-es256-aiohttp": Bench.s_http_forward_auth_aiohttp,
     "http-ext-authz-es256": Bench.s_http_ext_authz,
     "envoy-ext-authz": Bench.s_envoy_ext_authz,
     "envoy-ext-authz-w2": Bench.s_envoy_ext_authz_w2,
     "envoy-http-ext-authz": Bench.s_envoy_http_ext_authz,
+    "envoy-http-ext-authz-aiohttp": lambda bench: bench.s_envoy_http_ext_authz("aiohttp"),
     "envoy-jwt-authn": Bench.s_envoy_jwt_authn,
     "decision-log": Bench.s_decision_log,
     "overload-5x": lambda bench: s_overload(bench, "overload-5x"),
     "overload-5x-limit256": lambda bench: s_overload(bench, "overload-5x-limit256", 256),
+    "overload-5x-http": lambda bench: s_overload_http(bench, "overload-5x-http"),
     "sweep": s_sweep,
     RSS_SCENARIO: Bench.s_rss_100k,
 }
 
 # The floors: measured first and again between the other scenarios (the VM's speed drifts);
 # ratios use the median of their rounds. The HTTP floor only when an HTTP scenario needs it.
-FLOORS: Final = ("noop", "noop-http")
+FLOORS: Final = ("noop", "noop-http", "noop-http-granian")
 HTTP_FLOOR_USERS: Final = frozenset(
-    {"noop-http", "http-forward-auth-es256", "http-forward-auth-decisions-off", "http-ext-authz-es256"}
+    {
+        "noop-http",
+        "noop-http-granian",
+        "http-forward-auth-es256",
+        "http-forward-auth-decisions-off",
+        "http-forward-auth-es256-aiohttp",
+        "http-ext-authz-es256",
+    }
 )
 
 
@@ -60,7 +71,7 @@ def time_limit(name: str, profile: Profile) -> int:
 
 def plan(names: list[str], profile: Profile) -> list[str]:
     """The order to run: the floors first and again later; the rest split between the rounds."""
-    floors = ["noop"] + (["noop-http"] if HTTP_FLOOR_USERS & set(names) else [])
+    floors = ["noop"] + (["noop-http", "noop-http-granian"] if HTTP_FLOOR_USERS & set(names) else [])
     rest = [n for n in names if n not in FLOORS]
     order = list(floors)
     if rest and profile.noop_rounds > 1:

@@ -333,3 +333,87 @@ def _analyse(
             f"{invalid_logged_allowed} logged decisions"
         )
     return row
+
+
+# HTTP mode at 5x: h2load --h1 holds one request per connection, so the open loop needs many
+# connections: more than the bound below, so that the bound, not the client, decides what waits.
+HTTP_LIMIT: Final = 256
+HTTP_VALID_CONNECTIONS: Final = 480
+HTTP_INVALID_CONNECTIONS: Final = 120
+
+
+def s_overload_http(bench: Bench, name: str) -> Row:
+    """HTTP mode (granian, /forward_auth) at 5x capacity, open loop, 20% forged tokens: how much is
+    shed (503), what the valid share still gets, and that no forged token is ever allowed."""
+    what = (
+        f"HTTP mode {FACTOR}x capacity, open loop (/forward_auth on granian, ES256 via JWKS, "
+        f"one valid token + {INVALID_SHARE:.0%} forged)"
+    )
+    row = Row(name, what, floor="")
+    config = bench.cfg_jwks()
+    config["server"] = {"max_concurrent_checks": HTTP_LIMIT}
+    why = (
+        "server.http_address set: HTTP mode is what this scenario measures; max_concurrent_checks "
+        f"{HTTP_LIMIT} (default 2048), below the {HTTP_VALID_CONNECTIONS + HTTP_INVALID_CONNECTIONS} "
+        "connections an HTTP/1.1 open loop needs"
+    )
+    server = bench.start_service(row, config, why, http=True)
+    try:
+        return _overload_http(bench, row, server)
+    finally:
+        server.proc.stop()
+
+
+def _overload_http(bench: Bench, row: Row, server: Server) -> Row:
+    from checkreq import http_check_headers, http_check_path
+    from scenarios import verify_http_check
+
+    p = bench.p
+    url = f"http://{HOST}:{server.http_port}{http_check_path('forward_auth')}"
+    valid = http_check_headers(bench.token("es256"), "forward_auth")
+    forged = http_check_headers(bench.token("es256_bad_signature"), "forward_auth")
+    row.verified = verify_http_check(url, valid, {"a forged signature": forged})
+    h2load_run(url, connections=16, duration=f"{p.warmup_ms}ms", h1=True, headers=valid)
+    capacity = h2load_run(url, connections=16, duration=p.throughput_s, h1=True, headers=valid).rate
+    row.rate = capacity
+    offered = FACTOR * capacity
+    shares = {
+        "valid": (valid, HTTP_VALID_CONNECTIONS, (1 - INVALID_SHARE) * offered),
+        "forged": (forged, HTTP_INVALID_CONNECTIONS, INVALID_SHARE * offered),
+    }
+    with CpuMeter(server.proc.pid) as cpu, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = {
+            kind: pool.submit(
+                h2load_run,
+                url,
+                connections=connections,
+                duration=p.overload_s,
+                h1=True,
+                headers=headers,
+                rps=rate / connections,
+                strict=False,
+            )
+            for kind, (headers, connections, rate) in shares.items()
+        }
+        results = {kind: run.result() for kind, run in runs.items()}
+    row.cpu_pct = cpu.percent
+    row.rss_mb = rss_bytes(tree_pids(server.proc.pid)) / 2**20
+    forged_allowed = results["forged"].statuses.get("2xx", 0)
+    for kind, result in results.items():
+        answered = sum(result.statuses.values())
+        shed = result.statuses.get("5xx", 0)
+        row.notes.append(
+            f"{kind}: {result.started:,} offered, {answered:,} answered ({answered / p.overload_s:,.0f}/s; "
+            f"2xx {result.statuses.get('2xx', 0):,}, 4xx {result.statuses.get('4xx', 0):,}, 5xx (shed) {shed:,}), "
+            f"{max(0, result.started - answered):,} unanswered when the load stopped"
+        )
+    row.notes.append(f"forged tokens allowed: {forged_allowed} (must be 0)")
+    after = h2load_run(url, connections=16, duration=2, h1=True, headers=valid, strict=False)
+    row.notes.append(
+        f"after the load: {after.rate:,.0f} checks/s closed loop, {after.statuses.get('2xx', 0):,} of "
+        f"{after.done:,} answered 200"
+    )
+    bench.extra["overload_http_forged_allowed"] = forged_allowed
+    if forged_allowed:
+        row.status = f"FAILED: {forged_allowed} forged tokens allowed under overload"
+    return row

@@ -370,9 +370,9 @@ def start_noop(workdir: Path, name: str = "noop") -> Server:
         raise
 
 
-def start_noop_http(workdir: Path, name: str = "noop-http") -> tuple[Proc, int]:
-    """bench/noop_http_server.py, the HTTP floor: the process and its port."""
-    proc = start(name, [PY, str(BENCH / "noop_http_server.py"), "--port", "0"], workdir)
+def start_noop_http(workdir: Path, name: str = "noop-http", engine: str = "aiohttp") -> tuple[Proc, int]:
+    """bench/noop_http_server.py, the HTTP floor of `engine` (aiohttp, granian): the process and its port."""
+    proc = start(name, [PY, str(BENCH / "noop_http_server.py"), "--port", "0", "--engine", engine], workdir)
     try:
         return proc, int(proc.ready_line(START_TIMEOUT)["port"])
     except BaseException:

@@ -256,6 +256,9 @@ class Bench:
         self.noop: Server | None = None
         self.noop_http: tuple[Proc, int] | None = None  # the HTTP floor: process, port
         self.noop_http_rates: list[float] = []
+        self.noop_granian: tuple[Proc, int] | None = None  # granian's no-op floor: process, port
+        self.noop_granian_rates: list[float] = []
+        self.granian_rows: set[str] = set()  # HTTP-mode rows served by granian (also noted vs its floor)
 
     def start_idp(self, opaque: int) -> None:
         self.idp, self.material = start_idp(self.work, opaque)
@@ -517,7 +520,29 @@ class Bench:
         self.noop_http_rates.append(row.rate)
         return row
 
-    def _http_mode(self, row: Row, mode: str, *, decisions: bool = True) -> Row:
+    def s_noop_http_granian(self) -> Row:
+        """granian's floor: bench/noop_http_server.py --engine granian, the same requests."""
+        round_ = len(self.noop_granian_rates) + 1
+        row = Row(
+            "noop-http-granian" if round_ == 1 else f"noop-http-granian #{round_}",
+            "no-op granian (ASGI, embedded on uvloop), HTTP/1.1 (granian's floor)",
+            floor="http",
+        )
+        if self.noop_granian is None:
+            self.noop_granian = start_noop_http(self.work, "noop-http-granian", "granian")
+        proc, port = self.noop_granian
+        url = f"http://{HOST}:{port}{http_check_path('forward_auth')}"
+        headers = http_check_headers(self.token("es256"), "forward_auth")
+        status, _, _ = http_answer(url, headers)
+        if status != 200:
+            raise RuntimeError(f"the no-op granian server answered {status}")
+        row.verified = "OK (200)"
+        self.measure_http(row, proc.pid, url, headers)
+        assert row.rate is not None
+        self.noop_granian_rates.append(row.rate)
+        return row
+
+    def _http_mode(self, row: Row, mode: str, *, decisions: bool = True, engine: str = "granian") -> Row:
         """The service at its defaults plus server.http_address, an ES256 JWT (keys from JWKS,
         one token repeated: the verified-token cache), measured like the HTTP floor."""
         why = "server.http_address set: HTTP mode (off by default) is what this scenario measures"
@@ -525,6 +550,11 @@ class Bench:
         if not decisions:
             config["logging"] = {"decisions": "off"}
             why += "; decisions off, to show what the decision log line costs in HTTP mode"
+        if engine != "granian":
+            config.setdefault("server", {})["http_engine"] = engine
+            why += f"; server.http_engine {engine}, the other HTTP server"
+        else:
+            self.granian_rows.add(row.scenario)
         server = self.start_service(row, config, why, http=True)
         try:
             url = f"http://{HOST}:{server.http_port}{http_check_path(mode)}"
@@ -561,6 +591,16 @@ class Bench:
         )
         self._http_mode(row, "forward_auth", decisions=False)
         self._note_ratio(row, "http_forward_auth", "http-forward-auth-es256 (decision log at info, the default)")
+        return row
+
+    def s_http_forward_auth_aiohttp(self) -> Row:
+        row = Row(
+            "http-forward-auth-es256-aiohttp",
+            "http-forward-auth-es256 served by aiohttp (server.http_engine: aiohttp)",
+            floor="http",
+        )
+        self._http_mode(row, "forward_auth", engine="aiohttp")
+        self._note_ratio(row, "http_forward_auth", "http-forward-auth-es256 (granian, the default)")
         return row
 
     def s_http_ext_authz(self) -> Row:
@@ -852,19 +892,23 @@ class Bench:
         row.notes.insert(0, "CPU%/RSS: authz-service")
         self.extra[row.scenario] = row.rate
 
-    def s_envoy_http_ext_authz(self) -> Row:
+    def s_envoy_http_ext_authz(self, engine: str = "granian") -> Row:
         """wrk -> Envoy (shipped envoy-http.yaml, http_service) -> the service's HTTP mode -> echo."""
-        name = "envoy-http-ext-authz"
+        name = "envoy-http-ext-authz" + ("" if engine == "granian" else f"-{engine}")
         row = Row(
             name,
-            "wrk -> Envoy (shipped envoy-http.yaml) -> HTTP ext_authz (ES256 JWKS) -> echo",
+            f"wrk -> Envoy (shipped envoy-http.yaml) -> HTTP ext_authz on {engine} (ES256 JWKS) -> echo",
             floor="",
         )
         why = "server.http_address set: Envoy's http_service asks the service's HTTP mode"
+        config = self.cfg_jwks()
+        if engine != "granian":
+            config.setdefault("server", {})["http_engine"] = engine
+            why += f"; server.http_engine {engine}, the other HTTP server"
         echo, echo_port = start_echo(self.work, f"echo-{name}")
         procs: list[Proc] = [echo]
         try:
-            authz = self.start_service(row, self.cfg_jwks(), why, http=True)
+            authz = self.start_service(row, config, why, http=True)
             procs.append(authz.proc)
             assert authz.http_port is not None
             self._through_envoy(
@@ -949,7 +993,7 @@ class Bench:
     def finish_ratios(self) -> None:
         """Each row's ratio to the median of its floor's rounds (gRPC no-op or HTTP no-op): one slow or
         fast round among three (this machine's noise is +-15%) must not move every ratio."""
-        floors = {"grpc": self.noop_rates, "http": self.noop_http_rates}
+        floors = {"grpc": self.noop_rates, "http": self.noop_http_rates, "http_granian": self.noop_granian_rates}
         for kind, rates in floors.items():
             if rates:
                 self.extra[f"{kind}_floor"] = statistics.median(rates)
@@ -960,3 +1004,7 @@ class Bench:
                 row.ratio = row.rate / floor
                 if row.floor == "http":
                     row.ratio_note = "vs no-op aiohttp"
+        granian = self.extra.get("http_granian_floor")
+        for row in self.rows:
+            if granian and row.rate is not None and row.scenario in self.granian_rows:
+                row.notes.append(f"{row.rate / granian:.2f}x the no-op granian")

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
+from authz_service.config.model import HTTP_ENGINES
 from authz_service.devstack.idp import DevIdentityProvider
 from tests.harness import (
     POLLING_CHANNEL,
@@ -57,6 +58,13 @@ async def start_service() -> AsyncIterator[StartService]:
     yield start
     for harness in started:
         await harness.close()
+
+
+@pytest.fixture(params=HTTP_ENGINES)
+def http_engine(request: pytest.FixtureRequest) -> str:
+    """Each of HTTP mode's servers (`server.http_engine`): a test that takes it runs on both."""
+    engine: str = request.param
+    return engine
 
 
 async def sleep_past(deadline: float, margin: float = 0.05) -> None:

@@ -9,8 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from typing import Any
 from urllib.parse import urlsplit
+
+# HTTP mode's server (`server.http_engine`): granian where it is installed, else aiohttp.
+HTTP_ENGINES = ("granian", "aiohttp")
+DEFAULT_HTTP_ENGINE = "granian" if find_spec("granian") is not None else "aiohttp"
 
 CompiledRule = Callable[[Mapping[str, Any]], bool]
 """An AccessPolicy rule as its engine compiled it at load (policy/ evaluates it; config only holds it)."""
@@ -69,6 +74,7 @@ class ServerConfig:
     # admitted under overload waits behind at most this many (bounded queueing, bounded p99).
     max_concurrent_checks: int = 2048
     admin_tls: TlsConfig | None = None  # TLS for the admin listener (resource API, metrics); off by default
+    http_engine: str = DEFAULT_HTTP_ENGINE  # HTTP mode's server: granian (Rust, embedded) or aiohttp
     # The addresses above, parsed once here so that the shells never split HOST:PORT themselves.
     grpc_listen: Listen = field(init=False, compare=False, repr=False)
     admin_listen: Listen | None = field(init=False, compare=False, repr=False)

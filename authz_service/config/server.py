@@ -12,6 +12,8 @@ from typing import Any
 
 from authz_service.config.fields import Fields, Sections
 from authz_service.config.model import (
+    DEFAULT_HTTP_ENGINE,
+    HTTP_ENGINES,
     UNNAMED_API_WRITER,
     ApiConfig,
     ApiToken,
@@ -200,6 +202,12 @@ class ServerSections(Sections):
         http_address = f.get("http_address", str, None)
         if http_address is not None and f.address("http_address", http_address) is None:
             http_address = None
+        http_engine = f.get("http_engine", str, _SERVER.http_engine) or _SERVER.http_engine
+        if http_engine not in HTTP_ENGINES:
+            f.problem("http_engine", f"must be one of {', '.join(HTTP_ENGINES)}, got {http_engine!r}")
+            http_engine = _SERVER.http_engine
+        elif http_engine == "granian" and DEFAULT_HTTP_ENGINE != "granian":
+            f.problem("http_engine", "granian is not installed (pip install granian), or set aiohttp")
         workers = f.int_in("workers", 1, 1, 64)
         base_port = f.get("worker_base_port", int, None)
         if base_port is not None and not 1 <= base_port <= 65535 - workers:
@@ -225,6 +233,7 @@ class ServerSections(Sections):
             http_address,
             max_concurrent,
             admin_tls,
+            http_engine,
         )
 
     def tls(self, f: Fields | None) -> TlsConfig | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -46,6 +47,9 @@ from authz_service.store.resources import compose, read_config_file
 from authz_service.tokens.cache import CacheFactory
 from authz_service.tracing import Spans
 from authz_service.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from authz_service.server.http_granian import GranianHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class AuthzService:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.admin: AdminServer | None = None
-        self.http: HttpAuthServer | None = None
+        self.http: HttpAuthServer | GranianHttpServer | None = None
         self.port: int | None = None
         self.sync: ConfigSync | None = None  # the config file and resource store, when serving from a file
         self._watchers: list[asyncio.Task[None]] = []
@@ -193,7 +197,13 @@ class AuthzService:
         self.port = port
         if settings.http_listen is not None:
             # Workers share the HTTP port as they share the gRPC one (SO_REUSEPORT).
-            self.http = HttpAuthServer(
+            # http_engine: granian (Rust, on this loop: server/http_granian.py) or aiohttp (server/http.py).
+            http_server: type[HttpAuthServer | GranianHttpServer] = HttpAuthServer
+            if settings.http_engine == "granian":
+                # Imported off the loop: granian's package imports its whole CLI server (~0.1 s).
+                module = await asyncio.to_thread(importlib.import_module, "authz_service.server.http_granian")
+                http_server = module.GranianHttpServer
+            self.http = http_server(
                 settings.http_listen,
                 self.current_engine,
                 self.metrics,

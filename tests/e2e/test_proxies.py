@@ -137,6 +137,8 @@ async def nginx(
 
 
 PROXIES = {"envoy-http": envoy_http, "nginx": nginx}
+# (proxy, HTTP mode's server): Envoy's http_service against both servers, nginx against the default.
+STACKS = [("envoy-http", "granian"), ("envoy-http", "aiohttp"), ("nginx", "granian")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -164,14 +166,15 @@ def session(session_m: aiohttp.ClientSession) -> aiohttp.ClientSession:
 
 @asynccontextmanager
 async def run_stack(
-    proxy: str, idp: DevIdentityProvider, workdir: Path, session: aiohttp.ClientSession
+    proxy: str, idp: DevIdentityProvider, workdir: Path, session: aiohttp.ClientSession, engine: str = "granian"
 ) -> AsyncIterator[Stack]:
-    """The service (HTTP mode), an echo upstream and the proxy under test, until the block ends."""
+    """The service (HTTP mode on `engine`), an echo upstream and the proxy under test, until the block ends."""
     port = free_port()
     config = {
         "server": {
             "grpc_address": f"127.0.0.1:{free_port()}",
             "http_address": f"127.0.0.1:{port}",
+            "http_engine": engine,
             "admin_address": None,
             "drain_delay": 0,
         },
@@ -201,7 +204,7 @@ async def run_stack(
             assert await stop_process(process) == 0
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(PROXIES))
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=STACKS, ids="-".join)
 async def shared_stack(
     request: pytest.FixtureRequest,
     idp_m: HostileIdentityProvider,
@@ -209,8 +212,9 @@ async def shared_stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
     """One stack per proxy for the module: each start costs seconds."""
-    workdir = tmp_path_factory.mktemp(f"proxies-{request.param}")
-    async with run_stack(request.param, idp_m, workdir, session_m) as stack:
+    proxy, engine = request.param
+    workdir = tmp_path_factory.mktemp(f"proxies-{proxy}-{engine}")
+    async with run_stack(proxy, idp_m, workdir, session_m, engine) as stack:
         yield stack
 
 

@@ -14,10 +14,14 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from authz_service.config.model import Listen
 from authz_service.devstack.idp import DevIdentityProvider
+from authz_service.errors import ListenError
+from authz_service.httpmode import HEADERS_TOO_LARGE, TOKEN_TOO_LARGE
 from authz_service.model import Reason
-from authz_service.server.http import unparsable
-from tests.conftest import StartService, jwks_introspector
+from authz_service.server.http import HttpAuthServer, unparsable
+from authz_service.server.http_granian import MAX_FIELD, GranianHttpServer, _oversized
+from tests.conftest import StartService, jwks_introspector, opaque_introspector
 from tests.harness import Harness
 
 POLICIES = [
@@ -38,9 +42,16 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def http_service(start_service: StartService, idp: DevIdentityProvider, **extra: Any) -> tuple[Harness, str]:
+async def http_service(
+    start_service: StartService, idp: DevIdentityProvider, engine: str, **extra: Any
+) -> tuple[Harness, str]:
     config = {
-        "server": {"grpc_address": "127.0.0.1:0", "admin_address": None, "http_address": "127.0.0.1:0"},
+        "server": {
+            "grpc_address": "127.0.0.1:0",
+            "admin_address": None,
+            "http_address": "127.0.0.1:0",
+            "http_engine": engine,
+        },
         "response": {"claim_headers": {"email": "x-user-email"}},
         "introspectors": [jwks_introspector(idp)],
         "policies": POLICIES,
@@ -56,9 +67,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def test_ext_authz_allow_carries_the_identity_headers(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint({"sub": "alice", "email": "alice@example.com"})
     async with client.get(url + "/ext_authz/reports/1?format=pdf", headers=bearer(token)) as response:
         assert response.status == 200
@@ -76,9 +87,9 @@ async def test_ext_authz_allow_carries_the_identity_headers(
 
 
 async def test_ext_authz_denials_match_the_grpc_answers(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     cases = [
         ("/ext_authz/reports/1", {}, 401),
         ("/ext_authz/reports/1", bearer("not.a.token"), 401),
@@ -98,9 +109,9 @@ async def test_ext_authz_denials_match_the_grpc_answers(
 
 
 async def test_ext_authz_sees_the_original_method_and_path(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/ext_authz/public/a?x=1") as response:
         assert response.status == 200  # anonymous GET on /public/ is allowed by a policy
     async with client.post(url + "/ext_authz/public/a") as response:
@@ -110,19 +121,19 @@ async def test_ext_authz_sees_the_original_method_and_path(
 
 
 async def test_idp_down_with_nothing_cached_is_503(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
     await idp.go_offline()
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
         assert response.status == 503
         assert (await response.json())["error"] == "temporarily_unavailable"
 
 
 async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint({"sub": "writer"})
     traefik = {
         "X-Forwarded-Method": "POST",
@@ -144,18 +155,18 @@ async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
 
 
 async def test_forward_auth_without_the_original_uri_is_400(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/forward_auth", headers=bearer(idp.mint())) as response:
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_request"
 
 
 async def test_remote_addr_is_the_last_forwarded_for_entry(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint()
     office = {"X-Forwarded-Uri": "/office", **bearer(token)}
     # The proxy appended 192.0.2.10; a client-sent first entry is never read.
@@ -166,9 +177,9 @@ async def test_remote_addr_is_the_last_forwarded_for_entry(
 
 
 async def test_health_on_the_same_listener(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     async with client.get(url + "/healthz") as response:
         assert response.status == 200
     async with client.get(url + "/readyz") as response:
@@ -183,10 +194,11 @@ async def test_health_on_the_same_listener(
 async def test_http_checks_are_counted_and_logged_with_their_protocol(
     idp: DevIdentityProvider,
     start_service: StartService,
+    http_engine: str,
     client: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     with caplog.at_level(logging.INFO, logger="authz_service.decision"):
         async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
             assert response.status == 200
@@ -203,9 +215,9 @@ async def test_http_checks_are_counted_and_logged_with_their_protocol(
 
 
 async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     engine = harness.service.engine
     broken = engine.http_answers
 
@@ -225,13 +237,13 @@ async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
 
 
 async def test_a_request_as_traefik_sends_it(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
     """Traefik's forwardAuth (trustForwardHeader: false), as its documentation describes the request:
     GET to the address, the client's headers, and X-Forwarded-Method/-Proto/-Host/-Uri/-For set by
     Traefik. Traefik itself cannot be installed here; deploy/traefik/dynamic.yaml is checked
     structurally in tests/unit/test_deploy_http.py."""
-    _, url = await http_service(start_service, idp)
+    _, url = await http_service(start_service, idp, http_engine)
     token = idp.mint({"sub": "writer", "email": "w@example.com"})
     recorded = {
         "User-Agent": "curl/8.5.0",
@@ -266,9 +278,9 @@ async def test_a_request_as_traefik_sends_it(
 
 
 async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
-    idp: DevIdentityProvider, start_service: StartService, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp)
+    harness, url = await http_service(start_service, idp, http_engine)
     token = idp.mint()
     stopping = asyncio.ensure_future(harness.service.stop(grace=1, drain_delay=0.6))
     await asyncio.sleep(0)  # one turn of the loop: stop() turns unready before its first await
@@ -283,6 +295,77 @@ async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
             pass
 
 
+async def test_stop_lets_a_check_in_flight_finish_within_the_grace(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+) -> None:
+    harness, url = await http_service(start_service, idp, http_engine, introspectors=[opaque_introspector(idp)])
+    assert harness.service.http is not None
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> None:  # the IdP's answer to an introspection waits for the test
+        arrived.set()
+        await release.wait()
+
+    idp._wait = held  # type: ignore[method-assign]
+    token = idp.issue_opaque()
+
+    async def ask() -> int:
+        async with client.get(url + "/ext_authz/public/1", headers=bearer(token)) as response:
+            return response.status
+
+    order: list[str] = []
+    check = asyncio.ensure_future(ask())
+    check.add_done_callback(lambda _: order.append("answered"))
+    await arrived.wait()  # the check is in flight, waiting for its introspection
+    assert harness.service.http.runner.in_flight == 1
+    stopping = asyncio.ensure_future(harness.service.http.stop())  # shutdown_grace: 10 s
+    stopping.add_done_callback(lambda _: order.append("stopped"))
+    release.set()  # after stop() began: the ready queue runs it first
+    assert await check == 200
+    await stopping
+    assert order == ["answered", "stopped"]
+    assert harness.service.http.runner.in_flight == 0
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with client.get(url + "/healthz", headers={"Connection": "close"}):
+            pass
+
+
+async def test_workers_share_the_http_port_and_a_taken_one_is_named(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+) -> None:
+    harness, _ = await http_service(start_service, idp, http_engine)
+    service = harness.service
+    assert service.http is not None
+    engine_server = type(service.http)
+    assert engine_server.__name__ == {"granian": "GranianHttpServer", "aiohttp": "HttpAuthServer"}[http_engine]
+
+    def listener(port: int, reuse_port: bool) -> HttpAuthServer | GranianHttpServer:
+        return engine_server(
+            Listen("127.0.0.1", port),
+            service.current_engine,
+            service.metrics,
+            lambda: True,
+            log_decision=service.decisions.log_decision,
+            log_internal_error=service.decisions.log_internal_error,
+            reuse_port=reuse_port,
+        )
+
+    first = listener(0, reuse_port=True)
+    port = await first.start()
+    second = listener(port, reuse_port=True)  # a supervisor's workers: SO_REUSEPORT
+    try:
+        assert await second.start() == port
+        with pytest.raises(ListenError) as taken:
+            await listener(port, reuse_port=False).start()
+        assert taken.value.address == f"127.0.0.1:{port}"
+        for _ in range(4):
+            async with client.get(f"http://127.0.0.1:{port}/ext_authz/reports/1", headers=bearer(idp.mint())) as r:
+                assert r.status == 200
+    finally:
+        await second.stop()
+        await first.stop()
+
+
 def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> None:
     # Its C parser quotes the start of the value that was too long, its Python parser the header line.
     assert unparsable(LineTooLong(b"Bearer eyJ" + b"A" * 90 + b"...", 8190)).reason is Reason.TOO_LARGE
@@ -292,3 +375,26 @@ def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> 
     assert unparsable(LineTooLong(b"/ext_authz/ppp...", 8190)).reason is Reason.HEADERS_TOO_LARGE  # the URL
     assert unparsable(BadHttpMessage("Too many headers received")).reason is Reason.HEADERS_TOO_LARGE
     assert unparsable(BadHttpMessage("Invalid HTTP header: 'Bad Header'")).reason is Reason.UNDECODABLE_REQUEST
+
+
+async def test_a_header_value_that_is_not_utf8_is_read_as_aiohttp_reads_it(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str
+) -> None:
+    harness, _ = await http_service(start_service, idp, http_engine)
+    assert harness.service.http is not None
+    assert harness.service.http.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.service.http.port)
+    head = f"GET /ext_authz/reports/1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {idp.mint()}\r\n"
+    writer.write(head.encode() + b"X-Name: caf\xe9\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_granian_refuses_a_field_over_aiohttps_limit_as_aiohttp_does() -> None:
+    at_limit = b"x" * MAX_FIELD
+    assert _oversized(b"/ext_authz/" + at_limit[11:], [(b"x-a", at_limit)]) is None
+    assert _oversized(b"/ext_authz/x", [(b"x-a", b"v"), (b"authorization", b"Bearer " + at_limit)]) == TOKEN_TOO_LARGE
+    assert _oversized(b"/ext_authz/x", [(b"cookie", at_limit + b"x")]) == HEADERS_TOO_LARGE
+    assert _oversized(b"/ext_authz/" + at_limit, []) == HEADERS_TOO_LARGE

@@ -52,7 +52,7 @@ async def test_grpc_sheds_past_max_concurrent_checks_and_recovers(
 
 
 async def test_http_sheds_past_max_concurrent_checks_with_a_503(
-    idp: DevIdentityProvider, start_service: StartService
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str
 ) -> None:
     await idp.go_offline()
     service = await start_service(
@@ -61,6 +61,7 @@ async def test_http_sheds_past_max_concurrent_checks_with_a_503(
                 "grpc_address": "127.0.0.1:0",
                 "admin_address": None,
                 "http_address": "127.0.0.1:0",
+                "http_engine": http_engine,
                 "max_concurrent_checks": 3,
             },
             "introspectors": [jwks_introspector(idp)],

@@ -268,6 +268,14 @@ def test_admin_address_defaults_on_and_null_turns_it_off() -> None:
     assert parse_config("server: {admin_address: null}\n", {}).server.admin_address is None
 
 
+def test_http_engine_defaults_to_granian_and_names_a_bad_one() -> None:
+    assert ServerConfig().http_engine == "granian"  # installed with the service
+    for engine in ("granian", "aiohttp"):
+        assert parse_config(dump({"server": {"http_engine": engine}}), {}).server.http_engine == engine
+    problem = single_problem(dump({"server": {"http_engine": "uvicorn"}}))
+    assert problem == "server: http_engine must be one of granian, aiohttp, got 'uvicorn'"
+
+
 def test_config_objects_are_frozen(full_config_text: str) -> None:
     config = parse_config(full_config_text, {})
     intro, _, _, static = jwt_introspectors(config)
