@@ -73,8 +73,9 @@ def _forward_auth(request: _Read) -> HttpRequest | Decision:
     return forward_auth_request(*request)
 
 
-def _answer(engine: Engine, decision: Decision) -> HttpAnswer:
-    return engine.http_answers.answer(decision)
+def _answer(engine: Engine, decision: Decision, request: HttpRequest) -> HttpAnswer:
+    # The request: a `responses` block's templates quote it, and its Accept picks the redirect.
+    return engine.http_answers.answer(decision, request)
 
 
 def _target(scope: Mapping[str, Any]) -> bytes:
