@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 
-from authz_service.devstack.idp import KEY_KID, DevIdentityProvider, Kid
+from authz_service.devstack.idp import KEY_KID, DevIdentityProvider, Kid, serve_until_stopped
 
 __all__ = ["DISCOVERY_MODES", "INTROSPECT_MODES", "JWKS_MODES", "HostileIdentityProvider", "main"]
 
@@ -267,20 +266,7 @@ async def _serve(args: argparse.Namespace) -> None:
     idp.jwks_mode = args.jwks_mode
     idp.discovery_mode = args.discovery_mode
     idp.introspect_mode = args.introspect_mode
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    async with idp:
-        ready = {
-            "url": idp.url,
-            "issuer": idp.issuer,
-            "jwks_uri": idp.jwks_uri,
-            "introspection_url": idp.introspection_url,
-        }
-        sys.stdout.write(json.dumps(ready) + "\n")
-        sys.stdout.flush()
-        await stopping.wait()
+    await serve_until_stopped(idp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -452,6 +452,11 @@ async def _serve(args: argparse.Namespace) -> None:
         client_id=args.client_id,
         client_secret=args.client_secret,
     )
+    await serve_until_stopped(idp)
+
+
+async def serve_until_stopped(idp: DevIdentityProvider) -> None:
+    """Serve `idp` until SIGINT or SIGTERM, once started printing where (one JSON line on stdout)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
