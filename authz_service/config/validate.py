@@ -115,6 +115,12 @@ class _Validator(ServerSections, IntrospectorSections, PolicySections):
                 "while they are watched"
             )
         top.reject_unknown()
+        if server.workers > 1 and cache.backend == "memory":
+            self.warnings.append(
+                f"cache: with server.workers {server.workers} and cache.backend memory, each worker keeps its own "
+                "DPoP replay cache, so a proof replayed to another worker within its window is not caught; "
+                "set cache.backend: redis if clients send DPoP-bound tokens (docs/security.md)"
+            )
         if api.enabled and server.admin_tls is None and not loopback(server.admin_address):
             self.warnings.append(
                 f"api: the resource API on {server.admin_address} takes bearer tokens over plain HTTP; "

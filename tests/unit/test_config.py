@@ -1007,6 +1007,22 @@ def test_short_hmac_secret_is_accepted_with_a_warning() -> None:
     assert "32" in config.warnings[0]
 
 
+@pytest.mark.parametrize(
+    ("workers", "backend", "warned"), [(2, "memory", True), (1, "memory", False), (2, "redis", False)]
+)
+def test_workers_with_a_memory_cache_warn_that_dpop_replays_cross_workers(
+    workers: int, backend: str, warned: bool
+) -> None:
+    cache: dict[str, object] = {"backend": backend}
+    if backend == "redis":
+        cache["url"] = "redis://127.0.0.1:6379/0"
+    raw = {"server": {"workers": workers}, "cache": cache, "introspectors": [jwt_introspector("long", iss="https://y")]}
+    warnings = [w for w in parse_config(dump(raw), {}).warnings if "DPoP replay cache" in w]
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert "cache.backend: redis" in warnings[0]
+
+
 def test_secret_of_32_bytes_gives_no_warning() -> None:
     raw = jwt_introspector("ok", jwt={"iss": "https://x", "secret": "s" * 32})
     assert parse_config(dump({"introspectors": [raw]}), {}).warnings == ()
