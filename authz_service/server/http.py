@@ -27,7 +27,7 @@ from aiohttp.web_request import BaseRequest
 
 from authz_service.config.model import Listen
 from authz_service.engine import Engine
-from authz_service.envoy import HttpAnswer, http_denial
+from authz_service.envoy import HttpAnswer
 from authz_service.errors import bind_failure, host_port
 from authz_service.httpmode import (
     EXT_AUTHZ_PREFIX,
@@ -40,11 +40,10 @@ from authz_service.httpmode import (
     too_large,
 )
 from authz_service.model import Decision, HttpRequest
-from authz_service.server.runner import INTERNAL_ERROR, CheckMetrics, CheckRunner, DecisionLog
+from authz_service.server.runner import CheckMetrics, DecisionLog, http_runner
 
 __all__ = ["EXT_AUTHZ_PREFIX", "FORWARD_AUTH", "HttpAuthServer", "unparsable"]
 
-PROTOCOL = "http"
 SHUTDOWN_TIMEOUT = 10.0
 
 
@@ -56,10 +55,6 @@ def unparsable(error: HttpProcessingError) -> Decision:
         start = error.args[0] if error.args else b""
         return too_large(bytes(start) if isinstance(start, bytes | bytearray) else str(start).encode())
     return UNPARSABLE
-
-
-def _answer(engine: Engine, decision: Decision, request: HttpRequest) -> HttpAnswer:
-    return engine.http_answers.answer(decision, request)
 
 
 def _peer(request: BaseRequest) -> str:
@@ -135,16 +130,7 @@ class HttpAuthServer:
     ) -> None:
         self._host = listen.host
         self._port = listen.port
-        self.runner = CheckRunner(
-            PROTOCOL,
-            engine,
-            metrics,
-            log_decision,
-            log_internal_error,
-            answer=_answer,
-            internal_error=http_denial(INTERNAL_ERROR.outcome, INTERNAL_ERROR.reason),
-            max_in_flight=max_concurrent_checks,
-        )
+        self.runner = http_runner(engine, metrics, log_decision, log_internal_error, max_concurrent_checks)
         self._ready = ready
         self._details = details  # what /readyz says besides its status (each introspector's keys, the store)
         self._reuse_port = reuse_port

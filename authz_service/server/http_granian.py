@@ -39,15 +39,14 @@ from granian.http import HTTP1Settings
 
 from authz_service.config.model import Listen
 from authz_service.engine import Engine
-from authz_service.envoy import ALLOW_MEMO_ENTRIES, HttpAnswer, http_denial
+from authz_service.envoy import ALLOW_MEMO_ENTRIES, HttpAnswer
 from authz_service.errors import bind_failure, host_port
 from authz_service.httpmode import Route, ext_authz_request, forward_auth_request, route, too_large
 from authz_service.model import Decision, HttpRequest
-from authz_service.server.runner import INTERNAL_ERROR, CheckMetrics, CheckRunner, DecisionLog
+from authz_service.server.runner import CheckMetrics, DecisionLog, http_runner
 
 __all__ = ["MAX_FIELD", "Embedded", "GranianHttpServer"]
 
-PROTOCOL = "http"
 SHUTDOWN_TIMEOUT = 10.0
 BACKLOG = 1024
 # aiohttp's max_field_size and max_line_size: a longer header value or target is refused the same way.
@@ -71,11 +70,6 @@ def _ext_authz(request: _Read) -> HttpRequest:
 
 def _forward_auth(request: _Read) -> HttpRequest | Decision:
     return forward_auth_request(*request)
-
-
-def _answer(engine: Engine, decision: Decision, request: HttpRequest) -> HttpAnswer:
-    # The request: a `responses` block's templates quote it, and its Accept picks the redirect.
-    return engine.http_answers.answer(decision, request)
 
 
 def _target(scope: Mapping[str, Any]) -> bytes:
@@ -134,16 +128,7 @@ class GranianHttpServer:
     ) -> None:
         self._host = listen.host
         self._port = listen.port
-        self.runner = CheckRunner(
-            PROTOCOL,
-            engine,
-            metrics,
-            log_decision,
-            log_internal_error,
-            answer=_answer,
-            internal_error=http_denial(INTERNAL_ERROR.outcome, INTERNAL_ERROR.reason),
-            max_in_flight=max_concurrent_checks,
-        )
+        self.runner = http_runner(engine, metrics, log_decision, log_internal_error, max_concurrent_checks)
         self._ready = ready
         self._details = details
         self._reuse_port = reuse_port

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from authz_service.envoy import HttpAnswer, http_denial
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.redact import redact
 
@@ -128,3 +129,32 @@ class CheckRunner(Generic[Answer]):
             self._log_internal_error(err)
             return self._internal_error
         return answer
+
+
+HTTP_PROTOCOL = "http"  # the `protocol` label of HTTP mode's checks, whichever server carries them
+
+
+def _http_answer(engine: Engine, decision: Decision, request: HttpRequest) -> HttpAnswer:
+    # The request: a `responses` block's templates quote it, and its Accept picks the redirect.
+    return engine.http_answers.answer(decision, request)
+
+
+def http_runner(
+    engine: Callable[[], Engine],
+    metrics: CheckMetrics,
+    log_decision: DecisionLog,
+    log_internal_error: Callable[[BaseException], None],
+    max_in_flight: int,
+) -> CheckRunner[HttpAnswer]:
+    """HTTP mode's runner, the same for the aiohttp and the granian server: HttpAnswer out, the
+    internal-error denial precomputed, past `max_in_flight` checks 503 at once."""
+    return CheckRunner(
+        HTTP_PROTOCOL,
+        engine,
+        metrics,
+        log_decision,
+        log_internal_error,
+        answer=_http_answer,
+        internal_error=http_denial(INTERNAL_ERROR.outcome, INTERNAL_ERROR.reason),
+        max_in_flight=max_in_flight,
+    )
