@@ -25,6 +25,7 @@ SCENARIOS: Final[dict[str, Callable[[Bench], Row]]] = {
     "deny-bad-signature": Bench.s_deny_bad_signature,
     "deny-missing-token": Bench.s_deny_missing_token,
     "hs256-matcho": Bench.s_hs256_matcho,
+    "hs256-matcho-dry-run": Bench.s_hs256_matcho_dry_run,
     "http-forward-auth-es256": Bench.s_http_forward_auth,
     "http-forward-auth-decisions-off": Bench.s_http_forward_auth_decisions_off,
     "http-forward-auth-es256-aiohttp": Bench.s_http_forward_auth_aiohttp,

@@ -164,6 +164,8 @@ def deviations(raw: Mapping[str, Any]) -> dict[str, str]:
     for section in ("server", "cache", "response", "logging"):
         got, default = getattr(config, section), getattr(defaults, section)
         for field in dataclasses.fields(got):
+            if not field.init:  # derived from a setting listed itself (grpc_listen from grpc_address)
+                continue
             key = f"{section}.{field.name}"
             value = getattr(got, field.name)
             if key not in HARNESS_SETTINGS and value != getattr(default, field.name):
@@ -494,7 +496,35 @@ class Bench:
 
     def s_hs256_matcho(self) -> Row:
         row = Row("hs256-matcho", "JWT HS256 + 2 matcho policies (2nd one allows)")
-        return self.authz_scenario(row, self.cfg_matcho(), self.token("hs256_reader"))
+        self.authz_scenario(row, self.cfg_matcho(), self.token("hs256_reader"))
+        self.extra["hs256_matcho"] = row.rate
+        return row
+
+    def s_hs256_matcho_dry_run(self) -> Row:
+        """Issue 23's target: one dry-run policy costs the allow path under 10% (run it right
+        after hs256-matcho, whose rate it is compared with)."""
+        row = Row(
+            "hs256-matcho-dry-run",
+            "hs256-matcho + 1 dry-run matcho policy (3 conditions, one a regex; it would deny)",
+        )
+        config = self.cfg_matcho()
+        config["policies"].append(
+            {
+                "id": "practitioners-read",
+                "mode": "dry-run",
+                "engine": "matcho",
+                "matcho": {
+                    "uri": "#^/api/(Patient|Observation)/",
+                    "request-method": {"$enum": ["get", "head"]},
+                    "jwt": {"roles": {"$contains": "practitioner"}},
+                },
+            }
+        )
+        self.authz_scenario(row, config, self.token("hs256_reader"))
+        ratio = self._note_ratio(row, "hs256_matcho", "hs256-matcho (the same without the dry-run policy)")
+        if ratio is not None:
+            row.notes.append(f"dry-run cost on the allow path: {100 * (1 - ratio):.1f}% of throughput")
+        return row
 
     # -- HTTP mode (server.http_address) --------------------------------------------------------
 

@@ -173,6 +173,11 @@ def _compile_literal(pattern: str) -> Matcher:
 _SPECIAL_STRINGS: dict[str, Matcher] = {PRESENT: _is_present, NIL: _is_nil, NOT_BLANK: _is_not_blank}
 
 
+def _is_literal_string(pattern: Any) -> bool:
+    """Whether a pattern is a plain string, matched by equality (no `#regex`, `.path` or `present?`)."""
+    return isinstance(pattern, str) and pattern not in _SPECIAL_STRINGS and not pattern.startswith(("#", "."))
+
+
 def _compile_string(pattern: str, path: str, budget: RegexBudget) -> Matcher:
     special = _SPECIAL_STRINGS.get(pattern)
     if special is not None:
@@ -285,7 +290,10 @@ def _compile_list(pattern: Sequence[Any], path: str, budget: RegexBudget) -> Mat
     def prefix_matches(value: Any, context: Mapping[str, Any]) -> bool:
         if not _is_list(value) or len(value) < size:
             return False
-        return all(matcher(item, context) for matcher, item in zip(items, value, strict=False))
+        for matcher, item in zip(items, value, strict=False):  # a loop: all(genexpr) costs ~0.3 us more
+            if not matcher(item, context):
+                return False
+        return True
 
     return prefix_matches
 
@@ -316,16 +324,24 @@ def _compile_map(pattern: Mapping[Any, Any], path: str, budget: RegexBudget) -> 
     all_checks = tuple(checks)
 
     def all_hold(value: Any, context: Mapping[str, Any]) -> bool:
-        return all(check(value, context) for check in all_checks)
+        for check in all_checks:
+            if not check(value, context):
+                return False
+        return True
 
     return all_hold
 
 
 def _compile_fields(fields: tuple[tuple[str, Matcher], ...]) -> Matcher:
     def subset_matches(value: Any, context: Mapping[str, Any]) -> bool:
+        # Every Check asks this for each map of every rule: a loop, not all(genexpr).
         if not isinstance(value, Mapping):
             return False
-        return all(matcher(value.get(key), context) for key, matcher in fields)
+        get = value.get
+        for key, matcher in fields:
+            if not matcher(get(key), context):
+                return False
+        return True
 
     return subset_matches
 
@@ -400,6 +416,13 @@ def _op_reference(spec: Any, path: str, budget: RegexBudget) -> Matcher:
 
 
 def _op_contains(spec: Any, path: str, budget: RegexBudget) -> Matcher:
+    if _is_literal_string(spec):
+        # `$contains: admin`, the common case: list membership. `in` compares with ==, and a
+        # string equals only the same string, so this is _scalar_equal's answer.
+        def contains_string(value: Any, context: Mapping[str, Any]) -> bool:
+            return _is_list(value) and spec in value
+
+        return contains_string
     element = _compile(spec, path, budget)
 
     def some_element(value: Any, context: Mapping[str, Any]) -> bool:
