@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import traceback
@@ -102,6 +103,7 @@ class DecisionWriter:
 
     def __init__(self, fd: int, min_level: int, max_queue: int = 10_000, idle: float = 0.05) -> None:
         self._fd = fd
+        self._chunk = _chunk_size(fd)
         self.min_level = min_level
         self._queue: deque[DecisionItem] = deque()
         self._max_queue = max_queue
@@ -174,12 +176,13 @@ class DecisionWriter:
             time.sleep(self._idle)
 
     def _write(self, lines: list[str]) -> None:
-        # Chunks of at most PIPE_BUF bytes: each os.write of whole lines lands in one piece, never
-        # interleaved with another thread's log line.
+        # Chunks of whole lines (_chunk_size): each os.write lands in one piece, never interleaved
+        # with another thread's log line.
         chunk = b""
+        limit = self._chunk
         for line in lines:
             data = line.encode("utf-8", "replace") + b"\n"
-            if chunk and len(chunk) + len(data) > _PIPE_BUF:
+            if chunk and len(chunk) + len(data) > limit:
                 self._write_all(chunk)
                 chunk = b""
             chunk += data
@@ -198,6 +201,22 @@ class DecisionWriter:
 
 
 _PIPE_BUF = 4096
+_FILE_CHUNK = 65536
+
+
+def _chunk_size(fd: int) -> int:
+    """How many bytes one os.write may carry: PIPE_BUF on a pipe or a socket (only that much is
+    written in one piece there), 64 KiB on a file or a terminal (one write is one piece). Each
+    write releases the GIL and takes it back: at 19k decisions/s, 4 KiB chunks were ~80 GIL
+    hand-offs a batch that a file does not need (no change in throughput measurable on the VM's
+    noise: docs/performance.md, "HTTP mode on granian, 2026-12-06")."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return _PIPE_BUF
+    return _PIPE_BUF if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else _FILE_CHUNK
+
+
 _MAX_TRACEPARENT = 512  # parse_traceparent's own limit
 _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
 

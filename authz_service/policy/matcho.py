@@ -290,7 +290,8 @@ def _compile_list(pattern: Sequence[Any], path: str, budget: RegexBudget) -> Mat
     def prefix_matches(value: Any, context: Mapping[str, Any]) -> bool:
         if not _is_list(value) or len(value) < size:
             return False
-        for matcher, item in zip(items, value, strict=False):  # a loop: all(genexpr) costs ~0.3 us more
+        # A loop, not all(genexpr): ~0.3 us less a call, and this runs per Check.
+        for matcher, item in zip(items, value, strict=False):  # noqa: SIM110
             if not matcher(item, context):
                 return False
         return True
@@ -324,7 +325,7 @@ def _compile_map(pattern: Mapping[Any, Any], path: str, budget: RegexBudget) -> 
     all_checks = tuple(checks)
 
     def all_hold(value: Any, context: Mapping[str, Any]) -> bool:
-        for check in all_checks:
+        for check in all_checks:  # noqa: SIM110 (a loop: cheaper than all(genexpr) per Check)
             if not check(value, context):
                 return False
         return True
@@ -338,7 +339,7 @@ def _compile_fields(fields: tuple[tuple[str, Matcher], ...]) -> Matcher:
         if not isinstance(value, Mapping):
             return False
         get = value.get
-        for key, matcher in fields:
+        for key, matcher in fields:  # noqa: SIM110
             if not matcher(get(key), context):
                 return False
         return True

@@ -141,6 +141,32 @@ def test_each_write_is_whole_lines_within_pipe_buf() -> None:
     assert max(len(chunk) for chunk in chunks) > pipe_buf  # the long line was written, in one piece
 
 
+def test_on_a_file_a_batch_goes_out_in_few_large_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each os.write hands the GIL to the loop and back: on a file (where one write is one piece)
+    # the writer uses 64 KiB chunks, not a pipe's 4 KiB.
+    sizes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes | memoryview) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    path = tmp_path / "decisions.log"
+    requests = [HttpRequest(method="GET", path=f"/orders/{'x' * (i % 90)}", request_id=f"req-{i}") for i in range(600)]
+    with path.open("wb") as out:
+        writer = DecisionWriter(out.fileno(), logging.INFO)
+        for request in requests:
+            writer.submit(1_800_000_000.25, logging.INFO, request, ALLOW, 0.001, "http")
+        writer.start()
+        writer.stop()
+    data = path.read_bytes()
+    assert [json.loads(line)["request_id"] for line in data.decode().splitlines()] == [r.request_id for r in requests]
+    assert len(data) > 4 * 4096  # enough lines that 4 KiB chunks would take many writes
+    assert max(sizes) > 4096, sizes
+    assert len(sizes) <= -(-len(data) // 65536) + 1, sizes
+
+
 def test_a_request_id_that_is_not_utf8_does_not_stop_the_writer() -> None:
     # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: a client chooses them.
     read, write = os.pipe()
