@@ -179,14 +179,14 @@ def _is_literal_string(pattern: Any) -> bool:
 
 
 def _compile_string(pattern: str, path: str, budget: RegexBudget) -> Matcher:
+    if _is_literal_string(pattern):  # the one definition of a literal ($contains relies on it too)
+        return _compile_literal(pattern)
     special = _SPECIAL_STRINGS.get(pattern)
     if special is not None:
         return special
     if pattern.startswith("#"):
         return _compile_regex(pattern[1:], path, budget)
-    if pattern.startswith("."):
-        return _compile_context_path(pattern, path)
-    return _compile_literal(pattern)
+    return _compile_context_path(pattern, path)  # what is left starts with "."
 
 
 def _compile_regex(source: str, path: str, budget: RegexBudget) -> Matcher:
