@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -43,7 +44,7 @@ from authz_service.envoy import ALLOW_MEMO_ENTRIES, HttpAnswer
 from authz_service.errors import bind_failure, host_port
 from authz_service.httpmode import Route, ext_authz_request, forward_auth_request, route, too_large
 from authz_service.model import Decision, HttpRequest
-from authz_service.server.runner import CheckMetrics, DecisionLog, http_runner
+from authz_service.server.runner import OVERLOADED, CheckMetrics, DecisionLog, http_runner
 
 __all__ = ["MAX_FIELD", "Embedded", "GranianHttpServer"]
 
@@ -129,6 +130,7 @@ class GranianHttpServer:
         self._host = listen.host
         self._port = listen.port
         self.runner = http_runner(engine, metrics, log_decision, log_internal_error, max_concurrent_checks)
+        self._max_queued = max_concurrent_checks
         self._ready = ready
         self._details = details
         self._reuse_port = reuse_port
@@ -136,6 +138,13 @@ class GranianHttpServer:
         # granian queues requests past this many in progress: above the overload bound, so that
         # past max_concurrent_checks a check is answered 503 at once rather than left waiting.
         self._backpressure = max(2 * max_concurrent_checks, BACKLOG)
+        # The overload bound, judged where granian hands a request over (on its thread), not where
+        # the request's task starts: a cached check never suspends, so CheckRunner.in_flight stays
+        # at 1 while thousands of requests wait in the loop's queue, and by the time a request runs,
+        # those ahead of it are done. Handed over minus finished is how many wait or run ahead of it.
+        self._tickets = itertools.count()  # next() is atomic, whichever granian thread takes one
+        self.handed_over = 0  # requests granian handed over (the last ticket + 1)
+        self.finished = 0  # requests answered (or failed), counted on the loop
         self._served: Embedded | None = None
         self._encoded: dict[int, tuple[HttpAnswer, _Message, _Message]] = {}
         self.port: int | None = None
@@ -151,7 +160,7 @@ class GranianHttpServer:
         logging.getLogger("_granian").setLevel(logging.WARNING)
         sock = self._bind()
         self.port = int(sock.getsockname()[1])
-        self._served = Embedded(sock, self._watch, self._backpressure)
+        self._served = Embedded(sock, self._handed_over, self._backpressure)
         return self.port
 
     def _bind(self) -> socket.socket:
@@ -181,13 +190,22 @@ class GranianHttpServer:
         if served is not None:
             await served.stop(self._shutdown_grace)
 
-    async def _watch(self, watcher: Any) -> None:
-        """granian's callback for one request: serve it, then tell granian how it ended."""
+    def _handed_over(self, watcher: Any) -> Awaitable[None]:
+        """granian's callback for one request, on granian's thread: the coroutine that serves it."""
+        ticket = next(self._tickets)
+        self.handed_over = ticket + 1
+        return self._watch(watcher, ticket - self.finished >= self._max_queued)
+
+    async def _watch(self, watcher: Any, overloaded: bool) -> None:
+        """Serve one request (`overloaded`: it came with max_concurrent_checks ahead of it), then
+        tell granian how it ended."""
         try:
-            await self._serve(watcher.scope, watcher.proto.send)
+            await self._serve(watcher.scope, watcher.proto.send, overloaded)
         except BaseException as err:
             watcher.err(err)
             return
+        finally:
+            self.finished += 1
         watcher.done()
 
     def _messages(self, answer: HttpAnswer) -> tuple[_Message, _Message]:
@@ -200,10 +218,14 @@ class GranianHttpServer:
             kept = self._encoded[id(answer)] = (answer, *_start(answer))
         return kept[1], kept[2]
 
-    async def _serve(self, scope: Mapping[str, Any], send: Callable[[_Message], Any]) -> None:
+    async def _serve(self, scope: Mapping[str, Any], send: Callable[[_Message], Any], overloaded: bool) -> None:
+        """Answer one request; past the overload bound a check is answered 503 `overloaded`
+        unread (the health endpoints are still answered: a busy service is alive, and ready)."""
         raw_target = _target(scope)
         target = raw_target.decode("utf-8", "surrogateescape")
         match route(target):
+            case Route.EXT_AUTHZ | Route.FORWARD_AUTH if overloaded:
+                start, body = self._messages(self.runner.refuse(OVERLOADED))
             case Route.EXT_AUTHZ:
                 read = _read(scope, raw_target, target)
                 checked = (

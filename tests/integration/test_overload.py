@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -15,6 +17,7 @@ from authz_service.decisionlog import log_via_logging as log_decision
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.model import Reason
 from authz_service.server.grpc import MIN_PENDING, AuthorizationServicer, pending_bound
+from authz_service.server.http_granian import GranianHttpServer
 from tests.conftest import StartService, jwks_introspector
 from tests.harness import Answer, check_request
 
@@ -84,6 +87,60 @@ async def test_http_sheds_past_max_concurrent_checks_with_a_503(
         assert service.service.http.runner.in_flight == 0  # the shed ones too, not only the answered
         statuses = [await one() for _ in range(5)]
         assert [status for status, _ in statuses] == [200] * 5
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One blocking GET on its own connection (run in a thread: the test holds the loop)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+async def test_granian_sheds_checks_queued_for_the_loop_past_max_concurrent_checks(
+    idp: DevIdentityProvider, start_service: StartService, loop_may_block: None
+) -> None:
+    # A cached check never suspends, so no more than one is ever in flight: the bound has to count
+    # the requests granian handed over that still wait for the loop, or it would never shed.
+    service = await start_service(
+        {
+            "server": {
+                "grpc_address": "127.0.0.1:0",
+                "admin_address": None,
+                "http_address": "127.0.0.1:0",
+                "http_engine": "granian",
+                "max_concurrent_checks": 3,
+            },
+            "introspectors": [jwks_introspector(idp)],
+        }
+    )
+    server = service.service.http
+    assert isinstance(server, GranianHttpServer) and server.port is not None
+    headers = {"Authorization": f"Bearer {idp.mint()}"}
+    assert (await asyncio.to_thread(_get, server.port, "/ext_authz/x", headers))[0] == 200  # keys, token cached
+    before = server.handed_over
+    paths = ["/ext_authz/x"] * 9 + ["/healthz"]
+    with ThreadPoolExecutor(len(paths)) as pool:
+        futures = []
+        for path in paths:  # in this order: granian hands them over one connection at a time
+            futures.append(pool.submit(_get, server.port, path, headers))
+            deadline = time.monotonic() + 10
+            # The loop is held here, so every request handed over queues behind this step.
+            while server.handed_over < before + len(futures) and time.monotonic() < deadline:
+                time.sleep(0.002)
+        assert server.handed_over == before + len(paths)
+        results = [await asyncio.wrap_future(future) for future in futures]
+    checks, health = results[:-1], results[-1]
+    assert [status for status, _ in checks] == [200] * 3 + [503] * 6  # three admitted, the rest a fast no
+    assert all(b"too many checks in flight" in body for status, body in checks if status == 503)
+    assert health[0] == 200  # a busy service is still alive
+    assert server.finished == server.handed_over  # nothing left counted as waiting
+    assert server.runner.in_flight == 0
+    # The queue gone, checks are admitted again.
+    assert [(await asyncio.to_thread(_get, server.port, "/ext_authz/x", headers))[0] for _ in range(5)] == [200] * 5
 
 
 class _GoneCaller:
