@@ -11,7 +11,8 @@ deploy/traefik/dynamic.yaml) are this module's output for examples/demo.yaml, co
 tests/unit/test_proxyconfig.py; everything else in them is the same for every config.
 
 Each template is the file as shipped with `@NAME@` lines (or words) where a config-dependent block
-goes; a block is a list of lines, indented like the marker.
+goes; a block is a list of lines, indented like the marker. The two Envoy configs share one
+template, `_ENVOY`, whose gRPC and HTTP parts are filled in first.
 """
 
 from __future__ import annotations
@@ -72,21 +73,24 @@ def render(kind: str, config: Config) -> str:
     return renderer(ProxyNeeds.of(config))
 
 
-def _fill(template: str, blocks: Mapping[str, Sequence[str] | str]) -> str:
+def _fill(template: str, blocks: Mapping[str, Sequence[str] | str], *, partial: bool = False) -> str:
     """The template with each `@NAME@` replaced: a line that is only the marker by the block's
-    lines at its indentation, a marker inside a line by the (string) value."""
+    lines at its indentation, a marker inside a line by the (string) value. With `partial`, a
+    marker that blocks does not name stays, for a later fill."""
     used: set[str] = set()
     out: list[str] = []
     for line in template.splitlines():
         stripped = line.strip()
         whole = _MARKER.fullmatch(stripped)
-        if whole is not None and not isinstance(blocks[whole.group(1)], str):
+        if whole is not None and not isinstance(blocks.get(whole.group(1), ""), str):
             used.add(whole.group(1))
             indent = line[: len(line) - len(line.lstrip())]
             out.extend(indent + block_line if block_line else "" for block_line in blocks[whole.group(1)])
             continue
 
         def word(match: re.Match[str]) -> str:
+            if partial and match.group(1) not in blocks:
+                return match.group(0)
             used.add(match.group(1))
             value = blocks[match.group(1)]
             if not isinstance(value, str):
@@ -370,18 +374,126 @@ def envoy_http(needs: ProxyNeeds) -> str:
     )
 
 
-# Shared by both Envoy configs: the listener's path handling and its access log.
-_ENVOY_PATHS = """\
+# What both Envoy configs share: the file as shipped with a marker where gRPC and HTTP mode differ
+# (filled by _ENVOY_GRPC and _ENVOY_HTTP) and where the service config does (filled by
+# envoy_grpc and envoy_http).
+_ENVOY = """\
+@ABOUT@
+admin:
+  address:
+    socket_address: {address: 127.0.0.1, port_value: 9901}
+
+static_resources:
+  listeners:
+    - name: ingress
+      address:
+        socket_address: {address: 127.0.0.1, port_value: 8080}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                codec_type: AUTO
+                @REMOTE_ADDRESS_WHY@
+                use_remote_address: true
                 # Policies match on the path Envoy routes and forwards: dot segments resolved, `//`
                 # merged. An encoded / or \\ (%2F, %5C) has two readings (a separator or not): 400,
                 # as authz-service answers it, rather than a guess (UNESCAPE_AND_REDIRECT would
                 # change what applications that use %2F in names receive).
                 normalize_path: true
                 merge_slashes: true
-                path_with_escaped_slashes_action: REJECT_REQUEST"""
+                path_with_escaped_slashes_action: REJECT_REQUEST
+                common_http_protocol_options:
+                  @UNDERSCORES_WHY@
+                  headers_with_underscores_action: REJECT_REQUEST
+                access_log:
+                  - name: envoy.access_loggers.stdout
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+                      log_format:
+                        json_format:
+                          time: "%START_TIME%"
+                          request_id: "%REQ(X-REQUEST-ID)%"
+                          # W3C trace context as it came (a client's, a mesh's): the decision log's
+                          # trace_id and span_id are read from the same header.
+                          traceparent: "%REQ(TRACEPARENT)%"
+                          method: "%REQ(:METHOD)%"
+                          # Without the query: a query may carry a token (from_params).
+                          path: "%PATH(NQ)%"
+                          authority: "%REQ(:AUTHORITY)%"
+                          status: "%RESPONSE_CODE%"
+                          flags: "%RESPONSE_FLAGS%"
+                          details: "%RESPONSE_CODE_DETAILS%"
+                          duration_ms: "%DURATION%"
+                          upstream: "%UPSTREAM_HOST%"
+                          client: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+                          @DECISION_LOG_FIELDS@
+                route_config:
+                  name: local
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        @ADMIN_ROUTE@
+                        - match: {prefix: /}
+                          route: {cluster: upstream}
+                http_filters:
+                  @STRIP_IDENTITY@
+                  - name: envoy.filters.http.ext_authz
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+                      transport_api_version: V3
+                      # Fail closed: an unreachable, slow or broken authz service never lets a request through.
+                      failure_mode_allow: false
+                      status_on_error: {code: ServiceUnavailable}
+                      @AUTHZ_SERVICE@
+                  @QUERY_TOKEN_FILTER@
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 
-_ENVOY_GRPC = (
-    """\
+  clusters:
+    - name: @AUTHZ_CLUSTER@
+      type: STRICT_DNS
+      dns_lookup_family: V4_ONLY
+      connect_timeout: 1s
+      @AUTHZ_CONNECTIONS@
+      common_lb_config:
+        healthy_panic_threshold: {value: 0}
+      health_checks:
+        - timeout: 1s
+          interval: 1s
+          @NO_TRAFFIC_WHY@
+          no_traffic_interval: 1s
+          unhealthy_threshold: 2
+          healthy_threshold: 1
+          @HEALTH_CHECK@
+      load_assignment:
+        cluster_name: @AUTHZ_CLUSTER@
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {address: 127.0.0.1, port_value: @AUTHZ_PORT@}
+
+    - name: upstream
+      type: STRICT_DNS
+      dns_lookup_family: V4_ONLY
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: upstream
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {address: 127.0.0.1, port_value: 8000}
+"""
+
+_ENVOY_GRPC = _fill(
+    _ENVOY,
+    {
+        "ABOUT": """\
 # Front proxy: every request is checked by authz-service (ext_authz over gRPC) before it
 # reaches the upstream. Generated by `authz-service proxy-config envoy-grpc -c examples/demo.yaml`:
 # regenerate it for your config (the identity headers below come from it).
@@ -391,137 +503,53 @@ _ENVOY_GRPC = (
 # For throughput prefer envoy/envoy-http.yaml (authz-service's HTTP mode): the same decisions, and
 # through Envoy about twice the checks per second of this gRPC hop (docs/performance.md). Use this
 # file when you need per-route context_extensions (the HTTP service does not carry them) or the
-# allowing policy in dynamic_metadata.
-admin:
-  address:
-    socket_address: {address: 127.0.0.1, port_value: 9901}
-
-static_resources:
-  listeners:
-    - name: ingress
-      address:
-        socket_address: {address: 127.0.0.1, port_value: 8080}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: ingress
-                codec_type: AUTO
-                # The edge: Envoy makes its own x-request-id for every external request (a client's
-                # is never kept, so it can neither forge the decision log's join key nor plant a
-                # token in it) and appends the client's address to X-Forwarded-For.
-                use_remote_address: true
-"""
-    + _ENVOY_PATHS
-    + """
-                common_http_protocol_options:
-                  # `x_user_id` must not be able to stand in for `x-user-id` anywhere behind us.
-                  headers_with_underscores_action: REJECT_REQUEST
-                access_log:
-                  - name: envoy.access_loggers.stdout
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
-                      log_format:
-                        json_format:
-                          time: "%START_TIME%"
-                          request_id: "%REQ(X-REQUEST-ID)%"
-                          # W3C trace context as it came (a client's, a mesh's): the decision log's
-                          # trace_id and span_id are read from the same header.
-                          traceparent: "%REQ(TRACEPARENT)%"
-                          method: "%REQ(:METHOD)%"
-                          # Without the query: a query may carry a token (from_params).
-                          path: "%PATH(NQ)%"
-                          authority: "%REQ(:AUTHORITY)%"
-                          status: "%RESPONSE_CODE%"
-                          flags: "%RESPONSE_FLAGS%"
-                          details: "%RESPONSE_CODE_DETAILS%"
-                          duration_ms: "%DURATION%"
-                          upstream: "%UPSTREAM_HOST%"
-                          client: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
-                          user_id: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:user_id)%"
-                          introspector: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:introspector)%"
-                          policy: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:policy)%"
-                route_config:
-                  name: local
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {path_separated_prefix: /admin}   # /admin and /admin/..., not /administrator
-                          route: {cluster: upstream}
-                          # Reaches the policies as `context_extensions` in the request context.
-                          typed_per_filter_config:
-                            envoy.filters.http.ext_authz:
-                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
-                              check_settings:
-                                context_extensions: {route: admin}
-                        - match: {prefix: /}
-                          route: {cluster: upstream}
-                http_filters:
-                  @STRIP_IDENTITY@
-                  - name: envoy.filters.http.ext_authz
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-                      transport_api_version: V3
-                      # Fail closed: an unreachable, slow or broken authz service never lets a request through.
-                      failure_mode_allow: false
-                      status_on_error: {code: ServiceUnavailable}
-                      # The client's TLS certificate (on a TLS listener), for certificate-bound tokens (RFC 8705).
-                      include_peer_certificate: true
-                      grpc_service:
-                        envoy_grpc: {cluster_name: authz}
-                        # Above the service's own IdP timeout (2 s), so the service answers 503 itself.
-                        timeout: 3s
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-
-  clusters:
-    - name: authz
-      type: STRICT_DNS
-      dns_lookup_family: V4_ONLY
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {http2_protocol_options: {}}
-      # Never send checks to a host that failed its health checks, even when all of them did
-      # (the default 50% panic threshold would route to unhealthy hosts); no host is a 503.
-      common_lb_config:
-        healthy_panic_threshold: {value: 0}
-      health_checks:
-        - timeout: 1s
-          interval: 1s
-          # Also while no request has used the cluster yet (the default would be 60 s).
-          no_traffic_interval: 1s
-          unhealthy_threshold: 2
-          healthy_threshold: 1
-          grpc_health_check: {service_name: envoy.service.auth.v3.Authorization}
-      load_assignment:
-        cluster_name: authz
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {address: 127.0.0.1, port_value: 9001}
-
-    - name: upstream
-      type: STRICT_DNS
-      dns_lookup_family: V4_ONLY
-      connect_timeout: 1s
-      load_assignment:
-        cluster_name: upstream
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {address: 127.0.0.1, port_value: 8000}
-"""
+# allowing policy in dynamic_metadata.""".splitlines(),
+        "REMOTE_ADDRESS_WHY": """\
+# The edge: Envoy makes its own x-request-id for every external request (a client's
+# is never kept, so it can neither forge the decision log's join key nor plant a
+# token in it) and appends the client's address to X-Forwarded-For.""".splitlines(),
+        "UNDERSCORES_WHY": ["# `x_user_id` must not be able to stand in for `x-user-id` anywhere behind us."],
+        "DECISION_LOG_FIELDS": [
+            'user_id: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:user_id)%"',
+            'introspector: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:introspector)%"',
+            'policy: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:policy)%"',
+        ],
+        "ADMIN_ROUTE": """\
+- match: {path_separated_prefix: /admin}   # /admin and /admin/..., not /administrator
+  route: {cluster: upstream}
+  # Reaches the policies as `context_extensions` in the request context.
+  typed_per_filter_config:
+    envoy.filters.http.ext_authz:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+      check_settings:
+        context_extensions: {route: admin}""".splitlines(),
+        "AUTHZ_SERVICE": """\
+# The client's TLS certificate (on a TLS listener), for certificate-bound tokens (RFC 8705).
+include_peer_certificate: true
+grpc_service:
+  envoy_grpc: {cluster_name: authz}
+  # Above the service's own IdP timeout (2 s), so the service answers 503 itself.
+  timeout: 3s""".splitlines(),
+        "QUERY_TOKEN_FILTER": [],
+        "AUTHZ_CLUSTER": "authz",
+        "AUTHZ_CONNECTIONS": """\
+typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    explicit_http_config: {http2_protocol_options: {}}
+# Never send checks to a host that failed its health checks, even when all of them did
+# (the default 50% panic threshold would route to unhealthy hosts); no host is a 503.""".splitlines(),
+        "NO_TRAFFIC_WHY": ["# Also while no request has used the cluster yet (the default would be 60 s)."],
+        "HEALTH_CHECK": ["grpc_health_check: {service_name: envoy.service.auth.v3.Authorization}"],
+        "AUTHZ_PORT": "9001",
+    },
+    partial=True,
 )
 
-_ENVOY_HTTP = (
-    """\
+_ENVOY_HTTP = _fill(
+    _ENVOY,
+    {
+        "ABOUT": """\
 # Front proxy using authz-service in HTTP mode (ext_authz `http_service`, `server.http_address`):
 # every request is checked with a plain HTTP/1.1 request to /ext_authz/<original path> before it
 # reaches the upstream. Generated by `authz-service proxy-config envoy-http -c examples/demo.yaml`:
@@ -529,144 +557,59 @@ _ENVOY_HTTP = (
 # Loopback addresses and fixed ports for local runs:
 #   listener 127.0.0.1:8080, admin 127.0.0.1:9901, authz HTTP 127.0.0.1:9003, upstream 127.0.0.1:8000.
 # The same decisions as envoy.yaml (gRPC), at a fraction of the CPU per check: see
-# docs/performance.md. envoy/README.md explains each safety setting, docs/proxies.md the path rules.
-admin:
-  address:
-    socket_address: {address: 127.0.0.1, port_value: 9901}
-
-static_resources:
-  listeners:
-    - name: ingress
-      address:
-        socket_address: {address: 127.0.0.1, port_value: 8080}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: ingress
-                codec_type: AUTO
-                # Append the client's address to X-Forwarded-For: the service reads the last entry as
-                # `remote-addr`, so an X-Forwarded-For the client sends itself is never believed.
-                use_remote_address: true
-"""
-    + _ENVOY_PATHS
-    + """
-                common_http_protocol_options:
-                  headers_with_underscores_action: REJECT_REQUEST
-                access_log:
-                  - name: envoy.access_loggers.stdout
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
-                      log_format:
-                        json_format:
-                          time: "%START_TIME%"
-                          request_id: "%REQ(X-REQUEST-ID)%"
-                          # W3C trace context as it came (a client's, a mesh's): the decision log's
-                          # trace_id and span_id are read from the same header.
-                          traceparent: "%REQ(TRACEPARENT)%"
-                          method: "%REQ(:METHOD)%"
-                          # Without the query: a query may carry a token (from_params).
-                          path: "%PATH(NQ)%"
-                          authority: "%REQ(:AUTHORITY)%"
-                          status: "%RESPONSE_CODE%"
-                          flags: "%RESPONSE_FLAGS%"
-                          details: "%RESPONSE_CODE_DETAILS%"
-                          duration_ms: "%DURATION%"
-                          upstream: "%UPSTREAM_HOST%"
-                          client: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
-                          user_id: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:@USER_ID_HEADER@)%"
-                route_config:
-                  name: local
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {prefix: /}
-                          route: {cluster: upstream}
-                http_filters:
-                  @STRIP_IDENTITY@
-                  - name: envoy.filters.http.ext_authz
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-                      transport_api_version: V3
-                      # Fail closed: an unreachable, slow or broken authz service never lets a request through.
-                      failure_mode_allow: false
-                      status_on_error: {code: ServiceUnavailable}
-                      # Every request header goes to the service (policies may read any of them), as
-                      # in gRPC mode; list fewer to save bytes per check.
-                      allowed_headers:
-                        patterns: [{safe_regex: {regex: ".*"}}]
-                      http_service:
-                        server_uri:
-                          uri: http://authz-http
-                          cluster: authz_http
-                          # Above the service's own IdP timeout (2 s), so the service answers 503 itself.
-                          timeout: 3s
-                        path_prefix: /ext_authz
-                        authorization_response:
-                          # Set on the upstream request from an allow; the service lists the identity
-                          # headers it did not set in x-envoy-auth-headers-to-remove (and the first
-                          # filter already removed a client's copies).
-                          allowed_upstream_headers:
-                            patterns:
-                              @UPSTREAM_HEADERS@
-                          # What a denied client sees besides the status and JSON body.
-                          allowed_client_headers:
-                            patterns:
-                              - {exact: www-authenticate}
-                              - {exact: content-type}
-                              @DENY_HEADERS@
-                          dynamic_metadata_from_headers:
-                            patterns: [{exact: @USER_ID_HEADER@}]
-                  # A token may come in the query (from_params): the upstream never sees it.
-                  # Checked first (the filter above saw it), removed before routing.
-                  - name: strip_query_tokens
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
-                      mutations:
-                        query_parameter_mutations:
-                          @TOKEN_PARAMS@
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-
-  clusters:
-    - name: authz_http
-      type: STRICT_DNS
-      dns_lookup_family: V4_ONLY
-      connect_timeout: 1s
-      # Keep-alive HTTP/1.1 connections; Envoy opens more as checks run in parallel.
-      common_lb_config:
-        healthy_panic_threshold: {value: 0}
-      health_checks:
-        - timeout: 1s
-          interval: 1s
-          no_traffic_interval: 1s
-          unhealthy_threshold: 2
-          healthy_threshold: 1
-          # 503 while draining after SIGTERM: Envoy moves checks away before the listener closes.
-          http_health_check: {path: /readyz}
-      load_assignment:
-        cluster_name: authz_http
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {address: 127.0.0.1, port_value: 9003}
-
-    - name: upstream
-      type: STRICT_DNS
-      dns_lookup_family: V4_ONLY
-      connect_timeout: 1s
-      load_assignment:
-        cluster_name: upstream
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {address: 127.0.0.1, port_value: 8000}
-"""
+# docs/performance.md. envoy/README.md explains each safety setting, docs/proxies.md the path rules.""".splitlines(),
+        "REMOTE_ADDRESS_WHY": """\
+# Append the client's address to X-Forwarded-For: the service reads the last entry as
+# `remote-addr`, so an X-Forwarded-For the client sends itself is never believed.""".splitlines(),
+        "UNDERSCORES_WHY": [],
+        "DECISION_LOG_FIELDS": ['user_id: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:@USER_ID_HEADER@)%"'],
+        "ADMIN_ROUTE": [],
+        "AUTHZ_SERVICE": """\
+# Every request header goes to the service (policies may read any of them), as
+# in gRPC mode; list fewer to save bytes per check.
+allowed_headers:
+  patterns: [{safe_regex: {regex: ".*"}}]
+http_service:
+  server_uri:
+    uri: http://authz-http
+    cluster: authz_http
+    # Above the service's own IdP timeout (2 s), so the service answers 503 itself.
+    timeout: 3s
+  path_prefix: /ext_authz
+  authorization_response:
+    # Set on the upstream request from an allow; the service lists the identity
+    # headers it did not set in x-envoy-auth-headers-to-remove (and the first
+    # filter already removed a client's copies).
+    allowed_upstream_headers:
+      patterns:
+        @UPSTREAM_HEADERS@
+    # What a denied client sees besides the status and JSON body.
+    allowed_client_headers:
+      patterns:
+        - {exact: www-authenticate}
+        - {exact: content-type}
+        @DENY_HEADERS@
+    dynamic_metadata_from_headers:
+      patterns: [{exact: @USER_ID_HEADER@}]""".splitlines(),
+        "QUERY_TOKEN_FILTER": """\
+# A token may come in the query (from_params): the upstream never sees it.
+# Checked first (the filter above saw it), removed before routing.
+- name: strip_query_tokens
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+    mutations:
+      query_parameter_mutations:
+        @TOKEN_PARAMS@""".splitlines(),
+        "AUTHZ_CLUSTER": "authz_http",
+        "AUTHZ_CONNECTIONS": ["# Keep-alive HTTP/1.1 connections; Envoy opens more as checks run in parallel."],
+        "NO_TRAFFIC_WHY": [],
+        "HEALTH_CHECK": [
+            "# 503 while draining after SIGTERM: Envoy moves checks away before the listener closes.",
+            "http_health_check: {path: /readyz}",
+        ],
+        "AUTHZ_PORT": "9003",
+    },
+    partial=True,
 )
 
 
