@@ -18,15 +18,12 @@ every other denial (JSON body, `www-authenticate`, `x-authz-error`) instead of a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 
-from authz_service.config.model import Listen
-from authz_service.engine import Engine
 from authz_service.envoy import HttpAnswer
 from authz_service.errors import bind_failure, host_port
 from authz_service.httpmode import (
@@ -40,11 +37,9 @@ from authz_service.httpmode import (
     too_large,
 )
 from authz_service.model import Decision, HttpRequest
-from authz_service.server.runner import CheckMetrics, DecisionLog, http_runner
+from authz_service.server.runner import HttpListener
 
 __all__ = ["EXT_AUTHZ_PREFIX", "FORWARD_AUTH", "HttpAuthServer", "unparsable"]
-
-SHUTDOWN_TIMEOUT = 10.0
 
 
 def unparsable(error: HttpProcessingError) -> Decision:
@@ -111,37 +106,10 @@ class _Server(web.Server):
         return _Connection(self, self._refuse)
 
 
-class HttpAuthServer:
-    """The HTTP-mode listener: checks, plus /healthz and /readyz."""
+class HttpAuthServer(HttpListener):
+    """The HTTP-mode listener on aiohttp: checks, plus /healthz and /readyz."""
 
-    def __init__(
-        self,
-        listen: Listen,
-        engine: Callable[[], Engine],
-        metrics: CheckMetrics,
-        ready: Callable[[], bool],
-        *,
-        details: Callable[[], Mapping[str, Any]] = dict,
-        log_decision: DecisionLog,
-        log_internal_error: Callable[[BaseException], None],
-        reuse_port: bool = False,
-        shutdown_grace: float = SHUTDOWN_TIMEOUT,
-        max_concurrent_checks: int = 2048,
-    ) -> None:
-        self._host = listen.host
-        self._port = listen.port
-        self.runner = http_runner(engine, metrics, log_decision, log_internal_error, max_concurrent_checks)
-        self._ready = ready
-        self._details = details  # what /readyz says besides its status (each introspector's keys, the store)
-        self._reuse_port = reuse_port
-        self._shutdown_grace = shutdown_grace
-        self._web: web.ServerRunner | None = None
-        self.port: int | None = None
-
-    @property
-    def address(self) -> str:
-        """Where it listens (the bound port once started)."""
-        return host_port(self._host, self.port or self._port)
+    _web: web.ServerRunner | None = None
 
     async def start(self) -> int:
         """Bind and serve; the bound port."""
@@ -173,9 +141,8 @@ class HttpAuthServer:
             case Route.HEALTHZ:
                 return web.json_response({"status": "alive"})
             case Route.READYZ:
-                ready = self._ready()
-                body = {"status": "ready" if ready else "not_ready", **self._details()}
-                return web.json_response(body, status=200 if ready else 503)
+                status, body = self.readiness()
+                return web.json_response(body, status=status)
         return web.json_response({"error": "not_found"}, status=404)
 
     def _refuse(self, error: HttpProcessingError) -> web.Response:

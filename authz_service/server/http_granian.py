@@ -38,17 +38,14 @@ from granian import _futures, _granian
 from granian._granian import WorkerSignal
 from granian.http import HTTP1Settings
 
-from authz_service.config.model import Listen
-from authz_service.engine import Engine
 from authz_service.envoy import ALLOW_MEMO_ENTRIES, HttpAnswer
 from authz_service.errors import bind_failure, host_port
 from authz_service.httpmode import Route, ext_authz_request, forward_auth_request, route, too_large
 from authz_service.model import Decision, HttpRequest
-from authz_service.server.runner import OVERLOADED, CheckMetrics, DecisionLog, http_runner
+from authz_service.server.runner import OVERLOADED, HttpListener
 
 __all__ = ["MAX_FIELD", "Embedded", "GranianHttpServer"]
 
-SHUTDOWN_TIMEOUT = 10.0
 BACKLOG = 1024
 # aiohttp's max_field_size and max_line_size: a longer header value or target is refused the same way.
 MAX_FIELD = 8190
@@ -110,49 +107,16 @@ _NOT_FOUND = _json(404, {"error": "not_found"})
 _ALIVE = _json(200, {"status": "alive"})
 
 
-class GranianHttpServer:
+class GranianHttpServer(HttpListener):
     """The HTTP-mode listener on granian: checks, plus /healthz and /readyz (see HttpAuthServer)."""
 
-    def __init__(
-        self,
-        listen: Listen,
-        engine: Callable[[], Engine],
-        metrics: CheckMetrics,
-        ready: Callable[[], bool],
-        *,
-        details: Callable[[], Mapping[str, Any]] = dict,
-        log_decision: DecisionLog,
-        log_internal_error: Callable[[BaseException], None],
-        reuse_port: bool = False,
-        shutdown_grace: float = SHUTDOWN_TIMEOUT,
-        max_concurrent_checks: int = 2048,
-    ) -> None:
-        self._host = listen.host
-        self._port = listen.port
-        self.runner = http_runner(engine, metrics, log_decision, log_internal_error, max_concurrent_checks)
-        self._max_queued = max_concurrent_checks
-        self._ready = ready
-        self._details = details
-        self._reuse_port = reuse_port
-        self._shutdown_grace = shutdown_grace
-        # granian queues requests past this many in progress: above the overload bound, so that
-        # past max_concurrent_checks a check is answered 503 at once rather than left waiting.
-        self._backpressure = max(2 * max_concurrent_checks, BACKLOG)
-        # The overload bound, judged where granian hands a request over (on its thread), not where
-        # the request's task starts: a cached check never suspends, so CheckRunner.in_flight stays
-        # at 1 while thousands of requests wait in the loop's queue, and by the time a request runs,
-        # those ahead of it are done. Handed over minus finished is how many wait or run ahead of it.
-        self._tickets = itertools.count()  # next() is atomic, whichever granian thread takes one
-        self.handed_over = 0  # requests granian handed over (the last ticket + 1)
-        self.finished = 0  # requests answered (or failed), counted on the loop
-        self._served: Embedded | None = None
-        self._encoded: dict[int, tuple[HttpAnswer, _Message, _Message]] = {}
-        self.port: int | None = None
-
-    @property
-    def address(self) -> str:
-        """Where it listens (the bound port once started)."""
-        return host_port(self._host, self.port or self._port)
+    # The overload bound is judged where granian hands a request over (on its thread), not where
+    # the request's task starts: a cached check never suspends, so CheckRunner.in_flight stays at 1
+    # while thousands of requests wait in the loop's queue, and by the time a request runs, those
+    # ahead of it are done. Handed over minus finished is how many wait or run ahead of it.
+    handed_over = 0  # requests granian handed over (the last ticket + 1)
+    finished = 0  # requests answered (or failed), counted on the loop
+    _served: Embedded | None = None
 
     async def start(self) -> int:
         """Bind and serve; the bound port."""
@@ -160,7 +124,12 @@ class GranianHttpServer:
         logging.getLogger("_granian").setLevel(logging.WARNING)
         sock = self._bind()
         self.port = int(sock.getsockname()[1])
-        self._served = Embedded(sock, self._handed_over, self._backpressure)
+        self._tickets = itertools.count()  # next() is atomic, whichever granian thread takes one
+        self._encoded: dict[int, tuple[HttpAnswer, _Message, _Message]] = {}
+        # granian queues requests past this many in progress: above the overload bound, so that
+        # past max_concurrent_checks a check reaches the loop and its fast 503 rather than waiting.
+        backpressure = max(2 * self._max_concurrent_checks, BACKLOG)
+        self._served = Embedded(sock, self._handed_over, backpressure)
         return self.port
 
     def _bind(self) -> socket.socket:
@@ -194,7 +163,7 @@ class GranianHttpServer:
         """granian's callback for one request, on granian's thread: the coroutine that serves it."""
         ticket = next(self._tickets)
         self.handed_over = ticket + 1
-        return self._watch(watcher, ticket - self.finished >= self._max_queued)
+        return self._watch(watcher, ticket - self.finished >= self._max_concurrent_checks)
 
     async def _watch(self, watcher: Any, overloaded: bool) -> None:
         """Serve one request (`overloaded`: it came with max_concurrent_checks ahead of it), then
@@ -245,10 +214,7 @@ class GranianHttpServer:
             case Route.HEALTHZ:
                 start, body = _ALIVE
             case Route.READYZ:
-                ready = self._ready()
-                start, body = _json(
-                    200 if ready else 503, {"status": "ready" if ready else "not_ready", **self._details()}
-                )
+                start, body = _json(*self.readiness())
             case _:
                 start, body = _NOT_FOUND
         await send(start)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from authz_service.config.model import Listen
 from authz_service.envoy import HttpAnswer, http_denial
+from authz_service.errors import host_port
 from authz_service.model import Decision, HttpRequest, Outcome, Reason
 from authz_service.redact import redact
 
@@ -158,3 +160,45 @@ def http_runner(
         internal_error=http_denial(INTERNAL_ERROR.outcome, INTERNAL_ERROR.reason),
         max_in_flight=max_in_flight,
     )
+
+
+SHUTDOWN_TIMEOUT = 10.0  # an HTTP listener's default drain
+
+
+class HttpListener:
+    """What both HTTP-mode servers (server/http.py on aiohttp, server/http_granian.py on granian)
+    are built from and answer alike: where they listen, their runner, readiness, the drain."""
+
+    def __init__(
+        self,
+        listen: Listen,
+        engine: Callable[[], Engine],
+        metrics: CheckMetrics,
+        ready: Callable[[], bool],
+        *,
+        details: Callable[[], Mapping[str, Any]] = dict,
+        log_decision: DecisionLog,
+        log_internal_error: Callable[[BaseException], None],
+        reuse_port: bool = False,
+        shutdown_grace: float = SHUTDOWN_TIMEOUT,
+        max_concurrent_checks: int = 2048,
+    ) -> None:
+        self._host = listen.host
+        self._port = listen.port
+        self.runner = http_runner(engine, metrics, log_decision, log_internal_error, max_concurrent_checks)
+        self._max_concurrent_checks = max_concurrent_checks
+        self._ready = ready
+        self._details = details  # what /readyz says besides its status (each introspector's keys, the store)
+        self._reuse_port = reuse_port
+        self._shutdown_grace = shutdown_grace
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """Where it listens (the bound port once started)."""
+        return host_port(self._host, self.port or self._port)
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/readyz: its status and JSON body."""
+        ready = self._ready()
+        return (200 if ready else 503), {"status": "ready" if ready else "not_ready", **self._details()}
