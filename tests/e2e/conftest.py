@@ -20,7 +20,7 @@ import yaml
 from authz_service.devstack.echo import EchoUpstream
 from authz_service.devstack.envoy import ENVOY_YAML, Envoy, StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.conftest import free_port, jwks_introspector, opaque_introspector, run_service, wait_serving
+from tests.conftest import free_port, jwks_introspector, opaque_introspector, run_service, tail, wait_serving
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -69,8 +69,9 @@ class AuthzProcess:
     """`python -m authz_service --config FILE` running as a subprocess."""
 
     process: asyncio.subprocess.Process
-    port: int
+    port: int  # the listener it was waited for
     log: Path
+    config: Path
 
 
 class EnvoyProcess:
@@ -135,9 +136,36 @@ async def run_authz(idp: DevIdentityProvider, workdir: Path, drain_delay: float 
     process = await run_service(path, log)
     try:
         await wait_serving(port, process, START_TIMEOUT, log)
-        yield AuthzProcess(process, port, log)
+        yield AuthzProcess(process, port, log, path)
     finally:
         await stop_process(process)
+
+
+@asynccontextmanager
+async def run_http_service(
+    config: dict[str, Any], workdir: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[AuthzProcess]:
+    """The service as a subprocess on this config (written to workdir/authz.yaml), yielded once its
+    HTTP listener (`server.http_address`) is ready; it must exit 0 when the block ends."""
+    port = int(config["server"]["http_address"].rpartition(":")[2])
+    path = workdir / "authz.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = workdir / "authz.log"
+    process = await run_service(path, log)
+    try:
+
+        async def serving() -> bool:
+            assert process.returncode is None, tail(log)
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(serving, START_TIMEOUT, "the HTTP listener to be ready")
+        yield AuthzProcess(process, port, log, path)
+    finally:
+        assert await stop_process(process) == 0
 
 
 @pytest.fixture
@@ -161,19 +189,28 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @asynccontextmanager
+async def run_envoy(
+    config: dict[str, Any], workdir: Path, session: aiohttp.ClientSession, cluster: str
+) -> AsyncIterator[Envoy]:
+    """Run Envoy with this config until the block ends; yields once LIVE with `cluster`'s host healthy."""
+    envoy = Envoy.start(config, workdir)
+    try:
+        try:
+            await envoy.wait_ready(session, {cluster: 1}, START_TIMEOUT)
+        except StartError as err:
+            pytest.fail(f"{err}:\n{envoy.child.tail(30)}")
+        yield envoy
+    finally:
+        await envoy.stop()
+
+
+@asynccontextmanager
 async def launch_envoy(
     config: dict[str, Any], authz_host: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> AsyncIterator[EnvoyProcess]:
     """Run Envoy with this config until the block ends; yields once LIVE with the authz cluster healthy."""
-    envoy = Envoy.start(config, tmp_path)
-    try:
-        try:
-            await envoy.wait_ready(session, {"authz": 1}, START_TIMEOUT)
-        except StartError as err:
-            pytest.fail(f"{err}:\n{envoy.child.tail(30)}")
+    async with run_envoy(config, tmp_path, session, "authz") as envoy:
         yield EnvoyProcess(envoy, authz_host)
-    finally:
-        await envoy.stop()
 
 
 @pytest.fixture

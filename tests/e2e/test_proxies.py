@@ -28,12 +28,12 @@ import pytest_asyncio
 import yaml
 
 from authz_service.devstack.echo import EchoUpstream
-from authz_service.devstack.envoy import Envoy, StartError, load_config, on_loopback
+from authz_service.devstack.envoy import StartError, load_config, on_loopback
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.devstack.nginx import Nginx, nginx_binary
 from authz_service.devstack.procs import spawn
-from tests.conftest import free_port, jwks_introspector, new_idp, run_service, tail
-from tests.e2e.conftest import START_TIMEOUT, stop_process, wait_until
+from tests.conftest import free_port, jwks_introspector, new_idp, tail
+from tests.e2e.conftest import run_envoy, run_http_service, wait_until
 from tests.hostile_idp import HostileIdentityProvider
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -70,23 +70,18 @@ Proxy = Callable[[int, EchoUpstream, Path, aiohttp.ClientSession], Any]
 
 @asynccontextmanager
 async def envoy_http(
-    authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession
+    authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession, text: str | None = None
 ) -> AsyncIterator[Running]:
+    """Envoy on the shipped envoy-http.yaml (or `authz-service proxy-config envoy-http` output for
+    another config) with only its ports replaced."""
     config = on_loopback(
-        load_config(ENVOY_HTTP_YAML),
+        load_config(ENVOY_HTTP_YAML) if text is None else yaml.safe_load(text),
         listener=free_port(),
         admin=free_port(),
         clusters={"authz_http": authz_port, "upstream": echo.port},
     )
-    envoy = Envoy.start(config, workdir)
-    try:
-        try:
-            await envoy.wait_ready(session, {"authz_http": 1}, START_TIMEOUT)
-        except StartError as err:
-            pytest.fail(f"{err}:\n{envoy.child.tail(30)}")
+    async with run_envoy(config, workdir, session, "authz_http") as envoy:
         yield Running(envoy.url, envoy.access_log)
-    finally:
-        await envoy.stop()
 
 
 def nginx_config(listener: int, authz_port: int, application_port: int, text: str | None = None) -> str:
@@ -127,12 +122,14 @@ async def run_nginx(
 
 @asynccontextmanager
 async def nginx(
-    authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession
+    authz_port: int, echo: EchoUpstream, workdir: Path, session: aiohttp.ClientSession, text: str | None = None
 ) -> AsyncIterator[Running]:
+    """nginx on the shipped nginx.conf (or `authz-service proxy-config nginx` output for another
+    config) with only its ports replaced."""
     listener = free_port()
     prefix = workdir / "nginx"
     prefix.mkdir()
-    async with run_nginx(nginx_config(listener, authz_port, echo.port), listener, prefix, session) as proxy:
+    async with run_nginx(nginx_config(listener, authz_port, echo.port, text), listener, prefix, session) as proxy:
         yield Running(proxy.url, prefix / "access.log")
 
 
@@ -182,26 +179,12 @@ async def run_stack(
         "introspectors": [jwks_introspector(idp, from_params=["access_token"])],
         "policies": POLICIES,
     }
-    path = workdir / "authz.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = workdir / "authz.log"
-    async with EchoUpstream() as echo:
-        process = await run_service(path, log)
-        try:
-
-            async def serving() -> bool:
-                assert process.returncode is None, tail(log)
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_until(serving, START_TIMEOUT, "the HTTP listener to be ready")
-            async with PROXIES[proxy](port, echo, workdir, session) as running:
-                yield Stack(running.url, echo, proxy, running.access_log, log)
-        finally:
-            assert await stop_process(process) == 0
+    async with (
+        EchoUpstream() as echo,
+        run_http_service(config, workdir, session) as service,
+        PROXIES[proxy](port, echo, workdir, session) as running,
+    ):
+        yield Stack(running.url, echo, proxy, running.access_log, service.log)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=STACKS, ids="-".join)
