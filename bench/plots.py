@@ -23,6 +23,7 @@ STYLES: Final = {
     "noop-grpc": ("tab:gray", "-", "o"),
     "authz-grpc": ("tab:blue", "-", "o"),
     "noop-http": ("tab:gray", "--", "s"),
+    "noop-http-granian": ("tab:brown", "--", "v"),
     "authz-http": ("tab:green", "--", "s"),
     "envoy-grpc": ("tab:blue", ":", "^"),
     "envoy-http": ("tab:green", ":", "^"),

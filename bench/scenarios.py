@@ -538,17 +538,7 @@ class Bench:
         )
         if round_ > 1:
             row.what = "no-op aiohttp again (the HTTP floor is the median of all its rounds)"
-        proc, port = self.start_noop_http()
-        url = f"http://{HOST}:{port}{http_check_path('forward_auth')}"
-        headers = http_check_headers(self.token("es256"), "forward_auth")
-        status, _, _ = http_answer(url, headers)
-        if status != 200:
-            raise RuntimeError(f"the no-op HTTP server answered {status}")
-        row.verified = "OK (200)"
-        self.measure_http(row, proc.pid, url, headers)
-        assert row.rate is not None
-        self.noop_http_rates.append(row.rate)
-        return row
+        return self._noop_http_round(row, self.start_noop_http(), self.noop_http_rates)
 
     def s_noop_http_granian(self) -> Row:
         """granian's floor: bench/noop_http_server.py --engine granian, the same requests."""
@@ -558,18 +548,26 @@ class Bench:
             "no-op granian (ASGI, embedded on uvloop), HTTP/1.1 (granian's floor)",
             floor="http",
         )
+        return self._noop_http_round(row, self.start_noop_granian(), self.noop_granian_rates)
+
+    def start_noop_granian(self) -> tuple[Proc, int]:
+        """granian's HTTP floor, started once and kept for the run."""
         if self.noop_granian is None:
             self.noop_granian = start_noop_http(self.work, "noop-http-granian", "granian")
-        proc, port = self.noop_granian
+        return self.noop_granian
+
+    def _noop_http_round(self, row: Row, noop: tuple[Proc, int], rates: list[float]) -> Row:
+        """One round of an HTTP floor: verified (200), measured like the HTTP scenarios, its rate kept."""
+        proc, port = noop
         url = f"http://{HOST}:{port}{http_check_path('forward_auth')}"
         headers = http_check_headers(self.token("es256"), "forward_auth")
         status, _, _ = http_answer(url, headers)
         if status != 200:
-            raise RuntimeError(f"the no-op granian server answered {status}")
+            raise RuntimeError(f"{row.scenario}: the no-op HTTP server answered {status}")
         row.verified = "OK (200)"
         self.measure_http(row, proc.pid, url, headers)
         assert row.rate is not None
-        self.noop_granian_rates.append(row.rate)
+        rates.append(row.rate)
         return row
 
     def _http_mode(self, row: Row, mode: str, *, decisions: bool = True, engine: str = "granian") -> Row:

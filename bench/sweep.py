@@ -1,12 +1,13 @@
 """The concurrency sweep behind the plots: checks/s and p50/p99 latency at 1, 4, 16 and 64
-connections for seven curves, every point measured the same way.
+connections for eight curves, every point measured the same way.
 
 | curve | what h2load talks to |
 |---|---|
 | no-op gRPC | bench/noop_server.py, h2c, the CheckRequest body |
 | authz gRPC | the service (defaults + server.http_address), h2c, the same body |
 | no-op HTTP | bench/noop_http_server.py, HTTP/1.1 (--h1), the /forward_auth request |
-| authz HTTP | the same service's /forward_auth, HTTP/1.1, the same request |
+| no-op HTTP granian | bench/noop_http_server.py --engine granian (the service's HTTP stack, no check) |
+| authz HTTP | the same service's /forward_auth (HTTP mode on granian, the default), the same request |
 | Envoy -> ext_authz gRPC | Envoy (shipped envoy.yaml) -> the service over gRPC -> echo |
 | Envoy -> ext_authz HTTP | Envoy (shipped envoy-http.yaml) -> the service's HTTP mode -> echo |
 | Envoy jwt_authn | Envoy (bench/envoy-jwt-authn.yaml) -> echo, the token checked inside Envoy |
@@ -64,6 +65,7 @@ LABELS: Final = {
     "noop-grpc": "no-op gRPC (grpc.aio)",
     "authz-grpc": "authz-service gRPC",
     "noop-http": "no-op HTTP (aiohttp)",
+    "noop-http-granian": "no-op HTTP (granian ASGI)",
     "authz-http": "authz-service HTTP /forward_auth",
     "envoy-grpc": "Envoy -> ext_authz gRPC",
     "envoy-http": "Envoy -> ext_authz HTTP",
@@ -120,6 +122,7 @@ def s_sweep(bench: Bench) -> Row:
         noop = bench.noop or start_noop(bench.work)
         bench.noop = noop
         _, noop_http_port = bench.start_noop_http()
+        _, noop_granian_port = bench.start_noop_granian()
         why = "server.http_address set: one service answers the gRPC and the HTTP curves, direct and through Envoy"
         authz = bench.start_service(row, bench.cfg_jwks(), why, http=True)
         owned.append(authz.proc)
@@ -132,8 +135,10 @@ def s_sweep(bench: Bench) -> Row:
         verify_check(authz.port, request, (0, "allow"))
         forward = http_check_headers(token, "forward_auth")
         noop_http_url = f"http://{HOST}:{noop_http_port}{http_check_path('forward_auth')}"
-        if http_answer(noop_http_url, forward)[0] != 200:
-            raise RuntimeError("the no-op HTTP server did not answer 200")
+        noop_granian_url = f"http://{HOST}:{noop_granian_port}{http_check_path('forward_auth')}"
+        for url in (noop_http_url, noop_granian_url):
+            if http_answer(url, forward)[0] != 200:
+                raise RuntimeError(f"the no-op HTTP server at {url} did not answer 200")
         authz_http_url = f"http://{HOST}:{authz.http_port}{http_check_path('forward_auth')}"
         verify_http_check(
             authz_http_url,
@@ -153,6 +158,7 @@ def s_sweep(bench: Bench) -> Row:
                 body,
             ),
             Curve("noop-http", LABELS["noop-http"], noop_http_url, True, forward),
+            Curve("noop-http-granian", LABELS["noop-http-granian"], noop_granian_url, True, forward),
             Curve("authz-http", LABELS["authz-http"], authz_http_url, True, forward),
         ]
         for curve in direct:
