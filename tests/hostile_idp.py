@@ -71,22 +71,14 @@ def _unknown_mode(switch: str, mode: str) -> web.Response:
 class HostileIdentityProvider(DevIdentityProvider):
     """The dev IdP with switchable failure modes per endpoint and a mint() that signs anything."""
 
-    def __init__(
-        self,
-        issuer: str | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        client_id: str = "authz-service",
-        client_secret: str = "demo-secret",
-    ) -> None:
-        """Every mode "ok": the dev IdP's answers until a test switches one."""
-        super().__init__(issuer, host, port, client_id, client_secret)
-        self.jwks_mode: str = "ok"
-        self.discovery_mode: str = "ok"
-        self.introspect_mode: str = "ok"
-        # The Content-Type of introspection answers (RFC 7662 says application/json; tests try others).
-        self.introspect_content_type: str = "application/json"
-        self.last_introspection: dict[str, Any] | None = None
+    # Every mode "ok": the dev IdP's answers until a test switches one (an assignment sets it on
+    # the instance; the defaults are immutable, so instances share nothing through them).
+    jwks_mode: str = "ok"
+    discovery_mode: str = "ok"
+    introspect_mode: str = "ok"
+    # The Content-Type of introspection answers (RFC 7662 says application/json; tests try others).
+    introspect_content_type: str = "application/json"
+    last_introspection: dict[str, Any] | None = None  # the last introspection request's form and headers
 
     def mint(
         self,
