@@ -506,7 +506,7 @@ class ResourceApi:
                 except ConfigError as err:
                     blamed = _blamed(err.problems, parsed, outcomes)
                     if not blamed:  # a problem no entry wrote (a delete broke a stored resource): one at a time
-                        state, outcomes, unapplicable = _batch_one_by_one(current, parsed, refused, file, compose)
+                        state, outcomes, unapplicable = _batch_state(current, parsed, refused, file, compose=compose)
                         break
                     refused.update({i: ApiError(422, texts) for i, texts in blamed.items()})
             results.clear()
@@ -910,10 +910,18 @@ def _written(state: dict[Key, Resource], operation: Operation) -> None:
 
 
 def _batch_state(
-    current: Snapshot, parsed: Sequence[Operation | ApiError], refused: Mapping[int, ApiError], file: ConfigFile
+    current: Snapshot,
+    parsed: Sequence[Operation | ApiError],
+    refused: Mapping[int, ApiError],
+    file: ConfigFile,
+    compose: Callable[[Mapping[Key, Resource]], Config] | None = None,
 ) -> tuple[dict[Key, Resource], dict[int, str], dict[int, ApiError]]:
     """The store after every entry not refused, in order: the resources, what each entry did, and
-    the entries that cannot apply to the store as the entries before them left it (404, 409)."""
+    the entries that cannot apply to the store as the entries before them left it (404, 409).
+
+    With `compose`, every entry that changes something is validated on the store it leaves (one
+    validation each), and refused with 422 when that fails: for a problem that names no entry's
+    resource, such as a delete that leaves a stored policy naming what it deleted."""
     state = dict(current.resources)
     outcomes: dict[int, str] = {}
     unapplicable: dict[int, ApiError] = {}
@@ -923,11 +931,19 @@ def _batch_state(
         try:
             if item.key[1] in file.ids(item.key[0]):
                 raise _file_conflict([item.key], file)
-            outcomes[index] = item.apply(state)
+            outcome = item.apply(state)
+            if compose is not None and outcome != "unchanged":
+                after = dict(state)
+                _written(after, item)
+                try:
+                    compose(after)
+                except ConfigError as err:
+                    raise ApiError(422, [str(p) for p in err.problems]) from None
         except ApiError as err:
             unapplicable[index] = err
             continue
         _written(state, item)
+        outcomes[index] = outcome
     return state, outcomes, unapplicable
 
 
@@ -950,40 +966,6 @@ def _blamed(
         if writer is not None:
             blamed.setdefault(writer, []).append(str(problem))
     return blamed
-
-
-def _batch_one_by_one(
-    current: Snapshot,
-    parsed: Sequence[Operation | ApiError],
-    refused: Mapping[int, ApiError],
-    file: ConfigFile,
-    compose: Callable[[Mapping[Key, Resource]], Config],
-) -> tuple[dict[Key, Resource], dict[int, str], dict[int, ApiError]]:
-    """As `_batch_state`, validating after every entry (one validation each): for a problem that
-    names no entry's resource, such as a delete that leaves a stored policy naming what it deleted."""
-    state = dict(current.resources)
-    outcomes: dict[int, str] = {}
-    unapplicable: dict[int, ApiError] = {}
-    for index, item in enumerate(parsed):
-        if index in refused or isinstance(item, ApiError):
-            continue
-        try:
-            if item.key[1] in file.ids(item.key[0]):
-                raise _file_conflict([item.key], file)
-            outcome = item.apply(state)
-            after = dict(state)
-            _written(after, item)
-            if outcome != "unchanged":
-                try:
-                    compose(after)
-                except ConfigError as err:
-                    raise ApiError(422, [str(p) for p in err.problems]) from None
-        except ApiError as err:
-            unapplicable[index] = err
-            continue
-        state = after
-        outcomes[index] = outcome
-    return state, outcomes, unapplicable
 
 
 def _action(before: Resource | None, after: Resource | None) -> str:
