@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from authz_service.config.model import HTTP_ENGINES
 from authz_service.devstack.idp import DevIdentityProvider
+from tests.api_harness import ApiService, config_with_api, start_api_service
 from tests.harness import (
     POLLING_CHANNEL,
     Harness,
@@ -31,6 +32,7 @@ from tests.harness import (
 from tests.hostile_idp import HostileIdentityProvider
 
 StartService = Callable[[Mapping[str, Any]], Awaitable[Harness]]
+StartApi = Callable[..., Awaitable[ApiService]]  # keyword arguments: config sections
 
 
 async def new_idp(issuer: str | None = None) -> HostileIdentityProvider:
@@ -58,6 +60,23 @@ async def start_service() -> AsyncIterator[StartService]:
     yield start
     for harness in started:
         await harness.close()
+
+
+@pytest.fixture
+async def start_api(tmp_path: Path) -> AsyncIterator[StartApi]:
+    """Start services with the resource API on a file store (tmp_path/store) from config sections
+    (`introspectors=[...]`); all are stopped after the test."""
+    started: list[ApiService] = []
+
+    async def start(**sections: Any) -> ApiService:
+        config = config_with_api({"backend": "file", "path": str(tmp_path / "store")}, **sections)
+        service = await start_api_service(tmp_path / f"config-{len(started)}.yaml", config)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.close()
 
 
 @pytest.fixture(params=HTTP_ENGINES)

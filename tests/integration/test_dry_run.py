@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,8 +14,8 @@ import pytest
 
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.logs import JsonFormatter
-from tests.api_harness import ApiService, config_with_api, start_api_service
-from tests.conftest import Spawn, StartService, exit_code, free_port, jwks_introspector
+from tests.api_harness import ApiService
+from tests.conftest import Spawn, StartApi, StartService, exit_code, free_port, jwks_introspector
 from tests.harness import Harness
 from tests.integration.test_workers import _check, _ready, _samples
 
@@ -25,8 +23,6 @@ PUBLIC = {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/", "r
 # The policy being rolled out: signed-in users may read reports.
 REPORTS = {"id": "reports", "engine": "matcho", "matcho": {"uri": "#^/reports/", "jwt": {"sub": "present?"}}}
 WATCHED = {**REPORTS, "mode": "dry-run"}
-
-StartApi = Callable[..., Awaitable[ApiService]]
 
 
 def decision_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -135,23 +131,8 @@ async def test_authentication_only_with_a_dry_run_policy_allows_every_valid_toke
 # --------------------------------------------------------------------------- the rollout, through the resource API
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[StartApi]:
-    started: list[ApiService] = []
-
-    async def start(**sections: Any) -> ApiService:
-        config = config_with_api({"backend": "file", "path": str(tmp_path / "store")}, **sections)
-        service = await start_api_service(tmp_path / f"config-{len(started)}.yaml", config)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        await service.close()
-
-
-async def test_put_as_dry_run_watch_then_put_as_enforce(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
+async def test_put_as_dry_run_watch_then_put_as_enforce(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
     token = idp.mint({"sub": "alice"})
     registry = service.service.metrics.registry
 
@@ -185,8 +166,10 @@ async def test_put_as_dry_run_watch_then_put_as_enforce(idp: DevIdentityProvider
     assert allows("reports") == 1
 
 
-async def test_a_bad_mode_through_the_api_names_the_resource_and_field(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
+async def test_a_bad_mode_through_the_api_names_the_resource_and_field(
+    idp: DevIdentityProvider, start_api: StartApi
+) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
     refused = await service.request("PUT", "/AccessPolicy/reports", {"engine": "matcho", "matcho": {}, "mode": "watch"})
     assert refused.status == 422
     assert any("'reports'" in d and "mode" in d and "dry-run" in d for d in refused.diagnostics), refused.diagnostics
@@ -227,9 +210,9 @@ async def test_workers_count_dry_run_answers_in_their_files_and_write_them_in_th
 
 
 async def test_a_dry_run_policy_that_would_allow_everything_is_not_warned_until_it_enforces(
-    idp: DevIdentityProvider, api: StartApi
+    idp: DevIdentityProvider, start_api: StartApi
 ) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[PUBLIC])
     watched = await service.request("PUT", "/AccessPolicy/wide", "engine: allow\nmode: dry-run\n")
     assert watched.status == 201, watched.body
     assert "Warning" not in watched.headers  # it lets nothing through

@@ -4,18 +4,13 @@ did or did not allow, nothing secret in the answer, and the two route-parameter 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import pytest
-
 from authz_service.devstack.idp import DevIdentityProvider
-from tests.api_harness import ApiService, config_with_api, start_api_service
-from tests.conftest import jwks_introspector
+from tests.api_harness import ApiService
+from tests.conftest import StartApi, jwks_introspector
 from tests.unit import test_aidbox_examples as aidbox
-
-StartApi = Callable[..., Awaitable[ApiService]]
 
 # Aidbox, "Restricting access to patient data": the AccessPolicy as the tutorial PUTs it (verbatim
 # in the catalogue of Aidbox's examples).
@@ -37,21 +32,6 @@ CRUD_ON_PATIENT: dict[str, Any] = {
 ADMINS = {"id": "admins", "engine": "matcho", "matcho": {"uri": "#^/admin/", "jwt": {"roles": {"$contains": "admin"}}}}
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[StartApi]:
-    started: list[ApiService] = []
-
-    async def start(**sections: Any) -> ApiService:
-        config = config_with_api({"backend": "file", "path": str(tmp_path / "store")}, **sections)
-        service = await start_api_service(tmp_path / f"config-{len(started)}.yaml", config)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        await service.close()
-
-
 async def ask(service: ApiService, body: Mapping[str, Any]) -> dict[str, Any]:
     reply = await service.request("POST", "/auth/test-policy", dict(body))
     assert reply.status == 200, reply.body
@@ -63,8 +43,8 @@ def verdicts(answer: Mapping[str, Any]) -> dict[str, tuple[bool, list[str]]]:
     return {p["id"]: (p["matched"], p["why"]) for p in answer["policies"]}
 
 
-async def test_forbidden_request_is_explained_policy_by_policy(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[PATIENT_COMPARTMENT, ADMINS])
+async def test_forbidden_request_is_explained_policy_by_policy(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[PATIENT_COMPARTMENT, ADMINS])
     token = idp.mint({"sub": "pat-1", "pid": "pt-1"})
     # curl -H "Authorization: Bearer $TOKEN" https://api.example.com/fhir/Patient/pt-2
     assert (await service.check("/fhir/Patient/pt-2", token=token)).http_status == 403
@@ -92,8 +72,8 @@ async def test_forbidden_request_is_explained_policy_by_policy(idp: DevIdentityP
     assert token not in json.dumps(answer)
 
 
-async def test_allowed_request_names_the_policy_as_check_does(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[ADMINS, PATIENT_COMPARTMENT])
+async def test_allowed_request_names_the_policy_as_check_does(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[ADMINS, PATIENT_COMPARTMENT])
     token = idp.mint({"sub": "pat-1", "pid": "pt-1"})
     checked = await service.check("/fhir/Patient/pt-1", token=token)
     assert checked.allowed
@@ -111,8 +91,8 @@ async def test_allowed_request_names_the_policy_as_check_does(idp: DevIdentityPr
     assert verdicts(answer)["admins"][0] is False
 
 
-async def test_the_two_route_parameter_attacks_are_denied(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[CRUD_ON_PATIENT, PATIENT_COMPARTMENT])
+async def test_the_two_route_parameter_attacks_are_denied(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[CRUD_ON_PATIENT, PATIENT_COMPARTMENT])
     client = idp.mint({"sub": "svc", "client_id": "client-id"})
     # CRUD on Patient does not reach Observation by naming the type in the query.
     # curl -H "Authorization: Bearer $TOKEN" 'https://api.example.com/fhir/Observation?resource/type=Patient'
@@ -142,8 +122,8 @@ async def test_the_two_route_parameter_attacks_are_denied(idp: DevIdentityProvid
     assert (await service.check("/fhir/Patient/pt-2?resource/id=pt-1", token=patient)).http_status == 403
 
 
-async def test_aidbox_spellings_and_policies_to_try(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[ADMINS])
+async def test_aidbox_spellings_and_policies_to_try(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[ADMINS])
     token = idp.mint({"sub": "u1", "roles": ["reader"]})
     # Aidbox's body: request.uri and request-method, one `policy` without an id.
     answer = await ask(
@@ -186,8 +166,8 @@ async def test_aidbox_spellings_and_policies_to_try(idp: DevIdentityProvider, ap
     assert (await service.check("/fhir/Patient", token=token)).http_status == 403
 
 
-async def test_invalid_bodies_are_named(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[ADMINS])
+async def test_invalid_bodies_are_named(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[ADMINS])
     sql = {"policies": [{"id": "p", "engine": "sql", "sql": {"query": "select true"}}], "request": {"path": "/"}}
     reply = await service.request("POST", "/auth/test-policy", sql)
     assert reply.status == 422
@@ -214,11 +194,11 @@ async def test_invalid_bodies_are_named(idp: DevIdentityProvider, api: StartApi)
 PROOF = "eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJqdGkiOiJwcm9vZiJ9.c2lnbmF0dXJl"
 
 
-async def test_no_secret_reaches_the_answer(idp: DevIdentityProvider, api: StartApi) -> None:
+async def test_no_secret_reaches_the_answer(idp: DevIdentityProvider, start_api: StartApi) -> None:
     introspector = jwks_introspector(
         idp, from_headers=[{"name": "x-api-token"}], from_params=["access_token"], cookie="session"
     )
-    service = await api(
+    service = await start_api(
         introspectors=[introspector],
         policies=[{"id": "echo", "engine": "matcho", "matcho": {"headers": {"x-trace": "#^never"}}}],
     )
@@ -245,9 +225,9 @@ async def test_no_secret_reaches_the_answer(idp: DevIdentityProvider, api: Start
         assert reason == "headers.x-trace: 'trace-<redacted>' does not match '#^never'"
 
 
-async def test_rejected_and_anonymous_requests(idp: DevIdentityProvider, api: StartApi) -> None:
+async def test_rejected_and_anonymous_requests(idp: DevIdentityProvider, start_api: StartApi) -> None:
     public = {"id": "public", "engine": "matcho", "matcho": {"uri": "#^/public/", "request-method": "get"}}
-    service = await api(introspectors=[jwks_introspector(idp)], policies=[public, ADMINS])
+    service = await start_api(introspectors=[jwks_introspector(idp)], policies=[public, ADMINS])
     expired = idp.mint({"sub": "u1", "exp": 1})
     answer = await ask(service, {"request": {"path": "/public/x", "headers": {"authorization": f"Bearer {expired}"}}})
     assert (answer["decision"], answer["reason"]) == ("unauthenticated", "expired")
@@ -263,8 +243,8 @@ async def test_rejected_and_anonymous_requests(idp: DevIdentityProvider, api: St
     assert verdicts(answer)["admins"] == (False, ["uri: '/private' does not match '#^/admin/'"])
 
 
-async def test_supplied_identity_decides_without_a_token(idp: DevIdentityProvider, api: StartApi) -> None:
-    service = await api(
+async def test_supplied_identity_decides_without_a_token(idp: DevIdentityProvider, start_api: StartApi) -> None:
+    service = await start_api(
         introspectors=[jwks_introspector(idp)],
         policies=[{"id": "doctors", "roleName": "doctor", "engine": "allow"}],
         users=[{"id": "alice"}],
