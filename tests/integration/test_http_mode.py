@@ -62,14 +62,23 @@ async def http_service(
     return harness, f"http://127.0.0.1:{harness.service.http.port}"
 
 
+Served = tuple[Harness, str]  # the service in HTTP mode and its base URL
+
+
+@pytest.fixture
+async def served(idp: DevIdentityProvider, start_service: StartService, http_engine: str) -> Served:
+    """The service in HTTP mode on each engine, with this module's policies."""
+    return await http_service(start_service, idp, http_engine)
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
 async def test_ext_authz_allow_carries_the_identity_headers(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp, http_engine)
+    _, url = served
     token = idp.mint({"sub": "alice", "email": "alice@example.com"})
     async with client.get(url + "/ext_authz/reports/1?format=pdf", headers=bearer(token)) as response:
         assert response.status == 200
@@ -87,9 +96,9 @@ async def test_ext_authz_allow_carries_the_identity_headers(
 
 
 async def test_ext_authz_denials_match_the_grpc_answers(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp, http_engine)
+    harness, url = served
     cases = [
         ("/ext_authz/reports/1", {}, 401),
         ("/ext_authz/reports/1", bearer("not.a.token"), 401),
@@ -108,10 +117,8 @@ async def test_ext_authz_denials_match_the_grpc_answers(
             assert response.headers.get("www-authenticate") == grpc.headers.get("www-authenticate")
 
 
-async def test_ext_authz_sees_the_original_method_and_path(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
-) -> None:
-    _, url = await http_service(start_service, idp, http_engine)
+async def test_ext_authz_sees_the_original_method_and_path(served: Served, client: aiohttp.ClientSession) -> None:
+    _, url = served
     async with client.get(url + "/ext_authz/public/a?x=1") as response:
         assert response.status == 200  # anonymous GET on /public/ is allowed by a policy
     async with client.post(url + "/ext_authz/public/a") as response:
@@ -131,9 +138,9 @@ async def test_idp_down_with_nothing_cached_is_503(
 
 
 async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp, http_engine)
+    _, url = served
     token = idp.mint({"sub": "writer"})
     traefik = {
         "X-Forwarded-Method": "POST",
@@ -155,18 +162,18 @@ async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
 
 
 async def test_forward_auth_without_the_original_uri_is_400(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp, http_engine)
+    _, url = served
     async with client.get(url + "/forward_auth", headers=bearer(idp.mint())) as response:
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_request"
 
 
 async def test_remote_addr_is_the_last_forwarded_for_entry(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    _, url = await http_service(start_service, idp, http_engine)
+    _, url = served
     token = idp.mint()
     office = {"X-Forwarded-Uri": "/office", **bearer(token)}
     # The proxy appended 192.0.2.10; a client-sent first entry is never read.
@@ -176,10 +183,8 @@ async def test_remote_addr_is_the_last_forwarded_for_entry(
         assert r.status == 403
 
 
-async def test_health_on_the_same_listener(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
-) -> None:
-    harness, url = await http_service(start_service, idp, http_engine)
+async def test_health_on_the_same_listener(served: Served, client: aiohttp.ClientSession) -> None:
+    harness, url = served
     async with client.get(url + "/healthz") as response:
         assert response.status == 200
     async with client.get(url + "/readyz") as response:
@@ -193,12 +198,11 @@ async def test_health_on_the_same_listener(
 
 async def test_http_checks_are_counted_and_logged_with_their_protocol(
     idp: DevIdentityProvider,
-    start_service: StartService,
-    http_engine: str,
+    served: Served,
     client: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    harness, url = await http_service(start_service, idp, http_engine)
+    harness, url = served
     with caplog.at_level(logging.INFO, logger="authz_service.decision"):
         async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
             assert response.status == 200
@@ -215,9 +219,9 @@ async def test_http_checks_are_counted_and_logged_with_their_protocol(
 
 
 async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp, http_engine)
+    harness, url = served
     engine = harness.service.engine
     broken = engine.http_answers
 
@@ -237,13 +241,13 @@ async def test_an_unexpected_error_is_503_and_the_listener_keeps_serving(
 
 
 async def test_a_request_as_traefik_sends_it(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
     """Traefik's forwardAuth (trustForwardHeader: false), as its documentation describes the request:
     GET to the address, the client's headers, and X-Forwarded-Method/-Proto/-Host/-Uri/-For set by
     Traefik. Traefik itself cannot be installed here; deploy/traefik/dynamic.yaml is checked
     structurally in tests/unit/test_deploy_http.py."""
-    _, url = await http_service(start_service, idp, http_engine)
+    _, url = served
     token = idp.mint({"sub": "writer", "email": "w@example.com"})
     recorded = {
         "User-Agent": "curl/8.5.0",
@@ -278,9 +282,9 @@ async def test_a_request_as_traefik_sends_it(
 
 
 async def test_sigterm_drain_keeps_answering_http_checks_then_closes(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+    idp: DevIdentityProvider, served: Served, client: aiohttp.ClientSession
 ) -> None:
-    harness, url = await http_service(start_service, idp, http_engine)
+    harness, url = served
     token = idp.mint()
     stopping = asyncio.ensure_future(harness.service.stop(grace=1, drain_delay=0.6))
     await asyncio.sleep(0)  # one turn of the loop: stop() turns unready before its first await
@@ -378,9 +382,9 @@ def test_what_aiohttp_could_not_parse_is_judged_from_either_of_its_parsers() -> 
 
 
 async def test_a_header_value_that_is_not_utf8_is_read_as_aiohttp_reads_it(
-    idp: DevIdentityProvider, start_service: StartService, http_engine: str
+    idp: DevIdentityProvider, served: Served
 ) -> None:
-    harness, _ = await http_service(start_service, idp, http_engine)
+    harness, _ = served
     assert harness.service.http is not None
     assert harness.service.http.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", harness.service.http.port)
