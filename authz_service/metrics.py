@@ -20,7 +20,6 @@ import os
 import platform
 import resource
 from collections.abc import Callable, Iterable, Iterator
-from importlib import metadata
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -31,6 +30,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
+from authz_service import __version__
 from authz_service.model import Decision, Outcome, Reason
 
 # prometheus-client's multiprocess mode: set in supervised workers (server/workers.py), whose
@@ -74,13 +74,6 @@ class Observe(Protocol):
 def _no_created() -> None:
     """No `_created` series, for any family of the process (see the module docstring)."""
     disable_created_metrics()  # type: ignore[no-untyped-call]
-
-
-def _version() -> str:
-    try:
-        return metadata.version("authz-service")
-    except metadata.PackageNotFoundError:
-        return "unknown"  # a source tree that was never installed
 
 
 class _LoopCounts:
@@ -289,7 +282,7 @@ class BuildInfo:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._family = GaugeMetricFamily(*_BUILD_INFO, labels=["version", "python"])
-        self._family.add_metric([_version(), platform.python_version()], 1)
+        self._family.add_metric([__version__, platform.python_version()], 1)
         registry.register(self)
 
     def describe(self) -> list[Metric]:

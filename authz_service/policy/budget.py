@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from time import monotonic, thread_time
-
-import regex
+from typing import TYPE_CHECKING
 
 from authz_service.errors import PolicyTimeout
+
+if TYPE_CHECKING:
+    import regex
 
 REGEX_BUDGET = 0.1
 """Seconds of CPU one rule evaluation may spend matching regexes. A sane pattern over a header
@@ -181,6 +183,8 @@ class _Frame:
 def backtracking_risk(source: str) -> str | None:
     """NESTED or OVERLAPPING when the pattern has a shape that can backtrack exponentially, else
     None. Only ever a hint: it may miss a subtle case, and it never rejects a pattern."""
+    import regex  # here, not with the module: see _matched
+
     frames = [_Frame(atomic=False)]
     last: frozenset[str] | None = None  # what the atom before a quantifier matches
     group: _Frame | None = None  # that atom, when it is a group
@@ -247,6 +251,12 @@ def backtracking_risk(source: str) -> str | None:
 
 def _matched(atom: str) -> frozenset[str]:
     """The sample characters a one-character atom (a literal, an escape, a class, `.`) matches."""
+    # `regex` is imported by the lint, not with this module: policy.explain imports the module in
+    # every service (the admin API's test-policy), and `regex` is 1.4 MB of RSS (more when compiled
+    # from source) that a service without policy regexes never uses. The engines that compile
+    # regexes (matcho, json-schema, javaregex) import it themselves.
+    import regex
+
     try:
         compiled = regex.compile(atom, regex.VERSION0)
     except regex.error:

