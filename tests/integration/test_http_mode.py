@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -135,6 +136,20 @@ async def test_idp_down_with_nothing_cached_is_503(
     async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.mint())) as response:
         assert response.status == 503
         assert (await response.json())["error"] == "temporarily_unavailable"
+
+
+async def test_a_hung_idp_is_503_at_the_introspectors_timeout(
+    idp: DevIdentityProvider, start_service: StartService, http_engine: str, client: aiohttp.ClientSession
+) -> None:
+    # The check's deadline is an asyncio timeout inside the request's task: it must fire on
+    # either engine (granian's Rust task implementation, whose task cannot be cancelled, would not).
+    _, url = await http_service(start_service, idp, http_engine, introspectors=[opaque_introspector(idp, timeout=0.3)])
+    idp.delay = 5
+    started = time.monotonic()
+    async with client.get(url + "/ext_authz/reports/1", headers=bearer(idp.issue_opaque())) as response:
+        assert response.status == 503
+        assert (await response.json())["error"] == "temporarily_unavailable"
+    assert time.monotonic() - started < 2  # the 0.3 s timeout, not the IdP's 5 s
 
 
 async def test_forward_auth_reads_the_original_request_from_forwarded_headers(
