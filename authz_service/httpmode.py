@@ -68,10 +68,15 @@ def client_address(headers: dict[str, str], peer: str) -> str:
 
 def ext_authz_request(method: str, target: str, pairs: HeaderPairs, peer: str) -> HttpRequest:
     """The original request, from Envoy's http_service check (path_prefix /ext_authz)."""
+    return ext_authz_joined(method, target, join_headers(pairs), peer)
+
+
+def ext_authz_joined(method: str, target: str, headers: dict[str, str], peer: str) -> HttpRequest:
+    """ext_authz_request, from the headers already joined (`envoy.join_headers`: lower-case names,
+    repeats joined): for a shell that reads them into a dict in one pass."""
     path = target[len(EXT_AUTHZ_PREFIX) :] or "/"
     if path.startswith("?"):
         path = "/" + path
-    headers = join_headers(pairs)
     return HttpRequest(
         method=method,
         path=path,
@@ -96,6 +101,12 @@ def forward_auth_request(method: str, target: str, pairs: HeaderPairs, peer: str
     # Fewer names than pairs: some header came more than once (rare, so the second look is too).
     if len(headers) < len(pairs) and _repeats_an_original(pairs):
         return CONFLICTING  # repeated: a client's own value besides the proxy's
+    return forward_auth_joined(method, target, headers, peer)
+
+
+def forward_auth_joined(method: str, target: str, headers: dict[str, str], peer: str) -> HttpRequest | Decision:
+    """forward_auth_request, from headers already joined in which no header came twice (a shell
+    whose request repeats one calls forward_auth_request: a repeated original is refused there)."""
     forwarded_uri, original_uri = headers.get("x-forwarded-uri"), headers.get("x-original-uri")
     if forwarded_uri and original_uri and forwarded_uri != original_uri:
         return CONFLICTING

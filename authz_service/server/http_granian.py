@@ -40,7 +40,15 @@ from granian.http import HTTP1Settings
 
 from authz_service.envoy import ALLOW_MEMO_ENTRIES, HttpAnswer
 from authz_service.errors import bind_failure, host_port
-from authz_service.httpmode import Route, ext_authz_request, forward_auth_request, route, too_large
+from authz_service.httpmode import (
+    Route,
+    ext_authz_joined,
+    ext_authz_request,
+    forward_auth_joined,
+    forward_auth_request,
+    route,
+    too_large,
+)
 from authz_service.model import Decision, HttpRequest
 from authz_service.server.runner import OVERLOADED, HttpListener
 
@@ -58,16 +66,23 @@ _JSON = (b"content-type", b"application/json; charset=utf-8")
 _Message = dict[str, Any]
 
 
-# What the adapters read of one ASGI request: method, target as sent, header pairs, peer.
-_Read = tuple[str, str, list[tuple[str, str]], str]
+# What the adapters read of one ASGI request: method, target as sent, headers, peer. The headers
+# are joined by name (httpmode's *_joined adapters) when none came twice, else the pairs as received.
+_Read = tuple[str, str, dict[str, str] | list[tuple[str, str]], str]
 
 
 def _ext_authz(request: _Read) -> HttpRequest:
-    return ext_authz_request(*request)
+    method, target, headers, peer = request
+    if isinstance(headers, dict):
+        return ext_authz_joined(method, target, headers, peer)
+    return ext_authz_request(method, target, headers, peer)
 
 
 def _forward_auth(request: _Read) -> HttpRequest | Decision:
-    return forward_auth_request(*request)
+    method, target, headers, peer = request
+    if isinstance(headers, dict):
+        return forward_auth_joined(method, target, headers, peer)
+    return forward_auth_request(method, target, headers, peer)
 
 
 def _target(scope: Mapping[str, Any]) -> bytes:
@@ -223,14 +238,31 @@ class GranianHttpServer(HttpListener):
 
 def _read(scope: Mapping[str, Any], raw_target: bytes, target: str) -> _Read | Decision:
     """What the adapters read of an ASGI request, or the denial of a header or target over MAX_FIELD."""
-    headers: list[tuple[bytes, bytes]] = scope["headers"]
-    refused = _oversized(raw_target, headers)
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
+    if len(raw_target) <= MAX_FIELD:
+        # One pass into the dict the adapters read: names are lower-case ASCII (granian's parser,
+        # as ASGI asks), values nearly always UTF-8. A header that came twice, or a value that is
+        # not UTF-8, takes the general way below (rare).
+        headers: dict[str, str] = {}
+        try:
+            for name, value in raw:
+                if len(value) > MAX_FIELD:
+                    return too_large(value[:100])
+                key = name.decode()
+                if key in headers:
+                    break
+                headers[key] = value.decode()
+            else:
+                return (scope["method"], target, headers, scope["client"][0])
+        except UnicodeDecodeError:
+            pass
+    refused = _oversized(raw_target, raw)
     if refused is not None:
         return refused
-    try:  # names are ASCII (granian checks them); values nearly always UTF-8: the fast decode
-        pairs = [(name.decode(), value.decode()) for name, value in headers]
+    try:
+        pairs = [(name.decode(), value.decode()) for name, value in raw]
     except UnicodeDecodeError:  # as aiohttp reads them
-        pairs = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
+        pairs = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in raw]
     return (scope["method"], target, pairs, scope["client"][0])
 
 

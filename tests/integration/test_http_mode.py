@@ -18,10 +18,17 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from authz_service.config.model import Listen
 from authz_service.devstack.idp import DevIdentityProvider
 from authz_service.errors import ListenError
-from authz_service.httpmode import HEADERS_TOO_LARGE, TOKEN_TOO_LARGE
-from authz_service.model import Reason
+from authz_service.httpmode import HEADERS_TOO_LARGE, TOKEN_TOO_LARGE, ext_authz_request, forward_auth_request
+from authz_service.model import Decision, Reason
 from authz_service.server.http import HttpAuthServer, unparsable
-from authz_service.server.http_granian import MAX_FIELD, GranianHttpServer, _oversized
+from authz_service.server.http_granian import (
+    MAX_FIELD,
+    GranianHttpServer,
+    _ext_authz,
+    _forward_auth,
+    _oversized,
+    _read,
+)
 from tests.conftest import StartService, jwks_introspector, opaque_introspector
 from tests.harness import Harness
 
@@ -417,3 +424,47 @@ def test_granian_refuses_a_field_over_aiohttps_limit_as_aiohttp_does() -> None:
     assert _oversized(b"/ext_authz/x", [(b"x-a", b"v"), (b"authorization", b"Bearer " + at_limit)]) == TOKEN_TOO_LARGE
     assert _oversized(b"/ext_authz/x", [(b"cookie", at_limit + b"x")]) == HEADERS_TOO_LARGE
     assert _oversized(b"/ext_authz/" + at_limit, []) == HEADERS_TOO_LARGE
+
+
+_TRAEFIK = [
+    (b"host", b"authz:8080"),
+    (b"x-forwarded-method", b"GET"),
+    (b"x-forwarded-uri", b"/fhir/Patient/1?x=1"),
+    (b"x-forwarded-host", b"api.example.com"),
+    (b"x-forwarded-for", b"10.0.0.1"),
+    (b"authorization", b"Bearer abc"),
+]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(_TRAEFIK, id="plain"),
+        pytest.param([*_TRAEFIK, (b"cookie", b"a=1"), (b"cookie", b"b=2")], id="a-repeated-header"),
+        pytest.param([*_TRAEFIK, (b"x-forwarded-uri", b"/public")], id="a-repeated-original"),
+        pytest.param([*_TRAEFIK, (b"x-name", "José".encode("latin-1"))], id="a-value-not-utf8"),
+        pytest.param(
+            [*_TRAEFIK, (b"cookie", b"a=1"), (b"cookie", b"x" * (MAX_FIELD + 1))], id="too-large-after-a-repeat"
+        ),
+        pytest.param([(b"authorization", b"Bearer " + b"x" * MAX_FIELD), *_TRAEFIK], id="too-large-first"),
+        pytest.param([], id="none"),
+    ],
+)
+def test_granians_one_pass_header_reading_judges_as_the_pairs_do(headers: list[tuple[bytes, bytes]]) -> None:
+    # granian's shell reads headers into the adapters' dict in one pass, and falls back to the
+    # pairs (as aiohttp hands them over) on a repeat or a value that is not UTF-8: both ways must
+    # give the same request, or the same refusal.
+    for path, fast, general in (
+        (b"/forward_auth", _forward_auth, forward_auth_request),
+        (b"/ext_authz/fhir/Patient/1", _ext_authz, ext_authz_request),
+    ):
+        scope = {"raw_path": path, "query_string": b"", "headers": headers, "method": "GET", "client": ("10.9.9.9", 1)}
+        target = path.decode()
+        read = _read(scope, path, target)
+        refused = _oversized(path, headers)
+        if refused is not None:
+            assert read == refused
+            continue
+        assert not isinstance(read, Decision)
+        pairs = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
+        assert fast(read) == general("GET", target, pairs, "10.9.9.9")
