@@ -385,7 +385,10 @@ def _op_one_of(spec: Any, path: str, budget: RegexBudget) -> Matcher:
     options = tuple(_compile(item, f"{path}[{i}]", budget) for i, item in enumerate(_pattern_list(spec, path)))
 
     def any_option(value: Any, context: Mapping[str, Any]) -> bool:
-        return any(option(value, context) for option in options)
+        for option in options:  # noqa: SIM110 (a loop: cheaper than any(genexpr) per Check)
+            if option(value, context):
+                return True
+        return False
 
     return any_option
 
@@ -400,7 +403,10 @@ def _one_of_context(source: str, path: str) -> Matcher:
         if allowed is None or value is None:
             return False
         if _is_list(allowed):
-            return any(_json_equal(value, item) for item in allowed)
+            for item in allowed:  # noqa: SIM110 (a loop: cheaper than any(genexpr) per Check)
+                if _json_equal(value, item):
+                    return True
+            return False
         return _json_equal(value, allowed)
 
     return in_context_list
@@ -427,7 +433,12 @@ def _op_contains(spec: Any, path: str, budget: RegexBudget) -> Matcher:
     element = _compile(spec, path, budget)
 
     def some_element(value: Any, context: Mapping[str, Any]) -> bool:
-        return _is_list(value) and any(element(item, context) for item in value)
+        if not _is_list(value):
+            return False
+        for item in value:  # noqa: SIM110 (a loop: cheaper than any(genexpr) per Check)
+            if element(item, context):
+                return True
+        return False
 
     return some_element
 
@@ -437,7 +448,12 @@ def _op_every(spec: Any, path: str, budget: RegexBudget) -> Matcher:
 
     def every_element(value: Any, context: Mapping[str, Any]) -> bool:
         # An empty list does not match: "every role is X" must not pass a user with no roles.
-        return _is_list(value) and len(value) > 0 and all(element(item, context) for item in value)
+        if not _is_list(value) or not value:
+            return False
+        for item in value:  # noqa: SIM110 (a loop: cheaper than all(genexpr) per Check)
+            if not element(item, context):
+                return False
+        return True
 
     return every_element
 
@@ -457,7 +473,13 @@ def _op_present_all(spec: Any, path: str, budget: RegexBudget) -> Matcher:
     def all_present(value: Any, context: Mapping[str, Any]) -> bool:
         if not _is_list(value):
             return False
-        return all(any(pattern(item, context) for item in value) for pattern in wanted)
+        for pattern in wanted:  # loops, not all(any(genexpr)): this runs per Check
+            for item in value:
+                if pattern(item, context):
+                    break
+            else:
+                return False
+        return True
 
     return all_present
 
