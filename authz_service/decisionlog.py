@@ -178,16 +178,20 @@ class DecisionWriter:
     def _write(self, lines: list[str]) -> None:
         # Chunks of whole lines (_chunk_size): each os.write lands in one piece, never interleaved
         # with another thread's log line.
-        chunk = b""
+        # The chunk's pieces are joined once: `bytes +=` copies the whole chunk at every line.
+        chunk: list[bytes] = []
+        size = 0
         limit = self._chunk
         for line in lines:
             data = line.encode("utf-8", "replace") + b"\n"
-            if chunk and len(chunk) + len(data) > limit:
-                self._write_all(chunk)
-                chunk = b""
-            chunk += data
+            if chunk and size + len(data) > limit:
+                self._write_all(b"".join(chunk))
+                chunk.clear()
+                size = 0
+            chunk.append(data)
+            size += len(data)
         if chunk:
-            self._write_all(chunk)
+            self._write_all(b"".join(chunk))
         self.written += len(lines)
 
     def _write_all(self, data: bytes) -> None:
