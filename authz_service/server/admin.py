@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from authz_service.config.model import Listen, TlsConfig
 from authz_service.errors import bind_failure, host_port
+from authz_service.server.runner import readiness
 
 if TYPE_CHECKING:
     from authz_service.server.api import ResourceApi
@@ -94,15 +95,10 @@ class AdminServer:
         return web.json_response({"status": "alive"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        # Ready read first: details read after it may only be newer (an introspector shown with keys
-        # in a 503 is one that got them meanwhile, never the other way round).
-        ready = self._ready()
-        details = dict(self._details()) if self._details is not None else {}
-        if ready:
-            # Still 200 when the resource store is unreachable: every replica would go unready at
-            # once on a Redis outage. The body says so; the process decides with what it has.
-            return web.json_response({"status": "ready", **details})
-        return web.json_response({"status": "not_ready", **details}, status=503)
+        # Still 200 when the resource store is unreachable: every replica would go unready at
+        # once on a Redis outage. The body says so; the process decides with what it has.
+        status, body = readiness(self._ready, self._details or dict)
+        return web.json_response(body, status=status)
 
     async def _document(self, request: web.Request) -> web.Response:
         body = self._well_known().get(request.path)

@@ -200,5 +200,13 @@ class HttpListener:
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """/readyz: its status and JSON body."""
-        ready = self._ready()
-        return (200 if ready else 503), {"status": "ready" if ready else "not_ready", **self._details()}
+        return readiness(self._ready, self._details)
+
+
+def readiness(ready: Callable[[], bool], details: Callable[[], Mapping[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """The answer of every listener's /readyz (HTTP mode's and the admin server's): 200 or 503,
+    and a JSON body of the status and `details` (each introspector's keys, the resource store)."""
+    # Ready read first: details read after it may only be newer (an introspector shown with keys
+    # in a 503 is one that got them meanwhile, never the other way round).
+    is_ready = ready()
+    return (200 if is_ready else 503), {"status": "ready" if is_ready else "not_ready", **details()}
